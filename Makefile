@@ -1,0 +1,45 @@
+# kdlight: `make demo` and `make test` work on a fresh machine (they create .venv first).
+.DEFAULT_GOAL := help
+SHELL := /bin/bash
+
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# torch and torchvision are installed first, pinned to a pair that works together.
+TORCH ?= torch==2.14.1 torchvision==0.29.1
+# CIFAR-10: the offline archive where it exists, else the official release via torchvision.
+ARCHIVE ?= ../shared/data/cifar10-jpeg.tar.gz
+DATA_SOURCE ?= $(if $(wildcard $(ARCHIVE)),archive,torchvision)
+DATA_ARGS := data.source=$(DATA_SOURCE) data.archive_path=$(abspath $(ARCHIVE)) $(if $(filter torchvision,$(DATA_SOURCE)),data.download=true)
+PYTEST_ARGS ?=
+
+.PHONY: help venv demo test lint format clean
+
+help: ## List the targets
+	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  make %-10s %s\n", $$1, $$2}'
+
+venv: $(VENV)/.installed ## Create .venv and install kdlight with its dev tools
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet $(TORCH)
+	$(PY) -m pip install --quiet -e '.[dev]'
+	touch $@
+
+demo: venv ## The main job on CPU (~5 min): train on a CIFAR-10 subset and print the report
+	$(VENV)/bin/kdlight-train experiment=quick $(DATA_ARGS)
+
+test: venv ## Run the whole test suite
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+lint: venv ## Check style with ruff
+	$(VENV)/bin/ruff check src tests
+	$(VENV)/bin/ruff format --check src tests
+
+format: venv ## Format the code with ruff
+	$(VENV)/bin/ruff check --fix src tests
+	$(VENV)/bin/ruff format src tests
+
+clean: ## Remove outputs and caches (keeps .venv and the data cache)
+	rm -rf outputs multirun lightning_logs .pytest_cache .ruff_cache

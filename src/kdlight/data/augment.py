@@ -1,0 +1,51 @@
+"""Batched augmentation that runs on whatever device the batch is on (CPU or GPU).
+
+The reference recipe's per-image torchvision transforms (pad 4, random 32x32 crop, random
+horizontal flip, per-channel normalisation) are applied here to a whole uint8 batch at once
+with one gather, so no per-sample Python work is done in the training loop.
+"""
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
+CIFAR10_STD = (0.2470, 0.2435, 0.2616)
+
+
+def random_crop_flip(
+    images: Tensor, padding: int = 4, flip: bool = True, generator: torch.Generator | None = None
+) -> Tensor:
+    """Zero-pad each image by ``padding``, crop it back at a uniform random offset, and flip
+    it horizontally with probability 1/2; the same distribution as torchvision's
+    ``RandomCrop(size, padding)`` followed by ``RandomHorizontalFlip()``.
+
+    Args:
+        images: ``(N, C, H, W)`` batch of any dtype.
+    Returns:
+        A new batch of the same shape and dtype.
+    """
+    n, c, h, w = images.shape
+    device = images.device
+    padded = F.pad(images, (padding, padding, padding, padding))
+    dy = torch.randint(0, 2 * padding + 1, (n, 1), device=device, generator=generator)
+    dx = torch.randint(0, 2 * padding + 1, (n, 1), device=device, generator=generator)
+    rows = dy + torch.arange(h, device=device)
+    cols = dx + torch.arange(w, device=device)
+    if flip:
+        flipped = torch.rand(n, 1, device=device, generator=generator) < 0.5
+        cols = torch.where(flipped, cols.flip(1), cols)
+    batch_index = torch.arange(n, device=device).view(n, 1, 1, 1)
+    channel_index = torch.arange(c, device=device).view(1, c, 1, 1)
+    return padded[batch_index, channel_index, rows.view(n, 1, h, 1), cols.view(n, 1, 1, w)]
+
+
+def normalize(
+    images: Tensor,
+    mean: tuple[float, ...] = CIFAR10_MEAN,
+    std: tuple[float, ...] = CIFAR10_STD,
+) -> Tensor:
+    """uint8 ``(N, C, H, W)`` in [0, 255] -> float32 standardised per channel."""
+    mean_t = torch.tensor(mean, device=images.device).view(1, -1, 1, 1)
+    std_t = torch.tensor(std, device=images.device).view(1, -1, 1, 1)
+    return (images.float().div_(255.0) - mean_t) / std_t

@@ -1,0 +1,164 @@
+"""``CIFAR10DataModule``: CIFAR-10 held in memory as uint8 tensors, augmented per batch."""
+
+from pathlib import Path
+from typing import Literal
+
+import lightning as L
+import numpy as np
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset
+
+from kdlight.data.augment import CIFAR10_MEAN, CIFAR10_STD, normalize, random_crop_flip
+from kdlight.data.sources import (
+    CIFAR10_CLASSES,
+    Split,
+    load_archive,
+    load_torchvision,
+    make_synthetic,
+)
+from kdlight.errors import KDLightError
+
+Source = Literal["torchvision", "archive", "synthetic"]
+
+
+class ArrayDataset(Dataset):
+    """uint8 ``(N, 3, 32, 32)`` images and int64 labels, fetched a whole batch at a time.
+
+    ``__getitems__`` lets a ``DataLoader`` index a batch with one tensor gather instead of
+    ``batch_size`` Python calls; :func:`collate_batch` then passes the batch through.
+    """
+
+    def __init__(self, split: Split) -> None:
+        self.images = torch.from_numpy(np.ascontiguousarray(split.images.transpose(0, 3, 1, 2)))
+        self.labels = torch.from_numpy(split.labels)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int) -> tuple[Tensor, Tensor]:
+        return self.images[index], self.labels[index]
+
+    def __getitems__(self, indices: list[int]) -> tuple[Tensor, Tensor]:
+        index = torch.as_tensor(indices)
+        return self.images[index], self.labels[index]
+
+
+def collate_batch(batch: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
+    """The batch is already stacked by :meth:`ArrayDataset.__getitems__`."""
+    return batch
+
+
+class CIFAR10DataModule(L.LightningDataModule):
+    """CIFAR-10 (or a synthetic stand-in) for training, validation and testing.
+
+    Args:
+        source: ``torchvision`` (the official release), ``archive`` (an image-folder tree or a
+            ``.tar.gz`` of one, such as ``shared/data/cifar10-jpeg.tar.gz``) or ``synthetic``.
+        data_dir: where torchvision's files and the decoded-archive cache live.
+        archive_path: the archive, for ``source=archive``.
+        download: let torchvision download the official release.
+        val_size: images held out of the 50,000 training images for validation (seeded);
+            0 validates on the test set, as the reference study did.
+        train_subset: train on this many (seeded) training images only, e.g. for a CPU demo.
+        batch_size: images per batch (per process when several train together).
+        augment: pad-4 random crop and horizontal flip on training batches.
+        synthetic_train_size, synthetic_test_size: sizes for ``source=synthetic``.
+    """
+
+    classes = CIFAR10_CLASSES
+    num_classes = len(CIFAR10_CLASSES)
+
+    def __init__(
+        self,
+        source: Source = "archive",
+        data_dir: str = "data",
+        archive_path: str | None = None,
+        download: bool = False,
+        val_size: int = 5000,
+        train_subset: int | None = None,
+        batch_size: int = 128,
+        eval_batch_size: int = 1000,
+        num_workers: int = 0,
+        augment: bool = True,
+        seed: int = 0,
+        synthetic_train_size: int = 10000,
+        synthetic_test_size: int = 2000,
+    ) -> None:
+        super().__init__()
+        if source not in ("torchvision", "archive", "synthetic"):
+            raise KDLightError(f"unknown data.source '{source}'; choose torchvision, archive or synthetic")
+        if source == "archive" and not archive_path:
+            raise KDLightError("data.source=archive needs data.archive_path=PATH (a CIFAR-10 image-folder .tar.gz)")
+        if batch_size <= 0 or eval_batch_size <= 0:
+            raise KDLightError(f"data.batch_size must be > 0, got {batch_size}")
+        if val_size < 0:
+            raise KDLightError(f"data.val_size must be >= 0, got {val_size}")
+        self.save_hyperparameters()
+        self.data_dir = Path(data_dir)
+        self.train_set = self.val_set = self.test_set = None
+
+    # ------------------------------------------------------------------------ loading
+    def _load(self) -> dict[str, Split]:
+        hp = self.hparams
+        if hp.source == "synthetic":
+            return make_synthetic(hp.synthetic_train_size, hp.synthetic_test_size, hp.seed)
+        if hp.source == "torchvision":
+            return load_torchvision(self.data_dir, hp.download)
+        return load_archive(Path(hp.archive_path).expanduser(), self.data_dir)
+
+    def prepare_data(self) -> None:
+        """Download or decode once (on one process); ``setup`` then reads the cache."""
+        self._load()
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_set is not None:
+            return
+        splits = self._load()
+        train, test = splits["train"], splits["test"]
+        hp = self.hparams
+        if hp.val_size >= len(train):
+            raise KDLightError(f"data.val_size={hp.val_size} leaves no training images (of {len(train)})")
+        order = np.random.default_rng(hp.seed).permutation(len(train))
+        train_index, val_index = order[: len(train) - hp.val_size], order[len(train) - hp.val_size :]
+        if hp.train_subset is not None:
+            train_index = train_index[: hp.train_subset]
+        self.train_set = ArrayDataset(Split(train.images[train_index], train.labels[train_index]))
+        self.test_set = ArrayDataset(test)
+        if hp.val_size:
+            self.val_set = ArrayDataset(Split(train.images[val_index], train.labels[val_index]))
+        else:
+            self.val_set = self.test_set
+
+    # ---------------------------------------------------------------------- loaders
+    def _loader(self, dataset: ArrayDataset, batch_size: int, shuffle: bool) -> DataLoader:
+        return DataLoader(
+            dataset,
+            batch_size=batch_size,
+            shuffle=shuffle,
+            num_workers=self.hparams.num_workers,
+            collate_fn=collate_batch,
+            persistent_workers=self.hparams.num_workers > 0,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train_set, self.hparams.batch_size, shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.val_set, self.hparams.eval_batch_size, shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader(self.test_set, self.hparams.eval_batch_size, shuffle=False)
+
+    # ------------------------------------------------------------------ augmentation
+    def on_after_batch_transfer(self, batch: tuple[Tensor, Tensor], dataloader_idx: int) -> tuple[Tensor, Tensor]:
+        """Augment (training only) and normalise on the batch's device."""
+        images, labels = batch
+        if self.trainer is not None and self.trainer.training and self.hparams.augment:
+            images = random_crop_flip(images)
+        return self.normalize(images), labels
+
+    @staticmethod
+    def normalize(images: Tensor) -> Tensor:
+        """uint8 batch -> float32 standardised with CIFAR-10's per-channel mean and std."""
+        return normalize(images, CIFAR10_MEAN, CIFAR10_STD)

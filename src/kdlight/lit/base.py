@@ -1,0 +1,129 @@
+"""``ClassificationSystem``: what every kdlight LightningModule shares.
+
+Accuracy metrics per stage, ``val/acc_best``, per-class test accuracy over the whole test
+set (from a confusion matrix, so it is exact under DDP too), the printed report and
+``metrics.json``, and the optimizer/scheduler built from Hydra ``_partial_`` callables.
+"""
+
+from collections.abc import Callable
+from functools import partial
+from pathlib import Path
+
+import lightning as L
+import torch
+from torch import Tensor, nn
+from torchmetrics import MaxMetric
+from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix
+
+from kdlight.data.sources import CIFAR10_CLASSES
+from kdlight.lit.results import format_report, summarize_confusion, write_metrics
+
+OptimizerFactory = Callable[..., torch.optim.Optimizer]
+SchedulerFactory = Callable[[torch.optim.Optimizer], torch.optim.lr_scheduler.LRScheduler]
+
+#: The reference recipe: SGD, lr 0.1, momentum 0.9, weight decay 5e-4.
+reference_sgd = partial(torch.optim.SGD, lr=0.1, momentum=0.9, weight_decay=5e-4)
+
+
+class ClassificationSystem(L.LightningModule):
+    """Base for systems that train ``self.model``, a classifier, and evaluate it.
+
+    Subclasses implement ``training_step``; evaluation, metrics and the report live here.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: OptimizerFactory | None = None,
+        scheduler: SchedulerFactory | None = None,
+        num_classes: int = 10,
+        class_names: tuple[str, ...] | list[str] | None = None,
+    ) -> None:
+        super().__init__()
+        self.model = model
+        self.optimizer_factory = optimizer or reference_sgd
+        self.scheduler_factory = scheduler
+        self.num_classes = num_classes
+        self.class_names = tuple(class_names or CIFAR10_CLASSES[:num_classes])
+        self.train_acc = MulticlassAccuracy(num_classes)
+        self.val_acc = MulticlassAccuracy(num_classes)
+        self.val_acc_best = MaxMetric()
+        self.test_acc = MulticlassAccuracy(num_classes)
+        self.test_confusion = MulticlassConfusionMatrix(num_classes)
+        self.test_summary: dict | None = None
+
+    def forward(self, images: Tensor) -> Tensor:
+        return self.model(images)
+
+    # ------------------------------------------------------------------ evaluation
+    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+        images, labels = batch
+        logits = self(images)
+        self.val_acc(logits, labels)
+        self.log("val/loss", nn.functional.cross_entropy(logits, labels), sync_dist=True)
+        self.log("val/acc", self.val_acc, prog_bar=True)
+
+    def on_validation_epoch_end(self) -> None:
+        if self.trainer.sanity_checking:
+            return
+        self.val_acc_best(self.val_acc.compute())
+        self.log("val/acc_best", self.val_acc_best.compute(), sync_dist=True)
+
+    def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+        images, labels = batch
+        logits = self(images)
+        self.test_acc(logits, labels)
+        self.test_confusion.update(logits, labels)
+        self.log("test/loss", nn.functional.cross_entropy(logits, labels), sync_dist=True)
+        self.log("test/acc", self.test_acc)
+
+    def on_test_epoch_end(self) -> None:
+        summary = summarize_confusion(self.test_confusion.compute(), self.class_names)
+        self.test_confusion.reset()
+        for name, accuracy in summary["per_class_accuracy"].items():
+            self.log(f"test/acc_{name}", accuracy / 100.0, sync_dist=True)
+        self.test_summary = summary
+        if self.trainer.is_global_zero:
+            print(format_report(summary), flush=True)
+            write_metrics(self.metrics_path, self.metrics_record(summary))
+
+    @property
+    def metrics_path(self) -> Path:
+        """``metrics.json`` in the run directory (the Trainer's ``default_root_dir``)."""
+        return Path(self.trainer.default_root_dir) / "metrics.json"
+
+    def metrics_record(self, summary: dict) -> dict:
+        """What ``metrics.json`` holds; subclasses add their own settings."""
+        spec = getattr(self.model, "spec", {})
+        best = self.val_acc_best.compute() if self.val_acc_best.update_called else None
+        return {
+            "system": type(self).__name__,
+            "model": spec.get("name", type(self.model).__name__),
+            "epochs": self.trainer.current_epoch
+            if self.trainer.max_epochs is None
+            else self.trainer.max_epochs,
+            **summary,
+            "val_acc_best": None if best is None else 100.0 * float(best),
+        }
+
+    # ------------------------------------------------------------------ optimisation
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        """The parameters the optimizer updates (a distillation teacher is never among them)."""
+        return list(self.model.parameters())
+
+    def configure_optimizers(self):
+        optimizer = self.optimizer_factory(params=self.trainable_parameters())
+        if self.scheduler_factory is None:
+            return optimizer
+        scheduler = self.scheduler_factory(optimizer=optimizer)
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"},
+        }
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        """Store the model's name and arguments so it can be rebuilt from the checkpoint alone."""
+        checkpoint["kdlight"] = {
+            "model_spec": getattr(self.model, "spec", None),
+            "class_names": list(self.class_names),
+        }

@@ -1,0 +1,36 @@
+"""``ClassifierModule``: cross-entropy training of one model (a teacher or a student baseline)."""
+
+from torch import Tensor, nn
+
+from kdlight.lit.base import ClassificationSystem, OptimizerFactory, SchedulerFactory
+
+
+class ClassifierModule(ClassificationSystem):
+    """Train ``model`` with cross-entropy on hard labels.
+
+    Args:
+        model: any classifier ``nn.Module`` (usually from ``kdlight.models.create_model``).
+        optimizer: ``params -> Optimizer`` (Hydra ``_partial_``); default the reference SGD.
+        scheduler: ``optimizer -> LRScheduler`` stepped each epoch; default none.
+        num_classes, class_names: the label space (CIFAR-10's by default).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: OptimizerFactory | None = None,
+        scheduler: SchedulerFactory | None = None,
+        num_classes: int = 10,
+        class_names: list[str] | None = None,
+    ) -> None:
+        super().__init__(model, optimizer, scheduler, num_classes, class_names)
+        self.save_hyperparameters(ignore=["model", "optimizer", "scheduler"])
+
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        images, labels = batch
+        logits = self(images)
+        loss = nn.functional.cross_entropy(logits, labels)
+        self.train_acc(logits, labels)
+        self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True)
+        self.log("train/acc", self.train_acc, on_step=False, on_epoch=True)
+        return loss

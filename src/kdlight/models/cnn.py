@@ -1,0 +1,38 @@
+"""A small plain CNN student: the class of model that reaches about 84% on CIFAR-10 alone."""
+
+from torch import Tensor, nn
+
+from kdlight.models.registry import register_model
+
+
+def _conv_bn_relu(in_channels: int, out_channels: int) -> list[nn.Module]:
+    return [
+        nn.Conv2d(in_channels, out_channels, 3, padding=1, bias=False),
+        nn.BatchNorm2d(out_channels),
+        nn.ReLU(inplace=True),
+    ]
+
+
+class SmallCNN(nn.Module):
+    """Three stages of two 3x3 conv-BN-ReLU layers and a 2x2 max-pool, then a linear head."""
+
+    def __init__(self, num_classes: int = 10, width: float = 1.0) -> None:
+        super().__init__()
+        if width <= 0:
+            raise ValueError(f"width must be > 0, got {width}")
+        c1, c2, c3 = (max(1, round(c * width)) for c in (32, 64, 128))
+        self.features = nn.Sequential(
+            *_conv_bn_relu(3, c1), *_conv_bn_relu(c1, c1), nn.MaxPool2d(2),
+            *_conv_bn_relu(c1, c2), *_conv_bn_relu(c2, c2), nn.MaxPool2d(2),
+            *_conv_bn_relu(c2, c3), *_conv_bn_relu(c3, c3), nn.MaxPool2d(2),
+        )  # fmt: skip
+        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(c3, num_classes))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.features(x))
+
+
+@register_model
+def small_cnn(num_classes: int = 10, width: float = 1.0) -> SmallCNN:
+    """The reference-style student: six 3x3 convolutions (32-32-64-64-128-128), ~0.29M params."""
+    return SmallCNN(num_classes, width)

@@ -1,0 +1,107 @@
+"""ResNets for 32x32 inputs.
+
+* ``resnet18`` (He et al., 2016) with the CIFAR stem used by most CIFAR-10 work: a 3x3
+  stride-1 convolution and no max-pool, with a ``width`` multiplier on every convolution;
+  ``resnet18_half`` (width 0.5) is the reference study's teacher.
+* ``resnet8`` and ``resnet20``: the original CIFAR ResNets (6n+2 layers, 16/32/64 channels).
+"""
+
+from torch import Tensor, nn
+
+from kdlight.models.registry import register_model
+
+
+class BasicBlock(nn.Module):
+    """Two 3x3 convolutions with a residual connection (a 1x1 projection when shapes change)."""
+
+    def __init__(self, in_channels: int, out_channels: int, stride: int = 1) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(out_channels)
+        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(out_channels)
+        self.relu = nn.ReLU(inplace=True)
+        self.shortcut = nn.Identity()
+        if stride != 1 or in_channels != out_channels:
+            self.shortcut = nn.Sequential(
+                nn.Conv2d(in_channels, out_channels, 1, stride, bias=False),
+                nn.BatchNorm2d(out_channels),
+            )
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return self.relu(out + self.shortcut(x))
+
+
+class ResNet(nn.Module):
+    """A CIFAR ResNet: 3x3 stem, stages of BasicBlocks, global average pool, linear head."""
+
+    def __init__(
+        self,
+        blocks_per_stage: list[int],
+        stage_channels: list[int],
+        stem_channels: int,
+        num_classes: int = 10,
+    ) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(
+            nn.Conv2d(3, stem_channels, 3, 1, 1, bias=False),
+            nn.BatchNorm2d(stem_channels),
+            nn.ReLU(inplace=True),
+        )
+        stages, in_channels = [], stem_channels
+        for index, (blocks, channels) in enumerate(
+            zip(blocks_per_stage, stage_channels, strict=True)
+        ):
+            stride = 1 if index == 0 else 2
+            for block in range(blocks):
+                stages.append(BasicBlock(in_channels, channels, stride if block == 0 else 1))
+                in_channels = channels
+        self.stages = nn.Sequential(*stages)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(in_channels, num_classes)
+        for module in self.modules():
+            if isinstance(module, nn.Conv2d):
+                nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.stages(self.stem(x))
+        return self.fc(self.pool(x).flatten(1))
+
+
+def _scaled(channels: int, width: float) -> int:
+    if width <= 0:
+        raise ValueError(f"width must be > 0, got {width}")
+    return max(1, round(channels * width))
+
+
+@register_model
+def resnet18(num_classes: int = 10, width: float = 1.0) -> ResNet:
+    """ResNet18 with a CIFAR stem; ``width`` scales every convolution (64-128-256-512 at 1.0)."""
+    channels = [_scaled(c, width) for c in (64, 128, 256, 512)]
+    return ResNet([2, 2, 2, 2], channels, channels[0], num_classes)
+
+
+@register_model
+def resnet18_half(num_classes: int = 10) -> ResNet:
+    """The reference study's teacher: ResNet18 with every channel count halved (~2.8M params)."""
+    return resnet18(num_classes, width=0.5)
+
+
+def _cifar_resnet(depth: int, num_classes: int, width: float) -> ResNet:
+    blocks = (depth - 2) // 6
+    channels = [_scaled(c, width) for c in (16, 32, 64)]
+    return ResNet([blocks] * 3, channels, channels[0], num_classes)
+
+
+@register_model
+def resnet8(num_classes: int = 10, width: float = 1.0) -> ResNet:
+    """CIFAR ResNet-8 (He et al., 2016, section 4.2): one block per stage, ~78K params."""
+    return _cifar_resnet(8, num_classes, width)
+
+
+@register_model
+def resnet20(num_classes: int = 10, width: float = 1.0) -> ResNet:
+    """CIFAR ResNet-20 (He et al., 2016, section 4.2): three blocks per stage, ~0.27M params."""
+    return _cifar_resnet(20, num_classes, width)

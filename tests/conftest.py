@@ -1,0 +1,74 @@
+"""Shared fixtures: the real Hydra config composed for CPU and tiny data, the CLI in a
+subprocess, and the offline CIFAR-10 archive (decoded once per session)."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig
+
+from kdlight import config_dir
+
+REPO = Path(__file__).resolve().parents[1]
+ARCHIVE = REPO.parent / "shared" / "data" / "cifar10-jpeg.tar.gz"
+
+#: Overrides that make any composed config a small CPU job on synthetic data.
+TINY = [
+    "trainer=cpu",
+    "data=synthetic",
+    "data.synthetic_train_size=600",
+    "data.synthetic_test_size=300",
+    "data.val_size=100",
+    "data.batch_size=50",
+    "data.eval_batch_size=100",
+    "trainer.max_epochs=1",
+    "trainer.enable_progress_bar=false",
+    "~callbacks.progress_bar",
+]
+
+
+def compose_config(overrides: list[str], output_dir: Path) -> DictConfig:
+    """The real ``train`` config with ``overrides``, writing under ``output_dir``."""
+    with initialize_config_dir(version_base="1.3", config_dir=str(config_dir())):
+        return compose("train", overrides=[*overrides, f"paths.output_dir={output_dir}"])
+
+
+def run_cli(
+    args: list[str], cwd: Path, entry: str = "kdlight.train", **env: str
+) -> subprocess.CompletedProcess:
+    """Run ``python -m <entry> ARGS`` in ``cwd`` with outputs under ``cwd/outputs``."""
+    environ = {
+        **os.environ,
+        "KDLIGHT_OUTPUTS": str(cwd / "outputs"),
+        "PYTHONUNBUFFERED": "1",
+        **env,
+    }
+    environ.pop("HYDRA_FULL_ERROR", None)
+    return subprocess.run(
+        [sys.executable, "-m", entry, *args],
+        cwd=cwd,
+        env=environ,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+
+
+@pytest.fixture(scope="session")
+def archive() -> Path:
+    if not ARCHIVE.exists():
+        pytest.skip(f"offline CIFAR-10 archive not found at {ARCHIVE}")
+    return ARCHIVE
+
+
+@pytest.fixture(scope="session")
+def archive_cache(archive: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A data_dir holding the decoded archive, so each test does not decode it again."""
+    from kdlight.data.sources import load_archive
+
+    cache = tmp_path_factory.mktemp("cifar10-cache")
+    load_archive(archive, cache)
+    return cache

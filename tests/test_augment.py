@@ -1,0 +1,128 @@
+"""Batched crop/flip augmentation and normalisation: shapes, exact semantics and distributions."""
+
+import pytest
+import torch
+
+from kdlight.data import normalize, random_crop_flip
+from kdlight.data.augment import CIFAR10_MEAN, CIFAR10_STD
+
+#: 0.999 quantile of the chi-square distribution with 8 degrees of freedom.
+CHI2_8_DOF_999 = 26.12
+
+
+def seeded(seed: int = 0) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def random_batch(n: int, dtype: torch.dtype, h: int = 32, w: int = 32) -> torch.Tensor:
+    """A random ``(n, 3, h, w)`` batch: uint8 in [0, 255] or floats in [0, 1)."""
+    if dtype == torch.uint8:
+        return torch.randint(0, 256, (n, 3, h, w), dtype=torch.uint8, generator=seeded(1))
+    return torch.rand(n, 3, h, w, generator=seeded(1)).to(dtype)
+
+
+def coordinate_images(n: int, h: int, w: int) -> torch.Tensor:
+    """Float images whose channels hold row+1, column+1 and image index+1, so 0 marks padding."""
+    images = torch.empty(n, 3, h, w)
+    images[:, 0] = torch.arange(1, h + 1, dtype=torch.float32).view(h, 1)
+    images[:, 1] = torch.arange(1, w + 1, dtype=torch.float32).view(1, w)
+    images[:, 2] = torch.arange(1, n + 1, dtype=torch.float32).view(n, 1, 1)
+    return images
+
+
+def chi_square_uniform(counts: torch.Tensor) -> float:
+    """Pearson's statistic of ``counts`` against a uniform distribution over its cells."""
+    expected = counts.sum().item() / counts.numel()
+    return float(((counts.double() - expected) ** 2 / expected).sum())
+
+
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.float32, torch.float64])
+@pytest.mark.parametrize("flip", [True, False])
+def test_shape_and_dtype_are_kept(dtype: torch.dtype, flip: bool):
+    images = random_batch(8, dtype, h=32, w=24)
+    before = images.clone()
+    out = random_crop_flip(images, flip=flip, generator=seeded())
+    assert out.shape == images.shape
+    assert out.dtype == dtype
+    assert torch.equal(images, before)  # the input is not modified
+
+
+def test_same_generator_seed_gives_the_same_batch():
+    images = random_batch(16, torch.uint8)
+    first = random_crop_flip(images, generator=seeded(3))
+    assert torch.equal(first, random_crop_flip(images, generator=seeded(3)))
+    assert not torch.equal(first, random_crop_flip(images, generator=seeded(4)))
+
+
+def test_no_padding_and_no_flip_is_the_identity():
+    images = random_batch(16, torch.uint8)
+    assert torch.equal(random_crop_flip(images, padding=0, flip=False), images)
+
+
+def test_a_flip_is_a_flip_about_half_the_time():
+    n = 4000
+    images = random_batch(n, torch.uint8, h=16, w=16)
+    out = random_crop_flip(images, padding=0, generator=seeded())
+    same = (out == images).flatten(1).all(1)
+    flipped = (out == images.flip(-1)).flatten(1).all(1)
+    assert not (same & flipped).any()  # random images are never mirror-symmetric
+    assert (same | flipped).all()
+    assert 0.45 < flipped.float().mean().item() < 0.55
+
+
+@pytest.mark.parametrize(("h", "w"), [(10, 14), (32, 32)])
+def test_crops_stay_within_the_zero_padded_image(h: int, w: int):
+    n, padding = 9000, 4
+    images = coordinate_images(n, h, w)
+    out = random_crop_flip(images, padding=padding, flip=False, generator=seeded())
+
+    # Pixel (padding, padding) of a crop at offset (dy, dx) is original pixel (dy, dx).
+    dy = out[:, 0, padding, padding].long() - 1
+    dx = out[:, 1, padding, padding].long() - 1
+    assert dy.min() >= 0 and dy.max() <= 2 * padding
+    assert dx.min() >= 0 and dx.max() <= 2 * padding
+
+    padded = torch.zeros(n, 3, h + 2 * padding, w + 2 * padding)
+    padded[:, :, padding : padding + h, padding : padding + w] = images
+    for oy in range(2 * padding + 1):
+        for ox in range(2 * padding + 1):
+            chosen = (dy == oy) & (dx == ox)
+            assert chosen.any(), f"offset ({oy}, {ox}) never drawn"
+            expected = padded[chosen, :, oy : oy + h, ox : ox + w]
+            assert torch.equal(out[chosen], expected), f"wrong crop at offset ({oy}, {ox})"
+
+    for offsets in (dy, dx):
+        counts = torch.bincount(offsets, minlength=2 * padding + 1)
+        assert chi_square_uniform(counts) < CHI2_8_DOF_999, counts.tolist()
+
+
+def test_flip_mirrors_the_crop():
+    """With flipping on, each output is a zero-padded crop, possibly mirrored left-right."""
+    n, h, w, padding = 2000, 12, 12, 2
+    images = coordinate_images(n, h, w)
+    out = random_crop_flip(images, padding=padding, generator=seeded())
+    padded = torch.zeros(n, 3, h + 2 * padding, w + 2 * padding)
+    padded[:, :, padding : padding + h, padding : padding + w] = images
+    crops = torch.stack(
+        [padded[:, :, oy : oy + h, ox : ox + w] for oy in range(5) for ox in range(5)], dim=1
+    )  # (n, 25, 3, h, w): every possible crop
+    matches = (crops == out[:, None]).flatten(2).all(2).any(1)
+    mirrored = (crops.flip(-1) == out[:, None]).flatten(2).all(2).any(1)
+    assert (matches | mirrored).all()
+    assert 0.4 < mirrored.float().mean().item() < 0.6
+
+
+def test_normalize_centres_and_scales_each_channel():
+    mean_pixels = torch.tensor([round(m * 255) for m in CIFAR10_MEAN], dtype=torch.uint8)
+    images = mean_pixels.view(1, 3, 1, 1).expand(2, 3, 4, 4).contiguous()
+    out = normalize(images)
+    assert out.dtype == torch.float32
+    assert out.shape == images.shape
+    assert out.abs().max().item() < 0.01
+
+    extremes = torch.zeros(1, 3, 1, 2, dtype=torch.uint8)
+    extremes[..., 1] = 255
+    out = normalize(extremes)
+    for c, (m, s) in enumerate(zip(CIFAR10_MEAN, CIFAR10_STD, strict=True)):
+        assert out[0, c, 0, 0].item() == pytest.approx(-m / s, rel=1e-5)
+        assert out[0, c, 0, 1].item() == pytest.approx((1 - m) / s, rel=1e-5)

@@ -1,0 +1,130 @@
+"""Every config choice composes from the real ``conf/`` and instantiates."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
+
+from kdlight import config_dir
+from kdlight.lit import ClassificationSystem
+from tests.conftest import TINY, compose_config
+
+GROUPS = [
+    "data",
+    "model",
+    "module",
+    "optimizer",
+    "scheduler",
+    "trainer",
+    "logger",
+    "callbacks",
+    "experiment",
+    "debug",
+]
+
+
+def choices(group: str) -> list[str]:
+    return sorted(path.stem for path in (config_dir() / group).glob("*.yaml"))
+
+
+def build(cfg):
+    """Instantiate what ``kdlight.train`` instantiates, without training."""
+    model = instantiate(cfg.model)
+    module = instantiate(
+        cfg.module,
+        model=model,
+        optimizer=instantiate(cfg.optimizer),
+        scheduler=instantiate(cfg.scheduler),
+    )
+    return instantiate(cfg.data), model, module
+
+
+def test_every_group_has_choices():
+    for group in GROUPS:
+        assert choices(group), f"conf/{group}/ is empty"
+
+
+@pytest.mark.parametrize(("group", "choice"), [(g, c) for g in GROUPS for c in choices(g)])
+def test_choice_composes_and_instantiates(group: str, choice: str, tmp_path: Path):
+    overrides = [f"{group}={choice}", *TINY]
+    if group in ("trainer", "experiment"):
+        overrides.append("trainer.accelerator=cpu")  # trainer=gpu composes; CI has no GPU
+    cfg = compose_config(overrides, tmp_path)
+    OmegaConf.resolve(cfg)
+    datamodule, model, module = build(cfg)
+    assert isinstance(module, ClassificationSystem) and module.model is model
+    assert model(torch.zeros(2, 3, 32, 32)).shape == (2, cfg.num_classes)
+    optimizers = module.configure_optimizers()
+    assert optimizers is not None
+    callbacks = [instantiate(c) for c in cfg.callbacks.values()]
+    loggers = [instantiate(c) for c in cfg.logger.values()]
+    trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    assert isinstance(trainer, L.Trainer) and isinstance(datamodule, L.LightningDataModule)
+
+
+def test_reference_recipe(tmp_path: Path):
+    """The defaults are the reference study's recipe."""
+    cfg = compose_config(["experiment=teacher"], tmp_path)
+    assert cfg.model.name == "resnet18_half"
+    assert (cfg.optimizer.lr, cfg.optimizer.momentum, cfg.optimizer.weight_decay) == (
+        0.1,
+        0.9,
+        5e-4,
+    )
+    assert list(cfg.scheduler.milestones) == [100, 150] and cfg.scheduler.gamma == 0.1
+    assert cfg.trainer.max_epochs == 200 and cfg.data.batch_size == 128
+    assert cfg.data.val_size == 0 and cfg.trainer.accelerator == "gpu"
+
+
+def test_command_line_overrides_reach_every_object(tmp_path: Path):
+    cfg = compose_config(
+        [*TINY, "model=resnet18", "model.width=0.25", "data.train_subset=50", "optimizer.lr=0.05"],
+        tmp_path,
+    )
+    datamodule, model, module = build(cfg)
+    assert model.spec["width"] == 0.25 and datamodule.hparams.train_subset == 50
+    assert module.configure_optimizers()["optimizer"].param_groups[0]["lr"] == 0.05
+
+
+@pytest.mark.slow
+def test_configs_found_after_a_regular_install(tmp_path: Path):
+    """A non-editable ``pip install .`` carries conf/ as kdlight/conf, and the app finds it."""
+    repo = config_dir().parent
+    pip = [
+        sys.executable,
+        "-m",
+        "pip",
+        "install",
+        "--quiet",
+        "--no-deps",
+        "--target",
+        str(tmp_path / "site"),
+        str(repo),
+    ]
+    subprocess.run(pip, check=True, capture_output=True, timeout=600)
+    env = {**os.environ, "PYTHONPATH": str(tmp_path / "site")}
+    shown = subprocess.run(
+        [sys.executable, "-m", "kdlight.train", "experiment=teacher", "--cfg", "job"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert shown.returncode == 0, shown.stderr
+    assert "name: resnet18_half" in shown.stdout
+    located = subprocess.run(
+        [sys.executable, "-c", "import kdlight; print(kdlight.config_dir())"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert located.stdout.strip() == str(tmp_path / "site" / "kdlight" / "conf")
