@@ -12,8 +12,9 @@ ARCHIVE ?= ../shared/data/cifar10-jpeg.tar.gz
 DATA_SOURCE ?= $(if $(wildcard $(ARCHIVE)),archive,torchvision)
 DATA_ARGS := data.source=$(DATA_SOURCE) data.archive_path=$(abspath $(ARCHIVE)) $(if $(filter torchvision,$(DATA_SOURCE)),data.download=true)
 PYTEST_ARGS ?=
+TRAIN := $(VENV)/bin/kdlight-train
 
-.PHONY: help venv demo test lint format clean
+.PHONY: help venv demo reproduce test lint format clean
 
 help: ## List the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  make %-10s %s\n", $$1, $$2}'
@@ -27,8 +28,17 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install --quiet -e '.[dev]'
 	touch $@
 
-demo: venv ## The main job on CPU (~5 min): train on a CIFAR-10 subset and print the report
-	$(VENV)/bin/kdlight-train experiment=quick $(DATA_ARGS)
+demo: venv ## The whole idea on CPU (~5 min): teacher, baseline, 2x2 T x alpha distillation, report
+	$(TRAIN) experiment=teacher demo=cpu model=resnet20 $(DATA_ARGS)
+	$(TRAIN) experiment=student_baseline demo=cpu $(DATA_ARGS)
+	$(TRAIN) -m experiment=distill demo=cpu sweep=demo_grid $(DATA_ARGS)
+	$(VENV)/bin/kdlight-report outputs/demo
+
+reproduce: venv ## The reference study on one GPU: teacher, baseline, 5x3 T x alpha grid, report
+	$(TRAIN) experiment=teacher $(DATA_ARGS)
+	$(TRAIN) experiment=student_baseline $(DATA_ARGS)
+	$(TRAIN) -m experiment=distill sweep=reference_grid $(DATA_ARGS)
+	$(VENV)/bin/kdlight-report outputs/teacher outputs/student_baseline outputs/distill --out outputs/report
 
 test: venv ## Run the whole test suite
 	$(PY) -m pytest $(PYTEST_ARGS)

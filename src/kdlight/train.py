@@ -19,7 +19,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from kdlight import config_dir
-from kdlight.errors import KDLightError
+from kdlight.errors import find_user_error
 
 log = logging.getLogger("kdlight")
 
@@ -79,8 +79,9 @@ def train(cfg: DictConfig) -> dict | None:
 def main(cfg: DictConfig) -> None:
     try:
         train(cfg)
-    except KDLightError as err:
-        if os.environ.get("HYDRA_FULL_ERROR") == "1":
+    except Exception as error:
+        err = find_user_error(error)
+        if err is None or os.environ.get("HYDRA_FULL_ERROR") == "1":
             raise
         print(f"error: {err}", file=sys.stderr, flush=True)
         if HydraConfig.get().mode == RunMode.RUN:

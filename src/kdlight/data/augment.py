@@ -48,4 +48,4 @@ def normalize(
     """uint8 ``(N, C, H, W)`` in [0, 255] -> float32 standardised per channel."""
     mean_t = torch.tensor(mean, device=images.device).view(1, -1, 1, 1)
     std_t = torch.tensor(std, device=images.device).view(1, -1, 1, 1)
-    return (images.float().div_(255.0) - mean_t) / std_t
+    return (images.float() / 255.0 - mean_t) / std_t

@@ -37,6 +37,10 @@ class Split:
     def __len__(self) -> int:
         return len(self.labels)
 
+    def take(self, index: np.ndarray) -> "Split":
+        """The images and labels at ``index``."""
+        return Split(self.images[index], self.labels[index])
+
 
 def load_torchvision(root: str | Path, download: bool) -> dict[str, Split]:
     """The official ``cifar-10-python.tar.gz`` through torchvision (downloads only if asked)."""
@@ -72,7 +76,10 @@ def _iter_archive(path: Path) -> Iterator[tuple[PurePosixPath, bytes]]:
                 if member.isfile() and name.suffix.lower() in IMAGE_SUFFIXES:
                     yield name, archive.extractfile(member).read()
     except (tarfile.TarError, EOFError, OSError, zlib.error) as err:
-        raise KDLightError(f"cannot read CIFAR-10 archive {path}: {err} (is it a complete .tar.gz?)") from None
+        reason = " ".join(str(err).split())  # tarfile's "r:*" errors span several lines
+        raise KDLightError(
+            f"cannot read CIFAR-10 archive {path}: {reason} (is it a complete .tar.gz?)"
+        ) from None
 
 
 def _locate(name: PurePosixPath) -> tuple[str, str] | None:
@@ -112,7 +119,9 @@ def decode_archive(path: str | Path) -> dict[str, Split]:
             with Image.open(io.BytesIO(data)) as image:
                 array = np.asarray(image.convert("RGB"))
         except Exception as err:  # PIL raises many types for undecodable files
-            raise KDLightError(f"CIFAR-10 archive {path}: cannot decode image {name}: {err}") from None
+            raise KDLightError(
+                f"CIFAR-10 archive {path}: cannot decode image {name}: {err}"
+            ) from None
         if array.shape != (32, 32, 3):
             raise KDLightError(
                 f"CIFAR-10 archive {path}: image {name} is {array.shape[1]}x{array.shape[0]}, "
@@ -158,7 +167,14 @@ def load_archive(path: str | Path, cache_dir: str | Path) -> dict[str, Split]:
     cache.parent.mkdir(parents=True, exist_ok=True)
     # Write-then-rename so that concurrent runs (DDP ranks, multirun jobs) never read half a file.
     with tempfile.NamedTemporaryFile(dir=cache.parent, suffix=".npz", delete=False) as tmp:
-        np.savez(tmp, **{f"{s}_{k}": getattr(splits[s], a) for s in SPLITS for k, a in (("x", "images"), ("y", "labels"))})
+        np.savez(
+            tmp,
+            **{
+                f"{s}_{k}": getattr(splits[s], a)
+                for s in SPLITS
+                for k, a in (("x", "images"), ("y", "labels"))
+            },
+        )
     os.replace(tmp.name, cache)
     return splits
 
@@ -166,7 +182,9 @@ def load_archive(path: str | Path, cache_dir: str | Path) -> dict[str, Split]:
 # ------------------------------------------------------------------------------- synthetic
 
 
-def make_synthetic(train_size: int = 10000, test_size: int = 2000, seed: int = 0) -> dict[str, Split]:
+def make_synthetic(
+    train_size: int = 10000, test_size: int = 2000, seed: int = 0
+) -> dict[str, Split]:
     """Deterministic CIFAR-shaped data whose labels depend on the pixels.
 
     Each class has a smooth random colour pattern (a 4x4 grid upsampled to 32x32). An image

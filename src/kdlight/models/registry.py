@@ -4,6 +4,8 @@ from collections.abc import Callable
 
 from torch import nn
 
+from kdlight.errors import KDLightError
+
 _MODELS: dict[str, Callable[..., nn.Module]] = {}
 
 
@@ -25,7 +27,7 @@ def create_model(name: str, num_classes: int = 10, **kwargs) -> nn.Module:
     store so that a teacher can be rebuilt from its checkpoint alone.
     """
     if name not in _MODELS:
-        raise ValueError(f"unknown model '{name}'; choose one of: {', '.join(list_models())}")
+        raise KDLightError(f"unknown model '{name}'; choose one of: {', '.join(list_models())}")
     model = _MODELS[name](num_classes=num_classes, **kwargs)
     model.spec = {"name": name, "num_classes": num_classes, **kwargs}
     return model

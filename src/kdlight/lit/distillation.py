@@ -1,0 +1,135 @@
+"""``DistillationModule``: train a student on a frozen teacher's soft targets (Hinton et al., 2015)."""
+
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+from torchmetrics.classification import MulticlassAccuracy
+
+from kdlight.errors import KDLightError
+from kdlight.lit.base import ClassificationSystem, FastForward, OptimizerFactory, SchedulerFactory
+from kdlight.lit.teacher import freeze, load_teacher
+from kdlight.losses import kd_loss
+
+
+def check_distillation_settings(temperature: float, alpha: float) -> None:
+    """Raise a one-line :class:`KDLightError` for a temperature or alpha out of range."""
+    if not temperature > 0:
+        raise KDLightError(f"distill.temperature must be > 0, got {temperature}")
+    if not 0.0 <= alpha <= 1.0:
+        raise KDLightError(
+            f"distill.alpha must be in [0, 1] (the weight of the teacher's soft term), got {alpha}"
+        )
+
+
+class DistillationModule(ClassificationSystem):
+    """Distil a frozen teacher into ``model`` (the student) with :func:`kdlight.losses.kd_loss`.
+
+    The teacher is frozen for good: eval mode (also after every ``train()`` call Lightning
+    makes around validation), ``requires_grad=False``, forward under ``no_grad``, and not
+    among the optimizer's parameters. Its weights are not written into the student's
+    checkpoints: they live in ``teacher_checkpoint``, which is read again on restore.
+
+    Args:
+        model: the student.
+        teacher: a teacher module; if omitted it is restored from ``teacher_checkpoint``.
+        teacher_checkpoint: a ``ClassifierModule`` checkpoint (``experiment=teacher``).
+        teacher_model: if given, the architecture the checkpoint must hold.
+        temperature: softmax temperature ``T > 0`` of the soft targets.
+        alpha: weight of the soft (teacher) term; ``1 - alpha`` weights the hard labels.
+        optimizer, scheduler, num_classes, class_names, compile, channels_last: as for
+            ``ClassifierModule`` (compile and channels_last apply to the teacher too).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        teacher: nn.Module | None = None,
+        teacher_checkpoint: str | None = None,
+        teacher_model: str | None = None,
+        temperature: float = 4.0,
+        alpha: float = 0.9,
+        optimizer: OptimizerFactory | None = None,
+        scheduler: SchedulerFactory | None = None,
+        num_classes: int = 10,
+        class_names: list[str] | None = None,
+        compile: bool = False,
+        channels_last: bool = False,
+    ) -> None:
+        super().__init__(
+            model, optimizer, scheduler, num_classes, class_names, compile, channels_last
+        )
+        check_distillation_settings(temperature, alpha)
+        if teacher is None:
+            if not teacher_checkpoint:
+                raise KDLightError(
+                    "DistillationModule needs a teacher or distill.teacher_checkpoint=PATH"
+                )
+            teacher = load_teacher(teacher_checkpoint, teacher_model, num_classes)
+        self.save_hyperparameters(ignore=["model", "teacher", "optimizer", "scheduler"])
+        self.teacher = freeze(teacher)
+        self.fast_teacher = FastForward(self.teacher, compile, channels_last)
+        self.temperature = temperature
+        self.alpha = alpha
+        self.teacher_test_acc = MulticlassAccuracy(num_classes)
+
+    @property
+    def student(self) -> nn.Module:
+        return self.model
+
+    def train(self, mode: bool = True) -> "DistillationModule":
+        """Switch the student's mode; the teacher always stays in eval mode."""
+        super().train(mode)
+        self.teacher.eval()
+        return self
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return list(self.model.parameters())
+
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        images, labels = batch
+        with torch.no_grad():
+            teacher_logits = self.fast_teacher(images)
+        logits = self(images)
+        parts = kd_loss(logits, teacher_logits, labels, self.temperature, self.alpha)
+        self.train_acc(logits, labels)
+        self.log("train/loss", parts["loss"], on_step=True, on_epoch=True, prog_bar=True)
+        self.log_dict(
+            {"train/kd": parts["kd"], "train/ce": parts["ce"]}, on_step=False, on_epoch=True
+        )
+        self.log("train/acc", self.train_acc, on_step=False, on_epoch=True)
+        return parts["loss"]
+
+    def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+        super().test_step(batch, batch_idx)
+        images, labels = batch
+        with torch.no_grad():
+            self.teacher_test_acc(self.fast_teacher(images), labels)
+        self.log("test/teacher_acc", self.teacher_test_acc)
+
+    def metrics_record(self, summary: dict) -> dict:
+        return {
+            **super().metrics_record(summary),
+            "temperature": self.temperature,
+            "alpha": self.alpha,
+            "teacher_model": getattr(self.teacher, "spec", {}).get(
+                "name", type(self.teacher).__name__
+            ),
+            "teacher_checkpoint": str(Path(self.hparams.teacher_checkpoint).resolve())
+            if self.hparams.teacher_checkpoint
+            else None,
+            "teacher_accuracy": 100.0 * float(self.teacher_test_acc.compute()),
+        }
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        """Keep student checkpoints student-sized: the teacher has its own checkpoint."""
+        super().on_save_checkpoint(checkpoint)
+        state = checkpoint["state_dict"]
+        for key in [k for k in state if k.startswith("teacher.")]:
+            del state[key]
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        """Restore with the teacher already read from ``teacher_checkpoint`` in ``__init__``."""
+        checkpoint["state_dict"].update(
+            {f"teacher.{k}": v for k, v in self.teacher.state_dict().items()}
+        )

@@ -1,0 +1,233 @@
+"""``kdlight.report`` on fake run directories: records, CSV, Markdown, plots and the CLI."""
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+from omegaconf import OmegaConf
+from PIL import Image
+
+from kdlight.report import build_report, collect_runs, main
+
+CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+GRID = {(1.0, 0.5): 81.0, (1.0, 0.9): 82.5, (4.0, 0.5): 83.25, (4.0, 0.9): 85.5}
+TEACHER, BASELINE = 90.0, 84.0
+
+
+def make_run(
+    run_dir: Path,
+    root: Path,
+    name: str,
+    model: str,
+    accuracy: float | None = None,
+    temperature: float | None = None,
+    alpha: float | None = None,
+    error: str | None = None,
+    config_root: str | None = None,
+) -> Path:
+    """A run directory as ``kdlight-train`` leaves it: finished, failed (``error``) or unfinished."""
+    teacher_ckpt = str(root / "teacher" / "resnet18_half" / "checkpoints" / "last.ckpt")
+    distill = temperature is not None
+    system = "DistillationModule" if distill else "ClassifierModule"
+    cfg = {
+        "name": name,
+        "model": {"name": model},
+        "module": {"_target_": f"kdlight.lit.{system}"},
+        "paths": {"root": config_root or str(root), "output_dir": str(run_dir)},
+    }
+    if distill:
+        cfg["distill"] = {
+            "temperature": temperature,
+            "alpha": alpha,
+            "teacher_checkpoint": teacher_ckpt,
+        }
+    (run_dir / ".hydra").mkdir(parents=True)
+    if error:  # a run stopped on bad input never writes the resolved config.yaml
+        cfg["paths"]["output_dir"] = "${hydra:runtime.output_dir}"
+        OmegaConf.save(OmegaConf.create(cfg), run_dir / ".hydra" / "config.yaml")
+        (run_dir / "error.txt").write_text(f"{error}\n")
+        return run_dir
+    OmegaConf.save(OmegaConf.create(cfg), run_dir / ".hydra" / "config.yaml")
+    OmegaConf.save(OmegaConf.create(cfg), run_dir / "config.yaml")
+    if accuracy is not None:
+        metrics = {
+            "system": system,
+            "model": model,
+            "epochs": 2,
+            "test_images": 10000,
+            "accuracy": accuracy,
+            "per_class_accuracy": {c: accuracy + i - 4.5 for i, c in enumerate(CLASSES)},
+            "val_acc_best": accuracy + 0.5,
+        }
+        if distill:
+            metrics |= {
+                "temperature": temperature,
+                "alpha": alpha,
+                "teacher_model": "resnet18_half",
+            }
+            metrics |= {"teacher_checkpoint": teacher_ckpt, "teacher_accuracy": TEACHER}
+        (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    return run_dir
+
+
+@pytest.fixture
+def outputs(tmp_path: Path) -> Path:
+    """A 2x2 grid, its teacher and baseline, a failed cell and an unfinished one."""
+    root = tmp_path / "outputs"
+    make_run(root / "teacher" / "resnet18_half", root, "teacher", "resnet18_half", TEACHER)
+    make_run(
+        root / "student_baseline" / "small_cnn", root, "student_baseline", "small_cnn", BASELINE
+    )
+    grid = root / "distill" / "small_cnn"
+    for (t, a), acc in GRID.items():
+        make_run(grid / f"T{t:g}_alpha{a}", root, "distill", "small_cnn", acc, t, a)
+    error = "distill.alpha must be in [0, 1], got 1.5"
+    make_run(grid / "T16_alpha1.5", root, "distill", "small_cnn", None, 16.0, 1.5, error=error)
+    make_run(grid / "T16_alpha0.5", root, "distill", "small_cnn", None, 16.0, 0.5)
+    (grid / "multirun.yaml").write_text("hydra: {}\n")
+    return root
+
+
+def read_csv(path: Path) -> list[dict]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_collect_runs_reads_every_status_and_the_delta(outputs: Path):
+    runs = collect_runs([outputs, outputs / "distill"])  # overlapping dirs: no duplicates
+    assert len(runs) == 8
+    by_cell = {
+        (r["temperature"], r["alpha"]): r for r in runs if r["system"] == "DistillationModule"
+    }
+    for cell, accuracy in GRID.items():
+        assert by_cell[cell]["status"] == "finished"
+        assert by_cell[cell]["delta_vs_baseline"] == pytest.approx(accuracy - BASELINE)
+        assert by_cell[cell]["per_class"]["truck"] == pytest.approx(accuracy + 4.5)
+    failed, unfinished = by_cell[(16.0, 1.5)], by_cell[(16.0, 0.5)]
+    assert failed["status"] == "failed" and "alpha must be in [0, 1]" in failed["error"]
+    assert unfinished["status"] == "unfinished" and unfinished["delta_vs_baseline"] is None
+    assert [r["model"] for r in runs][:2] == ["resnet18_half", "small_cnn"]
+
+
+def test_build_report_writes_csv_markdown_and_plots(outputs: Path, tmp_path: Path):
+    written = build_report([outputs], tmp_path / "report")
+    assert set(written) == {"csv", "markdown", "heatmap", "per_class"}
+
+    rows = read_csv(written["csv"])
+    assert len(rows) == 8
+    assert {
+        "test_acc",
+        "delta_vs_baseline",
+        "teacher_acc",
+        "acc_airplane",
+        "acc_truck",
+        "error",
+        "path",
+    } <= set(rows[0])
+    cells = {(r["temperature"], r["alpha"]): r for r in rows if r["temperature"]}
+    assert set(cells) == {
+        ("1", "0.5"),
+        ("1", "0.9"),
+        ("4", "0.5"),
+        ("4", "0.9"),
+        ("16", "1.5"),
+        ("16", "0.5"),
+    }
+    assert float(cells[("4", "0.9")]["delta_vs_baseline"]) == pytest.approx(1.5)
+    assert float(cells[("1", "0.5")]["delta_vs_baseline"]) == pytest.approx(-3.0)
+    assert float(cells[("4", "0.9")]["teacher_acc"]) == pytest.approx(TEACHER)
+    assert cells[("16", "1.5")]["status"] == "failed" and "got 1.5" in cells[("16", "1.5")]["error"]
+    assert cells[("16", "0.5")]["status"] == "unfinished" and cells[("16", "0.5")]["test_acc"] == ""
+    plain = [r for r in rows if not r["temperature"]]
+    assert sorted(float(r["test_acc"]) for r in plain) == [BASELINE, TEACHER]
+
+    markdown = written["markdown"].read_text()
+    assert (
+        "Teacher (resnet18_half): 90.00%" in markdown and "baseline (small_cnn): 84.00%" in markdown
+    )
+    assert "T=4, alpha=0.9" in markdown and "+1.50" in markdown
+    assert "T16_alpha1.5" in markdown and "distill.alpha must be in [0, 1], got 1.5" in markdown
+    assert "T16_alpha0.5` (unfinished)" in markdown
+
+    for key in ("heatmap", "per_class"):
+        with Image.open(written[key]) as image:
+            image.verify()
+        with Image.open(written[key]) as image:
+            assert image.format == "PNG" and image.width > 300 and image.height > 200
+
+
+def test_baseline_and_teacher_are_found_under_paths_root(outputs: Path, tmp_path: Path):
+    runs = collect_runs([outputs / "distill" / "small_cnn"])
+    assert len(runs) == 6  # the grid only; baseline and teacher are read from paths.root
+    finished = [r for r in runs if r["status"] == "finished"]
+    assert all(r["delta_vs_baseline"] is not None for r in finished)
+    written = build_report([outputs / "distill" / "small_cnn"], tmp_path / "report")
+    assert "Teacher (resnet18_half): 90.00%" in written["markdown"].read_text()
+    assert "per_class" in written
+
+
+def test_no_baseline_leaves_delta_empty_and_bad_metrics_is_a_failure(tmp_path: Path):
+    root = tmp_path / "outputs"
+    make_run(root / "distill" / "a", root, "distill", "small_cnn", 70.0, 2.0, 0.5)
+    broken = make_run(root / "distill" / "b", root, "distill", "small_cnn", 71.0, 2.0, 0.9)
+    (broken / "metrics.json").write_text("{not json")
+    written = build_report([root], tmp_path / "report")
+    rows = {r["alpha"]: r for r in read_csv(written["csv"])}
+    assert rows["0.5"]["status"] == "finished" and rows["0.5"]["delta_vs_baseline"] == ""
+    assert rows["0.9"]["status"] == "failed" and "unreadable metrics.json" in rows["0.9"]["error"]
+    assert "not found" in written["markdown"].read_text()
+    assert written["heatmap"].exists() and "per_class" in written  # the best student alone
+
+
+def test_relative_root_and_a_second_student_model(tmp_path: Path):
+    root, rel = tmp_path / "outputs", {"config_root": "outputs"}  # kdlight-train's default root
+    make_run(root / "student_baseline" / "small_cnn", root, "student_baseline", "small_cnn", 80.0)
+    grid = root / "distill"
+    make_run(grid / "small_cnn" / "a", root, "distill", "small_cnn", 82.0, 4.0, 0.0, **rel)
+    make_run(grid / "small_cnn" / "b", root, "distill", "small_cnn", 79.0, 4.0, 0.5, **rel)
+    make_run(grid / "resnet8" / "a", root, "distill", "resnet8", 70.0, 2.0, 0.5, **rel)
+
+    runs = collect_runs([grid])
+    small = [r for r in runs if r["model"] == "small_cnn"]
+    assert [(r["alpha"], r["delta_vs_baseline"]) for r in small] == [(0.0, 2.0), (0.5, -1.0)]
+    written = build_report([grid], tmp_path / "report")
+    assert {"heatmap", "heatmap_resnet8", "per_class"} <= set(written)  # small_cnn has more runs
+    assert written["heatmap_resnet8"].exists()
+
+
+def test_a_fused_grid_parent_is_not_a_run(tmp_path: Path):
+    root = tmp_path / "outputs"
+    parent = make_run(root / "fused", root, "distill", "small_cnn", None, 4.0, 0.9)
+    for t in (2.0, 4.0):
+        make_run(parent / f"T{t:g}_alpha0.9", root, "distill", "small_cnn", 80.0 + t, t, 0.9)
+    runs = collect_runs([root])
+    assert [(r["temperature"], r["status"]) for r in runs] == [(2.0, "finished"), (4.0, "finished")]
+
+
+def test_cli_prints_the_table_and_writes_the_report(outputs: Path, tmp_path: Path, capsys):
+    out = tmp_path / "cli"
+    assert main([str(outputs), "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert (
+        "| status | model | T | alpha |" in printed
+        and "| finished | small_cnn | 4 | 0.9 | 85.50 |" in printed
+    )
+    assert f"wrote {out / 'heatmap.png'}" in printed
+    assert (out / "report.csv").exists() and (out / "per_class.png").exists()
+
+
+def test_cli_default_out_is_the_first_dir(outputs: Path, capsys):
+    assert main([str(outputs / "distill")]) == 0
+    assert (outputs / "distill" / "report.md").exists()
+
+
+def test_cli_errors_on_missing_or_empty_dirs(tmp_path: Path, capsys):
+    assert main([str(tmp_path / "missing")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "missing" in err and len(err.strip().splitlines()) == 1
+
+    (tmp_path / "empty").mkdir()
+    assert main([str(tmp_path / "empty")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: no run directories") and len(err.strip().splitlines()) == 1
