@@ -1,5 +1,6 @@
 """``CIFAR10DataModule``: CIFAR-10 held in memory as uint8 tensors, augmented per batch."""
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
@@ -22,16 +23,31 @@ from kdlight.errors import KDLightError
 Source = Literal["torchvision", "archive", "synthetic"]
 
 
+@dataclass
+class IndexBatch:
+    """A batch of indices into a split that is kept whole on the accelerator
+    (``on_device=True``): only the indices travel, the images never leave the device."""
+
+    split: str
+    indices: Tensor
+
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> "IndexBatch":
+        return IndexBatch(self.split, self.indices.to(device, non_blocking=non_blocking))
+
+
 class ArrayDataset(Dataset):
     """uint8 ``(N, 3, 32, 32)`` images and int64 labels, fetched a whole batch at a time.
 
     ``__getitems__`` lets a ``DataLoader`` index a batch with one tensor gather instead of
-    ``batch_size`` Python calls; :func:`collate_batch` then passes the batch through.
+    ``batch_size`` Python calls; :func:`collate_batch` then passes the batch through. With
+    ``indices_only`` it yields an :class:`IndexBatch` instead, for data held on the device.
     """
 
-    def __init__(self, split: Split) -> None:
+    def __init__(self, split: Split, name: str, indices_only: bool = False) -> None:
         self.images = torch.from_numpy(np.ascontiguousarray(split.images.transpose(0, 3, 1, 2)))
         self.labels = torch.from_numpy(split.labels)
+        self.name = name
+        self.indices_only = indices_only
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -39,12 +55,14 @@ class ArrayDataset(Dataset):
     def __getitem__(self, index: int) -> tuple[Tensor, Tensor]:
         return self.images[index], self.labels[index]
 
-    def __getitems__(self, indices: list[int]) -> tuple[Tensor, Tensor]:
+    def __getitems__(self, indices: list[int]) -> tuple[Tensor, Tensor] | IndexBatch:
         index = torch.as_tensor(indices)
+        if self.indices_only:
+            return IndexBatch(self.name, index)
         return self.images[index], self.labels[index]
 
 
-def collate_batch(batch: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
+def collate_batch(batch: tuple[Tensor, Tensor] | IndexBatch) -> tuple[Tensor, Tensor] | IndexBatch:
     """The batch is already stacked by :meth:`ArrayDataset.__getitems__`."""
     return batch
 
@@ -63,6 +81,8 @@ class CIFAR10DataModule(L.LightningDataModule):
         train_subset: train on this many (seeded) training images only, e.g. for a CPU demo.
         batch_size: images per batch (per process when several train together).
         augment: pad-4 random crop and horizontal flip on training batches.
+        on_device: keep each split whole on the training device (a GPU) and gather batches
+            there; only indices are loaded, so no per-batch host-to-device copy is made.
         synthetic_train_size, synthetic_test_size: sizes for ``source=synthetic``.
     """
 
@@ -81,22 +101,33 @@ class CIFAR10DataModule(L.LightningDataModule):
         eval_batch_size: int = 1000,
         num_workers: int = 0,
         augment: bool = True,
+        on_device: bool = False,
         seed: int = 0,
         synthetic_train_size: int = 10000,
         synthetic_test_size: int = 2000,
     ) -> None:
         super().__init__()
         if source not in ("torchvision", "archive", "synthetic"):
-            raise KDLightError(f"unknown data.source '{source}'; choose torchvision, archive or synthetic")
+            raise KDLightError(
+                f"unknown data.source '{source}'; choose torchvision, archive or synthetic"
+            )
         if source == "archive" and not archive_path:
-            raise KDLightError("data.source=archive needs data.archive_path=PATH (a CIFAR-10 image-folder .tar.gz)")
-        if batch_size <= 0 or eval_batch_size <= 0:
-            raise KDLightError(f"data.batch_size must be > 0, got {batch_size}")
+            raise KDLightError(
+                "data.source=archive needs data.archive_path=PATH (a CIFAR-10 image-folder .tar.gz)"
+            )
+        for key, value in (("batch_size", batch_size), ("eval_batch_size", eval_batch_size)):
+            if value <= 0:
+                raise KDLightError(f"data.{key} must be > 0, got {value}")
+        if train_subset is not None and train_subset <= 0:
+            raise KDLightError(
+                f"data.train_subset must be > 0 (or null for all images), got {train_subset}"
+            )
         if val_size < 0:
             raise KDLightError(f"data.val_size must be >= 0, got {val_size}")
         self.save_hyperparameters()
         self.data_dir = Path(data_dir)
         self.train_set = self.val_set = self.test_set = None
+        self._on_device: dict[tuple[str, torch.device], tuple[Tensor, Tensor]] = {}
 
     # ------------------------------------------------------------------------ loading
     def _load(self) -> dict[str, Split]:
@@ -118,17 +149,23 @@ class CIFAR10DataModule(L.LightningDataModule):
         train, test = splits["train"], splits["test"]
         hp = self.hparams
         if hp.val_size >= len(train):
-            raise KDLightError(f"data.val_size={hp.val_size} leaves no training images (of {len(train)})")
+            raise KDLightError(
+                f"data.val_size={hp.val_size} leaves no training images (of {len(train)})"
+            )
         order = np.random.default_rng(hp.seed).permutation(len(train))
-        train_index, val_index = order[: len(train) - hp.val_size], order[len(train) - hp.val_size :]
+        train_index, val_index = (
+            order[: len(train) - hp.val_size],
+            order[len(train) - hp.val_size :],
+        )
         if hp.train_subset is not None:
             train_index = train_index[: hp.train_subset]
-        self.train_set = ArrayDataset(Split(train.images[train_index], train.labels[train_index]))
-        self.test_set = ArrayDataset(test)
-        if hp.val_size:
-            self.val_set = ArrayDataset(Split(train.images[val_index], train.labels[val_index]))
-        else:
-            self.val_set = self.test_set
+        self.train_set = ArrayDataset(train.take(train_index), "train", hp.on_device)
+        self.test_set = ArrayDataset(test, "test", hp.on_device)
+        self.val_set = (
+            ArrayDataset(train.take(val_index), "val", hp.on_device)
+            if hp.val_size
+            else self.test_set
+        )
 
     # ---------------------------------------------------------------------- loaders
     def _loader(self, dataset: ArrayDataset, batch_size: int, shuffle: bool) -> DataLoader:
@@ -151,12 +188,26 @@ class CIFAR10DataModule(L.LightningDataModule):
         return self._loader(self.test_set, self.hparams.eval_batch_size, shuffle=False)
 
     # ------------------------------------------------------------------ augmentation
-    def on_after_batch_transfer(self, batch: tuple[Tensor, Tensor], dataloader_idx: int) -> tuple[Tensor, Tensor]:
-        """Augment (training only) and normalise on the batch's device."""
-        images, labels = batch
+    def on_after_batch_transfer(
+        self, batch: tuple[Tensor, Tensor] | IndexBatch, dataloader_idx: int
+    ) -> tuple[Tensor, Tensor]:
+        """Gather (on-device data), augment (training only) and normalise on the batch's device."""
+        if isinstance(batch, IndexBatch):
+            images, labels = self.split_on_device(batch.split, batch.indices.device)
+            images, labels = images[batch.indices], labels[batch.indices]
+        else:
+            images, labels = batch
         if self.trainer is not None and self.trainer.training and self.hparams.augment:
             images = random_crop_flip(images)
         return self.normalize(images), labels
+
+    def split_on_device(self, split: str, device: torch.device) -> tuple[Tensor, Tensor]:
+        """The whole split's uint8 images and labels on ``device``, copied there once."""
+        key = (split, device)
+        if key not in self._on_device:
+            dataset = {"train": self.train_set, "val": self.val_set, "test": self.test_set}[split]
+            self._on_device[key] = (dataset.images.to(device), dataset.labels.to(device))
+        return self._on_device[key]
 
     @staticmethod
     def normalize(images: Tensor) -> Tensor:

@@ -1,6 +1,17 @@
-"""Lightning systems: ``ClassifierModule`` (teacher or baseline) and ``DistillationModule``."""
+"""Lightning systems: ``ClassifierModule`` (a teacher or a baseline), ``DistillationModule``
+and ``DistillationGridModule`` (a whole T x alpha grid of students sharing one teacher)."""
 
 from kdlight.lit.base import ClassificationSystem
 from kdlight.lit.classifier import ClassifierModule
+from kdlight.lit.distillation import DistillationModule
+from kdlight.lit.grid import DistillationGridModule
+from kdlight.lit.teacher import freeze, load_teacher
 
-__all__ = ["ClassificationSystem", "ClassifierModule"]
+__all__ = [
+    "ClassificationSystem",
+    "ClassifierModule",
+    "DistillationGridModule",
+    "DistillationModule",
+    "freeze",
+    "load_teacher",
+]

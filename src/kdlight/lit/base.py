@@ -11,6 +11,7 @@ from pathlib import Path
 
 import lightning as L
 import torch
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 from torchmetrics import MaxMetric
 from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix
@@ -25,10 +26,41 @@ SchedulerFactory = Callable[[torch.optim.Optimizer], torch.optim.lr_scheduler.LR
 reference_sgd = partial(torch.optim.SGD, lr=0.1, momentum=0.9, weight_decay=5e-4)
 
 
+class FastForward:
+    """Run ``model`` through ``torch.compile`` when asked, in channels-last memory format
+    when asked; if compiling fails (no compiler on this platform, say) warn once and run
+    eagerly. The model itself is untouched, so state-dict keys stay the same."""
+
+    def __init__(
+        self, model: nn.Module, compile: bool = False, channels_last: bool = False
+    ) -> None:
+        self.model = model
+        self.channels_last = channels_last
+        if channels_last:
+            model.to(memory_format=torch.channels_last)
+        self.run = torch.compile(model) if compile else model
+
+    def __call__(self, images: Tensor) -> Tensor:
+        if self.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        if self.run is self.model:
+            return self.model(images)
+        try:
+            return self.run(images)
+        except Exception as err:  # torch.compile compiles lazily, on the first call
+            rank_zero_warn(
+                f"torch.compile failed ({type(err).__name__}: {str(err).splitlines()[0][:200]}); running eagerly"
+            )
+            self.run = self.model
+            return self.model(images)
+
+
 class ClassificationSystem(L.LightningModule):
     """Base for systems that train ``self.model``, a classifier, and evaluate it.
 
     Subclasses implement ``training_step``; evaluation, metrics and the report live here.
+    ``compile`` (torch.compile) and ``channels_last`` are speed options that do not change
+    what is computed.
     """
 
     def __init__(
@@ -38,9 +70,12 @@ class ClassificationSystem(L.LightningModule):
         scheduler: SchedulerFactory | None = None,
         num_classes: int = 10,
         class_names: tuple[str, ...] | list[str] | None = None,
+        compile: bool = False,
+        channels_last: bool = False,
     ) -> None:
         super().__init__()
         self.model = model
+        self.fast_model = FastForward(model, compile, channels_last)
         self.optimizer_factory = optimizer or reference_sgd
         self.scheduler_factory = scheduler
         self.num_classes = num_classes
@@ -53,7 +88,7 @@ class ClassificationSystem(L.LightningModule):
         self.test_summary: dict | None = None
 
     def forward(self, images: Tensor) -> Tensor:
-        return self.model(images)
+        return self.fast_model(images)
 
     # ------------------------------------------------------------------ evaluation
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:

@@ -1,0 +1,141 @@
+"""Each fast path computes what the plain path computes: on-device data, channels-last,
+torch.compile's fallback, and the fused T x alpha grid against separate runs."""
+
+import copy
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+from lightning.pytorch.utilities import move_data_to_device
+
+from kdlight.data import CIFAR10DataModule
+from kdlight.lit import DistillationGridModule, DistillationModule, freeze
+from kdlight.lit.base import FastForward
+from kdlight.models import create_model
+
+
+def synthetic(**overrides) -> CIFAR10DataModule:
+    settings = dict(
+        source="synthetic",
+        synthetic_train_size=640,
+        synthetic_test_size=200,
+        val_size=64,
+        batch_size=64,
+    )
+    return CIFAR10DataModule(**{**settings, **overrides})
+
+
+def test_on_device_batches_equal_host_batches():
+    batches = {}
+    for on_device in (False, True):
+        datamodule = synthetic(on_device=on_device)
+        datamodule.setup()
+        torch.manual_seed(3)
+        loader = iter(datamodule.train_dataloader())
+        batches[on_device] = [
+            datamodule.on_after_batch_transfer(
+                move_data_to_device(next(loader), torch.device("cpu")), 0
+            )
+            for _ in range(3)
+        ]
+    for (x_host, y_host), (x_dev, y_dev) in zip(batches[False], batches[True], strict=True):
+        assert torch.equal(x_host, x_dev) and torch.equal(y_host, y_dev)
+
+
+def test_channels_last_gives_the_same_logits():
+    torch.manual_seed(0)
+    model = create_model("resnet8").eval()
+    images = torch.randn(4, 3, 32, 32)
+    expected = model(images)
+    fast = FastForward(copy.deepcopy(model), channels_last=True)
+    torch.testing.assert_close(fast(images), expected, rtol=1e-4, atol=1e-4)
+
+
+def test_compile_failure_falls_back_to_eager(monkeypatch):
+    def broken_compile(model):
+        def run(images):
+            raise RuntimeError("no compiler here")
+
+        return run
+
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    model = create_model("resnet8").eval()
+    images = torch.randn(2, 3, 32, 32)
+    fast = FastForward(model, compile=True)
+    with pytest.warns(
+        UserWarning, match="torch.compile failed .*no compiler here.*running eagerly"
+    ):
+        out = fast(images)
+    torch.testing.assert_close(out, model(images))
+    assert fast.run is model
+
+
+def fit(module: L.LightningModule, root: Path, steps: int = 4) -> None:
+    """A few training steps with a fixed data order and augmentation."""
+    L.seed_everything(7)
+    trainer = L.Trainer(
+        max_epochs=1, limit_train_batches=steps, limit_val_batches=0, accelerator="cpu", default_root_dir=root,
+        logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+    )  # fmt: skip
+    trainer.fit(module, datamodule=synthetic())
+
+
+@pytest.mark.parametrize("cells", [[(4.0, 0.9)], [(2.0, 0.5), (8.0, 0.9)]])
+def test_grid_students_match_separate_runs(cells: list[tuple[float, float]], tmp_path: Path):
+    L.seed_everything(0)
+    teacher = freeze(create_model("resnet8"))
+    student = create_model("small_cnn", width=0.25)
+
+    separate = []
+    for t, a in cells:
+        module = DistillationModule(
+            copy.deepcopy(student), teacher=copy.deepcopy(teacher), temperature=t, alpha=a
+        )
+        fit(module, tmp_path)
+        separate.append(module.student)
+
+    temperatures = sorted({t for t, _ in cells})
+    alphas = sorted({a for _, a in cells})
+    grid = DistillationGridModule(
+        copy.deepcopy(student),
+        teacher=copy.deepcopy(teacher),
+        temperature=temperatures,
+        alpha=alphas,
+    )
+    fit(grid, tmp_path)
+    for (t, a), expected in zip(cells, separate, strict=True):
+        trained = grid.students[grid.cells.index((t, a))]
+        for (name, value), reference in zip(
+            trained.state_dict().items(), expected.state_dict().values(), strict=True
+        ):
+            torch.testing.assert_close(
+                value, reference, msg=f"cell T={t} alpha={a}: {name} differs"
+            )
+    assert not any(
+        torch.equal(p, q)
+        for p, q in zip(student.parameters(), grid.students[0].parameters(), strict=True)
+    )
+
+
+def test_grid_writes_one_run_directory_per_cell(tmp_path: Path):
+    L.seed_everything(0)
+    grid = DistillationGridModule(
+        create_model("small_cnn", width=0.25),
+        teacher=freeze(create_model("resnet8")),
+        temperature=[2, 8],
+        alpha=[0.5, 0.9],
+    )
+    trainer = L.Trainer(
+        max_epochs=1, limit_train_batches=2, limit_val_batches=1, accelerator="cpu", default_root_dir=tmp_path,
+        logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+    )  # fmt: skip
+    datamodule = synthetic()
+    trainer.fit(grid, datamodule=datamodule)
+    trainer.test(grid, datamodule=datamodule)
+    import json
+
+    found = sorted(p.parent.name for p in tmp_path.glob("*/metrics.json"))
+    assert found == ["T2_alpha0.5", "T2_alpha0.9", "T8_alpha0.5", "T8_alpha0.9"]
+    metrics = json.loads((tmp_path / "T8_alpha0.5" / "metrics.json").read_text())
+    assert (metrics["temperature"], metrics["alpha"], metrics["test_images"]) == (8.0, 0.5, 200)
