@@ -14,7 +14,7 @@ DATA_ARGS := data.source=$(DATA_SOURCE) data.archive_path=$(abspath $(ARCHIVE)) 
 PYTEST_ARGS ?=
 TRAIN := $(VENV)/bin/kdlight-train
 
-.PHONY: help venv demo reproduce test lint format clean
+.PHONY: help venv demo reproduce bench gpu-study test lint format clean
 
 help: ## List the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  make %-10s %s\n", $$1, $$2}'
@@ -39,6 +39,12 @@ reproduce: venv ## The reference study on one GPU: teacher, baseline, 5x3 T x al
 	$(TRAIN) experiment=student_baseline $(DATA_ARGS)
 	$(TRAIN) -m experiment=distill sweep=reference_grid $(DATA_ARGS)
 	$(VENV)/bin/kdlight-report outputs/teacher outputs/student_baseline outputs/distill --out outputs/report
+
+bench: venv ## Throughput of the fast path against a plain PyTorch loop (CPU or GPU); writes bench.json
+	$(PY) -m kdlight.bench --out bench.json
+
+gpu-study: ## On one GPU: the benchmark and the whole reference study, fast path (scripts/gpu_study.sh)
+	ARCHIVE=$(ARCHIVE) scripts/gpu_study.sh
 
 test: venv ## Run the whole test suite
 	$(PY) -m pytest $(PYTEST_ARGS)

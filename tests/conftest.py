@@ -72,3 +72,19 @@ def archive_cache(archive: Path, tmp_path_factory: pytest.TempPathFactory) -> Pa
     cache = tmp_path_factory.mktemp("cifar10-cache")
     load_archive(archive, cache)
     return cache
+
+
+@pytest.fixture(scope="session")
+def untrained_teacher(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A ClassifierModule checkpoint of the default teacher (resnet18_half), untrained."""
+    import torch
+
+    from kdlight.lit import ClassifierModule
+    from kdlight.models import create_model
+
+    module = ClassifierModule(create_model("resnet18_half"))
+    checkpoint = {"state_dict": module.state_dict()}
+    module.on_save_checkpoint(checkpoint)
+    path = tmp_path_factory.mktemp("teacher") / "last.ckpt"
+    torch.save(checkpoint, path)
+    return path

@@ -12,21 +12,10 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from kdlight import config_dir
-from kdlight.lit import ClassificationSystem
 from tests.conftest import TINY, compose_config
 
-GROUPS = [
-    "data",
-    "model",
-    "module",
-    "optimizer",
-    "scheduler",
-    "trainer",
-    "logger",
-    "callbacks",
-    "experiment",
-    "debug",
-]
+GROUPS = ["data", "model", "module", "optimizer", "scheduler", "trainer", "logger", "callbacks"]
+GROUPS += ["experiment", "sweep", "demo", "speed", "debug"]
 
 
 def choices(group: str) -> list[str]:
@@ -51,14 +40,18 @@ def test_every_group_has_choices():
 
 
 @pytest.mark.parametrize(("group", "choice"), [(g, c) for g in GROUPS for c in choices(g)])
-def test_choice_composes_and_instantiates(group: str, choice: str, tmp_path: Path):
+def test_choice_composes_and_instantiates(
+    group: str, choice: str, tmp_path: Path, untrained_teacher: Path
+):
     overrides = [f"{group}={choice}", *TINY]
+    if "distill" in choice:
+        overrides.append(f"distill.teacher_checkpoint={untrained_teacher}")
     if group in ("trainer", "experiment"):
         overrides.append("trainer.accelerator=cpu")  # trainer=gpu composes; CI has no GPU
     cfg = compose_config(overrides, tmp_path)
     OmegaConf.resolve(cfg)
     datamodule, model, module = build(cfg)
-    assert isinstance(module, ClassificationSystem) and module.model is model
+    assert isinstance(module, L.LightningModule)
     assert model(torch.zeros(2, 3, 32, 32)).shape == (2, cfg.num_classes)
     optimizers = module.configure_optimizers()
     assert optimizers is not None

@@ -2,6 +2,7 @@
 torch.compile's fallback, and the fused T x alpha grid against separate runs."""
 
 import copy
+import json
 from pathlib import Path
 
 import lightning as L
@@ -133,9 +134,53 @@ def test_grid_writes_one_run_directory_per_cell(tmp_path: Path):
     datamodule = synthetic()
     trainer.fit(grid, datamodule=datamodule)
     trainer.test(grid, datamodule=datamodule)
-    import json
 
     found = sorted(p.parent.name for p in tmp_path.glob("*/metrics.json"))
     assert found == ["T2_alpha0.5", "T2_alpha0.9", "T8_alpha0.5", "T8_alpha0.9"]
     metrics = json.loads((tmp_path / "T8_alpha0.5" / "metrics.json").read_text())
     assert (metrics["temperature"], metrics["alpha"], metrics["test_images"]) == (8.0, 0.5, 200)
+
+
+def test_bench_runs_and_writes_its_table(tmp_path: Path):
+    """The benchmark's plumbing on CPU at toy sizes (its numbers are not asserted)."""
+    from kdlight import bench
+
+    out = tmp_path / "bench.json"
+    args = [
+        "--device",
+        "cpu",
+        "--teacher",
+        "resnet8",
+        "--student",
+        "small_cnn",
+        "--batch-size",
+        "16",
+    ]
+    assert (
+        bench.main(
+            [
+                *args,
+                "--warmup",
+                "1",
+                "--steps",
+                "2",
+                "--grid",
+                "4",
+                "--workers",
+                "0",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
+    result = json.loads(out.read_text())
+    workloads = [row["workload"] for row in result["rows"]]
+    assert workloads == [
+        "teacher training",
+        "student training",
+        "distillation step",
+        "fused grid (4 students)",
+    ]
+    assert all(row["plain"] > 0 and row["fast"] > 0 for row in result["rows"])
+    assert "| fused grid (4 students) |" in result["table"]

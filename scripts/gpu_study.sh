@@ -1,0 +1,53 @@
+#!/usr/bin/env bash
+# GPU verification (make gpu-study): on one H100/H200 with nothing but this repository,
+# measure the benchmark and run the whole reference study on the real archive, with its
+# fast path, in one command. Everything lands in $OUT (default outputs/gpu_study).
+#
+#   ARCHIVE=path/to/cifar10-jpeg.tar.gz scripts/gpu_study.sh
+#
+# Stages: 1. install kdlight next to the machine's torch (wheels from .whl/ when the
+# machine is offline); 2. python -m kdlight.bench; 3. teacher (200 epochs) and student
+# baseline (200 epochs) side by side on the one GPU, then the fused 12-cell T x alpha grid
+# (200 epochs), then kdlight-report. Wall times go to $OUT/timings.txt.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-outputs/gpu_study}
+ARCHIVE=${ARCHIVE:-../shared/data/cifar10-jpeg.tar.gz}
+EPOCHS=${EPOCHS:-200}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+
+# 1. install: nothing but what is missing, never another torch
+if ! python3 -c "import hydra, lightning, torchmetrics" 2>/dev/null; then
+  if ls .whl/*.whl >/dev/null 2>&1; then
+    python3 -m pip install -q --no-index --no-deps --target /tmp/kdlight-site .whl/*.whl
+  else
+    python3 -m pip install -q --target /tmp/kdlight-site 'hydra-core>=1.3.2,<1.4' omegaconf
+  fi
+  export PYTHONPATH=/tmp/kdlight-site${PYTHONPATH:+:$PYTHONPATH}
+fi
+export PYTHONPATH=$PWD/src${PYTHONPATH:+:$PYTHONPATH}
+nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$OUT/device.txt"
+
+stamp() { echo "$1 $(date +%s)" >>"$OUT/timings.txt"; }
+: >"$OUT/timings.txt"
+
+# 2. the benchmark
+stamp bench_start
+python3 -m kdlight.bench --out "$OUT/bench.json" 2>&1 | tee "$OUT/bench.log" | grep -v Warning
+stamp bench_end
+
+# 3. the reference study, fast path
+train() { python3 -m kdlight.train speed=fast data.archive_path="$ARCHIVE" data.data_dir="$OUT/data" \
+  paths.root="$OUT/study" trainer.max_epochs="$EPOCHS" trainer.enable_progress_bar=false "~callbacks.progress_bar" "$@"; }
+python3 -c "from kdlight.data.sources import load_archive; load_archive('$ARCHIVE', '$OUT/data')"  # decode once
+stamp study_start
+train experiment=teacher >"$OUT/teacher.log" 2>&1 &
+teacher=$!
+train experiment=student_baseline >"$OUT/baseline.log" 2>&1
+wait $teacher
+stamp teacher_and_baseline_end
+train experiment=distill_grid "distill.temperature=[1,2,4,8]" "distill.alpha=[0.1,0.5,0.9]" >"$OUT/grid.log" 2>&1
+stamp study_end
+python3 -m kdlight.report "$OUT/study" --out "$OUT/report" | tee "$OUT/report.txt"
+awk '{t[$1]=$2} END {printf "bench %ds, teacher+baseline %ds, grid %ds, study %ds\n", t["bench_end"]-t["bench_start"], t["teacher_and_baseline_end"]-t["study_start"], t["study_end"]-t["teacher_and_baseline_end"], t["study_end"]-t["study_start"]}' "$OUT/timings.txt" | tee -a "$OUT/timings.txt"

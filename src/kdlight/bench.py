@@ -1,0 +1,291 @@
+"""``python -m kdlight.bench`` (``make bench``): training throughput, kdlight's fast path
+against the plain PyTorch loop a user would write, in one process on one device.
+
+The plain loop is written here on purpose, as a fixed point of comparison: torchvision
+transforms on PIL images (what ``torchvision.datasets.CIFAR10`` does per sample), a
+``DataLoader`` with worker processes, float32, batch 128. The fast path is kdlight's own:
+the DataModule (with ``on_device`` on a GPU), the Lightning modules with their speed
+options (bf16-mixed, channels_last, torch.compile), driven by a ``lightning.Trainer``.
+
+Four workloads: teacher training, student training, a distillation step (teacher forward +
+student step) and the fused T x alpha grid (N students, one teacher forward). For the grid
+the figure that matters is the cost per student-epoch against N separate plain
+distillation runs: ``grid images/s x N / plain distillation images/s``.
+"""
+
+import argparse
+import json
+import platform
+import time
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.callbacks import Callback
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from kdlight.data import CIFAR10DataModule
+from kdlight.data.augment import CIFAR10_MEAN, CIFAR10_STD
+from kdlight.data.sources import make_synthetic
+from kdlight.lit import ClassifierModule, DistillationGridModule, DistillationModule, freeze
+from kdlight.losses import kd_loss
+from kdlight.models import create_model
+
+# ------------------------------------------------------------------------ the plain loop
+
+
+class PlainCIFAR(Dataset):
+    """CIFAR-10 as torchvision serves it: one PIL image and one transform call per sample."""
+
+    def __init__(self, images: np.ndarray, labels: np.ndarray) -> None:
+        import torchvision.transforms as T
+
+        self.images, self.labels = images, labels
+        self.transform = T.Compose([
+            T.RandomCrop(32, padding=4),
+            T.RandomHorizontalFlip(),
+            T.ToTensor(),
+            T.Normalize(CIFAR10_MEAN, CIFAR10_STD),
+        ])  # fmt: skip
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int):
+        from PIL import Image
+
+        return self.transform(Image.fromarray(self.images[index])), int(self.labels[index])
+
+
+def plain_loop(
+    student: nn.Module,
+    teacher: nn.Module | None,
+    loader: DataLoader,
+    device: torch.device,
+    warmup: int,
+    steps: int,
+) -> float:
+    """Images/s of a textbook training loop (distillation when a teacher is given)."""
+    student.to(device).train()
+    if teacher is not None:
+        teacher.to(device).eval()
+    optimizer = torch.optim.SGD(student.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
+    seen, start = 0, None
+    batches = iter(loader)
+    for step in range(warmup + steps):
+        if step == warmup:
+            _sync(device)
+            start, seen = time.perf_counter(), 0
+        try:
+            images, labels = next(batches)
+        except StopIteration:
+            batches = iter(loader)
+            images, labels = next(batches)
+        images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+        if teacher is None:
+            loss = F.cross_entropy(student(images), labels)
+        else:
+            with torch.no_grad():
+                teacher_logits = teacher(images)
+            loss = kd_loss(student(images), teacher_logits, labels, 4.0, 0.9)["loss"]
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        seen += len(labels)
+    _sync(device)
+    return seen / (time.perf_counter() - start)
+
+
+# ------------------------------------------------------------------------ the fast path
+
+
+class Throughput(Callback):
+    """Images/s over the training batches after ``warmup`` (compilation, caches)."""
+
+    def __init__(self, warmup: int) -> None:
+        self.warmup, self.seen, self.start = warmup, 0, None
+
+    def on_train_batch_start(self, trainer, module, batch, batch_idx) -> None:
+        if batch_idx == self.warmup:
+            _sync(module.device)
+            self.start, self.seen = time.perf_counter(), 0
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
+        if self.start is not None:
+            self.seen += trainer.datamodule.hparams.batch_size
+
+    def on_train_epoch_end(self, trainer, module) -> None:
+        _sync(module.device)
+        self.images_per_second = self.seen / (time.perf_counter() - self.start)
+
+
+def fast_path(
+    module: L.LightningModule, datamodule: CIFAR10DataModule, args, warmup: int, steps: int
+) -> float:
+    meter = Throughput(warmup)
+    trainer = L.Trainer(
+        accelerator=args.device, devices=1, precision=args.precision, max_epochs=1,
+        limit_train_batches=warmup + steps, limit_val_batches=0, callbacks=[meter], logger=False,
+        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+    )  # fmt: skip
+    trainer.fit(module, datamodule=datamodule)
+    return meter.images_per_second
+
+
+def _sync(device: torch.device | str) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+# ---------------------------------------------------------------------------- the table
+
+
+def run(args: argparse.Namespace) -> dict:
+    device = torch.device("cuda" if args.device == "gpu" else "cpu")
+    size = args.batch_size * (args.warmup + args.steps)
+    data = make_synthetic(train_size=size, test_size=args.batch_size, seed=0)["train"]
+    loader = DataLoader(
+        PlainCIFAR(data.images, data.labels), batch_size=args.batch_size, shuffle=True, drop_last=True,
+        num_workers=args.workers, pin_memory=device.type == "cuda", persistent_workers=args.workers > 0,
+    )  # fmt: skip
+    datamodule = CIFAR10DataModule(
+        source="synthetic", synthetic_train_size=size, synthetic_test_size=args.batch_size, val_size=0,
+        batch_size=args.batch_size, on_device=device.type == "cuda",
+    )  # fmt: skip
+    speed = {"compile": args.compile, "channels_last": args.channels_last}
+    teacher = freeze(create_model(args.teacher))
+
+    def student() -> nn.Module:
+        torch.manual_seed(0)
+        return create_model(args.student)
+
+    workloads = {
+        "teacher training": (
+            lambda: plain_loop(
+                create_model(args.teacher), None, loader, device, args.warmup, args.steps
+            ),
+            lambda: ClassifierModule(create_model(args.teacher), **speed),
+        ),
+        "student training": (
+            lambda: plain_loop(student(), None, loader, device, args.warmup, args.steps),
+            lambda: ClassifierModule(student(), **speed),
+        ),
+        "distillation step": (
+            lambda: plain_loop(student(), teacher, loader, device, args.warmup, args.steps),
+            lambda: DistillationModule(student(), teacher=teacher, **speed),
+        ),
+    }
+    rows = []
+    for name, (plain, fast) in workloads.items():
+        plain_rate = plain()
+        fast_rate = fast_path(fast(), datamodule, args, args.warmup, args.steps)
+        rows.append(
+            {
+                "workload": name,
+                "plain": plain_rate,
+                "fast": fast_rate,
+                "ratio": fast_rate / plain_rate,
+            }
+        )
+        print(
+            f"{name:<22} plain {plain_rate:9.0f}  fast {fast_rate:9.0f} img/s  x{fast_rate / plain_rate:.2f}",
+            flush=True,
+        )
+    distill_plain = rows[-1]["plain"]
+    temperatures, alphas = grid_axes(args.grid)
+    grid = DistillationGridModule(
+        student(), teacher=teacher, temperature=temperatures, alpha=alphas, **speed
+    )
+    cells = len(grid.cells)
+    grid_rate = fast_path(grid, datamodule, args, args.warmup, args.steps)
+    per_student = grid_rate * cells
+    rows.append(
+        {
+            "workload": f"fused grid ({cells} students)",
+            "plain": distill_plain,
+            "fast": per_student,
+            "ratio": per_student / distill_plain,
+        }
+    )
+    print(
+        f"{'fused grid':<22} {cells} students at {grid_rate:.0f} img/s = {per_student:.0f} student-img/s"
+        f"  x{per_student / distill_plain:.2f} vs separate plain runs",
+        flush=True,
+    )
+    return {
+        "device": torch.cuda.get_device_name()
+        if device.type == "cuda"
+        else platform.processor() or "cpu",
+        "torch": torch.__version__,
+        "settings": {k: v for k, v in vars(args).items() if k != "out"},
+        "rows": rows,
+    }
+
+
+def grid_axes(cells: int) -> tuple[list[float], list[float]]:
+    """Temperatures x alphas with ``cells`` cells: 3 alphas when 3 divides it, else 2 or 1."""
+    alphas = next(a for a in ([0.1, 0.5, 0.9], [0.5, 0.9], [0.9]) if cells % len(a) == 0)
+    temperatures = [float(2**i) for i in range(cells // len(alphas))]
+    return temperatures, alphas
+
+
+def markdown(result: dict) -> str:
+    lines = [
+        f"Device: {result['device']}, torch {result['torch']}, batch {result['settings']['batch_size']}, "
+        f"precision {result['settings']['precision']}, compile {result['settings']['compile']}, "
+        f"channels_last {result['settings']['channels_last']}, plain loop workers {result['settings']['workers']}",
+        "",
+        "| workload | plain loop (img/s) | kdlight fast path (img/s) | ratio |",
+        "|---|---:|---:|---:|",
+    ]
+    lines += [
+        f"| {r['workload']} | {r['plain']:.0f} | {r['fast']:.0f} | {r['ratio']:.2f}x |"
+        for r in result["rows"]
+    ]
+    return "\n".join(lines)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    gpu = torch.cuda.is_available()
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--device", choices=["cpu", "gpu"], default="gpu" if gpu else "cpu")
+    parser.add_argument("--teacher", default="resnet18_half")
+    parser.add_argument("--student", default="small_cnn")
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument(
+        "--warmup", type=int, default=20 if gpu else 3, help="batches before timing starts"
+    )
+    parser.add_argument(
+        "--steps", type=int, default=200 if gpu else 8, help="timed batches per workload"
+    )
+    parser.add_argument(
+        "--grid", type=int, default=12 if gpu else 4, help="students in the fused grid"
+    )
+    parser.add_argument(
+        "--workers", type=int, default=12 if gpu else 2, help="DataLoader workers of the plain loop"
+    )
+    parser.add_argument("--precision", default="bf16-mixed" if gpu else "32-true")
+    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=gpu)
+    parser.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=gpu)
+    parser.add_argument("--out", type=Path, default=Path("bench.json"))
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    result = run(args)
+    table = markdown(result)
+    print("\n" + table)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps({**result, "table": table}, indent=2) + "\n")
+    print(f"\nwrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
