@@ -13,6 +13,8 @@ DATA_SOURCE ?= $(if $(wildcard $(ARCHIVE)),archive,torchvision)
 DATA_ARGS := data.source=$(DATA_SOURCE) data.archive_path=$(abspath $(ARCHIVE)) $(if $(filter torchvision,$(DATA_SOURCE)),data.download=true)
 PYTEST_ARGS ?=
 TRAIN := $(VENV)/bin/kdlight-train
+# the demo's 2 x 2 grid, trained as one fused run (one teacher forward for four students)
+DEMO_GRID := "distill.temperature=[2,8]" "distill.alpha=[0.5,0.9]"
 
 .PHONY: help venv demo reproduce bench gpu-study test lint format clean
 
@@ -30,8 +32,8 @@ $(VENV)/.installed: pyproject.toml
 
 demo: venv ## The whole idea on CPU (~5 min): teacher, baseline, 2x2 T x alpha distillation, report
 	$(TRAIN) experiment=teacher demo=cpu model=resnet20 $(DATA_ARGS)
-	$(TRAIN) experiment=student_baseline demo=cpu $(DATA_ARGS)
-	$(TRAIN) -m experiment=distill demo=cpu sweep=demo_grid $(DATA_ARGS)
+	$(TRAIN) experiment=student_baseline demo=cpu model.width=0.5 $(DATA_ARGS)
+	$(TRAIN) experiment=distill_grid demo=cpu model.width=0.5 $(DEMO_GRID) $(DATA_ARGS)
 	$(VENV)/bin/kdlight-report outputs/demo
 
 reproduce: venv ## The reference study on one GPU: teacher, baseline, 5x3 T x alpha grid, report

@@ -7,8 +7,9 @@ from typing import Literal
 import lightning as L
 import numpy as np
 import torch
+from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from kdlight.data.augment import CIFAR10_MEAN, CIFAR10_STD, normalize, random_crop_flip
 from kdlight.data.sources import (
@@ -173,9 +174,19 @@ class CIFAR10DataModule(L.LightningDataModule):
             dataset,
             batch_size=batch_size,
             shuffle=shuffle,
+            sampler=None if shuffle else self._eval_sampler(dataset),
             num_workers=self.hparams.num_workers,
             collate_fn=collate_batch,
             persistent_workers=self.hparams.num_workers > 0,
+        )
+
+    def _eval_sampler(self, dataset: ArrayDataset) -> Sampler | None:
+        """Under DDP each process evaluates its own share of the images and none twice
+        (Lightning's default sampler pads the last share with repeats, which metrics count)."""
+        if self.trainer is None or self.trainer.world_size == 1:
+            return None
+        return UnrepeatedDistributedSampler(
+            dataset, self.trainer.world_size, self.trainer.global_rank, shuffle=False
         )
 
     def train_dataloader(self) -> DataLoader:

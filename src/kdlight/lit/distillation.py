@@ -86,7 +86,7 @@ class DistillationModule(ClassificationSystem):
     def trainable_parameters(self) -> list[nn.Parameter]:
         return list(self.model.parameters())
 
-    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> dict[str, Tensor]:
         images, labels = batch
         with torch.no_grad():
             teacher_logits = self.fast_teacher(images)
@@ -98,7 +98,7 @@ class DistillationModule(ClassificationSystem):
             {"train/kd": parts["kd"], "train/ce": parts["ce"]}, on_step=False, on_epoch=True
         )
         self.log("train/acc", self.train_acc, on_step=False, on_epoch=True)
-        return parts["loss"]
+        return parts  # the parts too, so that a non-finite loss can be reported with them
 
     def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
         super().test_step(batch, batch_idx)

@@ -1,0 +1,77 @@
+"""A dry run of ``hydra/launcher=slurm``: the sbatch script and the runs that
+
+    kdlight-train -m hydra/launcher=slurm ARGS
+
+would submit, printed by ``python -m kdlight.slurm ARGS``, which submits nothing. The script
+is rendered by submitit's own template from the composed launcher settings, so it is what
+``sbatch`` would receive. Needs hydra-submitit-launcher (in the ``dev`` extras).
+"""
+
+import shlex
+import sys
+
+from hydra import compose, initialize_config_dir
+from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.core.utils import filter_overrides
+from hydra.errors import HydraException
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+from submitit.slurm.slurm import SlurmExecutor, _make_sbatch_string
+
+from kdlight import config_dir
+
+#: Launcher settings for submitit itself or for Hydra, not for the sbatch script.
+_NOT_SBATCH = {"_target_", "submitit_folder", "max_num_timeout"}
+
+
+def sbatch_script(launcher: dict, num_runs: int) -> str:
+    """The sbatch script submitit writes for ``num_runs`` runs (a job array when several)."""
+    names = SlurmExecutor._equivalence_dict()  # the launcher's shared names -> sbatch's
+    sbatch = {
+        names.get(key, key): value
+        for key, value in launcher.items()
+        if value is not None and key not in _NOT_SBATCH
+    }
+    if "mem" in sbatch:
+        sbatch["mem"] = f"{sbatch['mem']}GB"
+    folder = launcher["submitit_folder"]
+    command = f"{shlex.quote(sys.executable)} -u -m submitit.core._submit {shlex.quote(folder)}"
+    return _make_sbatch_string(
+        command=command, folder=folder, map_count=num_runs if num_runs > 1 else None, **sbatch
+    )
+
+
+def dry_run(args: list[str]) -> str:
+    """What ``kdlight-train -m hydra/launcher=slurm ARGS`` would submit, as text."""
+    args = [
+        a for a in args if a not in ("-m", "--multirun") and not a.startswith("hydra/launcher=")
+    ]
+    parser = OverridesParser.create()
+    fixed = [o.input_line for o in parser.parse_overrides(args) if not o.is_sweep_override()]
+    with initialize_config_dir(version_base="1.3", config_dir=str(config_dir())):
+        cfg = compose(
+            "train",
+            overrides=[*fixed, "hydra/launcher=slurm", "hydra.job.name=train"],
+            return_hydra_config=True,
+        )
+    # The runs, as Hydra's basic sweeper makes them: conf/sweep/ params, then the command line.
+    sweep = [f"{key}={value}" for key, value in (cfg.hydra.sweeper.params or {}).items()]
+    runs = [run for batch in BasicSweeper.split_arguments(parser.parse_overrides([*sweep, *args]), None) for run in batch]  # fmt: skip
+    launcher = OmegaConf.to_container(cfg.hydra.launcher, resolve=True)
+    lines = [sbatch_script(launcher, len(runs)), ""]
+    lines += [f"# run {n}: {' '.join(filter_overrides(run))}" for n, run in enumerate(runs)]
+    lines.append(f"# dry run: {len(runs)} run(s), nothing submitted")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    try:
+        print(dry_run(sys.argv[1:] if argv is None else argv))
+    except (HydraException, OmegaConfBaseException) as err:  # a bad override, trainer.devices=auto
+        print(f"error: {str(err).strip().splitlines()[0]}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()
