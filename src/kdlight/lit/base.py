@@ -26,6 +26,20 @@ SchedulerFactory = Callable[[torch.optim.Optimizer], torch.optim.lr_scheduler.LR
 reference_sgd = partial(torch.optim.SGD, lr=0.1, momentum=0.9, weight_decay=5e-4)
 
 
+def build_optimizers(
+    optimizer: OptimizerFactory, scheduler: SchedulerFactory | None, params: list[nn.Parameter]
+) -> torch.optim.Optimizer | dict:
+    """What ``configure_optimizers`` returns: the optimizer over ``params`` and, if given,
+    its scheduler stepped once per epoch."""
+    built = optimizer(params=params)
+    if scheduler is None:
+        return built
+    return {
+        "optimizer": built,
+        "lr_scheduler": {"scheduler": scheduler(optimizer=built), "interval": "epoch"},
+    }
+
+
 class FastForward:
     """Run ``model`` through ``torch.compile`` when asked, in channels-last memory format
     when asked; if compiling fails (no compiler on this platform, say) warn once and run
@@ -147,14 +161,9 @@ class ClassificationSystem(L.LightningModule):
         return list(self.model.parameters())
 
     def configure_optimizers(self):
-        optimizer = self.optimizer_factory(params=self.trainable_parameters())
-        if self.scheduler_factory is None:
-            return optimizer
-        scheduler = self.scheduler_factory(optimizer=optimizer)
-        return {
-            "optimizer": optimizer,
-            "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"},
-        }
+        return build_optimizers(
+            self.optimizer_factory, self.scheduler_factory, self.trainable_parameters()
+        )
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         """Store the model's name and arguments so it can be rebuilt from the checkpoint alone."""

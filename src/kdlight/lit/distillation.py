@@ -1,14 +1,11 @@
 """``DistillationModule``: train a student on a frozen teacher's soft targets (Hinton et al., 2015)."""
 
-from pathlib import Path
-
 import torch
 from torch import Tensor, nn
-from torchmetrics.classification import MulticlassAccuracy
 
 from kdlight.errors import KDLightError
-from kdlight.lit.base import ClassificationSystem, FastForward, OptimizerFactory, SchedulerFactory
-from kdlight.lit.teacher import freeze, load_teacher
+from kdlight.lit.base import ClassificationSystem, OptimizerFactory, SchedulerFactory
+from kdlight.lit.teacher import FrozenTeacherMixin
 from kdlight.losses import kd_loss
 
 
@@ -22,13 +19,11 @@ def check_distillation_settings(temperature: float, alpha: float) -> None:
         )
 
 
-class DistillationModule(ClassificationSystem):
+class DistillationModule(FrozenTeacherMixin, ClassificationSystem):
     """Distil a frozen teacher into ``model`` (the student) with :func:`kdlight.losses.kd_loss`.
 
-    The teacher is frozen for good: eval mode (also after every ``train()`` call Lightning
-    makes around validation), ``requires_grad=False``, forward under ``no_grad``, and not
-    among the optimizer's parameters. Its weights are not written into the student's
-    checkpoints: they live in ``teacher_checkpoint``, which is read again on restore.
+    The teacher is frozen for good, and kept out of the student's checkpoints (see
+    :class:`~kdlight.lit.teacher.FrozenTeacherMixin`).
 
     Args:
         model: the student.
@@ -60,31 +55,16 @@ class DistillationModule(ClassificationSystem):
             model, optimizer, scheduler, num_classes, class_names, compile, channels_last
         )
         check_distillation_settings(temperature, alpha)
-        if teacher is None:
-            if not teacher_checkpoint:
-                raise KDLightError(
-                    "DistillationModule needs a teacher or distill.teacher_checkpoint=PATH"
-                )
-            teacher = load_teacher(teacher_checkpoint, teacher_model, num_classes)
         self.save_hyperparameters(ignore=["model", "teacher", "optimizer", "scheduler"])
-        self.teacher = freeze(teacher)
-        self.fast_teacher = FastForward(self.teacher, compile, channels_last)
+        self.attach_teacher(
+            teacher, teacher_checkpoint, teacher_model, num_classes, compile, channels_last
+        )
         self.temperature = temperature
         self.alpha = alpha
-        self.teacher_test_acc = MulticlassAccuracy(num_classes)
 
     @property
     def student(self) -> nn.Module:
         return self.model
-
-    def train(self, mode: bool = True) -> "DistillationModule":
-        """Switch the student's mode; the teacher always stays in eval mode."""
-        super().train(mode)
-        self.teacher.eval()
-        return self
-
-    def trainable_parameters(self) -> list[nn.Parameter]:
-        return list(self.model.parameters())
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> dict[str, Tensor]:
         images, labels = batch
@@ -112,24 +92,5 @@ class DistillationModule(ClassificationSystem):
             **super().metrics_record(summary),
             "temperature": self.temperature,
             "alpha": self.alpha,
-            "teacher_model": getattr(self.teacher, "spec", {}).get(
-                "name", type(self.teacher).__name__
-            ),
-            "teacher_checkpoint": str(Path(self.hparams.teacher_checkpoint).resolve())
-            if self.hparams.teacher_checkpoint
-            else None,
-            "teacher_accuracy": 100.0 * float(self.teacher_test_acc.compute()),
+            **self.teacher_record(),
         }
-
-    def on_save_checkpoint(self, checkpoint: dict) -> None:
-        """Keep student checkpoints student-sized: the teacher has its own checkpoint."""
-        super().on_save_checkpoint(checkpoint)
-        state = checkpoint["state_dict"]
-        for key in [k for k in state if k.startswith("teacher.")]:
-            del state[key]
-
-    def on_load_checkpoint(self, checkpoint: dict) -> None:
-        """Restore with the teacher already read from ``teacher_checkpoint`` in ``__init__``."""
-        checkpoint["state_dict"].update(
-            {f"teacher.{k}": v for k, v in self.teacher.state_dict().items()}
-        )

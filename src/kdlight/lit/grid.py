@@ -19,11 +19,16 @@ from torchmetrics import MaxMetric
 from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix
 
 from kdlight.data.sources import CIFAR10_CLASSES
-from kdlight.errors import KDLightError
-from kdlight.lit.base import FastForward, OptimizerFactory, SchedulerFactory, reference_sgd
+from kdlight.lit.base import (
+    FastForward,
+    OptimizerFactory,
+    SchedulerFactory,
+    build_optimizers,
+    reference_sgd,
+)
 from kdlight.lit.distillation import check_distillation_settings
 from kdlight.lit.results import format_report, summarize_confusion, write_metrics
-from kdlight.lit.teacher import freeze, load_teacher
+from kdlight.lit.teacher import FrozenTeacherMixin
 from kdlight.losses import kd_loss
 
 
@@ -36,7 +41,7 @@ def _as_list(values: float | Sequence[float]) -> list[float]:
     return [float(v) for v in values] if isinstance(values, Sequence) else [float(values)]
 
 
-class DistillationGridModule(L.LightningModule):
+class DistillationGridModule(FrozenTeacherMixin, L.LightningModule):
     """One student per (temperature, alpha) cell, all fed by one frozen teacher.
 
     Args:
@@ -69,17 +74,12 @@ class DistillationGridModule(L.LightningModule):
         self.cells = [(t, a) for t in _as_list(temperature) for a in _as_list(alpha)]
         for t, a in self.cells:
             check_distillation_settings(t, a)
-        if teacher is None:
-            if not teacher_checkpoint:
-                raise KDLightError(
-                    "DistillationGridModule needs a teacher or distill.teacher_checkpoint=PATH"
-                )
-            teacher = load_teacher(teacher_checkpoint, teacher_model, num_classes)
         self.save_hyperparameters(ignore=["model", "teacher", "optimizer", "scheduler"])
+        self.attach_teacher(
+            teacher, teacher_checkpoint, teacher_model, num_classes, compile, channels_last
+        )
         self.students = nn.ModuleList(copy.deepcopy(model) for _ in self.cells)
-        self.teacher = freeze(teacher)
         self.fast_students = [FastForward(s, compile, channels_last) for s in self.students]
-        self.fast_teacher = FastForward(self.teacher, compile, channels_last)
         self.optimizer_factory = optimizer or reference_sgd
         self.scheduler_factory = scheduler
         self.class_names = tuple(class_names or CIFAR10_CLASSES[:num_classes])
@@ -87,18 +87,11 @@ class DistillationGridModule(L.LightningModule):
         self.val_acc = nn.ModuleList(MulticlassAccuracy(num_classes) for _ in cells)
         self.val_acc_best = nn.ModuleList(MaxMetric() for _ in cells)
         self.test_confusion = nn.ModuleList(MulticlassConfusionMatrix(num_classes) for _ in cells)
-        self.teacher_test_acc = MulticlassAccuracy(num_classes)
         self.test_summaries: dict[str, dict] = {}
 
     @property
     def names(self) -> list[str]:
         return [cell_name(t, a) for t, a in self.cells]
-
-    def train(self, mode: bool = True) -> "DistillationGridModule":
-        """Switch the students' mode; the teacher always stays in eval mode."""
-        super().train(mode)
-        self.teacher.eval()
-        return self
 
     def forward(self, images: Tensor) -> Tensor:
         """Logits of every student, ``(cells, N, classes)``."""
@@ -158,7 +151,6 @@ class DistillationGridModule(L.LightningModule):
 
     def _record(self, temperature: float, alpha: float, summary: dict, best: MaxMetric) -> dict:
         spec = getattr(self.students[0], "spec", {})
-        checkpoint = self.hparams.teacher_checkpoint
         return {
             "system": type(self).__name__,
             "model": spec.get("name", type(self.students[0]).__name__),
@@ -167,30 +159,10 @@ class DistillationGridModule(L.LightningModule):
             "val_acc_best": 100.0 * float(best.compute()) if best.update_called else None,
             "temperature": temperature,
             "alpha": alpha,
-            "teacher_model": getattr(self.teacher, "spec", {}).get(
-                "name", type(self.teacher).__name__
-            ),
-            "teacher_checkpoint": str(Path(checkpoint).resolve()) if checkpoint else None,
-            "teacher_accuracy": 100.0 * float(self.teacher_test_acc.compute()),
+            **self.teacher_record(),
         }
 
     def configure_optimizers(self):
-        optimizer = self.optimizer_factory(params=list(self.students.parameters()))
-        if self.scheduler_factory is None:
-            return optimizer
-        scheduler = self.scheduler_factory(optimizer=optimizer)
-        return {
-            "optimizer": optimizer,
-            "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"},
-        }
-
-    def on_save_checkpoint(self, checkpoint: dict) -> None:
-        """Students only: the teacher has its own checkpoint, read again on restore."""
-        state = checkpoint["state_dict"]
-        for key in [k for k in state if k.startswith("teacher.")]:
-            del state[key]
-
-    def on_load_checkpoint(self, checkpoint: dict) -> None:
-        checkpoint["state_dict"].update(
-            {f"teacher.{k}": v for k, v in self.teacher.state_dict().items()}
+        return build_optimizers(
+            self.optimizer_factory, self.scheduler_factory, list(self.students.parameters())
         )
