@@ -6,11 +6,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import lightning as L
 import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
 from kdlight import config_dir
+from kdlight.data import CIFAR10DataModule
 
 REPO = Path(__file__).resolve().parents[1]
 ARCHIVE = REPO.parent / "shared" / "data" / "cifar10-jpeg.tar.gz"
@@ -34,6 +36,26 @@ def compose_config(overrides: list[str], output_dir: Path) -> DictConfig:
     """The real ``train`` config with ``overrides``, writing under ``output_dir``."""
     with initialize_config_dir(version_base="1.3", config_dir=str(config_dir())):
         return compose("train", overrides=[*overrides, f"paths.output_dir={output_dir}"])
+
+
+def synthetic_datamodule(
+    train: int, test: int, val: int, batch: int, **overrides
+) -> CIFAR10DataModule:
+    """A ``CIFAR10DataModule`` on synthetic data of the given sizes."""
+    return CIFAR10DataModule(
+        source="synthetic", synthetic_train_size=train, synthetic_test_size=test, val_size=val,
+        batch_size=batch, **overrides,
+    )  # fmt: skip
+
+
+def cpu_trainer(root: Path, epochs: int, **kwargs) -> L.Trainer:
+    """A quiet CPU Trainer writing into ``root``: no logger, progress bar or summary, and no
+    checkpoints unless ``enable_checkpointing=True`` is passed."""
+    kwargs.setdefault("enable_checkpointing", False)
+    return L.Trainer(
+        max_epochs=epochs, accelerator="cpu", default_root_dir=root, logger=False,
+        enable_progress_bar=False, enable_model_summary=False, **kwargs,
+    )  # fmt: skip
 
 
 def run_cli(

@@ -12,25 +12,11 @@ from kdlight.data import CIFAR10DataModule
 from kdlight.errors import KDLightError
 from kdlight.lit import ClassifierModule, DistillationModule, load_teacher
 from kdlight.models import create_model
+from tests.conftest import cpu_trainer, synthetic_datamodule
 
 
-def synthetic_data(**overrides) -> CIFAR10DataModule:
-    settings = dict(
-        source="synthetic",
-        synthetic_train_size=2000,
-        synthetic_test_size=500,
-        val_size=200,
-        batch_size=100,
-    )
-    return CIFAR10DataModule(**{**settings, **overrides})
-
-
-def cpu_trainer(root: Path, epochs: int, **kwargs) -> L.Trainer:
-    kwargs.setdefault("enable_checkpointing", False)
-    return L.Trainer(
-        max_epochs=epochs, accelerator="cpu", default_root_dir=root, logger=False,
-        enable_progress_bar=False, enable_model_summary=False, **kwargs,
-    )  # fmt: skip
+def synthetic_data() -> CIFAR10DataModule:
+    return synthetic_datamodule(train=2000, test=500, val=200, batch=100)
 
 
 @pytest.fixture(scope="module")

@@ -14,17 +14,11 @@ from kdlight.data import CIFAR10DataModule
 from kdlight.lit import DistillationGridModule, DistillationModule, freeze
 from kdlight.lit.base import FastForward
 from kdlight.models import create_model
+from tests.conftest import cpu_trainer, synthetic_datamodule
 
 
 def synthetic(**overrides) -> CIFAR10DataModule:
-    settings = dict(
-        source="synthetic",
-        synthetic_train_size=640,
-        synthetic_test_size=200,
-        val_size=64,
-        batch_size=64,
-    )
-    return CIFAR10DataModule(**{**settings, **overrides})
+    return synthetic_datamodule(train=640, test=200, val=64, batch=64, **overrides)
 
 
 def test_on_device_batches_equal_host_batches():
@@ -75,10 +69,7 @@ def test_compile_failure_falls_back_to_eager(monkeypatch):
 def fit(module: L.LightningModule, root: Path, steps: int = 4) -> None:
     """A few training steps with a fixed data order and augmentation."""
     L.seed_everything(7)
-    trainer = L.Trainer(
-        max_epochs=1, limit_train_batches=steps, limit_val_batches=0, accelerator="cpu", default_root_dir=root,
-        logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-    )  # fmt: skip
+    trainer = cpu_trainer(root, epochs=1, limit_train_batches=steps, limit_val_batches=0)
     trainer.fit(module, datamodule=synthetic())
 
 
@@ -127,10 +118,7 @@ def test_grid_writes_one_run_directory_per_cell(tmp_path: Path):
         temperature=[2, 8],
         alpha=[0.5, 0.9],
     )
-    trainer = L.Trainer(
-        max_epochs=1, limit_train_batches=2, limit_val_batches=1, accelerator="cpu", default_root_dir=tmp_path,
-        logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-    )  # fmt: skip
+    trainer = cpu_trainer(tmp_path, epochs=1, limit_train_batches=2, limit_val_batches=1)
     datamodule = synthetic()
     trainer.fit(grid, datamodule=datamodule)
     trainer.test(grid, datamodule=datamodule)

@@ -4,34 +4,20 @@ import json
 import re
 from pathlib import Path
 
-import lightning as L
 import torch
 
-from kdlight.data import CIFAR10DataModule
 from kdlight.lit import ClassifierModule
 from kdlight.models import create_model
+from tests.conftest import cpu_trainer, synthetic_datamodule
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 
 
-def tiny_trainer(root: Path, epochs: int) -> L.Trainer:
-    return L.Trainer(
-        max_epochs=epochs, accelerator="cpu", default_root_dir=root, logger=False,
-        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-    )  # fmt: skip
-
-
 def test_classifier_learns_synthetic_data(tmp_path: Path, capsys):
     torch.manual_seed(0)
-    datamodule = CIFAR10DataModule(
-        source="synthetic",
-        synthetic_train_size=2000,
-        synthetic_test_size=500,
-        val_size=200,
-        batch_size=64,
-    )
+    datamodule = synthetic_datamodule(train=2000, test=500, val=200, batch=64)
     module = ClassifierModule(create_model("resnet8"))
-    trainer = tiny_trainer(tmp_path, epochs=3)
+    trainer = cpu_trainer(tmp_path, epochs=3)
     trainer.fit(module, datamodule=datamodule)
     trainer.test(module, datamodule=datamodule)
 
