@@ -10,11 +10,12 @@ import pytest
 import torch
 from lightning.pytorch.utilities import move_data_to_device
 
+from kdlight import hardware
 from kdlight.data import CIFAR10DataModule
 from kdlight.lit import DistillationGridModule, DistillationModule, freeze
 from kdlight.lit.base import FastForward
 from kdlight.models import create_model
-from tests.conftest import cpu_trainer, synthetic_datamodule
+from tests.conftest import TINY, compose_config, cpu_trainer, synthetic_datamodule
 
 
 def synthetic(**overrides) -> CIFAR10DataModule:
@@ -64,6 +65,35 @@ def test_compile_failure_falls_back_to_eager(monkeypatch):
         out = fast(images)
     torch.testing.assert_close(out, model(images))
     assert fast.run is model
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_fast_cpu_uses_bf16_only_where_the_cpu_has_it(native: bool, monkeypatch, tmp_path: Path):
+    monkeypatch.setattr(hardware, "native_bf16_cpu", lambda: native)
+    cfg = compose_config(["speed=fast_cpu", *TINY], tmp_path)
+    assert cfg.trainer.precision == ("bf16-mixed" if native else "32-true")
+    assert cfg.module.channels_last and not cfg.module.compile
+
+
+def test_distillation_trains_under_cpu_bf16_autocast(tmp_path: Path):
+    """speed=fast_cpu's settings: the weights stay float32, the loss is finite, the teacher
+    does not move."""
+    L.seed_everything(0)
+    teacher = freeze(create_model("resnet8"))
+    before = copy.deepcopy(teacher.state_dict())
+    module = DistillationModule(
+        create_model("small_cnn", width=0.25), teacher=teacher, channels_last=True
+    )
+    start = copy.deepcopy(module.student.state_dict())
+    trainer = cpu_trainer(
+        tmp_path, epochs=1, precision="bf16-mixed", limit_train_batches=3, limit_val_batches=0
+    )
+    trainer.fit(module, datamodule=synthetic())
+    assert torch.isfinite(trainer.callback_metrics["train/loss"])
+    assert all(p.dtype == torch.float32 for p in module.student.parameters())
+    assert not torch.equal(module.student.state_dict()["head.2.weight"], start["head.2.weight"])
+    for name, value in teacher.state_dict().items():
+        assert torch.equal(value, before[name]), name
 
 
 def fit(module: L.LightningModule, root: Path, steps: int = 4) -> None:

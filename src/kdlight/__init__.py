@@ -7,7 +7,19 @@ systems), ``kdlight.train`` (the Hydra entry point) and ``kdlight.report`` (swee
 
 from pathlib import Path
 
+from omegaconf import OmegaConf
+
 __version__ = "0.1.0"
+
+
+def _fast_cpu_precision() -> str:
+    from kdlight.hardware import fast_cpu_precision  # torch is imported only when resolved
+
+    return fast_cpu_precision()
+
+
+# conf/speed/fast_cpu.yaml: `trainer.precision: ${kdlight.fast_cpu_precision:}`
+OmegaConf.register_new_resolver("kdlight.fast_cpu_precision", _fast_cpu_precision, replace=True)
 
 
 def config_dir() -> Path:
