@@ -12,6 +12,7 @@ from lightning.pytorch.utilities import move_data_to_device
 
 from kdlight import hardware
 from kdlight.data import CIFAR10DataModule
+from kdlight.data.datamodule import IndexBatch
 from kdlight.lit import DistillationGridModule, DistillationModule, freeze
 from kdlight.lit.base import FastForward
 from kdlight.models import create_model
@@ -37,6 +38,22 @@ def test_on_device_batches_equal_host_batches():
         ]
     for (x_host, y_host), (x_dev, y_dev) in zip(batches[False], batches[True], strict=True):
         assert torch.equal(x_host, x_dev) and torch.equal(y_host, y_dev)
+
+
+def test_index_batches_go_to_a_gpu_without_blocking(monkeypatch):
+    """Lightning passes ``non_blocking`` only to plain tensors; IndexBatch asks for it itself
+    on CUDA, so that no step waits for the GPU to finish the one before."""
+    copies = []
+
+    def record(tensor, device, non_blocking=False):
+        copies.append((torch.device(device).type, non_blocking))
+        return tensor  # nothing is copied: this machine may have no GPU
+
+    monkeypatch.setattr(torch.Tensor, "to", record)
+    batch = IndexBatch("train", torch.arange(4))
+    move_data_to_device(batch, torch.device("cuda"))
+    move_data_to_device(batch, torch.device("cpu"))
+    assert copies == [("cuda", True), ("cpu", False)]
 
 
 def test_channels_last_gives_the_same_logits():
@@ -164,34 +181,9 @@ def test_bench_runs_and_writes_its_table(tmp_path: Path):
     from kdlight import bench
 
     out = tmp_path / "bench.json"
-    args = [
-        "--device",
-        "cpu",
-        "--teacher",
-        "resnet8",
-        "--student",
-        "small_cnn",
-        "--batch-size",
-        "16",
-    ]
-    assert (
-        bench.main(
-            [
-                *args,
-                "--warmup",
-                "1",
-                "--steps",
-                "2",
-                "--grid",
-                "4",
-                "--workers",
-                "0",
-                "--out",
-                str(out),
-            ]
-        )
-        == 0
-    )
+    toy = "--device cpu --teacher resnet8 --student small_cnn --batch-size 16 --warmup 1 --steps 2"
+    assert bench.main([*toy.split(), "--grid", "4", "--workers", "0", "--out", str(out)]) == 0
+
     result = json.loads(out.read_text())
     workloads = [row["workload"] for row in result["rows"]]
     assert workloads == [
@@ -202,3 +194,12 @@ def test_bench_runs_and_writes_its_table(tmp_path: Path):
     ]
     assert all(row["plain"] > 0 and row["fast"] > 0 for row in result["rows"])
     assert "| fused grid (4 students) |" in result["table"]
+    modules = [row["module"] for row in result["overhead"]]
+    assert modules == [
+        "bare PyTorch loop",
+        "ClassifierModule",
+        "DistillationModule",
+        "DistillationGridModule (4 cells)",
+    ]
+    assert all(row["ms_per_step"] > 0 for row in result["overhead"])
+    assert "| DistillationGridModule (4 cells) |" in result["table"]

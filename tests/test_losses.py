@@ -93,3 +93,16 @@ def test_module_wraps_the_function():
         loss(student, teacher, targets)["loss"],
         kd_loss(student, teacher, targets, 2.0, 0.3)["loss"],
     )
+
+
+def test_several_students_at_once_equal_one_at_a_time():
+    """The grid's form: (K, N, C) logits with one T and alpha per student."""
+    torch.manual_seed(0)
+    students, teacher = torch.randn(3, 8, 10), torch.randn(8, 10)
+    targets = torch.randint(0, 10, (8,))
+    temperatures, alphas = torch.tensor([1.0, 4.0, 16.0]), torch.tensor([0.1, 0.5, 0.9])
+    together = kd_loss(students, teacher, targets, temperatures, alphas)
+    for k in range(3):
+        alone = kd_loss(students[k], teacher, targets, float(temperatures[k]), float(alphas[k]))
+        for part in ("loss", "kd", "ce"):
+            torch.testing.assert_close(together[part][k], alone[part])

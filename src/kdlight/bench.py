@@ -11,6 +11,11 @@ Four workloads: teacher training, student training, a distillation step (teacher
 student step) and the fused T x alpha grid (N students, one teacher forward). For the grid
 the figure that matters is the cost per student-epoch against N separate plain
 distillation runs: ``grid images/s x N / plain distillation images/s``.
+
+A second table (``--overhead``, on by default) gives each module's per-step overhead: ms per
+step with a trivial model, where nothing but the CPU's bookkeeping is timed (Lightning's
+loop, logging, augmentation, the optimizer's Python), against a bare PyTorch loop. A GPU
+step cannot take less than that, so for small models it is what bounds throughput.
 """
 
 import argparse
@@ -141,6 +146,59 @@ def _sync(device: torch.device | str) -> None:
         torch.cuda.synchronize()
 
 
+# ------------------------------------------------------------------- per-step overhead
+
+
+def step_overhead(
+    args: argparse.Namespace, cells: int, batch: int = 8, steps: int = 200
+) -> list[dict]:
+    """Milliseconds per training step with a trivial model (one linear layer, batch 8): the
+    CPU time each kdlight module spends per step outside the model, which bounds a GPU step
+    from below however fast the GPU is, against a bare PyTorch loop on tensors in memory."""
+    device = torch.device("cuda" if args.device == "gpu" else "cpu")
+    warmup = 20
+
+    def tiny() -> nn.Module:
+        return nn.Sequential(nn.Flatten(), nn.Linear(3 * 32 * 32, 10))
+
+    model = tiny().to(device)
+    images = torch.randn(batch, 3, 32, 32, device=device)
+    labels = torch.randint(0, 10, (batch,), device=device)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
+    for step in range(warmup + steps):
+        if step == warmup:
+            _sync(device)
+            start = time.perf_counter()
+        loss = F.cross_entropy(model(images), labels)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    _sync(device)
+    rows = [
+        {"module": "bare PyTorch loop", "ms_per_step": 1e3 * (time.perf_counter() - start) / steps}
+    ]
+
+    datamodule = CIFAR10DataModule(
+        source="synthetic", synthetic_train_size=batch * (warmup + steps), synthetic_test_size=batch,
+        val_size=0, batch_size=batch, on_device=device.type == "cuda",
+    )  # fmt: skip
+    settings = argparse.Namespace(device=args.device, precision="32-true")
+    temperatures, alphas = grid_axes(cells)
+    modules = {
+        "ClassifierModule": lambda: ClassifierModule(tiny()),
+        "DistillationModule": lambda: DistillationModule(tiny(), teacher=freeze(tiny())),
+        f"DistillationGridModule ({cells} cells)": lambda: DistillationGridModule(
+            tiny(), teacher=freeze(tiny()), temperature=temperatures, alpha=alphas
+        ),
+    }
+    for name, module in modules.items():
+        rate = fast_path(module(), datamodule, settings, warmup, steps)
+        rows.append({"module": name, "ms_per_step": 1e3 * batch / rate})
+    for row in rows:
+        print(f"{row['module']:<36} {row['ms_per_step']:6.2f} ms/step (trivial model)", flush=True)
+    return rows
+
+
 # ---------------------------------------------------------------------------- the table
 
 
@@ -216,6 +274,7 @@ def run(args: argparse.Namespace) -> dict:
         f"  x{per_student / distill_plain:.2f} vs separate plain runs",
         flush=True,
     )
+    overhead = step_overhead(args, cells) if args.overhead else []
     return {
         "device": torch.cuda.get_device_name()
         if device.type == "cuda"
@@ -223,6 +282,7 @@ def run(args: argparse.Namespace) -> dict:
         "torch": torch.__version__,
         "settings": {k: v for k, v in vars(args).items() if k != "out"},
         "rows": rows,
+        "overhead": overhead,
     }
 
 
@@ -246,6 +306,9 @@ def markdown(result: dict) -> str:
         f"| {r['workload']} | {r['plain']:.0f} | {r['fast']:.0f} | {r['ratio']:.2f}x |"
         for r in result["rows"]
     ]
+    if result["overhead"]:
+        lines += ["", "| per-step overhead, trivial model, batch 8 | ms/step |", "|---|---:|"]
+        lines += [f"| {r['module']} | {r['ms_per_step']:.2f} |" for r in result["overhead"]]
     return "\n".join(lines)
 
 
@@ -275,6 +338,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--precision", default="bf16-mixed" if gpu else fast_cpu_precision())
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=gpu)
     parser.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument(
+        "--overhead", action=argparse.BooleanOptionalAction, default=True,
+        help="also time each module's per-step overhead with a trivial model",
+    )  # fmt: skip
     parser.add_argument("--out", type=Path, default=Path("bench.json"))
     return parser.parse_args(argv)
 

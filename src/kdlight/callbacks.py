@@ -21,7 +21,7 @@ class SaveLastCheckpoint(Checkpoint):
     saves of the top-k checkpoints, so it can lag behind.) The file is replaced atomically.
     """
 
-    def __init__(self, dirpath: str | Path, every_n_train_steps: int = 100) -> None:
+    def __init__(self, dirpath: str | Path, every_n_train_steps: int = 1000) -> None:
         self.path = Path(dirpath) / "last.ckpt"
         self.every_n_train_steps = every_n_train_steps
         self.last_model_path = ""  # the name Lightning's ckpt_path="last" looks up
@@ -48,32 +48,83 @@ class NonFiniteLossError(KDLightError):
 class StopOnNonFiniteLoss(Callback):
     """Stop training at the first NaN or infinite loss, with its step and its parts.
 
-    It checks each batch's outputs after the optimizer step and before any checkpoint is
-    saved (Lightning calls checkpoint callbacks last), so ``last.ckpt`` stays the last good
-    state and resuming from it does not start from broken weights. The message names every
-    loss part ``training_step`` returned (``train/loss``, ``train/kd`` and ``train/ce`` for a
-    ``DistillationModule``). Under DDP the processes decide together, so that they all stop
-    rather than some waiting for the others forever.
+    Checking costs no step a wait for the device: each batch's loss parts (whatever
+    ``training_step`` returned: ``loss``, and ``kd`` and ``ce`` for a ``DistillationModule``,
+    each cell's loss for a fused grid) are kept as tensors, and read back together every
+    ``check_every_n_steps`` steps, at each epoch's end and before any checkpoint is saved.
+    So training stops at most that many steps after the first non-finite loss, the message
+    names that loss's step, and no checkpoint holds weights from after it: ``last.ckpt``
+    stays the last good state, and resuming from it does not start from broken weights.
+    Under DDP the processes decide together, so that they all stop rather than some
+    waiting for the others forever.
     """
+
+    def __init__(self, check_every_n_steps: int = 50) -> None:
+        if check_every_n_steps < 1:
+            raise KDLightError(f"check_every_n_steps must be >= 1, got {check_every_n_steps}")
+        self.check_every_n_steps = check_every_n_steps
+        self._pending: list[tuple[int, str, dict[str, torch.Tensor]]] = []
 
     def on_train_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx: int
     ) -> None:
         parts = outputs if isinstance(outputs, Mapping) else {"loss": outputs}
-        parts = {name: value for name, value in parts.items() if isinstance(value, torch.Tensor)}
-        non_finite = not all(bool(torch.isfinite(value).all()) for value in parts.values())
-        if not trainer.strategy.reduce_boolean_decision(non_finite, all=False):
-            return
-        values = ", ".join(
-            f"train/{name}={value.float().mean():.4g}" for name, value in parts.items()
-        )
+        parts = {k: v.detach() for k, v in parts.items() if isinstance(v, torch.Tensor)}
         where = f"step {trainer.global_step} (epoch {trainer.current_epoch}, batch {batch_idx})"
+        self._pending.append((trainer.global_step, where, parts))
+        if len(self._pending) >= self.check_every_n_steps:
+            self.check(trainer)
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.check(trainer)
+
+    def on_save_checkpoint(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict
+    ) -> None:
+        self.check(trainer)  # raising here keeps the checkpoint from being written
+
+    def check(self, trainer: L.Trainer) -> None:
+        """Raise :class:`NonFiniteLossError` if a loss since the last check was not finite,
+        in this process or, under DDP, in any other."""
+        pending, self._pending = self._pending, []
+        if not pending:
+            return
+        finite = torch.stack([
+            torch.stack([torch.isfinite(v).all() for v in parts.values()]).all()
+            for _, _, parts in pending
+        ]).tolist()  # fmt: skip  # the one read back from the device
+        mine = next(
+            (step for (step, _, _), ok in zip(pending, finite, strict=True) if not ok), None
+        )
+        first = mine
+        if trainer.world_size > 1:  # the earliest step at which any process went non-finite
+            step = torch.tensor(
+                _NONE if mine is None else mine, device=trainer.strategy.root_device
+            )
+            first = int(trainer.strategy.reduce(step, reduce_op="min"))
+            first = None if first == _NONE else first
+        if first is None:
+            return
+        _, where, parts = next(entry for entry in pending if entry[0] == first)
+        if first == mine:
+            found = f"non-finite loss at {where}: {_describe(parts)}"
+        else:
+            found = f"non-finite loss in another DDP process at {where} (this one's: {_describe(parts)})"
         saved = [getattr(cb, "last_model_path", "") for cb in trainer.checkpoint_callbacks]
         kept = next((path for path in saved if path), None)
         raise NonFiniteLossError(
-            (f"non-finite loss at {where}: {values}" if non_finite else
-             f"non-finite loss in another DDP process at {where} (this one's: {values})")
-            + "; training stopped, "
-            + (f"the last good checkpoint is {kept}" if kept else "no checkpoint had been saved yet")
+            f"{found}; training stopped, "
+            + (
+                f"the last good checkpoint is {kept}"
+                if kept
+                else "no checkpoint had been saved yet"
+            )
             + " (lower optimizer.lr, or look for bad inputs)"
-        )  # fmt: skip
+        )
+
+
+_NONE = 2**62  # "no non-finite loss" in the DDP reduction of first steps
+
+
+def _describe(parts: dict[str, torch.Tensor]) -> str:
+    return ", ".join(f"train/{name}={value.float().mean():.4g}" for name, value in parts.items())

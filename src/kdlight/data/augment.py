@@ -5,6 +5,8 @@ horizontal flip, per-channel normalisation) are applied here to a whole uint8 ba
 with one gather, so no per-sample Python work is done in the training loop.
 """
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -46,6 +48,17 @@ def normalize(
     std: tuple[float, ...] = CIFAR10_STD,
 ) -> Tensor:
     """uint8 ``(N, C, H, W)`` in [0, 255] -> float32 standardised per channel."""
-    mean_t = torch.tensor(mean, device=images.device).view(1, -1, 1, 1)
-    std_t = torch.tensor(std, device=images.device).view(1, -1, 1, 1)
+    mean_t, std_t = _channel_stats(tuple(mean), tuple(std), images.device)
     return (images.float() / 255.0 - mean_t) / std_t
+
+
+@functools.cache
+def _channel_stats(
+    mean: tuple[float, ...], std: tuple[float, ...], device: torch.device
+) -> tuple[Tensor, Tensor]:
+    """``mean`` and ``std`` as ``(1, C, 1, 1)`` tensors on ``device``, made once: creating
+    them per batch would copy them to the GPU, and wait for it, at every step."""
+    shape = (1, len(mean), 1, 1)
+    return torch.tensor(mean, device=device).view(shape), torch.tensor(std, device=device).view(
+        shape
+    )

@@ -32,7 +32,12 @@ class IndexBatch:
     split: str
     indices: Tensor
 
-    def to(self, device: torch.device | str, non_blocking: bool = False) -> "IndexBatch":
+    def to(self, device: torch.device | str, non_blocking: bool = True) -> "IndexBatch":
+        """The indices on ``device``, copied without waiting on a GPU. (Lightning passes
+        ``non_blocking`` only to plain tensors; a blocking copy would wait, every step, for
+        the GPU to finish all the work queued before it.)"""
+        device = torch.device(device)
+        non_blocking = non_blocking and device.type == "cuda"
         return IndexBatch(self.split, self.indices.to(device, non_blocking=non_blocking))
 
 

@@ -40,6 +40,11 @@ def build_optimizers(
     }
 
 
+def accuracy(logits: Tensor, labels: Tensor) -> Tensor:
+    """The fraction of ``labels`` that ``logits`` rank first, as a 0-dim tensor on their device."""
+    return (logits.argmax(dim=1) == labels).float().mean()
+
+
 class FastForward:
     """Run ``model`` through ``torch.compile`` when asked, in channels-last memory format
     when asked; if compiling fails (no compiler on this platform, say) warn once and run
@@ -69,7 +74,52 @@ class FastForward:
             return self.model(images)
 
 
-class ClassificationSystem(L.LightningModule):
+class TrainingLog:
+    """Training scalars logged without a cost per step: no ``self.log`` call and no value
+    read back from the device in ``training_step``.
+
+    Both are expensive when the model is small and the GPU fast. Each ``self.log`` call runs a
+    torchmetrics update of Lightning's result collection (about a millisecond of CPU time
+    each, measured on the development CPU), and a value logged with ``prog_bar=True`` is
+    turned into a Python number after every batch, which waits for the GPU to finish the
+    step before the next one can be queued. Here the scalars are summed on the device
+    instead; every ``log_every_n_steps`` steps their values go straight to the loggers as
+    ``train/<name>_step`` (one read), and each epoch's batch-weighted means are logged once,
+    as ``train/<name>``, averaged over DDP processes.
+
+    Mix it into a LightningModule and call :meth:`log_training` in ``training_step``.
+    """
+
+    _training_sums: Tensor | None = None
+    _training_names: tuple[str, ...] = ()
+    _training_count: int = 0
+
+    def log_training(self, values: dict[str, Tensor], batch_size: int) -> None:
+        """Add this step's scalars (0-dim tensors) to the epoch's sums."""
+        stacked = torch.stack([value.detach().float() for value in values.values()])
+        if self._training_sums is None:
+            self._training_names = tuple(values)
+            self._training_sums = torch.zeros_like(stacked)
+            self._training_count = 0
+        self._training_sums += stacked * batch_size
+        self._training_count += batch_size
+        every = self.trainer.log_every_n_steps
+        if self.loggers and every and self.global_step % every == 0:
+            step_values = {
+                f"train/{n}_step": v for n, v in zip(values, stacked.tolist(), strict=True)
+            }
+            for logger in self.loggers:
+                logger.log_metrics(step_values, step=self.global_step)
+
+    def on_train_epoch_end(self) -> None:
+        if self._training_sums is not None:
+            means = (self._training_sums / max(self._training_count, 1)).unbind()
+            for name, mean in zip(self._training_names, means, strict=True):
+                self.log(f"train/{name}", mean, prog_bar=name == "loss", sync_dist=True)
+        self._training_sums = None
+
+
+class ClassificationSystem(TrainingLog, L.LightningModule):
     """Base for systems that train ``self.model``, a classifier, and evaluate it.
 
     Subclasses implement ``training_step``; evaluation, metrics and the report live here.
@@ -94,10 +144,9 @@ class ClassificationSystem(L.LightningModule):
         self.scheduler_factory = scheduler
         self.num_classes = num_classes
         self.class_names = tuple(class_names or CIFAR10_CLASSES[:num_classes])
-        self.train_acc = MulticlassAccuracy(num_classes)
-        self.val_acc = MulticlassAccuracy(num_classes)
+        self.val_acc = MulticlassAccuracy(num_classes, average="micro")
         self.val_acc_best = MaxMetric()
-        self.test_acc = MulticlassAccuracy(num_classes)
+        self.test_acc = MulticlassAccuracy(num_classes, average="micro")
         self.test_confusion = MulticlassConfusionMatrix(num_classes)
         self.test_summary: dict | None = None
 

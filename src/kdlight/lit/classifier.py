@@ -2,7 +2,7 @@
 
 from torch import Tensor, nn
 
-from kdlight.lit.base import ClassificationSystem, OptimizerFactory, SchedulerFactory
+from kdlight.lit.base import ClassificationSystem, OptimizerFactory, SchedulerFactory, accuracy
 
 
 class ClassifierModule(ClassificationSystem):
@@ -36,7 +36,5 @@ class ClassifierModule(ClassificationSystem):
         images, labels = batch
         logits = self(images)
         loss = nn.functional.cross_entropy(logits, labels)
-        self.train_acc(logits, labels)
-        self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True)
-        self.log("train/acc", self.train_acc, on_step=False, on_epoch=True)
+        self.log_training({"loss": loss, "acc": accuracy(logits, labels)}, len(labels))
         return loss

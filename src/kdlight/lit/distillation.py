@@ -4,7 +4,7 @@ import torch
 from torch import Tensor, nn
 
 from kdlight.errors import KDLightError
-from kdlight.lit.base import ClassificationSystem, OptimizerFactory, SchedulerFactory
+from kdlight.lit.base import ClassificationSystem, OptimizerFactory, SchedulerFactory, accuracy
 from kdlight.lit.teacher import FrozenTeacherMixin
 from kdlight.losses import kd_loss
 
@@ -72,12 +72,7 @@ class DistillationModule(FrozenTeacherMixin, ClassificationSystem):
             teacher_logits = self.fast_teacher(images)
         logits = self(images)
         parts = kd_loss(logits, teacher_logits, labels, self.temperature, self.alpha)
-        self.train_acc(logits, labels)
-        self.log("train/loss", parts["loss"], on_step=True, on_epoch=True, prog_bar=True)
-        self.log_dict(
-            {"train/kd": parts["kd"], "train/ce": parts["ce"]}, on_step=False, on_epoch=True
-        )
-        self.log("train/acc", self.train_acc, on_step=False, on_epoch=True)
+        self.log_training({**parts, "acc": accuracy(logits, labels)}, len(labels))
         return parts  # the parts too, so that a non-finite loss can be reported with them
 
     def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:

@@ -23,6 +23,7 @@ from kdlight.lit.base import (
     FastForward,
     OptimizerFactory,
     SchedulerFactory,
+    TrainingLog,
     build_optimizers,
     reference_sgd,
 )
@@ -41,7 +42,7 @@ def _as_list(values: float | Sequence[float]) -> list[float]:
     return [float(v) for v in values] if isinstance(values, Sequence) else [float(values)]
 
 
-class DistillationGridModule(FrozenTeacherMixin, L.LightningModule):
+class DistillationGridModule(FrozenTeacherMixin, TrainingLog, L.LightningModule):
     """One student per (temperature, alpha) cell, all fed by one frozen teacher.
 
     Args:
@@ -78,13 +79,20 @@ class DistillationGridModule(FrozenTeacherMixin, L.LightningModule):
         self.attach_teacher(
             teacher, teacher_checkpoint, teacher_model, num_classes, compile, channels_last
         )
+        # each cell's T and alpha, for the loss of all students in one pass
+        self.register_buffer(
+            "temperatures", torch.tensor([t for t, _ in self.cells]), persistent=False
+        )
+        self.register_buffer("alphas", torch.tensor([a for _, a in self.cells]), persistent=False)
         self.students = nn.ModuleList(copy.deepcopy(model) for _ in self.cells)
         self.fast_students = [FastForward(s, compile, channels_last) for s in self.students]
         self.optimizer_factory = optimizer or reference_sgd
         self.scheduler_factory = scheduler
         self.class_names = tuple(class_names or CIFAR10_CLASSES[:num_classes])
         cells = range(len(self.cells))
-        self.val_acc = nn.ModuleList(MulticlassAccuracy(num_classes) for _ in cells)
+        self.val_acc = nn.ModuleList(
+            MulticlassAccuracy(num_classes, average="micro") for _ in cells
+        )
         self.val_acc_best = nn.ModuleList(MaxMetric() for _ in cells)
         self.test_confusion = nn.ModuleList(MulticlassConfusionMatrix(num_classes) for _ in cells)
         self.test_summaries: dict[str, dict] = {}
@@ -97,17 +105,20 @@ class DistillationGridModule(FrozenTeacherMixin, L.LightningModule):
         """Logits of every student, ``(cells, N, classes)``."""
         return torch.stack([student(images) for student in self.fast_students])
 
-    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> dict[str, Tensor]:
         images, labels = batch
         with torch.no_grad():
             teacher_logits = self.fast_teacher(images)
-        total = images.new_zeros(())
-        for name, (t, a), student in zip(self.names, self.cells, self.fast_students, strict=True):
-            parts = kd_loss(student(images), teacher_logits, labels, t, a)
-            total = total + parts["loss"]
-            self.log(f"train/loss_{name}", parts["loss"], on_step=False, on_epoch=True)
-        self.log("train/loss", total / len(self.cells), on_step=True, on_epoch=True, prog_bar=True)
-        return total
+        logits = torch.stack([student(images) for student in self.fast_students])
+        losses = kd_loss(logits, teacher_logits, labels, self.temperatures, self.alphas)["loss"]
+        self.log_training(
+            {"loss": losses.mean()}
+            | {f"loss_{n}": v for n, v in zip(self.names, losses, strict=True)},
+            len(labels),
+        )
+        # the sum gives each student the gradient of its own loss; the cells' losses are
+        # returned too, so that a non-finite loss is reported with the cell it came from
+        return {"loss": losses.sum()} | dict(zip(self.names, losses, strict=True))
 
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
         images, labels = batch

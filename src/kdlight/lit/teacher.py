@@ -101,7 +101,7 @@ class FrozenTeacherMixin:
             teacher = load_teacher(teacher_checkpoint, teacher_model, num_classes)
         self.teacher = freeze(teacher)
         self.fast_teacher = FastForward(self.teacher, compile, channels_last)
-        self.teacher_test_acc = MulticlassAccuracy(num_classes)
+        self.teacher_test_acc = MulticlassAccuracy(num_classes, average="micro")
 
     def train(self, mode: bool = True):
         """Switch the students' mode; the teacher always stays in eval mode."""

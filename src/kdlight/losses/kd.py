@@ -9,8 +9,8 @@ def kd_loss(
     student_logits: Tensor,
     teacher_logits: Tensor,
     targets: Tensor,
-    temperature: float,
-    alpha: float,
+    temperature: float | Tensor,
+    alpha: float | Tensor,
 ) -> dict[str, Tensor]:
     r"""Hinton-style distillation loss and its two parts.
 
@@ -24,8 +24,14 @@ def kd_loss(
     gradient on the same scale whatever the temperature (its gradient scales as
     :math:`1/T^2` otherwise). Everything is computed in float32, also under mixed precision.
 
+    Several students at once (a T x alpha grid, in one pass): ``student_logits`` of shape
+    ``(K, N, C)`` with ``temperature`` and ``alpha`` tensors of shape ``(K,)`` give each part
+    as a ``(K,)`` tensor, student ``k``'s loss at its own ``T`` and ``alpha``; the teacher's
+    logits and the targets are shared.
+
     Args:
-        student_logits, teacher_logits: ``(N, C)`` logits; the teacher's carry no gradient.
+        student_logits: ``(N, C)`` logits, or ``(K, N, C)`` for K students.
+        teacher_logits: ``(N, C)`` logits; they carry no gradient.
         targets: ``(N,)`` class indices.
         temperature: :math:`T > 0`; larger values soften both distributions.
         alpha: weight of the soft term, in ``[0, 1]``.
@@ -36,10 +42,17 @@ def kd_loss(
     with torch.autocast(device_type=student_logits.device.type, enabled=False):
         student = student_logits.float()
         teacher = teacher_logits.detach().float()
-        log_q = F.log_softmax(student / temperature, dim=1)
-        log_p = F.log_softmax(teacher / temperature, dim=1)
-        kd = F.kl_div(log_q, log_p, log_target=True, reduction="batchmean") * temperature**2
-        ce = F.cross_entropy(student, targets)
+        # one T per student broadcasts over its (N, C) logits
+        t = temperature.float().view(-1, 1, 1) if isinstance(temperature, Tensor) else temperature
+        log_q = F.log_softmax(student / t, dim=-1)
+        log_p = F.log_softmax(teacher / t, dim=-1)
+        kl = (log_p.exp() * (log_p - log_q)).sum(dim=-1).mean(dim=-1)  # KL(p || q), batchmean
+        kd = kl * (temperature.float() if isinstance(temperature, Tensor) else temperature) ** 2
+        ce = F.cross_entropy(
+            student.movedim(-1, 1) if student.dim() > 2 else student,  # classes on dim 1
+            targets.expand(student.shape[:-1]),
+            reduction="none",
+        ).mean(dim=-1)
         return {"loss": alpha * kd + (1.0 - alpha) * ce, "kd": kd, "ce": ce}
 
 
