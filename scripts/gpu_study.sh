@@ -4,6 +4,7 @@
 # fast path, in one command. Everything lands in $OUT (default outputs/gpu_study).
 #
 #   ARCHIVE=path/to/cifar10-jpeg.tar.gz scripts/gpu_study.sh
+#   STAGES=bench scripts/gpu_study.sh     # or STAGES=study: one part per command
 #
 # Stages: 1. install kdlight next to the machine's torch (wheels from .whl/ when the
 # machine is offline); 2. python -m kdlight.bench; 3. teacher (200 epochs) and student
@@ -14,6 +15,7 @@ cd "$(dirname "$0")/.."
 OUT=${OUT:-outputs/gpu_study}
 ARCHIVE=${ARCHIVE:-../shared/data/cifar10-jpeg.tar.gz}
 EPOCHS=${EPOCHS:-200}
+STAGES=${STAGES:-bench study}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 
@@ -33,9 +35,12 @@ stamp() { echo "$1 $(date +%s)" >>"$OUT/timings.txt"; }
 : >"$OUT/timings.txt"
 
 # 2. the benchmark
-stamp bench_start
-python3 -m kdlight.bench --out "$OUT/bench.json" 2>&1 | tee "$OUT/bench.log" | grep -v Warning
-stamp bench_end
+if [[ " $STAGES " == *" bench "* ]]; then
+  stamp bench_start
+  python3 -m kdlight.bench --out "$OUT/bench.json" 2>&1 | tee "$OUT/bench.log" | grep -v Warning
+  stamp bench_end
+fi
+[[ " $STAGES " == *" study "* ]] || exit 0
 
 # 3. the reference study, fast path
 train() { python3 -m kdlight.train speed=fast data.archive_path="$ARCHIVE" data.data_dir="$OUT/data" \
