@@ -76,13 +76,16 @@ def checkpoint_position(path: Path) -> tuple[int, int]:
 # ------------------------------------------------------------------------------------ DDP
 @pytest.mark.slow
 def test_ddp_on_two_processes_in_a_multirun(tmp_path: Path):
-    """A multirun of two DDP jobs (2 processes each, gloo). The first one's second process
-    meets a NaN: both processes stop, and the multirun goes on. The second tests all 301
-    images once, writes one set of outputs, and lands within 3 points of accuracy of the
-    same run in one process (measured: 0.7 and 1.0 points apart for seeds 0 and 1)."""
+    """A multirun of two DDP jobs (2 processes each, gloo, data held "on the device"). The
+    first one's second process meets a NaN: both processes stop, and the multirun goes on.
+    The second trains each process on its own half (as many steps as one process with the
+    whole global batch), tests all 301 images once, writes one set of outputs, and lands
+    within 3 points of accuracy of the same run in one process (measured: 0.7 and 1.0 points
+    apart for seeds 0 and 1)."""
     recipe = [*SMALL, "trainer.max_epochs=4", "data.augment=false"]
     sweep = tmp_path / "ddp"
     ddp = ["trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2", "seed=7,0"]
+    ddp += ["data.on_device=true"]
     nan = ["+callbacks.nan._target_=tests.test_reliability.NaNImagesAt", "+callbacks.nan.step=4"]
     nan += ["+callbacks.nan.rank=1", f"+callbacks.nan.run_dir={sweep / '0'}"]
     args = ["-m", *recipe, *ddp, *nan, f"hydra.sweep.dir={sweep}"]
@@ -109,6 +112,8 @@ def test_ddp_on_two_processes_in_a_multirun(tmp_path: Path):
     single = train(compose_config(["trainer=cpu", *recipe, "seed=0"], tmp_path / "single"))
     assert single["test_images"] == 301
     assert abs(ddp_metrics["accuracy"] - single["accuracy"]) <= 3.0, (ddp_metrics, single)
+    steps = checkpoint_position(sweep / "1" / "checkpoints" / "last.ckpt")
+    assert steps == checkpoint_position(tmp_path / "single" / "checkpoints" / "last.ckpt")
 
 
 def test_ddp_global_batch_must_split_evenly(tmp_path: Path):
