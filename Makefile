@@ -30,7 +30,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install --quiet -e '.[dev]'
 	touch $@
 
-demo: venv ## The whole idea on CPU (~5 min): teacher, baseline, 2x2 T x alpha distillation, report
+demo: venv ## The whole idea on CPU (~2 min): teacher, baseline, 2x2 T x alpha distillation, report
 	$(TRAIN) experiment=teacher demo=cpu model=resnet20 trainer.max_epochs=6 $(DATA_ARGS)
 	$(TRAIN) experiment=student_baseline demo=cpu model.width=0.5 $(DATA_ARGS)
 	$(TRAIN) experiment=distill_grid demo=cpu model.width=0.5 $(DEMO_GRID) $(DATA_ARGS)
