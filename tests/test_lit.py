@@ -4,6 +4,7 @@ import json
 import re
 from pathlib import Path
 
+import lightning as L
 import torch
 
 from kdlight.lit import ClassifierModule
@@ -32,6 +33,29 @@ def test_classifier_learns_synthetic_data(tmp_path: Path, capsys):
     report = capsys.readouterr().out
     assert re.search(r"Accuracy of the network on the 500 test images: \d+\.\d{6} %", report)
     assert len(re.findall(r"^Accuracy of +\w+ : \d+ %$", report, re.MULTILINE)) == 10
+
+
+def test_training_scalars_reach_the_loggers(tmp_path: Path):
+    """Step values every ``log_every_n_steps`` steps, epoch means once per epoch."""
+    import csv
+
+    from lightning.pytorch.loggers import CSVLogger
+
+    datamodule = synthetic_datamodule(train=500, test=100, val=100, batch=50)  # 8 steps an epoch
+    trainer = L.Trainer(
+        max_epochs=2, accelerator="cpu", default_root_dir=tmp_path, enable_progress_bar=False,
+        enable_model_summary=False, enable_checkpointing=False, log_every_n_steps=3,
+        logger=CSVLogger(tmp_path, name="csv", version=0),
+    )  # fmt: skip
+    trainer.fit(ClassifierModule(create_model("resnet8")), datamodule=datamodule)
+
+    rows = list(csv.DictReader((tmp_path / "csv" / "version_0" / "metrics.csv").open()))
+    logged = {(int(row["step"]), key) for row in rows for key, value in row.items() if value}
+    assert sorted(s for s, key in logged if key == "train/loss_step") == [0, 3, 6, 9, 12, 15]
+    assert sorted(s for s, key in logged if key == "train/acc_step") == [0, 3, 6, 9, 12, 15]
+    epoch_means = [row for row in rows if row.get("train/loss")]
+    assert len(epoch_means) == 2 and all(0.0 <= float(r["train/acc"]) <= 1.0 for r in epoch_means)
+    assert set(trainer.callback_metrics) >= {"train/loss", "train/acc", "val/acc"}
 
 
 def test_checkpoint_records_the_model(tmp_path: Path):

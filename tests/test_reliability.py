@@ -18,7 +18,7 @@ from torch import nn
 from kdlight import config_dir
 from kdlight.callbacks import NonFiniteLossError, SaveLastCheckpoint, StopOnNonFiniteLoss
 from kdlight.data import CIFAR10DataModule
-from kdlight.lit import DistillationModule
+from kdlight.lit import DistillationGridModule, DistillationModule
 from kdlight.models import create_model
 from kdlight.report import collect_runs
 from kdlight.train import train
@@ -308,6 +308,30 @@ def test_nan_message_names_the_distillation_loss_parts(tmp_path: Path):
     )
     assert "train/ce=nan" not in message and "\n" not in message
     assert checkpoint_position(tmp_path / "last.ckpt") == (0, 3)
+
+
+def test_nan_message_names_the_grid_cell(tmp_path: Path):
+    """A temperature so small that 1/T overflows makes one cell's loss NaN; the other
+    cell's stays finite, and the message tells them apart."""
+    grid = DistillationGridModule(
+        create_model("small_cnn", width=0.25), teacher=create_model("resnet8"),
+        temperature=[1e-45, 4.0], alpha=[0.5],
+    )  # fmt: skip
+    trainer = L.Trainer(
+        max_epochs=1, accelerator="cpu", default_root_dir=tmp_path, logger=False, enable_progress_bar=False,
+        enable_model_summary=False, num_sanity_val_steps=0, callbacks=[StopOnNonFiniteLoss()],
+    )  # fmt: skip
+    data = CIFAR10DataModule(
+        source="synthetic", synthetic_train_size=400, val_size=100, batch_size=50
+    )
+    with pytest.raises(NonFiniteLossError) as caught:
+        trainer.fit(grid, datamodule=data)
+    message = str(caught.value)
+    assert message.startswith(
+        "non-finite loss at step 1 (epoch 0, batch 0): train/loss=nan, train/T1e-45_alpha0.5=nan, "
+        "train/T4_alpha0.5="
+    )
+    assert "train/T4_alpha0.5=nan" not in message
 
 
 # ---------------------------------------------------------------------------- determinism
