@@ -112,14 +112,9 @@ class StopOnNonFiniteLoss(Callback):
             found = f"non-finite loss in another DDP process at {where} (this one's: {_describe(parts)})"
         saved = [getattr(cb, "last_model_path", "") for cb in trainer.checkpoint_callbacks]
         kept = next((path for path in saved if path), None)
+        kept = f"the last good checkpoint is {kept}" if kept else "no checkpoint had been saved yet"
         raise NonFiniteLossError(
-            f"{found}; training stopped, "
-            + (
-                f"the last good checkpoint is {kept}"
-                if kept
-                else "no checkpoint had been saved yet"
-            )
-            + " (lower optimizer.lr, or look for bad inputs)"
+            f"{found}; training stopped, {kept} (lower optimizer.lr, or look for bad inputs)"
         )
 
 
