@@ -13,7 +13,7 @@ from lightning.pytorch.utilities import move_data_to_device
 from kdlight import hardware
 from kdlight.data import CIFAR10DataModule
 from kdlight.data.datamodule import IndexBatch
-from kdlight.lit import DistillationGridModule, DistillationModule, freeze
+from kdlight.lit import ClassifierModule, DistillationGridModule, DistillationModule, freeze
 from kdlight.lit.base import FastForward
 from kdlight.models import create_model
 from tests.conftest import TINY, compose_config, cpu_trainer, synthetic_datamodule
@@ -63,6 +63,23 @@ def test_channels_last_gives_the_same_logits():
     expected = model(images)
     fast = FastForward(copy.deepcopy(model), channels_last=True)
     torch.testing.assert_close(fast(images), expected, rtol=1e-4, atol=1e-4)
+
+
+def test_compile_builds_one_graph_per_run(tmp_path: Path):
+    """speed=fast's settings: torch.compile traces the training step once. The last, smaller
+    batch is left out and evaluation runs eagerly, so neither a new batch size nor
+    ``no_grad``/``inference_mode`` makes it compile again (each would cost a compilation)."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    datamodule = synthetic_datamodule(train=330, test=100, val=100, batch=50, drop_last=True)
+    module = ClassifierModule(create_model("small_cnn", width=0.25), compile=True)
+    trainer = cpu_trainer(tmp_path, epochs=2)
+    trainer.fit(module, datamodule=datamodule)  # 230 training images: 4 batches of 50, 30 left
+    trainer.test(module, datamodule=datamodule)
+    assert counters["stats"]["unique_graphs"] == 1
+    assert module.fast_model.run is not module.model  # it did compile, and ran compiled
 
 
 def test_compile_failure_falls_back_to_eager(monkeypatch):

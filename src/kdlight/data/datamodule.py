@@ -89,6 +89,9 @@ class CIFAR10DataModule(L.LightningDataModule):
         augment: pad-4 random crop and horizontal flip on training batches.
         on_device: keep each split whole on the training device (a GPU) and gather batches
             there; only indices are loaded, so no per-batch host-to-device copy is made.
+        drop_last: leave out each epoch's last, smaller training batch (at most
+            ``batch_size - 1`` images, different ones each epoch), so that every training
+            batch has one shape and torch.compile builds one training graph, not two.
         synthetic_train_size, synthetic_test_size: sizes for ``source=synthetic``.
     """
 
@@ -108,6 +111,7 @@ class CIFAR10DataModule(L.LightningDataModule):
         num_workers: int = 0,
         augment: bool = True,
         on_device: bool = False,
+        drop_last: bool = False,
         seed: int = 0,
         synthetic_train_size: int = 10000,
         synthetic_test_size: int = 2000,
@@ -174,11 +178,14 @@ class CIFAR10DataModule(L.LightningDataModule):
         )
 
     # ---------------------------------------------------------------------- loaders
-    def _loader(self, dataset: ArrayDataset, batch_size: int, shuffle: bool) -> DataLoader:
+    def _loader(
+        self, dataset: ArrayDataset, batch_size: int, shuffle: bool, drop_last: bool = False
+    ) -> DataLoader:
         return DataLoader(
             dataset,
             batch_size=batch_size,
             shuffle=shuffle,
+            drop_last=drop_last,
             sampler=None if shuffle else self._eval_sampler(dataset),
             num_workers=self.hparams.num_workers,
             collate_fn=collate_batch,
@@ -195,7 +202,8 @@ class CIFAR10DataModule(L.LightningDataModule):
         )
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_set, self.hparams.batch_size, shuffle=True)
+        hp = self.hparams
+        return self._loader(self.train_set, hp.batch_size, shuffle=True, drop_last=hp.drop_last)
 
     def val_dataloader(self) -> DataLoader:
         return self._loader(self.val_set, self.hparams.eval_batch_size, shuffle=False)

@@ -13,8 +13,9 @@ class ClassifierModule(ClassificationSystem):
         optimizer: ``params -> Optimizer`` (Hydra ``_partial_``); default the reference SGD.
         scheduler: ``optimizer -> LRScheduler`` stepped each epoch; default none.
         num_classes, class_names: the label space (CIFAR-10's by default).
-        compile, channels_last: run the model through torch.compile / in channels-last
-            memory format (faster on GPUs; results are the same up to float rounding).
+        compile, channels_last: run the model through torch.compile (training steps; the
+            evaluation runs eagerly) / in channels-last memory format (faster on GPUs;
+            results are the same up to float rounding).
     """
 
     def __init__(
@@ -34,7 +35,7 @@ class ClassifierModule(ClassificationSystem):
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         images, labels = batch
-        logits = self(images)
+        logits = self.fast_model(images)
         loss = nn.functional.cross_entropy(logits, labels)
         self.log_training({"loss": loss, "acc": accuracy(logits, labels)}, len(labels))
         return loss

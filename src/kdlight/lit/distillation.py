@@ -70,7 +70,7 @@ class DistillationModule(FrozenTeacherMixin, ClassificationSystem):
         images, labels = batch
         with torch.no_grad():
             teacher_logits = self.fast_teacher(images)
-        logits = self(images)
+        logits = self.fast_model(images)
         parts = kd_loss(logits, teacher_logits, labels, self.temperature, self.alpha)
         self.log_training({**parts, "acc": accuracy(logits, labels)}, len(labels))
         return parts  # the parts too, so that a non-finite loss can be reported with them
@@ -79,7 +79,7 @@ class DistillationModule(FrozenTeacherMixin, ClassificationSystem):
         super().test_step(batch, batch_idx)
         images, labels = batch
         with torch.no_grad():
-            self.teacher_test_acc(self.fast_teacher(images), labels)
+            self.teacher_test_acc(self.fast_teacher.eager(images), labels)
         self.log("test/teacher_acc", self.teacher_test_acc)
 
     def metrics_record(self, summary: dict) -> dict:

@@ -102,8 +102,8 @@ class DistillationGridModule(FrozenTeacherMixin, TrainingLog, L.LightningModule)
         return [cell_name(t, a) for t, a in self.cells]
 
     def forward(self, images: Tensor) -> Tensor:
-        """Logits of every student, ``(cells, N, classes)``."""
-        return torch.stack([student(images) for student in self.fast_students])
+        """Logits of every student, ``(cells, N, classes)``, as evaluation computes them."""
+        return torch.stack([student.eager(images) for student in self.fast_students])
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> dict[str, Tensor]:
         images, labels = batch
@@ -142,7 +142,7 @@ class DistillationGridModule(FrozenTeacherMixin, TrainingLog, L.LightningModule)
         for confusion, logits in zip(self.test_confusion, self(images), strict=True):
             confusion.update(logits, labels)
         with torch.no_grad():
-            self.teacher_test_acc(self.fast_teacher(images), labels)
+            self.teacher_test_acc(self.fast_teacher.eager(images), labels)
         self.log("test/teacher_acc", self.teacher_test_acc)
 
     def on_test_epoch_end(self) -> None:
