@@ -40,11 +40,6 @@ def build_optimizers(
     }
 
 
-def accuracy(logits: Tensor, labels: Tensor) -> Tensor:
-    """The fraction of ``labels`` that ``logits`` rank first, as a 0-dim tensor on their device."""
-    return (logits.argmax(dim=1) == labels).float().mean()
-
-
 class FastForward:
     """``model`` for training steps, through ``torch.compile`` when asked and in
     channels-last memory format when asked; if compiling fails (no compiler on this
@@ -136,9 +131,10 @@ class TrainingLog:
 class ClassificationSystem(TrainingLog, L.LightningModule):
     """Base for systems that train ``self.model``, a classifier, and evaluate it.
 
-    Subclasses implement ``training_step``; evaluation, metrics and the report live here.
-    ``compile`` (torch.compile) and ``channels_last`` are speed options that do not change
-    what is computed.
+    Subclasses implement ``training_step``: the logits of ``self.fast_model``, the loss,
+    ``self.train_acc.update`` and :meth:`log_training` of the loss (and its parts);
+    evaluation, metrics and the report live here. ``compile`` (torch.compile) and
+    ``channels_last`` are speed options that do not change what is computed.
     """
 
     def __init__(
@@ -158,6 +154,8 @@ class ClassificationSystem(TrainingLog, L.LightningModule):
         self.scheduler_factory = scheduler
         self.num_classes = num_classes
         self.class_names = tuple(class_names or CIFAR10_CLASSES[:num_classes])
+        # no argument checks per training step: they read the labels back from the GPU
+        self.train_acc = MulticlassAccuracy(num_classes, average="micro", validate_args=False)
         self.val_acc = MulticlassAccuracy(num_classes, average="micro")
         self.val_acc_best = MaxMetric()
         self.test_acc = MulticlassAccuracy(num_classes, average="micro")
@@ -167,6 +165,12 @@ class ClassificationSystem(TrainingLog, L.LightningModule):
     def forward(self, images: Tensor) -> Tensor:
         """Logits, as evaluation computes them (training steps use ``self.fast_model``)."""
         return self.fast_model.eager(images)
+
+    def on_train_epoch_end(self) -> None:
+        super().on_train_epoch_end()  # the epoch means of the training_step's scalars
+        if self.train_acc.update_called:
+            self.log("train/acc", self.train_acc.compute())  # computed over all processes
+        self.train_acc.reset()
 
     # ------------------------------------------------------------------ evaluation
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:

@@ -2,7 +2,7 @@
 
 from torch import Tensor, nn
 
-from kdlight.lit.base import ClassificationSystem, OptimizerFactory, SchedulerFactory, accuracy
+from kdlight.lit.base import ClassificationSystem, OptimizerFactory, SchedulerFactory
 
 
 class ClassifierModule(ClassificationSystem):
@@ -37,5 +37,6 @@ class ClassifierModule(ClassificationSystem):
         images, labels = batch
         logits = self.fast_model(images)
         loss = nn.functional.cross_entropy(logits, labels)
-        self.log_training({"loss": loss, "acc": accuracy(logits, labels)}, len(labels))
+        self.train_acc.update(logits, labels)
+        self.log_training({"loss": loss}, len(labels))
         return loss

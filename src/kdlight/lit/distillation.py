@@ -4,7 +4,7 @@ import torch
 from torch import Tensor, nn
 
 from kdlight.errors import KDLightError
-from kdlight.lit.base import ClassificationSystem, OptimizerFactory, SchedulerFactory, accuracy
+from kdlight.lit.base import ClassificationSystem, OptimizerFactory, SchedulerFactory
 from kdlight.lit.teacher import FrozenTeacherMixin
 from kdlight.losses import kd_loss
 
@@ -72,7 +72,8 @@ class DistillationModule(FrozenTeacherMixin, ClassificationSystem):
             teacher_logits = self.fast_teacher(images)
         logits = self.fast_model(images)
         parts = kd_loss(logits, teacher_logits, labels, self.temperature, self.alpha)
-        self.log_training({**parts, "acc": accuracy(logits, labels)}, len(labels))
+        self.train_acc.update(logits, labels)
+        self.log_training(parts, len(labels))
         return parts  # the parts too, so that a non-finite loss can be reported with them
 
     def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
