@@ -5,6 +5,7 @@
 #
 #   ARCHIVE=path/to/cifar10-jpeg.tar.gz scripts/gpu_study.sh
 #   STAGES=bench scripts/gpu_study.sh     # or STAGES=study: one part per command
+#   EXTRA="data.train_subset=256 ..." ...  # overrides for every training run (smoke tests)
 #
 # Stages: 1. install kdlight next to the machine's torch (wheels from .whl/ when the
 # machine is offline); 2. python -m kdlight.bench; 3. teacher (200 epochs) and student
@@ -16,36 +17,40 @@ OUT=${OUT:-outputs/gpu_study}
 ARCHIVE=${ARCHIVE:-../shared/data/cifar10-jpeg.tar.gz}
 EPOCHS=${EPOCHS:-200}
 STAGES=${STAGES:-bench study}
+EXTRA=${EXTRA:-}
+PYTHON=${PYTHON:-python3}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 
 # 1. install: nothing but what is missing, never another torch
-if ! python3 -c "import hydra, lightning, torchmetrics" 2>/dev/null; then
+if ! $PYTHON -c "import hydra, lightning, torchmetrics" 2>/dev/null; then
   if ls .whl/*.whl >/dev/null 2>&1; then
-    python3 -m pip install -q --no-index --no-deps --target /tmp/kdlight-site .whl/*.whl
+    $PYTHON -m pip install -q --no-index --no-deps --target /tmp/kdlight-site .whl/*.whl
   else
-    python3 -m pip install -q --target /tmp/kdlight-site 'hydra-core>=1.3.2,<1.4' omegaconf
+    $PYTHON -m pip install -q --target /tmp/kdlight-site 'hydra-core>=1.3.2,<1.4' omegaconf
   fi
   export PYTHONPATH=/tmp/kdlight-site${PYTHONPATH:+:$PYTHONPATH}
 fi
 export PYTHONPATH=$PWD/src${PYTHONPATH:+:$PYTHONPATH}
-nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$OUT/device.txt"
+{ nvidia-smi --query-gpu=name,memory.total --format=csv,noheader || echo "no nvidia-smi: no GPU"; } | tee "$OUT/device.txt"
 
 stamp() { echo "$1 $(date +%s)" >>"$OUT/timings.txt"; }
+trap 'echo "gpu_study.sh failed; the ends of its logs:" >&2; tail -n 3 "$OUT"/*.log >&2' ERR
 : >"$OUT/timings.txt"
 
 # 2. the benchmark
 if [[ " $STAGES " == *" bench "* ]]; then
   stamp bench_start
-  python3 -m kdlight.bench --out "$OUT/bench.json" 2>&1 | tee "$OUT/bench.log" | grep -v Warning
+  $PYTHON -m kdlight.bench --out "$OUT/bench.json" 2>&1 | tee "$OUT/bench.log" | grep -v Warning
   stamp bench_end
 fi
 [[ " $STAGES " == *" study "* ]] || exit 0
 
 # 3. the reference study, fast path
-train() { python3 -m kdlight.train speed=fast data.archive_path="$ARCHIVE" data.data_dir="$OUT/data" \
-  paths.root="$OUT/study" trainer.max_epochs="$EPOCHS" trainer.enable_progress_bar=false "~callbacks.progress_bar" "$@"; }
-python3 -c "from kdlight.data.sources import load_archive; load_archive('$ARCHIVE', '$OUT/data')"  # decode once
+# shellcheck disable=SC2086  # EXTRA is a list of overrides
+train() { $PYTHON -m kdlight.train speed=fast data.archive_path="$ARCHIVE" data.data_dir="$OUT/data" \
+  paths.root="$OUT/study" trainer.max_epochs="$EPOCHS" trainer.enable_progress_bar=false "~callbacks.progress_bar" $EXTRA "$@"; }
+$PYTHON -c "from kdlight.data.sources import load_archive; load_archive('$ARCHIVE', '$OUT/data')"  # decode once
 stamp study_start
 train experiment=teacher >"$OUT/teacher.log" 2>&1 &
 teacher=$!
@@ -54,5 +59,5 @@ wait $teacher
 stamp teacher_and_baseline_end
 train experiment=distill_grid "distill.temperature=[1,2,4,8]" "distill.alpha=[0.1,0.5,0.9]" >"$OUT/grid.log" 2>&1
 stamp study_end
-python3 -m kdlight.report "$OUT/study" --out "$OUT/report" | tee "$OUT/report.txt"
+$PYTHON -m kdlight.report "$OUT/study" --out "$OUT/report" | tee "$OUT/report.txt"
 awk '{t[$1]=$2} END {printf "bench %ds, teacher+baseline %ds, grid %ds, study %ds\n", t["bench_end"]-t["bench_start"], t["teacher_and_baseline_end"]-t["study_start"], t["study_end"]-t["teacher_and_baseline_end"], t["study_end"]-t["study_start"]}' "$OUT/timings.txt" | tee -a "$OUT/timings.txt"
