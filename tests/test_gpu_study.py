@@ -21,17 +21,19 @@ TOY += " trainer.limit_val_batches=1 trainer.limit_test_batches=1"
 def test_the_study_stage_trains_every_run_and_reports(
     tmp_path: Path, archive: Path, archive_cache: Path
 ):
-    out = tmp_path / "gpu_study"
-    shutil.copytree(archive_cache, out / "data")  # the script's own cache, already decoded
+    out, work = tmp_path / "gpu_study", tmp_path / "work"
+    shutil.copytree(archive_cache, work / "data")  # the script's own cache, already decoded
     settings = {"STAGES": "study", "EPOCHS": "1", "EXTRA": TOY, "PYTHON": sys.executable}
     result = subprocess.run(
         ["bash", str(REPO / "scripts" / "gpu_study.sh")],
-        env={**os.environ, **settings, "OUT": str(out), "ARCHIVE": str(archive)},
+        env={**os.environ, **settings, "OUT": str(out), "WORK": str(work), "ARCHIVE": str(archive)},
         cwd=tmp_path, capture_output=True, text=True, timeout=900,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
 
-    rows = list(csv.DictReader((out / "report" / "report.csv").open()))
+    figures = ["device.txt", "heatmap.png", "report.csv", "report.md", "timings.txt"]
+    assert sorted(path.name for path in out.iterdir()) == figures  # few, shallow: they travel
+    rows = list(csv.DictReader((out / "report.csv").open()))
     assert [row["status"] for row in rows] == ["finished"] * 14  # teacher, baseline, 12 cells
     assert {(row["temperature"], row["alpha"]) for row in rows[2:]} == {
         (t, a) for t in ("1", "2", "4", "8") for a in ("0.1", "0.5", "0.9")
