@@ -63,15 +63,16 @@ class StopOnNonFiniteLoss(Callback):
         if check_every_n_steps < 1:
             raise KDLightError(f"check_every_n_steps must be >= 1, got {check_every_n_steps}")
         self.check_every_n_steps = check_every_n_steps
-        self._pending: list[tuple[int, str, dict[str, torch.Tensor]]] = []
+        self._pending: list[
+            tuple[int, int, int, dict[str, torch.Tensor]]
+        ] = []  # step, epoch, batch, parts
 
     def on_train_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx: int
     ) -> None:
         parts = outputs if isinstance(outputs, Mapping) else {"loss": outputs}
         parts = {k: v.detach() for k, v in parts.items() if isinstance(v, torch.Tensor)}
-        where = f"step {trainer.global_step} (epoch {trainer.current_epoch}, batch {batch_idx})"
-        self._pending.append((trainer.global_step, where, parts))
+        self._pending.append((trainer.global_step, trainer.current_epoch, batch_idx, parts))
         if len(self._pending) >= self.check_every_n_steps:
             self.check(trainer)
 
@@ -91,11 +92,9 @@ class StopOnNonFiniteLoss(Callback):
             return
         finite = torch.stack([
             torch.stack([torch.isfinite(v).all() for v in parts.values()]).all()
-            for _, _, parts in pending
+            for *_, parts in pending
         ]).tolist()  # fmt: skip  # the one read back from the device
-        mine = next(
-            (step for (step, _, _), ok in zip(pending, finite, strict=True) if not ok), None
-        )
+        mine = next((step for (step, *_), ok in zip(pending, finite, strict=True) if not ok), None)
         first = mine
         if trainer.world_size > 1:  # the earliest step at which any process went non-finite
             step = torch.tensor(
@@ -105,7 +104,8 @@ class StopOnNonFiniteLoss(Callback):
             first = None if first == _NONE else first
         if first is None:
             return
-        _, where, parts = next(entry for entry in pending if entry[0] == first)
+        _, epoch, batch_idx, parts = next(entry for entry in pending if entry[0] == first)
+        where = f"step {first} (epoch {epoch}, batch {batch_idx})"
         if first == mine:
             found = f"non-finite loss at {where}: {_describe(parts)}"
         else:

@@ -58,7 +58,6 @@ def _channel_stats(
 ) -> tuple[Tensor, Tensor]:
     """``mean`` and ``std`` as ``(1, C, 1, 1)`` tensors on ``device``, made once: creating
     them per batch would copy them to the GPU, and wait for it, at every step."""
-    shape = (1, len(mean), 1, 1)
-    return torch.tensor(mean, device=device).view(shape), torch.tensor(std, device=device).view(
-        shape
-    )
+    mean_t = torch.tensor(mean, device=device).view(1, -1, 1, 1)
+    std_t = torch.tensor(std, device=device).view(1, -1, 1, 1)
+    return mean_t, std_t

@@ -75,6 +75,7 @@ class DistillationGridModule(FrozenTeacherMixin, TrainingLog, L.LightningModule)
         self.cells = [(t, a) for t in _as_list(temperature) for a in _as_list(alpha)]
         for t, a in self.cells:
             check_distillation_settings(t, a)
+        self.names = [cell_name(t, a) for t, a in self.cells]  # made once, used every step
         self.save_hyperparameters(ignore=["model", "teacher", "optimizer", "scheduler"])
         self.attach_teacher(
             teacher, teacher_checkpoint, teacher_model, num_classes, compile, channels_last
@@ -96,10 +97,6 @@ class DistillationGridModule(FrozenTeacherMixin, TrainingLog, L.LightningModule)
         self.val_acc_best = nn.ModuleList(MaxMetric() for _ in cells)
         self.test_confusion = nn.ModuleList(MulticlassConfusionMatrix(num_classes) for _ in cells)
         self.test_summaries: dict[str, dict] = {}
-
-    @property
-    def names(self) -> list[str]:
-        return [cell_name(t, a) for t, a in self.cells]
 
     def forward(self, images: Tensor) -> Tensor:
         """Logits of every student, ``(cells, N, classes)``, as evaluation computes them."""

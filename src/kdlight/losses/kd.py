@@ -42,12 +42,14 @@ def kd_loss(
     with torch.autocast(device_type=student_logits.device.type, enabled=False):
         student = student_logits.float()
         teacher = teacher_logits.detach().float()
-        # one T per student broadcasts over its (N, C) logits
-        t = temperature.float().view(-1, 1, 1) if isinstance(temperature, Tensor) else temperature
+        t = temperature
+        if isinstance(temperature, Tensor):  # one T per student, over its (N, C) logits
+            temperature = temperature.float()
+            t = temperature.view(-1, 1, 1)
         log_q = F.log_softmax(student / t, dim=-1)
         log_p = F.log_softmax(teacher / t, dim=-1)
         kl = (log_p.exp() * (log_p - log_q)).sum(dim=-1).mean(dim=-1)  # KL(p || q), batchmean
-        kd = kl * (temperature.float() if isinstance(temperature, Tensor) else temperature) ** 2
+        kd = kl * temperature**2
         ce = F.cross_entropy(
             student.movedim(-1, 1) if student.dim() > 2 else student,  # classes on dim 1
             targets.expand(student.shape[:-1]),
