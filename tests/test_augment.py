@@ -1,10 +1,12 @@
 """Batched crop/flip augmentation and normalisation: shapes, exact semantics and distributions."""
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 
-from kdlight.data import normalize, random_crop_flip
-from kdlight.data.augment import CIFAR10_MEAN, CIFAR10_STD
+from kdlight.data import CIFAR10DataModule, normalize, random_crop_flip
+from kdlight.data.augment import CIFAR10_MEAN, CIFAR10_STD, process_generator
 
 #: 0.999 quantile of the chi-square distribution with 8 degrees of freedom.
 CHI2_8_DOF_999 = 26.12
@@ -126,3 +128,44 @@ def test_normalize_centres_and_scales_each_channel():
     for c, (m, s) in enumerate(zip(CIFAR10_MEAN, CIFAR10_STD, strict=True)):
         assert out[0, c, 0, 0].item() == pytest.approx(-m / s, rel=1e-5)
         assert out[0, c, 0, 1].item() == pytest.approx((1 - m) / s, rel=1e-5)
+
+
+# ------------------------------------------------------------------- one stream per process
+
+
+def test_each_process_draws_from_a_stream_of_its_own():
+    cpu = torch.device("cpu")
+    assert process_generator(0, 0, cpu) is None  # process 0: the global RNG, as before
+    images = random_batch(64, torch.uint8)
+
+    def draw(seed: int, rank: int) -> torch.Tensor:
+        return random_crop_flip(images, generator=process_generator(seed, rank, cpu))
+
+    assert torch.equal(draw(0, 1), draw(0, 1))
+    others = [draw(0, 2), draw(1, 1), draw(1, 2)]
+    assert all(not torch.equal(draw(0, 1), other) for other in others)
+
+
+def test_ddp_processes_augment_the_same_batch_differently():
+    """Every DDP process seeds the global RNG alike (``seed_everything``): drawn from it, the
+    images at one batch position on every GPU would share their crop and flip. Process 0
+    keeps drawing from it, so a single-process run augments exactly as before."""
+    datamodule = CIFAR10DataModule(
+        source="synthetic", synthetic_train_size=300, synthetic_test_size=100, val_size=0
+    )
+    datamodule.setup()
+    images, labels = datamodule.train_set.images[:64], datamodule.train_set.labels[:64]
+
+    def augmented(rank: int) -> torch.Tensor:
+        datamodule.trainer = SimpleNamespace(training=True, global_rank=rank)
+        torch.manual_seed(0)  # as seed_everything does on every process
+        return datamodule.on_after_batch_transfer((images, labels), 0)[0]
+
+    torch.manual_seed(0)
+    single_process = normalize(random_crop_flip(images))  # what a single process draws
+    assert torch.equal(augmented(0), single_process)
+    rank1, rank2 = augmented(1), augmented(2)
+    for a, b in ((augmented(0), rank1), (augmented(0), rank2), (rank1, rank2)):
+        differs = (a != b).flatten(1).any(1)
+        assert differs.float().mean() > 0.9, "images at one batch position share a crop"
+    assert not torch.equal(augmented(1), rank1)  # the stream goes on from batch to batch

@@ -3,10 +3,15 @@
 The reference recipe's per-image torchvision transforms (pad 4, random 32x32 crop, random
 horizontal flip, per-channel normalisation) are applied here to a whole uint8 batch at once
 with one gather, so no per-sample Python work is done in the training loop.
+
+Under DDP each process draws its crops and flips from a stream of its own
+(:func:`process_generator`): seeded alike, the processes would otherwise give the images at
+one batch position on every GPU the same crop and flip.
 """
 
 import functools
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -40,6 +45,20 @@ def random_crop_flip(
     batch_index = torch.arange(n, device=device).view(n, 1, 1, 1)
     channel_index = torch.arange(c, device=device).view(1, c, 1, 1)
     return padded[batch_index, channel_index, rows.view(n, 1, h, 1), cols.view(n, 1, 1, w)]
+
+
+def process_generator(seed: int, rank: int, device: torch.device) -> torch.Generator | None:
+    """The augmentation stream of DDP process ``rank`` (its global rank) on ``device``.
+
+    Process 0 gets None, that is the global RNG that ``seed_everything(seed)`` seeds, so a
+    single-process run draws exactly what it always drew. Process ``rank > 0`` gets a
+    generator of its own, seeded from ``(seed, rank)`` through numpy's ``SeedSequence``,
+    which gives unrelated streams for neighbouring seeds and ranks.
+    """
+    if rank == 0:
+        return None
+    state = np.random.SeedSequence([seed, rank]).generate_state(1, np.uint64)[0]
+    return torch.Generator(device).manual_seed(int(state))
 
 
 def normalize(

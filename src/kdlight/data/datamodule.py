@@ -1,5 +1,7 @@
-"""``CIFAR10DataModule``: CIFAR-10 held in memory as uint8 tensors, augmented per batch."""
+"""``CIFAR10DataModule``: CIFAR-10 held in memory as uint8 tensors, augmented per batch, and
+the seeded class-stratified subsets that small evaluations use."""
 
+import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -11,7 +13,14 @@ from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from kdlight.data.augment import CIFAR10_MEAN, CIFAR10_STD, normalize, random_crop_flip
+from kdlight.data import default_data_dir
+from kdlight.data.augment import (
+    CIFAR10_MEAN,
+    CIFAR10_STD,
+    normalize,
+    process_generator,
+    random_crop_flip,
+)
 from kdlight.data.sources import (
     CIFAR10_CLASSES,
     Split,
@@ -22,6 +31,51 @@ from kdlight.data.sources import (
 from kdlight.errors import KDLightError
 
 Source = Literal["torchvision", "archive", "synthetic"]
+
+#: The seed of every evaluation subset (``data.eval_subset``), apart from the run's seed, so
+#: that every run with the same subset size evaluates the same images.
+EVAL_SUBSET_SEED = 0
+
+
+def image_digests(split: Split) -> list[bytes]:
+    """A 16-byte BLAKE2b digest of each image's pixels and label."""
+    pixels = split.images.reshape(len(split), -1)
+    return [
+        hashlib.blake2b(image.tobytes() + label.tobytes(), digest_size=16).digest()
+        for image, label in zip(pixels, split.labels, strict=True)
+    ]
+
+
+def images_id(source: str, digests: list[bytes], total: int) -> str:
+    """``<source>:<len(digests)>/<total>:<16 hex digits>``: the hash of the images' sorted
+    ``digests``, so the same images give the same string in whatever order they come."""
+    combined = hashlib.sha256(b"".join(sorted(digests))).hexdigest()[:16]
+    return f"{source}:{len(digests)}/{total}:{combined}"
+
+
+def stratified_subset(split: Split, size: int, digests: list[bytes] | None = None) -> np.ndarray:
+    """Sorted indices of ``size`` images of ``split``, an equal share of each class as far as
+    possible (class sizes differ by at most one unless a class runs out of images).
+
+    The choice depends on the images alone: they are put in an order fixed by their
+    ``digests`` (:func:`image_digests`), so an archive stored in another order gives the same
+    subset, then shuffled within each class by a generator seeded with
+    :data:`EVAL_SUBSET_SEED`. The subset takes every class's first image, then every class's
+    second, and so on (classes in a seeded order, which decides who gets the leftover
+    images), so the subset of ``size`` images is part of the subset of ``size + 1``.
+    """
+    digests = image_digests(split) if digests is None else digests
+    canonical = np.array(sorted(range(len(split)), key=digests.__getitem__), dtype=np.int64)
+    labels = split.labels[canonical]
+    rng = np.random.default_rng(EVAL_SUBSET_SEED)
+    classes, class_of = np.unique(labels, return_inverse=True)
+    class_turn = rng.permutation(len(classes))[class_of]
+    position = np.empty(len(labels), dtype=np.int64)  # the image's place in its class's queue
+    for index in range(len(classes)):
+        members = np.flatnonzero(class_of == index)
+        position[members] = rng.permutation(len(members))
+    chosen = np.lexsort((class_turn, position))[:size]  # by position, then by class turn
+    return np.sort(canonical[chosen])
 
 
 @dataclass
@@ -79,14 +133,23 @@ class CIFAR10DataModule(L.LightningDataModule):
     Args:
         source: ``torchvision`` (the official release), ``archive`` (an image-folder tree or a
             ``.tar.gz`` of one, such as ``shared/data/cifar10-jpeg.tar.gz``) or ``synthetic``.
-        data_dir: where torchvision's files and the decoded-archive cache live.
+        data_dir: where torchvision's files and the decoded-archive cache live; None: the
+            per-user cache, :func:`kdlight.data.default_data_dir`.
         archive_path: the archive, for ``source=archive``.
         download: let torchvision download the official release.
         val_size: images held out of the 50,000 training images for validation (seeded);
             0 validates on the test set, as the reference study did.
         train_subset: train on this many (seeded) training images only, e.g. for a CPU demo.
+        eval_subset: validate and test on this many images only, an equal share per class
+            (:func:`stratified_subset`), the same images in every run whatever its seed (the
+            validation images are chosen among the seeded held-out ones, all of them if they
+            are fewer); None: all of them.
+            A shortened evaluation should use this rather than ``limit_test_batches``: the
+            test split of an archive is stored class by class, so its first batches hold
+            only the first classes.
         batch_size: images per batch (per process when several train together).
-        augment: pad-4 random crop and horizontal flip on training batches.
+        augment: pad-4 random crop and horizontal flip on training batches, drawn under DDP
+            from a stream per process (:func:`kdlight.data.augment.process_generator`).
         on_device: keep each split whole on the training device (a GPU) and gather batches
             there; only indices are loaded, so no per-batch host-to-device copy is made.
         drop_last: leave out each epoch's last, smaller training batch (at most
@@ -101,11 +164,12 @@ class CIFAR10DataModule(L.LightningDataModule):
     def __init__(
         self,
         source: Source = "archive",
-        data_dir: str = "data",
+        data_dir: str | Path | None = None,
         archive_path: str | None = None,
         download: bool = False,
         val_size: int = 5000,
         train_subset: int | None = None,
+        eval_subset: int | None = None,
         batch_size: int = 128,
         eval_batch_size: int = 1000,
         num_workers: int = 0,
@@ -132,35 +196,53 @@ class CIFAR10DataModule(L.LightningDataModule):
             raise KDLightError(
                 f"data.train_subset must be > 0 (or null for all images), got {train_subset}"
             )
+        if eval_subset is not None and eval_subset <= 0:
+            raise KDLightError(
+                f"data.eval_subset must be a number of images > 0 (or null for all images), "
+                f"got {eval_subset}"
+            )
         if val_size < 0:
             raise KDLightError(f"data.val_size must be >= 0, got {val_size}")
         self.save_hyperparameters()
-        self.data_dir = Path(data_dir)
+        self.data_dir = Path(data_dir) if data_dir is not None else default_data_dir()
         self.train_set = self.val_set = self.test_set = None
+        self._prepared: dict[str, Split] | None = None
+        self._test_set_id: str | None = None
         self._on_device: dict[tuple[str, torch.device], tuple[Tensor, Tensor]] = {}
+        self._generators: dict[tuple[int, torch.device], torch.Generator | None] = {}
 
     # ------------------------------------------------------------------------ loading
     def _load(self) -> dict[str, Split]:
         hp = self.hparams
         if hp.source == "synthetic":
-            return make_synthetic(hp.synthetic_train_size, hp.synthetic_test_size, hp.seed)
+            # one fixed data set, like CIFAR-10 itself: the run's seed changes the split, the
+            # order, the augmentation and the weights, never the images a run is tested on
+            return make_synthetic(hp.synthetic_train_size, hp.synthetic_test_size)
         if hp.source == "torchvision":
             return load_torchvision(self.data_dir, hp.download)
         return load_archive(Path(hp.archive_path).expanduser(), self.data_dir)
 
     def prepare_data(self) -> None:
-        """Download or decode once (on one process); ``setup`` then reads the cache."""
-        self._load()
+        """Download or decode once (on one process); ``setup`` then uses what was loaded here
+        (read again where another process calls it)."""
+        if self.train_set is None and self._prepared is None:
+            self._prepared = self._load()
 
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is not None:
             return
-        splits = self._load()
+        splits = self._prepared if self._prepared is not None else self._load()
+        self._prepared = None  # the datasets below keep what they need
         train, test = splits["train"], splits["test"]
         hp = self.hparams
         if hp.val_size >= len(train):
             raise KDLightError(
                 f"data.val_size={hp.val_size} leaves no training images (of {len(train)})"
+            )
+        if hp.eval_subset is not None and hp.eval_subset > len(test):
+            raise KDLightError(
+                f"data.eval_subset={hp.eval_subset} is more than the {len(test)} test images; "
+                f"choose 1 to {len(test)}, or null for all"
             )
         order = np.random.default_rng(hp.seed).permutation(len(train))
         train_index, val_index = (
@@ -170,12 +252,35 @@ class CIFAR10DataModule(L.LightningDataModule):
         if hp.train_subset is not None:
             train_index = train_index[: hp.train_subset]
         self.train_set = ArrayDataset(train.take(train_index), "train", hp.on_device)
-        self.test_set = ArrayDataset(test, "test", hp.on_device)
-        self.val_set = (
-            ArrayDataset(train.take(val_index), "val", hp.on_device)
-            if hp.val_size
-            else self.test_set
-        )
+        test_digests = image_digests(test)
+        subset = self._eval_subset(test, test_digests)
+        self.test_set = ArrayDataset(test.take(subset), "test", hp.on_device)
+        self._test_set_id = images_id(hp.source, [test_digests[i] for i in subset], len(test))
+        if hp.val_size:
+            val = train.take(val_index)
+            self.val_set = ArrayDataset(val.take(self._eval_subset(val)), "val", hp.on_device)
+        else:
+            self.val_set = self.test_set
+
+    def _eval_subset(self, split: Split, digests: list[bytes] | None = None) -> np.ndarray:
+        """The indices of ``split`` to evaluate on: ``data.eval_subset`` of them, or all."""
+        size = self.hparams.eval_subset
+        if size is None or size >= len(split):
+            return np.arange(len(split))
+        return stratified_subset(split, size, digests)
+
+    @property
+    def test_set_id(self) -> str:
+        """Which test images this DataModule tests on: equal strings mean the same images
+        with the same labels, in whatever order they are stored. Known after ``setup``
+        (before it, an ``AttributeError``, so ``getattr(dm, "test_set_id", None)`` is None).
+
+        ``<source>:<images tested>/<test images>:<hash>``, e.g. ``archive:1000/10000:9c0e...``;
+        the hash (16 hex digits) covers every tested image's pixels and label.
+        """
+        if self._test_set_id is None:
+            raise AttributeError("CIFAR10DataModule.test_set_id is known after setup()")
+        return self._test_set_id
 
     # ---------------------------------------------------------------------- loaders
     def _loader(
@@ -222,8 +327,16 @@ class CIFAR10DataModule(L.LightningDataModule):
         else:
             images, labels = batch
         if self.trainer is not None and self.trainer.training and self.hparams.augment:
-            images = random_crop_flip(images)
+            images = random_crop_flip(images, generator=self._augment_generator(images.device))
         return self.normalize(images), labels
+
+    def _augment_generator(self, device: torch.device) -> torch.Generator | None:
+        """This process's crop-and-flip stream on ``device``: the global RNG on process 0,
+        a generator of its own, made once, on every other DDP process."""
+        key = (getattr(self.trainer, "global_rank", 0), device)
+        if key not in self._generators:
+            self._generators[key] = process_generator(self.hparams.seed, *key)
+        return self._generators[key]
 
     def split_on_device(self, split: str, device: torch.device) -> tuple[Tensor, Tensor]:
         """The whole split's uint8 images and labels on ``device``, copied there once."""

@@ -6,9 +6,7 @@ Arrays are ``(N, 32, 32, 3)`` uint8 images (HWC, as torchvision stores CIFAR-10)
 """
 
 import io
-import os
 import tarfile
-import tempfile
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -17,6 +15,7 @@ from pathlib import Path, PurePosixPath
 import numpy as np
 from PIL import Image
 
+from kdlight.data.cache import cache_file, read_cache, write_cache
 from kdlight.errors import KDLightError
 
 CIFAR10_CLASSES = (
@@ -147,35 +146,43 @@ def decode_archive(path: str | Path) -> dict[str, Split]:
     }
 
 
-def _cache_file(path: Path, cache_dir: Path) -> Path:
-    """One cache per archive version: its name, size and modification time."""
-    stat = path.stat()
-    stem = path.name.split(".")[0]
-    return cache_dir / f"{stem}-{stat.st_size}-{int(stat.st_mtime)}.npz"
-
-
 def load_archive(path: str | Path, cache_dir: str | Path) -> dict[str, Split]:
-    """Decode the archive once, cache the arrays under ``cache_dir``, and reuse the cache."""
+    """Decode the archive once, cache the arrays under ``cache_dir``, and reuse the cache
+    while the archive is unchanged (see :mod:`kdlight.data.cache`)."""
     path = Path(path)
     if not path.exists():
         decode_archive(path)  # raises the clear "not found" error
-    cache = _cache_file(path, Path(cache_dir))
-    if cache.exists():
-        with np.load(cache) as arrays:
-            return {split: Split(arrays[f"{split}_x"], arrays[f"{split}_y"]) for split in SPLITS}
-    splits = decode_archive(path)
-    cache.parent.mkdir(parents=True, exist_ok=True)
-    # Write-then-rename so that concurrent runs (DDP ranks, multirun jobs) never read half a file.
-    with tempfile.NamedTemporaryFile(dir=cache.parent, suffix=".npz", delete=False) as tmp:
-        np.savez(
-            tmp,
-            **{
-                f"{s}_{k}": getattr(splits[s], a)
-                for s in SPLITS
-                for k, a in (("x", "images"), ("y", "labels"))
-            },
-        )
-    os.replace(tmp.name, cache)
+    cache = cache_file(path, Path(cache_dir))
+    splits = read_cache(cache, _splits_from_arrays)
+    if splits is None:
+        splits = decode_archive(path)
+        arrays = {}
+        for split in SPLITS:
+            arrays[f"{split}_x"], arrays[f"{split}_y"] = splits[split].images, splits[split].labels
+        write_cache(cache, arrays)
+    return splits
+
+
+def _splits_from_arrays(arrays: dict[str, np.ndarray]) -> dict[str, Split]:
+    """The splits in a cache's arrays, checked to be whole decoded CIFAR-10 splits."""
+    splits = {}
+    for split in SPLITS:
+        images, labels = arrays[f"{split}_x"], arrays[f"{split}_y"]
+        if not (
+            images.dtype == np.uint8
+            and images.ndim == 4
+            and images.shape[1:] == (32, 32, 3)
+            and labels.dtype == np.int64
+            and labels.shape == (len(images),)
+            and len(labels) > 0
+            and labels.min() >= 0
+            and labels.max() < len(CIFAR10_CLASSES)
+        ):
+            raise ValueError(
+                f"{split}: images {images.dtype} {images.shape}, labels {labels.dtype} "
+                f"{labels.shape} are not a decoded CIFAR-10 split"
+            )
+        splits[split] = Split(images, labels)
     return splits
 
 
