@@ -130,10 +130,12 @@ def test_distillation_trains_under_cpu_bf16_autocast(tmp_path: Path):
         assert torch.equal(value, before[name]), name
 
 
-def fit(module: L.LightningModule, root: Path, steps: int = 4) -> None:
+def fit(module: L.LightningModule, root: Path, steps: int = 4, **trainer_settings) -> None:
     """A few training steps with a fixed data order and augmentation."""
     L.seed_everything(7)
-    trainer = cpu_trainer(root, epochs=1, limit_train_batches=steps, limit_val_batches=0)
+    trainer = cpu_trainer(
+        root, epochs=1, limit_train_batches=steps, limit_val_batches=0, **trainer_settings
+    )
     trainer.fit(module, datamodule=synthetic())
 
 
@@ -172,6 +174,34 @@ def test_grid_students_match_separate_runs(cells: list[tuple[float, float]], tmp
         torch.equal(p, q)
         for p, q in zip(student.parameters(), grid.students[0].parameters(), strict=True)
     )
+
+
+def test_grid_clips_each_student_like_its_separate_run(tmp_path: Path):
+    """gradient_clip_val clips each student's gradient norm, not one norm over all students
+    (which shrinks each cell by the others' gradients: 1e-3 off its separate run at step 1)."""
+    L.seed_everything(0)
+    teacher = freeze(create_model("resnet8"))
+    student = create_model("small_cnn", width=0.25)
+    clip = {"gradient_clip_val": 0.05}
+    cells = [(2.0, 0.5), (2.0, 0.9)]
+    grid = DistillationGridModule(
+        copy.deepcopy(student), teacher=copy.deepcopy(teacher), temperature=[2.0], alpha=[0.5, 0.9]
+    )
+    fit(grid, tmp_path, steps=3, **clip)
+    for index, (t, a) in enumerate(cells):
+        runs = {}
+        for name, settings in (("clipped", clip), ("unclipped", {})):
+            module = DistillationModule(
+                copy.deepcopy(student), teacher=copy.deepcopy(teacher), temperature=t, alpha=a
+            )
+            fit(module, tmp_path, steps=3, **settings)
+            runs[name] = module.student.state_dict()
+        for name, value in grid.students[index].state_dict().items():
+            torch.testing.assert_close(
+                value, runs["clipped"][name], rtol=0, atol=1e-6, msg=f"T={t} alpha={a}: {name}"
+            )
+        weight = "head.2.weight"  # the clip took effect: without it the run goes elsewhere
+        assert (runs["clipped"][weight] - runs["unclipped"][weight]).abs().max() > 1e-4
 
 
 def test_grid_writes_one_run_directory_per_cell(tmp_path: Path):

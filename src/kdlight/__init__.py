@@ -3,13 +3,49 @@
 Rooms: ``kdlight.data`` (CIFAR-10 DataModule), ``kdlight.models`` (architectures and the
 ``create_model`` registry), ``kdlight.losses`` (the KD loss), ``kdlight.lit`` (the Lightning
 systems), ``kdlight.train`` (the Hydra entry point) and ``kdlight.report`` (sweep tables).
+
+The public API is here too, imported on first use (``import kdlight`` alone stays light:
+Hydra's config resolver below needs no torch)::
+
+    from kdlight import CIFAR10DataModule, ClassifierModule, DistillationModule, create_model
 """
 
+import importlib
 from pathlib import Path
 
 from omegaconf import OmegaConf
 
 __version__ = "0.1.0"
+
+#: Public name -> the module that defines it, imported when the name is first used.
+_PUBLIC = {
+    "CIFAR10DataModule": "kdlight.data",
+    "ClassifierModule": "kdlight.lit",
+    "DistillationModule": "kdlight.lit",
+    "DistillationGridModule": "kdlight.lit",
+    "load_model": "kdlight.lit",
+    "load_teacher": "kdlight.lit",
+    "kd_loss": "kdlight.losses",
+    "KDLoss": "kdlight.losses",
+    "create_model": "kdlight.models",
+    "list_models": "kdlight.models",
+    "KDLightError": "kdlight.errors",
+}
+
+__all__ = ["__version__", "config_dir", *_PUBLIC]
+
+
+def __getattr__(name: str):
+    """Import a public name on first use (PEP 562)."""
+    if name not in _PUBLIC:
+        raise AttributeError(f"module 'kdlight' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_PUBLIC[name]), name)
+    globals()[name] = value  # later uses find it without this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_PUBLIC})
 
 
 def _fast_cpu_precision() -> str:
@@ -20,6 +56,18 @@ def _fast_cpu_precision() -> str:
 
 # conf/speed/fast_cpu.yaml: `trainer.precision: ${kdlight.fast_cpu_precision:}`
 OmegaConf.register_new_resolver("kdlight.fast_cpu_precision", _fast_cpu_precision, replace=True)
+
+
+def _run_folder(*, _root_):
+    from kdlight.runs import run_folder  # Lightning is imported only when resolved
+
+    return run_folder(_root_=_root_)
+
+
+# conf/hydra/default.yaml: each run's directory, named by its settings (kdlight.runs)
+OmegaConf.register_new_resolver("kdlight.run_folder", _run_folder, replace=True)
+# conf/paths/default.yaml: `data_dir: ${kdlight.data_cache:}`; kdlight.data registers it (no torch)
+importlib.import_module("kdlight.data")
 
 
 def config_dir() -> Path:

@@ -1,10 +1,12 @@
 """Lightning systems: ``ClassifierModule`` (a teacher or a baseline), ``DistillationModule``
-and ``DistillationGridModule`` (a whole T x alpha grid of students sharing one teacher)."""
+and ``DistillationGridModule`` (a whole T x alpha grid of students sharing one teacher);
+``load_teacher`` and ``load_model`` read their checkpoints back as plain models."""
 
 from kdlight.lit.base import ClassificationSystem
 from kdlight.lit.classifier import ClassifierModule
 from kdlight.lit.distillation import DistillationModule
 from kdlight.lit.grid import DistillationGridModule
+from kdlight.lit.loading import load_model
 from kdlight.lit.teacher import freeze, load_teacher
 
 __all__ = [
@@ -13,5 +15,6 @@ __all__ = [
     "DistillationGridModule",
     "DistillationModule",
     "freeze",
+    "load_model",
     "load_teacher",
 ]

@@ -1,6 +1,7 @@
 """``ClassificationSystem``: what every kdlight LightningModule shares.
 
-Accuracy metrics per stage, ``val/acc_best``, per-class test accuracy over the whole test
+Accuracy metrics per stage, ``val/acc_best`` (kept in checkpoints, so that a resumed run
+knows the best epoch before the interruption), per-class test accuracy over the whole test
 set (from a confusion matrix, so it is exact under DDP too), the printed report and
 ``metrics.json``, and the optimizer/scheduler built from Hydra ``_partial_`` callables.
 """
@@ -17,7 +18,14 @@ from torchmetrics import MaxMetric
 from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix
 
 from kdlight.data.sources import CIFAR10_CLASSES
-from kdlight.lit.results import format_report, summarize_confusion, write_metrics
+from kdlight.lit.results import (
+    best_accuracy,
+    data_record,
+    format_report,
+    summarize_confusion,
+    tested_checkpoint,
+    write_metrics,
+)
 
 OptimizerFactory = Callable[..., torch.optim.Optimizer]
 SchedulerFactory = Callable[[torch.optim.Optimizer], torch.optim.lr_scheduler.LRScheduler]
@@ -135,7 +143,12 @@ class ClassificationSystem(TrainingLog, L.LightningModule):
     ``self.train_acc.update`` and :meth:`log_training` of the loss (and its parts);
     evaluation, metrics and the report live here. ``compile`` (torch.compile) and
     ``channels_last`` are speed options that do not change what is computed.
+
+    ``run_record``: the run's identity (``kdlight-train`` sets it before fitting or
+    testing); when set, ``metrics.json`` holds it as ``"run"``.
     """
+
+    run_record: dict | None = None
 
     def __init__(
         self,
@@ -158,6 +171,7 @@ class ClassificationSystem(TrainingLog, L.LightningModule):
         self.train_acc = MulticlassAccuracy(num_classes, average="micro", validate_args=False)
         self.val_acc = MulticlassAccuracy(num_classes, average="micro")
         self.val_acc_best = MaxMetric()
+        self.val_acc_best.persistent(True)  # in checkpoints: a resumed run keeps its best
         self.test_acc = MulticlassAccuracy(num_classes, average="micro")
         self.test_confusion = MulticlassConfusionMatrix(num_classes)
         self.test_summary: dict | None = None
@@ -198,11 +212,12 @@ class ClassificationSystem(TrainingLog, L.LightningModule):
         summary = summarize_confusion(self.test_confusion.compute(), self.class_names)
         self.test_confusion.reset()
         for name, accuracy in summary["per_class_accuracy"].items():
-            self.log(f"test/acc_{name}", accuracy / 100.0, sync_dist=True)
+            if accuracy is not None:  # a class without test images has no accuracy
+                self.log(f"test/acc_{name}", accuracy / 100.0, sync_dist=True)
         self.test_summary = summary
         if self.trainer.is_global_zero:
             print(format_report(summary), flush=True)
-            write_metrics(self.metrics_path, self.metrics_record(summary))
+            write_metrics(self.metrics_path, self.metrics_record(summary), self.run_record)
 
     @property
     def metrics_path(self) -> Path:
@@ -212,7 +227,6 @@ class ClassificationSystem(TrainingLog, L.LightningModule):
     def metrics_record(self, summary: dict) -> dict:
         """What ``metrics.json`` holds; subclasses add their own settings."""
         spec = getattr(self.model, "spec", {})
-        best = self.val_acc_best.compute() if self.val_acc_best.update_called else None
         return {
             "system": type(self).__name__,
             "model": spec.get("name", type(self.model).__name__),
@@ -220,7 +234,9 @@ class ClassificationSystem(TrainingLog, L.LightningModule):
             if self.trainer.max_epochs is None
             else self.trainer.max_epochs,
             **summary,
-            "val_acc_best": None if best is None else 100.0 * float(best),
+            "val_acc_best": best_accuracy(self.val_acc_best),
+            **data_record(self.trainer),
+            "tested_weights": tested_checkpoint(self.trainer),
         }
 
     # ------------------------------------------------------------------ optimisation

@@ -23,7 +23,10 @@ class DistillationModule(FrozenTeacherMixin, ClassificationSystem):
     """Distil a frozen teacher into ``model`` (the student) with :func:`kdlight.losses.kd_loss`.
 
     The teacher is frozen for good, and kept out of the student's checkpoints (see
-    :class:`~kdlight.lit.teacher.FrozenTeacherMixin`).
+    :class:`~kdlight.lit.teacher.FrozenTeacherMixin`). ``load_from_checkpoint`` restores the
+    whole system, teacher included (read again from ``teacher_checkpoint``); to evaluate or
+    reuse the trained student alone, ``kdlight.load_model(checkpoint)`` rebuilds it from the
+    checkpoint without any teacher.
 
     Args:
         model: the student.
@@ -78,10 +81,7 @@ class DistillationModule(FrozenTeacherMixin, ClassificationSystem):
 
     def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
         super().test_step(batch, batch_idx)
-        images, labels = batch
-        with torch.no_grad():
-            self.teacher_test_acc(self.fast_teacher.eager(images), labels)
-        self.log("test/teacher_acc", self.teacher_test_acc)
+        self.test_teacher(*batch)
 
     def metrics_record(self, summary: dict) -> dict:
         return {

@@ -1,11 +1,12 @@
 """``DistillationGridModule``: a whole T x alpha grid of students trained together.
 
 Every cell of the grid is an independent student with its own loss, BatchNorm statistics,
-metrics and optimizer state; what they share is the batch and one teacher forward per
-batch, which is most of the cost of separate runs. The optimizer is one instance over all
-students' parameters: SGD and AdamW update each parameter from its own gradient and
-state, and the summed loss gives each student exactly the gradient of its own loss, so
-every student follows the same trajectory as its separate ``DistillationModule`` run.
+metrics, best epoch and optimizer state; what they share is the batch and one teacher
+forward per batch, which is most of the cost of separate runs. The optimizer is one
+instance over all students' parameters: SGD and AdamW update each parameter from its own
+gradient and state, the summed loss gives each student exactly the gradient of its own
+loss, and gradient clipping by norm clips each student's gradient on its own, so every
+student follows the same trajectory as its separate ``DistillationModule`` run.
 """
 
 import copy
@@ -14,11 +15,13 @@ from pathlib import Path
 
 import lightning as L
 import torch
+from lightning.pytorch.utilities import GradClipAlgorithmType
 from torch import Tensor, nn
 from torchmetrics import MaxMetric
 from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix
 
 from kdlight.data.sources import CIFAR10_CLASSES
+from kdlight.errors import KDLightError
 from kdlight.lit.base import (
     FastForward,
     OptimizerFactory,
@@ -28,18 +31,26 @@ from kdlight.lit.base import (
     reference_sgd,
 )
 from kdlight.lit.distillation import check_distillation_settings
-from kdlight.lit.results import format_report, summarize_confusion, write_metrics
+from kdlight.lit.results import (
+    best_accuracy,
+    data_record,
+    format_report,
+    summarize_confusion,
+    tested_checkpoint,
+    write_metrics,
+)
 from kdlight.lit.teacher import FrozenTeacherMixin
 from kdlight.losses import kd_loss
-
-
-def cell_name(temperature: float, alpha: float) -> str:
-    """A cell's directory and metric suffix, as a multirun of ``experiment=distill`` names it."""
-    return f"T{temperature:g}_alpha{alpha:g}"
+from kdlight.runs import cell_name
 
 
 def _as_list(values: float | Sequence[float]) -> list[float]:
     return [float(v) for v in values] if isinstance(values, Sequence) else [float(values)]
+
+
+def _copy_state(model: nn.Module) -> dict[str, Tensor]:
+    """A copy of ``model``'s weights and buffers, on their device (no wait for a GPU)."""
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
 class DistillationGridModule(FrozenTeacherMixin, TrainingLog, L.LightningModule):
@@ -54,7 +65,20 @@ class DistillationGridModule(FrozenTeacherMixin, TrainingLog, L.LightningModule)
 
     Each cell's results go to ``<run dir>/T<T>_alpha<alpha>/metrics.json``, the layout of a
     ``experiment=distill`` multirun, so ``kdlight-report`` reads both alike.
+
+    Each cell keeps its own best: its best validation accuracy (``val/acc_best_<cell>``)
+    and its student's weights at that epoch, both kept in the grid's checkpoints so that
+    they survive a resume. ``test_weights`` says which weights each cell is tested with:
+    ``"last"`` (the weights the Trainer tests: in memory, or of the checkpoint it loads)
+    or ``"best"`` (each cell's own best epoch; a cell without one, when nothing was
+    validated, is tested with the last). The grid's ``best.ckpt`` is chosen on the mean
+    accuracy of all cells, one epoch for all of them, so it is not what ``"best"`` means
+    here: test with the weights in memory (``ckpt_path=None``) or the grid's ``last.ckpt``.
+    ``run_record``: the run's identity, as for the other systems, in every cell's ``metrics.json``.
     """
+
+    run_record: dict | None = None
+    test_weights: str = "last"
 
     def __init__(
         self,
@@ -72,7 +96,10 @@ class DistillationGridModule(FrozenTeacherMixin, TrainingLog, L.LightningModule)
         channels_last: bool = False,
     ) -> None:
         super().__init__()
-        self.cells = [(t, a) for t in _as_list(temperature) for a in _as_list(alpha)]
+        # plain lists in the hyperparameters (not Hydra's ListConfig), so that the grid's
+        # checkpoints load with torch.load(weights_only=True), as kdlight.load_model does
+        temperature, alpha = _as_list(temperature), _as_list(alpha)
+        self.cells = [(t, a) for t in temperature for a in alpha]
         for t, a in self.cells:
             check_distillation_settings(t, a)
         self.names = [cell_name(t, a) for t, a in self.cells]  # made once, used every step
@@ -95,8 +122,15 @@ class DistillationGridModule(FrozenTeacherMixin, TrainingLog, L.LightningModule)
             MulticlassAccuracy(num_classes, average="micro") for _ in cells
         )
         self.val_acc_best = nn.ModuleList(MaxMetric() for _ in cells)
+        for best in self.val_acc_best:
+            best.persistent(True)  # in checkpoints: a resumed run keeps each cell's best
+        #: each cell's student weights at its best validation epoch, and that epoch
+        self.best_weights: dict[str, dict[str, Tensor]] = {}
+        self.best_epochs: dict[str, int] = {}
         self.test_confusion = nn.ModuleList(MulticlassConfusionMatrix(num_classes) for _ in cells)
         self.test_summaries: dict[str, dict] = {}
+        self.tested_weights: dict[str, str | None] = {}
+        self._last_weights: dict[str, dict[str, Tensor]] = {}
 
     def forward(self, images: Tensor) -> Tensor:
         """Logits of every student, ``(cells, N, classes)``, as evaluation computes them."""
@@ -117,6 +151,28 @@ class DistillationGridModule(FrozenTeacherMixin, TrainingLog, L.LightningModule)
         # returned too, so that a non-finite loss is reported with the cell it came from
         return {"loss": losses.sum()} | dict(zip(self.names, losses, strict=True))
 
+    def configure_gradient_clipping(
+        self,
+        optimizer: torch.optim.Optimizer,
+        gradient_clip_val: float | None = None,
+        gradient_clip_algorithm: str | None = None,
+    ) -> None:
+        """Clip each student's gradient norm on its own, as its separate run clips it.
+
+        Lightning's clipping takes one norm over every parameter of the optimizer: over all
+        students, so each cell would be scaled by the others' gradients and leave its
+        separate run's trajectory. Clipping by value acts on each element, which is the same
+        for one student or many.
+        """
+        algorithm = gradient_clip_algorithm or self.trainer.gradient_clip_algorithm or "norm"
+        by_norm = GradClipAlgorithmType(algorithm.lower()) is GradClipAlgorithmType.NORM
+        if not gradient_clip_val or not by_norm:
+            self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
+            return
+        for student in self.students:
+            torch.nn.utils.clip_grad_norm_(student.parameters(), gradient_clip_val)
+
+    # ------------------------------------------------------------------ validation
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
         images, labels = batch
         for name, metric, logits in zip(self.names, self.val_acc, self(images), strict=True):
@@ -130,45 +186,106 @@ class DistillationGridModule(FrozenTeacherMixin, TrainingLog, L.LightningModule)
         )  # what checkpoints monitor
         if self.trainer.sanity_checking:
             return
+        before = torch.stack([best.max_value.to(accuracies) for best in self.val_acc_best])
         for name, best, accuracy in zip(self.names, self.val_acc_best, accuracies, strict=True):
             best(accuracy)
             self.log(f"val/acc_best_{name}", best.compute(), sync_dist=True)
+        # a strictly better epoch, as ModelCheckpoint(mode="max") decides; one read per epoch
+        improved = (accuracies > before).tolist()
+        for name, student, better in zip(self.names, self.students, improved, strict=True):
+            if better:
+                self.best_weights[name] = _copy_state(student)
+                self.best_epochs[name] = self.current_epoch
+
+    # ------------------------------------------------------------------ testing
+    def on_test_start(self) -> None:
+        """With ``test_weights="best"``, give each student its own best weights (the last
+        ones come back in :meth:`on_test_end`)."""
+        super().on_test_start()
+        if self.test_weights not in ("last", "best"):
+            raise KDLightError(f"test_ckpt must be last or best, got {self.test_weights!r}")
+        loaded = tested_checkpoint(self.trainer)
+        self.tested_weights = dict.fromkeys(self.names, loaded)
+        self._last_weights = {}
+        if self.test_weights == "last":
+            return
+        for name, student in zip(self.names, self.students, strict=True):
+            if name in self.best_weights:
+                self._last_weights[name] = _copy_state(student)
+                student.load_state_dict(self.best_weights[name])
+                self.tested_weights[name] = "best"
 
     def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
         images, labels = batch
         for confusion, logits in zip(self.test_confusion, self(images), strict=True):
             confusion.update(logits, labels)
-        with torch.no_grad():
-            self.teacher_test_acc(self.fast_teacher.eager(images), labels)
-        self.log("test/teacher_acc", self.teacher_test_acc)
+        self.test_teacher(images, labels)
 
     def on_test_epoch_end(self) -> None:
+        super().on_test_epoch_end()  # the teacher's accuracy, when it was not measured here
         for name, (t, a), confusion, best in zip(
             self.names, self.cells, self.test_confusion, self.val_acc_best, strict=True
         ):
             summary = summarize_confusion(confusion.compute(), self.class_names)
             confusion.reset()
-            self.log(f"test/acc_{name}", summary["accuracy"] / 100.0, sync_dist=True)
+            if summary["accuracy"] is not None:
+                self.log(f"test/acc_{name}", summary["accuracy"] / 100.0, sync_dist=True)
             self.test_summaries[name] = summary
             if self.trainer.is_global_zero:
                 print(f"[{name}] {format_report(summary)}", flush=True)
                 write_metrics(
                     Path(self.trainer.default_root_dir) / name / "metrics.json",
-                    self._record(t, a, summary, best),
+                    self._record(name, t, a, summary, best),
+                    self.run_record,
                 )
 
-    def _record(self, temperature: float, alpha: float, summary: dict, best: MaxMetric) -> dict:
+    def on_test_end(self) -> None:
+        """Put the last weights back where the best ones were tested."""
+        super().on_test_end()
+        for name, student in zip(self.names, self.students, strict=True):
+            if name in self._last_weights:
+                student.load_state_dict(self._last_weights.pop(name))
+
+    def _record(
+        self, name: str, temperature: float, alpha: float, summary: dict, best: MaxMetric
+    ) -> dict:
         spec = getattr(self.students[0], "spec", {})
         return {
             "system": type(self).__name__,
             "model": spec.get("name", type(self.students[0]).__name__),
             "epochs": self.trainer.max_epochs,
             **summary,
-            "val_acc_best": 100.0 * float(best.compute()) if best.update_called else None,
+            "val_acc_best": best_accuracy(best),
+            **data_record(self.trainer),
+            "tested_weights": self.tested_weights.get(name),
             "temperature": temperature,
             "alpha": alpha,
             **self.teacher_record(),
         }
+
+    # ------------------------------------------------------------------ checkpoints
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        """Store what rebuilds a cell's student without the teacher (``kdlight.load_model``)
+        and each cell's best weights and epoch, so that a resumed grid still has them."""
+        super().on_save_checkpoint(checkpoint)
+        checkpoint["kdlight"] = {
+            "model_spec": getattr(self.students[0], "spec", None),
+            "class_names": list(self.class_names),
+            "cells": list(self.names),
+            "best_students": {
+                name: {
+                    "epoch": self.best_epochs[name],
+                    "state_dict": {k: v.cpu() for k, v in weights.items()},
+                }
+                for name, weights in self.best_weights.items()
+            },
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        super().on_load_checkpoint(checkpoint)
+        best = checkpoint.get("kdlight", {}).get("best_students", {})
+        self.best_weights = {name: record["state_dict"] for name, record in best.items()}
+        self.best_epochs = {name: record["epoch"] for name, record in best.items()}
 
     def configure_optimizers(self):
         return build_optimizers(

@@ -1,43 +1,103 @@
-"""The test report: the reference study's printed format and ``metrics.json``."""
+"""The test report: the reference study's printed format and ``metrics.json``.
 
-import json
+``metrics.json`` is strict JSON (a class without test images is ``null``, never ``NaN``),
+written atomically through :func:`kdlight.io.write_json`. Besides the accuracies it says
+what the numbers were measured on: ``validation`` (``held_out`` training images, or the
+``test_set`` itself when ``data.val_size=0``, so that ``val_acc_best`` is then the best test
+accuracy over the epochs), ``test_set`` (the datamodule's ``test_set_id``) and
+``tested_weights`` (``last`` or ``best``).
+"""
+
+import math
 from pathlib import Path
 
+import lightning as L
 from torch import Tensor
+from torchmetrics import MaxMetric
+
+from kdlight.io import write_json
 
 
 def summarize_confusion(confusion: Tensor, classes: tuple[str, ...]) -> dict:
-    """Overall and per-class accuracy (percent) from a ``(true, predicted)`` confusion matrix."""
+    """Overall and per-class accuracy (percent) from a ``(true, predicted)`` confusion matrix;
+    ``None`` where there is nothing to divide by (a class without test images)."""
     confusion = confusion.double().cpu()
     per_class_total = confusion.sum(dim=1)
     correct = confusion.diagonal()
+    total = float(per_class_total.sum())
     return {
-        "test_images": int(per_class_total.sum()),
-        "accuracy": 100.0 * float(correct.sum() / per_class_total.sum()),
+        "test_images": int(total),
+        "accuracy": 100.0 * float(correct.sum()) / total if total else None,
         "per_class_accuracy": {
-            name: 100.0 * float(correct[i] / per_class_total[i])
-            if per_class_total[i]
-            else float("nan")
+            name: 100.0 * float(correct[i] / per_class_total[i]) if per_class_total[i] else None
             for i, name in enumerate(classes)
         },
     }
 
 
+def _percent(value: float | None, spec: str) -> str:
+    return "n/a (no test images)" if value is None else f"{value:{spec}} %"
+
+
 def format_report(summary: dict) -> str:
     """The reference study's report: overall accuracy, then one line per class."""
     lines = [
-        f"Accuracy of the network on the {summary['test_images']} test images: {summary['accuracy']:f} %"
+        f"Accuracy of the network on the {summary['test_images']} test images: "
+        + _percent(summary["accuracy"], "f")
     ]
     lines += [
-        f"Accuracy of {name:>5s} : {acc:.0f} %"
+        f"Accuracy of {name:>5s} : {_percent(acc, '.0f')}"
         for name, acc in summary["per_class_accuracy"].items()
     ]
     return "\n".join(lines)
 
 
-def write_metrics(path: str | Path, metrics: dict) -> Path:
-    """Write ``metrics.json`` (indented, keys in insertion order)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(metrics, indent=2) + "\n")
-    return path
+def best_accuracy(best: MaxMetric) -> float | None:
+    """The best validation accuracy so far, in percent; ``None`` before the first epoch.
+
+    It reads the metric's state, which checkpoints keep (so a resumed run reports the best
+    of the whole run), rather than ``compute()``, which warns about a restored metric that
+    has not been updated since. The state is the same on every DDP process: each update is
+    an accuracy already computed over all of them.
+    """
+    value = float(best.max_value)
+    return 100.0 * value if math.isfinite(value) else None
+
+
+def validation_split(datamodule: L.LightningDataModule | None) -> str | None:
+    """What ``val/acc`` measures: ``"held_out"`` training images, or the ``"test_set"``
+    (``val_size=0``, as the reference study did); ``None`` without a datamodule that says."""
+    val_set = getattr(datamodule, "val_set", None)
+    if val_set is None:
+        return None
+    return "test_set" if val_set is getattr(datamodule, "test_set", None) else "held_out"
+
+
+def tested_checkpoint(trainer: L.Trainer) -> str | None:
+    """Which weights ``trainer.test`` saw: ``"last"`` for the weights in memory (those that
+    fit left) or a ``last.ckpt``, ``"best"`` for a checkpoint callback's best or a
+    ``best.ckpt`` (as kdlight's callbacks name it); ``None`` for any other checkpoint."""
+    path = trainer.ckpt_path
+    if path is None:
+        return "last"
+    best = {str(getattr(cb, "best_model_path", "")) for cb in trainer.checkpoint_callbacks}
+    if str(path) in best - {""} or Path(path).name == "best.ckpt":
+        return "best"
+    return "last" if Path(path).name == "last.ckpt" else None
+
+
+def data_record(trainer: L.Trainer) -> dict:
+    """The ``validation`` and ``test_set`` fields of ``metrics.json``."""
+    datamodule = trainer.datamodule
+    return {
+        "validation": validation_split(datamodule),
+        "test_set": getattr(datamodule, "test_set_id", None),
+    }
+
+
+def write_metrics(path: str | Path, metrics: dict, run_record: dict | None = None) -> Path:
+    """Write ``metrics.json``: strict JSON, indented, keys in insertion order, atomically;
+    ``run_record`` (the run's identity, set by ``kdlight-train``) goes last as ``"run"``."""
+    if run_record is not None:
+        metrics = {**metrics, "run": run_record}
+    return write_json(path, metrics)

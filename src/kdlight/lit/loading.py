@@ -1,0 +1,110 @@
+"""A trained model back from a kdlight checkpoint, as a plain ``nn.Module``: ``load_model``.
+
+Every kdlight system stores in its checkpoints the model's name and arguments
+(``checkpoint["kdlight"]["model_spec"]``), so the architecture can be rebuilt without the
+config or the Lightning system that trained it; and a distilled student without its
+teacher, which ``DistillationModule.load_from_checkpoint`` would restore as well.
+"""
+
+import re
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from kdlight.errors import KDLightError, first_line
+from kdlight.models import create_model
+from kdlight.runs import cell_name
+
+
+def _read(path: Path) -> dict:
+    if not path.is_file():
+        raise KDLightError(f"checkpoint not found: {path}")
+    try:
+        # weights only: tensors and plain containers, no arbitrary code from the file
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # truncated zip, pickle errors, wrong format...
+        raise KDLightError(f"checkpoint {path} cannot be read ({first_line(err)})") from None
+    spec = checkpoint.get("kdlight", {}).get("model_spec") if isinstance(checkpoint, dict) else None
+    if not spec or "state_dict" not in checkpoint:
+        raise KDLightError(
+            f"{path} is not a kdlight checkpoint (no kdlight.model_spec): it was not written "
+            "by ClassifierModule, DistillationModule or DistillationGridModule"
+        )
+    return checkpoint
+
+
+def _cell(cell: str | tuple[float, float]) -> str:
+    """``T4_alpha0.9``, however the numbers are spelled (``T4.0_alpha0.90``, ``(4, 0.9)``)."""
+    if isinstance(cell, tuple):
+        return cell_name(*cell)
+    match = re.fullmatch(r"T([^_]+)_alpha(.+)", cell)
+    try:
+        return cell_name(float(match[1]), float(match[2])) if match else cell
+    except ValueError:
+        return cell
+
+
+def load_model(
+    path: str | Path, cell: str | tuple[float, float] | None = None, best: bool = False
+) -> nn.Module:
+    """The trained model of a kdlight checkpoint, in eval mode, without its Lightning system.
+
+    It rebuilds the architecture from the checkpoint's ``kdlight.model_spec`` (as
+    ``create_model`` made it) and loads its weights:
+
+    - a ``ClassifierModule`` checkpoint (a teacher or a student baseline): its model;
+    - a ``DistillationModule`` checkpoint: the student, without reading the teacher;
+    - a ``DistillationGridModule`` checkpoint: the student of ``cell`` (``"T4_alpha0.9"``,
+      spelled either way, or ``(4, 0.9)``), with the weights saved in the checkpoint, or
+      with ``best=True`` its weights at the cell's own best validation epoch.
+
+    ::
+
+        student = kdlight.load_model("outputs/distill/small_cnn/.../checkpoints/best.ckpt")
+        cell = kdlight.load_model(grid_dir / "checkpoints/last.ckpt", cell="T4_alpha0.9")
+
+    Raises:
+        KDLightError: a missing or unreadable file, not a kdlight checkpoint, a grid
+            checkpoint without ``cell`` or with one it does not hold (the message lists its
+            cells), ``cell`` or ``best`` for a checkpoint of a single model.
+    """
+    path = Path(path)
+    checkpoint = _read(path)
+    stored = checkpoint["kdlight"]
+    cells = stored.get("cells")
+    if cells is None:
+        if cell is not None or best:
+            raise KDLightError(
+                f"{path} holds one model, not a grid: load it without cell= or best= (a run's "
+                "best weights are its checkpoints/best.ckpt)"
+            )
+        prefix, state = "model.", checkpoint["state_dict"]
+    else:
+        if cell is None:
+            listed = ", ".join(cells)
+            raise KDLightError(
+                f"{path} holds a grid of {len(cells)} students: pass cell= one of {listed}"
+            )
+        name = _cell(cell)
+        if name not in cells:
+            raise KDLightError(f"{path} has no cell {cell!r}; its cells: {', '.join(cells)}")
+        if best:
+            record = stored.get("best_students", {}).get(name)
+            if record is None:
+                raise KDLightError(
+                    f"{path} holds no best weights for cell {name}: it was never validated"
+                )
+            prefix, state = "", record["state_dict"]
+        else:
+            prefix, state = f"students.{cells.index(name)}.", checkpoint["state_dict"]
+    model = create_model(**stored["model_spec"])
+    weights = {k.removeprefix(prefix): v for k, v in state.items() if k.startswith(prefix)}
+    try:
+        model.load_state_dict(weights)
+    except RuntimeError as err:
+        raise KDLightError(
+            f"{path} does not match its model_spec {stored['model_spec']}: "
+            f"{str(err).splitlines()[0]}"
+        ) from None
+    return model.eval()
