@@ -1,7 +1,9 @@
-"""``kdlight.report`` on fake run directories: records, CSV, Markdown, plots and the CLI."""
+"""``kdlight.report`` on fake run directories: records, CSV, Markdown, plots and the CLI,
+odd run files, and a report that cannot be written."""
 
 import csv
 import json
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -112,7 +114,7 @@ def test_collect_runs_reads_every_status_and_the_delta(outputs: Path):
 
 def test_build_report_writes_csv_markdown_and_plots(outputs: Path, tmp_path: Path):
     written = build_report([outputs], tmp_path / "report")
-    assert set(written) == {"csv", "markdown", "heatmap", "per_class"}
+    assert set(written) == {"csv", "groups", "markdown", "heatmap", "per_class"}
 
     rows = read_csv(written["csv"])
     assert len(rows) == 8
@@ -209,10 +211,8 @@ def test_cli_prints_the_table_and_writes_the_report(outputs: Path, tmp_path: Pat
     out = tmp_path / "cli"
     assert main([str(outputs), "--out", str(out)]) == 0
     printed = capsys.readouterr().out
-    assert (
-        "| status | model | T | alpha |" in printed
-        and "| finished | small_cnn | 4 | 0.9 | 85.50 |" in printed
-    )
+    assert "| T | alpha | test acc (%): mean ± std (n) | 95% CI |" in printed
+    assert "| 4 | 0.9 | 85.50 (n=1) | — | +1.50 | — |" in printed
     assert f"wrote {out / 'heatmap.png'}" in printed
     assert (out / "report.csv").exists() and (out / "per_class.png").exists()
 
@@ -231,3 +231,86 @@ def test_cli_errors_on_missing_or_empty_dirs(tmp_path: Path, capsys):
     assert main([str(tmp_path / "empty")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: no run directories") and len(err.strip().splitlines()) == 1
+
+
+# ------------------------------------------------------------------- odd files, bad --out
+#: (field, wrong value, the reason the report gives)
+ODD_FIELDS = [
+    ("model", 5, "model is 5, expected a string"),
+    ("teacher_checkpoint", 7, "teacher_checkpoint is 7, expected a string"),
+    ("accuracy", "85.5", 'accuracy is "85.5", expected a finite number'),
+    ("epochs", 2.5, "epochs is 2.5, expected a whole number >= 0"),
+    ("per_class_accuracy", [1, 2], "per_class_accuracy is [1, 2], expected an object"),
+    ("val_acc_best", True, "val_acc_best is true, expected a finite number"),
+    ("validation", "maybe", "validation is 'maybe', expected one of ('held_out', 'test_set')"),
+    ("run", {"settings": {}, "seed": "zero"}, 'run.seed is "zero", expected a whole number'),
+    ("run", {"seed": 0}, "run.settings is missing, expected an object"),
+]
+
+
+def test_wrong_typed_fields_fail_their_runs_only(outputs: Path, tmp_path: Path):
+    grid = outputs / "distill" / "small_cnn"
+    for k, (field, value, _) in enumerate(ODD_FIELDS):
+        run = make_run(grid / f"odd{k}", outputs, "distill", "small_cnn", 99.0, 32.0, k / 10)
+        metrics = json.loads((run / "metrics.json").read_text())
+        (run / "metrics.json").write_text(json.dumps(metrics | {field: value}))
+    written = build_report([outputs], tmp_path / "report")
+    rows = {Path(r["path"]).name: r for r in read_csv(written["csv"])}
+    markdown = written["markdown"].read_text()
+    for k, (_, _, reason) in enumerate(ODD_FIELDS):
+        assert rows[f"odd{k}"]["status"] == "failed"
+        assert rows[f"odd{k}"]["error"] == f"unreadable metrics.json: {reason}"
+        assert f"`distill/small_cnn/odd{k}` (failed): unreadable metrics.json: {reason}" in markdown
+    assert sum(r["status"] == "finished" for r in rows.values()) == 6  # the rest is reported
+    assert "Best distilled small_cnn: T=4, alpha=0.9" in markdown  # no 99% from an odd run
+
+
+def test_a_class_without_test_images_reads_as_empty(outputs: Path, tmp_path: Path):
+    for value in (None, float("nan")):  # null (strict JSON) and NaN (older runs)
+        odd = outputs / "distill" / "small_cnn" / "T4_alpha0.9" / "metrics.json"
+        metrics = json.loads(odd.read_text())
+        metrics["per_class_accuracy"]["truck"] = value
+        odd.write_text(json.dumps(metrics))
+        written = build_report([outputs], tmp_path / "report")
+        row = next(r for r in read_csv(written["csv"]) if r["path"].endswith("T4_alpha0.9"))
+        assert row["status"] == "finished" and row["acc_truck"] == "" and row["acc_cat"] != ""
+
+
+def test_an_unwritable_out_is_one_line_and_exit_2(outputs: Path, tmp_path: Path, capsys):
+    afile = tmp_path / "afile"
+    afile.write_text("not a folder\n")
+    for out, reason in ((afile, "it is a file, not a folder"), (afile / "sub", "Not a directory")):
+        assert main([str(outputs), "--out", str(out)]) == 2
+        captured = capsys.readouterr()
+        assert captured.err == f"error: cannot write report to {out}: {reason}\n"
+        assert captured.out == ""
+    assert afile.read_text() == "not a folder\n"
+
+
+@pytest.fixture
+def small_filesystem(tmp_path: Path):
+    """A real 64 KiB tmpfs: room for the CSVs and the Markdown, not for the plots."""
+    mount = tmp_path / "small"
+    mount.mkdir()
+    made = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mount)], capture_output=True
+    )
+    if made.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {made.stderr.decode().strip()}")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", str(mount)], check=True)
+
+
+def test_a_full_disk_leaves_whole_files_and_says_so(outputs: Path, small_filesystem: Path, capsys):
+    out = small_filesystem / "report"
+    assert main([str(outputs), "--out", str(out)]) == 2
+    captured = capsys.readouterr()
+    assert captured.err == f"error: cannot write report to {out}: No space left on device\n"
+    left = sorted(p.name for p in out.iterdir())
+    assert not [name for name in left if name.endswith(".tmp")]  # no temporary left behind
+    assert "report.md" in left and "heatmap.png" not in left
+    assert len(read_csv(out / "report.csv")) == 8  # what was written is whole
+    markdown = (out / "report.md").read_text()
+    assert markdown.endswith("distill.alpha must be in [0, 1], got 1.5\n")

@@ -1,0 +1,281 @@
+"""Run records for ``kdlight-report``: finding run directories, reading each run's
+``metrics.json`` and config into one checked record, and the identity (group and sweep) that
+tells which runs may be averaged or compared.
+
+:func:`collect_runs` finds every run directory below the given ones (a directory holding
+``config.yaml``, ``metrics.json``, ``error.txt`` or ``.hydra/config.yaml``) and reads one
+record per run (:func:`load_run`). A run whose files cannot be read, or whose
+``metrics.json`` holds a field of the wrong type (:func:`read_metrics`), is a failed run with
+the reason. The text forms of a record's values shared by the report and the plots
+(:func:`_fmt`, :func:`_cell`, :func:`_mean_std`) live here too.
+"""
+
+import hashlib
+import json
+import math
+import os
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+from kdlight.runs import group_key, is_debug, settings
+from kdlight.stats import CELL_KEYS, Comparison, Estimate, compare_runs
+
+RUN_MARKERS = ("config.yaml", "metrics.json", "error.txt", ".hydra/config.yaml")
+DISTILLATION = ("DistillationModule", "DistillationGridModule")  # one row per (T, alpha) cell
+FIELDS = ("error", "name", "system", "model", "temperature", "alpha", "accuracy", "val_acc_best")
+FIELDS += ("validation", "teacher_accuracy", "teacher_checkpoint", "root", "delta_vs_baseline")
+FIELDS += ("seed", "settings", "epochs", "test_images", "test_set", "role", "group", "sweep")
+#: metrics.json's fields and the kind of value each must hold (null is allowed but for the
+#: first two); see :data:`KINDS`.
+METRICS = {"accuracy": "number", "per_class_accuracy": "table", "system": "text"}
+METRICS |= {"model": "text", "epochs": "count", "test_images": "count", "test_set": "text"}
+METRICS |= {"val_acc_best": "number", "validation": "text", "temperature": "number"}
+METRICS |= {"alpha": "number", "teacher_model": "text", "teacher_checkpoint": "text"}
+METRICS |= {"teacher_accuracy": "number", "run": "table"}
+RUN_BLOCK = {"settings": "table", "id": "text", "seed": "integer", "debug": "flag"}
+KINDS = {
+    "number": (
+        "a finite number",
+        lambda v: _is_int(v) or isinstance(v, float) and math.isfinite(v),
+    ),
+    "count": ("a whole number >= 0", lambda v: _is_int(v) and v >= 0),
+    "integer": ("a whole number", lambda v: _is_int(v)),
+    "text": ("a string", lambda v: isinstance(v, str)),
+    "flag": ("true or false", lambda v: isinstance(v, bool)),
+    "table": ("an object", lambda v: isinstance(v, dict)),
+}
+VALIDATION = ("held_out", "test_set")  # held out of the training images, or the test set
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _float(value) -> float | None:
+    try:
+        return float(value)
+    except (TypeError, ValueError):  # missing, or not a number: shown as empty
+        return None
+
+
+def _text(value) -> str | None:
+    return value if isinstance(value, str) else None
+
+
+def _read_config(path: Path) -> DictConfig:
+    """``config.yaml`` (resolved), else Hydra's unresolved ``.hydra/config.yaml``, else empty."""
+    for file in (path / "config.yaml", path / ".hydra" / "config.yaml"):
+        if file.exists():
+            cfg = OmegaConf.load(file)
+            return cfg if isinstance(cfg, DictConfig) else OmegaConf.create()
+    return OmegaConf.create()
+
+
+def _outputs_root(run_dir: Path, root: str | None) -> Path | None:
+    """``paths.root``; a relative one (to the launch directory) is looked for above the run."""
+    if not root or Path(root).is_absolute():
+        return Path(root) if root else None
+    parts = Path(root).parts
+    return next((a for a in run_dir.parents if a.parts[-len(parts) :] == parts), Path.cwd() / root)
+
+
+def _check(record: dict, kinds: dict, where: str = "", required: int = 0) -> None:
+    """Raise ValueError naming the first field of ``record`` that is not of its kind in
+    ``kinds`` (the first ``required`` fields must be there; the others may be null)."""
+    for k, (key, kind) in enumerate(kinds.items()):
+        value = record.get(key)
+        description, valid = KINDS[kind]
+        if (value is None and k < required) or (value is not None and not valid(value)):
+            shown = "missing" if value is None else json.dumps(value)[:40]
+            raise ValueError(f"{where}{key} is {shown}, expected {description}")
+
+
+def read_metrics(file: Path) -> dict:
+    """``metrics.json``, checked: a field of the wrong type raises ValueError naming it. A
+    class's accuracy of ``NaN`` (no test image of it, as older runs wrote it) reads as None."""
+    metrics = json.loads(file.read_text())
+    if not isinstance(metrics, dict):
+        raise ValueError(f"expected an object, got {type(metrics).__name__}")
+    _check(metrics, METRICS, required=2)
+    per_class = {
+        name: None if isinstance(v, float) and math.isnan(v) else v
+        for name, v in metrics["per_class_accuracy"].items()
+    }
+    _check(per_class, dict.fromkeys(per_class, "number"), "per_class_accuracy.")
+    if metrics.get("validation") not in (None, *VALIDATION):
+        raise ValueError(f"validation is {metrics['validation']!r}, expected one of {VALIDATION}")
+    if metrics.get("run") is not None:
+        _check(metrics["run"], RUN_BLOCK, "run.", required=1)
+    return metrics | {"per_class_accuracy": per_class}
+
+
+def load_run(path: Path) -> dict:
+    """One run directory as a record. Files that cannot be read make it a failed run with
+    the reason, whatever that reason is: one odd run never stops the report."""
+    path = Path(path).resolve()
+    run = {"path": path, "status": "unfinished", **dict.fromkeys(FIELDS), "per_class": {}}
+    run["debug"] = False
+    try:
+        _read_run(path, run)
+    except Exception as err:  # whatever it is, the report shows it
+        run |= {"status": "failed", "error": f"unreadable run: {err!r}"}
+    return run
+
+
+def _read_run(path: Path, run: dict) -> None:
+    try:
+        cfg = _read_config(path)
+    except Exception as err:  # a config that cannot be parsed, for any reason
+        cfg = OmegaConf.create()
+        run |= {"status": "failed", "error": f"unreadable config.yaml: {err}"}
+
+    def get(key: str):  # an interpolation left in .hydra/config.yaml reads as None
+        return OmegaConf.select(cfg, key, default=None, throw_on_resolution_failure=False)
+
+    run["system"] = (_text(get("module._target_")) or "").rsplit(".", 1)[-1] or None
+    run |= {"name": _text(get("name")), "model": _text(get("model.name"))}
+    run |= {"teacher_checkpoint": _text(get("distill.teacher_checkpoint"))}
+    run["seed"] = get("seed") if _is_int(get("seed")) else None
+    if run["system"] in DISTILLATION:
+        run |= {
+            "temperature": _float(get("distill.temperature")),
+            "alpha": _float(get("distill.alpha")),
+        }
+    val_size = get("data.val_size")
+    if _is_int(val_size):
+        run["validation"] = VALIDATION[val_size == 0]
+
+    metrics_file, error_file = path / "metrics.json", path / "error.txt"
+    if metrics_file.exists():
+        try:
+            metrics = read_metrics(metrics_file)
+        except (OSError, ValueError) as err:
+            run |= {"status": "failed", "error": f"unreadable metrics.json: {err}"}
+        else:
+            _read_result(run, metrics, cfg)
+    elif error_file.exists():
+        try:
+            lines = error_file.read_text(errors="replace").strip().splitlines()
+        except OSError as err:
+            lines = [f"unreadable error.txt: {err}"]
+        run |= {"status": "failed", "error": lines[0] if lines else "error.txt is empty"}
+
+    run["root"] = _outputs_root(path, _text(get("paths.root")))
+    checkpoint = Path(run["teacher_checkpoint"] or "")  # <root>/teacher/<model>/<run>/checkpoints/x
+    if run["root"] is None and len(checkpoint.parents) > 3:
+        run["root"] = checkpoint.parents[3 + (checkpoint.parents[1].name.startswith("seed"))]
+    if run["name"] is None and run["root"] and path.is_relative_to(run["root"].resolve()):
+        run["name"] = path.relative_to(run["root"].resolve()).parts[0]  # <root>/<name>/...
+    run["role"] = "distill" if run["system"] in DISTILLATION else (run["name"] or "classifier")
+    if run["status"] == "finished":
+        _identify(run)
+
+
+def _read_result(run: dict, metrics: dict, cfg: DictConfig) -> None:
+    """Fill a finished run's record from its checked ``metrics.json``."""
+    block = metrics.get("run") or {}
+    per_class = metrics["per_class_accuracy"]
+    run |= {
+        "status": "finished",
+        "error": None,
+        "system": metrics.get("system") or run["system"],
+        "model": metrics.get("model") or run["model"],
+        "accuracy": float(metrics["accuracy"]),
+        "val_acc_best": _float(metrics.get("val_acc_best")),
+        "validation": metrics.get("validation") or run["validation"],
+        "teacher_accuracy": _float(metrics.get("teacher_accuracy")),
+        "per_class": {k: None if v is None else float(v) for k, v in per_class.items()},
+        **{key: metrics.get(key) for key in ("epochs", "test_images", "test_set")},
+    }
+    for key in ("temperature", "alpha", "teacher_checkpoint"):
+        run[key] = run[key] if metrics.get(key) is None else metrics[key]
+    run |= {"temperature": _float(run["temperature"]), "alpha": _float(run["alpha"])}
+    if block:
+        run |= {"settings": block["settings"], "debug": bool(block.get("debug"))}
+        run["seed"] = block["seed"] if block.get("seed") is not None else run["seed"]
+    elif len(cfg):  # a run from before metrics.json held its settings: those of its config
+        run |= {"settings": settings(cfg, run["teacher_checkpoint"]), "debug": is_debug(cfg)}
+
+
+def _identify(run: dict) -> None:
+    """The run's ``group`` (runs that differ only in seed) and ``sweep`` (groups that differ
+    only in T and alpha): short hashes of the settings (seed and, for the sweep, T and alpha
+    left out; a fused-grid cell counted as its separate run) and of the test images,
+    epochs and role. A run without settings is a group of its own."""
+    facts = [run["role"], run["epochs"], run["test_set"], run["test_images"]]
+    if run["settings"] is None:
+        run["group"] = run["sweep"] = _short([str(run["path"]), *facts])
+        return
+    sweep = {k: v for k, v in run["settings"].items() if k not in CELL_KEYS}
+    run["group"] = _short([group_key(run["settings"], run["temperature"], run["alpha"]), *facts])
+    run["sweep"] = _short([group_key(sweep), *facts]) if run["role"] == "distill" else run["group"]
+
+
+def _short(record: list) -> str:
+    return hashlib.sha256(json.dumps(record, default=str).encode()).hexdigest()[:8]
+
+
+def _run_dirs(top: Path) -> list[Path]:
+    """Run directories at or below ``top``. A directory with neither ``metrics.json`` nor
+    ``error.txt`` above other runs groups them (a fused grid) and is not a run itself."""
+    found = []
+    for here, subdirs, _ in os.walk(top):
+        subdirs[:] = sorted(d for d in subdirs if not d.startswith("."))
+        if any((Path(here) / marker).exists() for marker in RUN_MARKERS):
+            found.append(Path(here))
+    ended = [d for d in found if (d / "metrics.json").exists() or (d / "error.txt").exists()]
+    return [d for d in found if d in ended or not any(d in other.parents for other in found)]
+
+
+def _collect(dirs: list[Path]) -> tuple[list[dict], list[Comparison]]:
+    paths = {p.resolve() for top in dirs for p in _run_dirs(Path(top))}
+    runs = [load_run(p) for p in paths]
+
+    def order(run: dict) -> tuple:
+        number = [-math.inf if run[k] is None else run[k] for k in ("temperature", "alpha")]
+        return (run["model"] or "", *number, str(run["path"]))
+
+    runs.sort(key=order)
+    return runs, compare_runs(runs, _referenced(runs))
+
+
+def _referenced(runs: list[dict]) -> list[dict]:
+    """The runs that distillation ``runs`` compare with but ``dirs`` did not hold: their
+    teachers (the run of ``teacher_checkpoint``) and the student baselines of their model
+    under ``<paths.root>/student_baseline/<model>``."""
+    folders = set()
+    for run in (r for r in runs if r["role"] == "distill" and r["status"] == "finished"):
+        if run["teacher_checkpoint"]:
+            folders.add(Path(run["teacher_checkpoint"]).resolve().parents[1])
+        if run["root"] and run["model"]:
+            baselines = run["root"] / "student_baseline" / run["model"]
+            folders.update(
+                d.resolve() for d in (_run_dirs(baselines) if baselines.is_dir() else [])
+            )
+    known = {r["path"] for r in runs}
+    return [load_run(f) for f in sorted(folders - known) if (f / "metrics.json").exists()]
+
+
+def collect_runs(dirs: list[Path]) -> list[dict]:
+    """Every run below ``dirs``, sorted by (model, temperature, alpha, path), each finished
+    distillation run with ``delta_vs_baseline``: its accuracy minus the mean of the comparable
+    baseline (percentage points), when there is one."""
+    return _collect(dirs)[0]
+
+
+# ---------------------------------------------------------------------------- text forms
+def _fmt(value, spec: str = ".2f") -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return ""
+    return format(value, spec)
+
+
+def _cell(run: dict) -> str:
+    return f"T={_fmt(run['temperature'], 'g')}, alpha={_fmt(run['alpha'], 'g')}"
+
+
+def _mean_std(estimate: Estimate, unit: str = "") -> str:
+    """``84.12 ± 0.31 (n=3)``; one value has no spread: ``84.12 (n=1)``."""
+    spread = f" ± {estimate.std:.2f}" if estimate.std is not None else ""
+    return f"{estimate.mean:.2f}{spread}{unit} (n={estimate.n})"

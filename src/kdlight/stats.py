@@ -1,0 +1,346 @@
+"""Statistics over seeds for ``kdlight-report``: groups of runs, means with confidence
+intervals, differences from a baseline, comparisons and which cell of a sweep is best.
+
+Runs whose settings differ only in their seed are repeats of one experiment, a
+:class:`Group`. A group is summarised by the mean of its test accuracies, their sample
+standard deviation and a 95% confidence interval for the mean from Student's t
+distribution (:func:`summarize`). A distilled group is compared with the student baseline
+by the difference of their means, paired by seed when both have the same seeds
+(:func:`paired_difference`), else with Welch's interval for two groups of unequal variance
+(:func:`welch_difference`). One run per setting gives a number but no interval: the
+seed-to-seed noise can only be measured from two seeds or more.
+
+A :class:`Comparison` holds the distillation groups of one student model that differ only
+in T and alpha, with their teacher and the comparable baseline. The runs are the records of
+:func:`kdlight.report.load_run`.
+"""
+
+import json
+import math
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from scipy.stats import t as student_t
+
+CONFIDENCE = 0.95
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """A mean over ``n`` values with its sample standard deviation and ``CONFIDENCE``
+    interval (``std``, ``low`` and ``high`` are None for one value). ``method`` says how it
+    was computed: ``mean``, or for a difference ``paired`` or ``welch``."""
+
+    n: int
+    mean: float
+    std: float | None = None
+    low: float | None = None
+    high: float | None = None
+    method: str = "mean"
+
+    @property
+    def has_interval(self) -> bool:
+        return self.low is not None and self.high is not None
+
+
+def t_interval(mean: float, se: float, df: float) -> tuple[float, float]:
+    """``mean -+ t(1 - (1 - CONFIDENCE) / 2, df) * se``: the two-sided interval for a mean
+    with standard error ``se`` and ``df`` degrees of freedom (a point when ``se`` is 0)."""
+    if se == 0:
+        return mean, mean
+    quantile = float(student_t.ppf(0.5 + CONFIDENCE / 2, df))
+    return mean - quantile * se, mean + quantile * se
+
+
+def summarize(values: list[float]) -> Estimate | None:
+    """Mean ``m = sum(x) / n``, sample standard deviation
+    ``s = sqrt(sum((x - m)^2) / (n - 1))`` and the interval ``m -+ t(0.975, n - 1) * s / sqrt(n)``
+    of ``values``; None for no values."""
+    n = len(values)
+    if n == 0:
+        return None
+    mean = math.fsum(values) / n
+    if n == 1:
+        return Estimate(1, mean)
+    std = math.sqrt(math.fsum((x - mean) ** 2 for x in values) / (n - 1))
+    low, high = t_interval(mean, std / math.sqrt(n), n - 1)
+    return Estimate(n, mean, std, low, high)
+
+
+def paired_difference(values: dict, baseline: dict) -> Estimate:
+    """The mean of the per-seed differences ``d_s = values[s] - baseline[s]`` over the seeds
+    both hold, with the interval ``mean(d) -+ t(0.975, n - 1) * std(d) / sqrt(n)``. Pairing
+    removes what one seed does to both runs (initialisation, data order), so it is tighter
+    than comparing two means when the seeds match."""
+    seeds = sorted(set(values) & set(baseline))
+    estimate = summarize([values[s] - baseline[s] for s in seeds])
+    if estimate is None:
+        raise ValueError("paired_difference needs at least one seed in common")
+    return replace(estimate, method="paired")
+
+
+def welch_difference(values: list[float], baseline: list[float]) -> Estimate:
+    """``d = mean(a) - mean(b)`` with Welch's interval ``d -+ t(0.975, nu) * se``, where
+    ``se = sqrt(s_a^2 / n_a + s_b^2 / n_b)`` and
+    ``nu = se^4 / ((s_a^2 / n_a)^2 / (n_a - 1) + (s_b^2 / n_b)^2 / (n_b - 1))``
+    (Welch-Satterthwaite). It assumes neither equal variances nor matching seeds; it needs
+    two values on each side for an interval. ``std`` is ``se``, the difference's standard
+    error, and ``n`` the smaller of the two counts."""
+    a, b = summarize(values), summarize(baseline)
+    if a is None or b is None:
+        raise ValueError("welch_difference needs values on both sides")
+    mean = a.mean - b.mean
+    if a.std is None or b.std is None:
+        return Estimate(min(a.n, b.n), mean, method="welch")
+    share_a, share_b = a.std**2 / a.n, b.std**2 / b.n
+    se = math.sqrt(share_a + share_b)
+    if se == 0:
+        return Estimate(min(a.n, b.n), mean, 0.0, mean, mean, "welch")
+    df = se**4 / (share_a**2 / (a.n - 1) + share_b**2 / (b.n - 1))
+    low, high = t_interval(mean, se, df)
+    return Estimate(min(a.n, b.n), mean, se, low, high, "welch")
+
+
+@dataclass
+class Group:
+    """Finished runs (records of :func:`kdlight.report.load_run`) whose settings differ only
+    in the seed. Several runs of one seed are repeats of one run: they count once, as their
+    mean. Runs whose seed is unknown count once each."""
+
+    key: str
+    runs: list[dict]
+
+    @property
+    def first(self) -> dict:
+        return self.runs[0]
+
+    def per_seed(self, field: str | Callable[[dict], float | None] = "accuracy"):
+        """``({seed: mean of field over that seed's runs}, [field of each unknown-seed run])``,
+        leaving out runs where ``field`` (a record key, or a function of the record) is None."""
+        read = field if callable(field) else lambda run: run.get(field)
+        known: dict = {}
+        unknown = []
+        for run in self.runs:
+            value = read(run)
+            if value is None:
+                continue
+            if run.get("seed") is None:
+                unknown.append(value)
+            else:
+                known.setdefault(run["seed"], []).append(value)
+        return {seed: math.fsum(v) / len(v) for seed, v in sorted(known.items())}, unknown
+
+    def values(self, field: str | Callable[[dict], float | None] = "accuracy") -> list[float]:
+        known, unknown = self.per_seed(field)
+        return [*known.values(), *unknown]
+
+    def summary(self, field: str | Callable[[dict], float | None] = "accuracy") -> Estimate | None:
+        return summarize(self.values(field))
+
+    @property
+    def seeds(self) -> list:
+        """The distinct seeds, sorted, then None once per run of unknown seed."""
+        known = sorted({r["seed"] for r in self.runs if r.get("seed") is not None})
+        return known + [None] * sum(r.get("seed") is None for r in self.runs)
+
+    def per_class(self) -> dict[str, float | None]:
+        """Each class's accuracy averaged like the test accuracy (one value per seed); None
+        for a class that no run has an accuracy for (no test image of it)."""
+        classes = dict.fromkeys(c for run in self.runs for c in run["per_class"])
+        means = {}
+        for name in classes:
+            estimate = summarize(self.values(lambda run, name=name: run["per_class"].get(name)))
+            means[name] = None if estimate is None else estimate.mean
+        return means
+
+
+def difference(group: Group, baseline: Group) -> Estimate | None:
+    """``group`` minus ``baseline`` in test accuracy: paired by seed when both hold exactly the
+    same known seeds, else Welch's difference of means. None when either has no value."""
+    mine, theirs = group.per_seed()[0], baseline.per_seed()[0]
+    values, base = group.values(), baseline.values()
+    if not values or not base:
+        return None
+    if mine and set(mine) == set(theirs) and len(mine) == len(values) == len(base):
+        return paired_difference(mine, theirs)
+    return welch_difference(values, base)
+
+
+def choose_best(groups: list[Group]) -> tuple[Group | None, str]:
+    """The best group of a sweep and the basis of the choice: ``validation`` (the highest
+    mean best-validation accuracy) when every group validated on a held-out split, else
+    ``test`` (the highest mean test accuracy). A ``val_acc_best`` measured on the test set
+    (``val_size=0``) is never used: choosing on it would pick by the test set twice."""
+    held_out = all(r.get("validation") == "held_out" for g in groups for r in g.runs)
+    if groups and held_out and all(g.summary("val_acc_best") for g in groups):
+        return max(groups, key=lambda g: g.summary("val_acc_best").mean), "validation"
+    scored = [g for g in groups if g.summary() is not None]
+    return max(scored, key=lambda g: g.summary().mean, default=None), "test"
+
+
+def _pp(value: float) -> str:
+    return f"{value:+.2f}"
+
+
+def noise_verdict(delta: Estimate | None) -> str:
+    """One sentence: is the best cell's difference from the baseline within the seed-to-seed
+    noise? Judged by whether its 95% interval holds 0."""
+    if delta is None:
+        return "Without a comparable student baseline the best cell's gain cannot be judged."
+    how = "paired by seed" if delta.method == "paired" else "Welch"
+    if not delta.has_interval:
+        return (
+            f"The best cell's gain over the baseline, {_pp(delta.mean)} pp, cannot be told apart "
+            "from seed-to-seed noise: a single seed of the cell or of the baseline gives no "
+            "measure of that noise (run more seeds, e.g. `seed=0,1,2`)."
+        )
+    interval = f"95% CI [{_pp(delta.low)}, {_pp(delta.high)}] pp, {how}, n={delta.n}"
+    if delta.low <= 0 <= delta.high:
+        return (
+            f"The best cell's gain over the baseline, {_pp(delta.mean)} pp ({interval}), is "
+            "within the seed-to-seed noise: its interval includes 0."
+        )
+    kind = "gain over" if delta.mean > 0 else "loss against"
+    return (
+        f"The best cell's {kind} the baseline, {_pp(delta.mean)} pp ({interval}), is "
+        "larger than the seed-to-seed noise: its interval excludes 0."
+    )
+
+
+# --------------------------------------------------------------------------- comparisons
+#: Settings that must be equal for two runs' accuracies to be compared at all, besides the
+#: test images and the number of epochs.
+DATA_KEYS = ("data.source", "data.train_subset", "data.eval_subset", "data.val_size")
+DATA_KEYS += ("data.synthetic_train_size", "data.synthetic_test_size")
+CELL_KEYS = ("distill.temperature", "distill.alpha")
+
+
+@dataclass
+class Comparison:
+    """The distillation groups of one student model whose settings differ only in T and
+    alpha (one table and one heatmap), with what they are compared with."""
+
+    model: str
+    groups: list[Group]  # by (T, alpha)
+    teacher: dict | None  # the teacher's run record
+    baseline: Group | None
+    baseline_note: str  # why there is no baseline
+    best: Group | None
+    chosen_on: str  # "validation" or "test"
+    deltas: dict[str, Estimate | None]  # group key -> difference from the baseline
+    name: str = "heatmap"  # the heatmap's file name, without .png
+    differs: str = ""  # the settings that set it apart from the model's other comparisons
+    pending: list[dict] = field(default_factory=list)  # its model's failed or unfinished cells
+
+
+def groups_of(runs: list[dict]) -> dict[str, Group]:
+    """The finished, non-debug runs by group, in the order of ``runs``."""
+    groups: dict[str, Group] = {}
+    for run in runs:
+        if run["status"] == "finished" and not run["debug"]:
+            groups.setdefault(run["group"], Group(run["group"], [])).runs.append(run)
+    return groups
+
+
+def comparable(run: dict) -> dict:
+    """What must be equal for two runs' accuracies to be compared."""
+    facts = {key: run[key] for key in ("test_images", "test_set", "epochs")}
+    return facts | {key: (run["settings"] or {}).get(key) for key in DATA_KEYS}
+
+
+def find_baseline(student: dict, candidates: list[dict]) -> tuple[Group | None, str]:
+    """The ``student_baseline`` group among ``candidates`` comparable with the distilled
+    ``student`` run (same model, test images, epochs and data); of several, the one that
+    shares most other settings, then has most seeds. Else ``(None, why)``."""
+    wanted = ("ClassifierModule", student["model"], "student_baseline")
+    found = [
+        r
+        for r in candidates
+        if (r["system"], r["model"], r["role"]) == wanted
+        and "eval.checkpoint" not in (r["settings"] or {})  # a test of a named checkpoint
+    ]
+    groups = list(groups_of(found).values())
+    target = comparable(student)
+    matching = [g for g in groups if comparable(g.first) == target]
+    if not matching:
+        if not groups:
+            return None, "not found, no Δ computed"
+        theirs = comparable(groups[0].first)
+        changed = ", ".join(
+            f"{k}={theirs[k]} (here {v})" for k, v in target.items() if theirs[k] != v
+        )
+        return None, f"none comparable (the baseline runs have {changed}), no Δ computed"
+
+    def shared(group: Group) -> int:
+        mine, theirs = student["settings"] or {}, group.first["settings"] or {}
+        return sum(theirs.get(k) == v for k, v in mine.items() if not k.startswith("distill."))
+
+    return max(matching, key=lambda g: (shared(g), len(g.values()))), ""
+
+
+def find_teacher(student: dict, candidates: list[dict]) -> dict | None:
+    """The finished teacher run of ``student``: the run whose ``checkpoints/`` folder holds
+    its ``teacher_checkpoint``."""
+    if not student["teacher_checkpoint"]:
+        return None
+    folder = Path(student["teacher_checkpoint"]).resolve().parents[1]
+    return next((r for r in candidates if r["path"] == folder and r["status"] == "finished"), None)
+
+
+def compare_runs(runs: list[dict], referenced: list[dict] = ()) -> list[Comparison]:
+    """The comparisons of ``runs``, the main one first (the student model with the most
+    distillation runs, then the comparison with the most runs). Baselines and teachers are
+    looked for in ``runs`` and ``referenced`` (runs found elsewhere, e.g. under
+    ``paths.root``). Sets each distilled run's ``delta_vs_baseline``: its accuracy minus the
+    baseline's mean (percentage points)."""
+    candidates = [*runs, *referenced]
+    sweeps: dict[str, list[Group]] = {}
+    for group in groups_of(runs).values():
+        if group.first["role"] == "distill" and group.first["model"]:
+            sweeps.setdefault(group.first["sweep"], []).append(group)
+    comparisons = []
+    for groups in sweeps.values():
+        groups.sort(key=lambda g: (g.first["temperature"] or 0, g.first["alpha"] or 0))
+        student = groups[0].first
+        baseline, note = find_baseline(student, candidates)
+        best, chosen_on = choose_best(groups)
+        deltas = {g.key: baseline and difference(g, baseline) for g in groups}
+        teacher = find_teacher(student, candidates)
+        comparisons.append(
+            Comparison(student["model"], groups, teacher, baseline, note, best, chosen_on, deltas)
+        )
+        mean = baseline.summary().mean if baseline else None
+        for run in (r for g in groups for r in g.runs):
+            run["delta_vs_baseline"] = None if mean is None else run["accuracy"] - mean
+
+    counts = Counter(r["model"] for r in runs if r["role"] == "distill" and not r["debug"])
+    comparisons.sort(key=lambda c: (-counts[c.model], c.model, -sum(len(g.runs) for g in c.groups)))
+    for k, comparison in enumerate(comparisons):
+        same = [c for c in comparisons if c.model == comparison.model]
+        comparison.differs = differences(
+            comparison.groups[0].first, [c.groups[0].first for c in same]
+        )
+        if k:  # heatmap.png, heatmap_<model>.png, heatmap_<model>_<sweep>.png
+            sweep = "" if comparison is same[0] else f"_{comparison.groups[0].first['sweep']}"
+            comparison.name = f"heatmap_{comparison.model}{sweep}"
+    for run in runs:
+        main = next((c for c in comparisons if c.model == run["model"]), None)
+        if run["status"] != "finished" and run["role"] == "distill" and main:
+            main.pending.append(run)
+    return comparisons
+
+
+def differences(run: dict, others: list[dict]) -> str:
+    """``key=value`` of ``run``'s settings, epochs, test images and test set that vary among
+    ``others`` (``run`` among them; T and alpha left out): what tells their groups apart."""
+
+    def facts(r: dict) -> dict:
+        cell_free = {k: v for k, v in (r["settings"] or {}).items() if k not in CELL_KEYS}
+        return cell_free | {k: r[k] for k in ("epochs", "test_images", "test_set")}
+
+    every = [facts(r) for r in others]
+    keys = sorted({k for f in every for k in f})
+    varying = [k for k in keys if len({json.dumps(f.get(k), default=str) for f in every}) > 1]
+    return ", ".join(f"{k}={facts(run).get(k)}" for k in varying)
