@@ -1,4 +1,5 @@
-"""Every config choice composes from the real ``conf/`` and instantiates."""
+"""Every config choice composes from the real ``conf/``, passes the settings checks and
+instantiates."""
 
 import os
 import subprocess
@@ -12,6 +13,7 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from kdlight import config_dir
+from kdlight.settings import rule_for, validate_settings
 from tests.conftest import TINY, compose_config
 
 GROUPS = ["data", "model", "module", "optimizer", "scheduler", "trainer", "logger", "callbacks"]
@@ -49,6 +51,7 @@ def test_choice_composes_and_instantiates(
     if group in ("trainer", "experiment"):
         overrides.append("trainer.accelerator=cpu")  # trainer=gpu composes; CI has no GPU
     cfg = compose_config(overrides, tmp_path)
+    validate_settings(cfg)
     OmegaConf.resolve(cfg)
     datamodule, model, module = build(cfg)
     assert isinstance(module, L.LightningModule)
@@ -59,6 +62,64 @@ def test_choice_composes_and_instantiates(
     loggers = [instantiate(c) for c in cfg.logger.values()]
     trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
     assert isinstance(trainer, L.Trainer) and isinstance(datamodule, L.LightningDataModule)
+
+
+def leaf_keys(tree: dict, prefix: str = ""):
+    for key, value in tree.items():
+        if isinstance(value, dict) and value:
+            yield from leaf_keys(value, f"{prefix}{key}.")
+        elif not str(key).startswith("_"):
+            yield f"{prefix}{key}"
+
+
+@pytest.mark.parametrize("group", GROUPS)
+def test_every_setting_has_a_rule(group: str, tmp_path: Path):
+    """A setting in conf/ that kdlight.settings has no rule for would go unchecked."""
+    for choice in choices(group):
+        cfg = OmegaConf.to_container(compose_config([f"{group}={choice}"], tmp_path))
+        unchecked = [key for key in leaf_keys(cfg) if rule_for(key) is None]
+        assert not unchecked, f"{group}={choice}: no rule in kdlight.settings for {unchecked}"
+
+
+#: The command lines of the README, the Makefile and the configs' comments.
+DOCUMENTED = [
+    ["experiment=teacher", "demo=cpu", "model=resnet20", "trainer.max_epochs=6"],
+    ["experiment=student_baseline", "demo=cpu", "model.width=0.5"],
+    [
+        "experiment=distill_grid",
+        "demo=cpu",
+        "model.width=0.5",
+        "distill.temperature=[2,8]",
+        "distill.alpha=[0.5,0.9]",
+    ],
+    ["experiment=quick", "data.source=synthetic", "trainer.max_epochs=1"],
+    [
+        "model=resnet18",
+        "model.width=0.25",
+        "optimizer.lr=0.05",
+        "data.batch_size=256",
+        "trainer=gpu",
+    ],
+    ["experiment=teacher", "speed=fast"],
+    ["experiment=teacher", "trainer=ddp", "trainer.devices=4", "trainer.sync_batchnorm=true"],
+    ["trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2"],
+    ["experiment=distill", "distill.temperature=4", "distill.alpha=0.9"],
+    ["experiment=distill_grid"],
+    ["experiment=quick", "debug=fast_dev_run"],
+]
+
+
+@pytest.mark.parametrize("overrides", DOCUMENTED, ids=lambda o: " ".join(o)[:60])
+def test_documented_commands_pass_the_settings_checks(overrides: list[str], tmp_path: Path):
+    validate_settings(compose_config(overrides, tmp_path))
+
+
+def test_every_cell_of_the_reference_sweep_passes(tmp_path: Path):
+    params = OmegaConf.load(config_dir() / "sweep" / "reference_grid.yaml").hydra.sweeper.params
+    for temperature in str(params["distill.temperature"]).split(","):
+        for alpha in str(params["distill.alpha"]).split(","):
+            cell = [f"distill.temperature={temperature}", f"distill.alpha={alpha}"]
+            validate_settings(compose_config(["experiment=distill", *cell], tmp_path))
 
 
 def test_reference_recipe(tmp_path: Path):

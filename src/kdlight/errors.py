@@ -10,6 +10,11 @@ class KDLightError(ValueError):
     """
 
 
+def first_line(error: BaseException) -> str:
+    """An error's message cut to one line (its type's name if it has none)."""
+    return (str(error).strip().splitlines() or [type(error).__name__])[0]
+
+
 def find_user_error(error: BaseException) -> KDLightError | None:
     """The :class:`KDLightError` behind ``error`` (Hydra's ``instantiate`` wraps it), if any."""
     while error is not None:

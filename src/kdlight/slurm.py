@@ -4,7 +4,7 @@
 
 would submit, printed by ``python -m kdlight.slurm ARGS``, which submits nothing. The script
 is rendered by submitit's own template from the composed launcher settings, so it is what
-``sbatch`` would receive. Needs hydra-submitit-launcher (in the ``dev`` extras).
+``sbatch`` would receive. Needs hydra-submitit-launcher (``pip install 'kdlight[slurm]'``).
 """
 
 import shlex
@@ -17,9 +17,21 @@ from hydra.core.utils import filter_overrides
 from hydra.errors import HydraException
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
-from submitit.slurm.slurm import SlurmExecutor, _make_sbatch_string
 
 from kdlight import config_dir
+from kdlight.errors import KDLightError, first_line
+from kdlight.preflight import check_command_line
+
+USAGE = """usage: python -m kdlight.slurm [-h] [OVERRIDE ...]
+
+Print what `kdlight-train -m hydra/launcher=slurm OVERRIDE ...` would submit: the sbatch
+script (submitit's own template) and one line per run. Submits nothing, writes nothing.
+The overrides are kdlight-train's; trainer.devices and trainer.num_nodes must be numbers.
+
+  python -m kdlight.slurm experiment=teacher trainer=ddp trainer.devices=4 \\
+    trainer.num_nodes=2 hydra.launcher.partition=gpu
+  python -m kdlight.slurm experiment=distill sweep=reference_grid hydra.launcher.partition=gpu
+"""
 
 #: Launcher settings for submitit itself or for Hydra, not for the sbatch script.
 _NOT_SBATCH = {"_target_", "submitit_folder", "max_num_timeout"}
@@ -27,6 +39,8 @@ _NOT_SBATCH = {"_target_", "submitit_folder", "max_num_timeout"}
 
 def sbatch_script(launcher: dict, num_runs: int) -> str:
     """The sbatch script submitit writes for ``num_runs`` runs (a job array when several)."""
+    from submitit.slurm.slurm import SlurmExecutor, _make_sbatch_string  # the slurm extra
+
     names = SlurmExecutor._equivalence_dict()  # the launcher's shared names -> sbatch's
     sbatch = {
         names.get(key, key): value
@@ -43,10 +57,15 @@ def sbatch_script(launcher: dict, num_runs: int) -> str:
 
 
 def dry_run(args: list[str]) -> str:
-    """What ``kdlight-train -m hydra/launcher=slurm ARGS`` would submit, as text."""
+    """What ``kdlight-train -m hydra/launcher=slurm ARGS`` would submit, as text. Raises a
+    one-line :class:`KDLightError` for what would stop that command (an unknown setting,
+    the slurm extra missing, ``trainer.devices=auto``)."""
     args = [
         a for a in args if a not in ("-m", "--multirun") and not a.startswith("hydra/launcher=")
     ]
+    if flags := [a for a in args if a.startswith("-")]:
+        raise KDLightError(f"unknown option {flags[0]} (python -m kdlight.slurm --help)")
+    check_command_line(["-m", *args, "hydra/launcher=slurm"])
     parser = OverridesParser.create()
     fixed = [o.input_line for o in parser.parse_overrides(args) if not o.is_sweep_override()]
     with initialize_config_dir(version_base="1.3", config_dir=str(config_dir())):
@@ -66,10 +85,14 @@ def dry_run(args: list[str]) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
+    args = sys.argv[1:] if argv is None else argv
+    if "-h" in args or "--help" in args:
+        print(USAGE, end="")
+        return
     try:
-        print(dry_run(sys.argv[1:] if argv is None else argv))
-    except (HydraException, OmegaConfBaseException) as err:  # a bad override, trainer.devices=auto
-        print(f"error: {str(err).strip().splitlines()[0]}", file=sys.stderr)
+        print(dry_run(args))
+    except (KDLightError, HydraException, OmegaConfBaseException) as err:
+        print(f"error: {first_line(err)}", file=sys.stderr)
         sys.exit(2)
 
 

@@ -1,0 +1,426 @@
+"""Every setting of a composed config checked before any work, each bad one told in one line.
+
+:func:`validate_settings` checks the type and range of every setting (everything in
+``conf/``, and what ``+key=value`` adds to a ``_target_``) and the settings that must fit
+each other. ``kdlight-train`` calls it before it builds a Trainer, looks for a teacher or
+reads data, so a bad setting is reported before any hardware error and before any work::
+
+    error: optimizer.lr=-1 is not allowed: a finite number > 0
+
+The command line itself is checked earlier, before Hydra runs, by :mod:`kdlight.preflight`.
+"""
+
+import contextlib
+import importlib.util
+import inspect
+import math
+import os
+import re
+import typing
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+from hydra._internal.utils import _locate  # hydra.utils.get_object, without logging errors
+from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf.errors import InterpolationResolutionError, MissingMandatoryValue
+
+from kdlight.errors import KDLightError, first_line
+
+
+# ---------------------------------------------------------------------------------- rules
+@dataclass(frozen=True)
+class Rule:
+    """What a setting allows: ``allowed`` says it in words, ``accepts`` checks a value."""
+
+    allowed: str
+    accepts: Callable[[Any], bool]
+
+    def __or__(self, other: "Rule") -> "Rule":
+        return Rule(
+            f"{self.allowed} or {other.allowed}", lambda v: self.accepts(v) or other.accepts(v)
+        )
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def integer(low: int, high: int | None = None) -> Rule:
+    """An integer (not a bool, not a float) from ``low`` up to ``high``."""
+    allowed = f"an integer >= {low}" if high is None else f"an integer from {low} to {high}"
+    return Rule(allowed, lambda v: _is_int(v) and v >= low and (high is None or v <= high))
+
+
+def number(low: float, high: float | None = None, above: bool = False, below: bool = False) -> Rule:
+    """A finite number (an int or a float, not a bool) from ``low`` (excluded when ``above``)
+    up to ``high`` (excluded when ``below``)."""
+    if high is None:
+        allowed = f"a finite number {'>' if above else '>='} {low:g}"
+    else:
+        allowed = f"a number in {'(' if above else '['}{low:g}, {high:g}{')' if below else ']'}"
+
+    def accepts(v) -> bool:
+        if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v):
+            return False
+        return (v > low if above else v >= low) and (
+            high is None or (v < high if below else v <= high)
+        )
+
+    return Rule(allowed, accepts)
+
+
+def one_of(*choices) -> Rule:
+    """One of ``choices``, of the same type (the text ``"32"`` is not the number 32)."""
+    shown = dict.fromkeys(show(c) for c in choices)  # 32 and "32" are said once
+    return Rule(
+        f"one of {', '.join(shown)}", lambda v: any(type(v) is type(c) and v == c for c in choices)
+    )
+
+
+def list_of(item: Rule, allowed: str, length: int | None = None) -> Rule:
+    """A non-empty list (of ``length`` items) whose every item is ``item``."""
+    return Rule(
+        allowed,
+        lambda v: (
+            isinstance(v, list)
+            and len(v) > 0
+            and len(v) == (length or len(v))
+            and all(item.accepts(x) for x in v)
+        ),
+    )
+
+
+def _devices(v) -> bool:
+    """Lightning's ``devices``: a count, -1, ``auto``, ``"0,1"`` or ``[0, 1]``."""
+    if isinstance(v, str):
+        return re.fullmatch(r"auto|-1|\d+|(\d+,)+\d*", v.replace(" ", "")) is not None
+    if isinstance(v, list):
+        return bool(v) and all(_is_int(x) and x >= 0 for x in v) and len(set(v)) == len(v)
+    return _is_int(v) and (v >= 1 or v == -1)
+
+
+NULL = Rule("null", lambda v: v is None)
+BOOL = Rule("true or false", lambda v: isinstance(v, bool))
+TEXT = Rule("a text", lambda v: isinstance(v, str))
+NAME = Rule("a non-empty text", lambda v: isinstance(v, str) and bool(v.strip()))
+PATH = Rule("a path", NAME.accepts)
+POSITIVE = number(0, above=True)
+FRACTION = number(0, 1)
+SEED = integer(0, 2**32 - 1)  # what Lightning's seed_everything (numpy's) accepts
+BATCHES = Rule(  # Lightning reads a float as a fraction of the batches, an int as a count
+    "a fraction in (0, 1] or a number of batches >= 1",
+    lambda v: (isinstance(v, float) and 0 < v <= 1) or (_is_int(v) and v >= 1),
+)
+DEVICES = Rule("a number of devices >= 1, -1 (all), auto, or a list of device indices", _devices)
+PLUGINS = Rule(  # each instantiated by Hydra, or named as Lightning names its own
+    "a list of plugins (each a _target_ or a name)",
+    lambda v: (
+        isinstance(v, list)
+        and all(isinstance(x, str) or (isinstance(x, dict) and "_target_" in x) for x in v)
+    ),
+)
+A_GROUP = Rule("a group of settings, not a value", lambda v: False)
+GRID = " (a list of them for experiment=distill_grid)"
+TEMPERATURE = Rule(POSITIVE.allowed + GRID, (POSITIVE | list_of(POSITIVE, "")).accepts)
+ALPHA = Rule(FRACTION.allowed + GRID, (FRACTION | list_of(FRACTION, "")).accepts)
+#: The parts of a config in the order they are checked: settings that others interpolate
+#: (seed, num_classes, trainer.max_epochs) before those others, so the message names them.
+SECTIONS = ("data", "model", "distill", "module", "optimizer", "trainer", "scheduler")
+SECTIONS += ("callbacks", "logger", "paths")
+
+
+@cache
+def rules() -> dict[str, Rule]:
+    """Every setting's rule by its dotted key; ``callbacks.*`` and ``logger.*`` stand for
+    any entry of those groups. A key without a rule is not checked."""
+    from lightning.fabric.connector import _PRECISION_INPUT
+    from lightning.pytorch.accelerators import AcceleratorRegistry
+    from lightning.pytorch.strategies import StrategyRegistry
+
+    from kdlight.models import list_models
+
+    models = one_of(*list_models())
+    precisions = [p for kind in typing.get_args(_PRECISION_INPUT) for p in typing.get_args(kind)]
+    accelerators = ("auto", "gpu", *sorted(AcceleratorRegistry.available_accelerators()))
+    table = {
+        "name": NAME, "seed": SEED, "num_classes": integer(2), "train": BOOL, "test": BOOL,
+        "test_ckpt": one_of("best", "last"), "ckpt_path": NULL | PATH,
+        "scheduler": NULL, "callbacks": NULL, "logger": NULL,
+        "data.source": one_of("archive", "torchvision", "synthetic"),
+        "data.archive_path": NULL | PATH, "data.data_dir": PATH, "data.download": BOOL,
+        "data.val_size": integer(0), "data.train_subset": NULL | integer(1),
+        "data.eval_subset": NULL | integer(1), "data.batch_size": integer(1),
+        "data.eval_batch_size": integer(1), "data.num_workers": integer(0),
+        "data.augment": BOOL, "data.on_device": BOOL, "data.drop_last": BOOL,
+        "data.seed": SEED, "data.synthetic_train_size": integer(1),
+        "data.synthetic_test_size": integer(1),
+        "model.name": models, "model.num_classes": integer(2), "model.width": POSITIVE,
+        "distill.teacher_model": models, "distill.teacher_checkpoint": NULL | PATH,
+        "distill.temperature": TEMPERATURE, "distill.alpha": ALPHA,
+        "module.num_classes": integer(2), "module.compile": BOOL, "module.channels_last": BOOL,
+        "module.teacher_checkpoint": NULL | PATH, "module.teacher_model": NULL | models,
+        "module.temperature": TEMPERATURE, "module.alpha": ALPHA,
+        "optimizer.lr": POSITIVE, "optimizer.momentum": number(0, 1, below=True),
+        "optimizer.dampening": number(0, 1, below=True), "optimizer.weight_decay": number(0),
+        "optimizer.betas": list_of(number(0, 1, below=True), "two numbers in [0, 1)", 2),
+        "optimizer.eps": POSITIVE, "optimizer.foreach": NULL | BOOL,
+        "optimizer.fused": NULL | BOOL,
+        "trainer.accelerator": one_of(*accelerators), "trainer.devices": DEVICES,
+        "trainer.num_nodes": integer(1), "trainer.precision": one_of(*precisions),
+        "trainer.strategy": one_of("auto", *StrategyRegistry.available_strategies()),
+        "trainer.max_epochs": integer(1), "trainer.min_epochs": NULL | integer(0),
+        "trainer.max_steps": one_of(-1) | integer(1), "trainer.min_steps": NULL | integer(0),
+        "trainer.check_val_every_n_epoch": NULL | integer(1),
+        "trainer.val_check_interval": NULL | BATCHES, "trainer.log_every_n_steps": integer(1),
+        "trainer.overfit_batches": FRACTION | integer(0),
+        "trainer.fast_dev_run": BOOL | integer(0),
+        "trainer.deterministic": NULL | BOOL | one_of("warn"), "trainer.benchmark": NULL | BOOL,
+        "trainer.gradient_clip_val": NULL | POSITIVE,
+        "trainer.gradient_clip_algorithm": NULL | one_of("norm", "value"),
+        "trainer.accumulate_grad_batches": integer(1),
+        "trainer.num_sanity_val_steps": NULL | integer(-1),
+        "trainer.reload_dataloaders_every_n_epochs": integer(0),
+        "trainer.default_root_dir": NULL | PATH, "trainer.max_time": NULL | TEXT,
+        "trainer.plugins": NULL | PLUGINS,
+        "scheduler.milestones": list_of(integer(1), "a list of epochs >= 1"),
+        "scheduler.gamma": number(0, 1, above=True), "scheduler.T_max": integer(1),
+        "scheduler.eta_min": number(0), "scheduler.step_size": integer(1),
+        "scheduler.last_epoch": integer(-1),
+        "callbacks.*": NULL,  # callbacks.progress_bar=null leaves it out
+        "callbacks.*.dirpath": NULL | PATH, "callbacks.*.filename": NULL | PATH,
+        "callbacks.*.monitor": NULL | TEXT, "callbacks.*.mode": one_of("min", "max"),
+        "callbacks.*.save_last": NULL | BOOL | one_of("link"),
+        "callbacks.*.save_top_k": integer(-1), "callbacks.*.every_n_epochs": NULL | integer(0),
+        "callbacks.*.every_n_train_steps": NULL | integer(0),
+        "callbacks.*.logging_interval": NULL | one_of("epoch", "step"),
+        "callbacks.*.refresh_rate": integer(0), "callbacks.*.process_position": integer(0),
+        "callbacks.*.check_every_n_steps": integer(1),
+        "callbacks.last_checkpoint.every_n_train_steps": integer(0),  # 0: at epoch ends only
+        "callbacks.*.save_on_train_epoch_end": NULL | BOOL,
+        "logger.*": NULL, "logger.*.save_dir": PATH, "logger.*.name": NULL | TEXT,
+        "logger.*.version": NULL | TEXT | integer(0), "logger.*.prefix": TEXT,
+        "logger.*.sub_dir": NULL | PATH, "logger.*.flush_logs_every_n_steps": integer(1),
+        "paths.root": PATH, "paths.data_dir": PATH, "paths.output_dir": PATH,
+    }  # fmt: skip
+    stages = ("train", "val", "test", "predict")
+    table |= {f"trainer.limit_{stage}_batches": NULL | BATCHES for stage in stages}
+    groups = ("data", "model", "distill", "module", "optimizer", "trainer", "paths")
+    table |= dict.fromkeys(groups, A_GROUP)
+    switches = {
+        "optimizer": ("nesterov", "amsgrad", "maximize", "capturable", "differentiable"),
+        "trainer": ("enable_progress_bar", "enable_checkpointing", "enable_model_summary",
+                    "sync_batchnorm", "inference_mode", "use_distributed_sampler",
+                    "detect_anomaly", "barebones"),
+        "callbacks.*": ("auto_insert_metric_name", "save_weights_only", "verbose",
+                        "log_momentum", "log_weight_decay", "leave", "enable_version_counter"),
+        "logger.*": ("log_graph", "default_hp_metric"),
+    }  # fmt: skip
+    return table | {f"{group}.{key}": BOOL for group, keys in switches.items() for key in keys}
+
+
+def rule_for(key: str) -> Rule | None:
+    """The rule of the dotted ``key``, if kdlight has one."""
+    parts = key.split(".")
+    if key not in rules() and parts[0] in ("callbacks", "logger") and len(parts) > 1:
+        key = ".".join([parts[0], "*", *parts[2:]])
+    return rules().get(key)
+
+
+# ------------------------------------------------------------------------------- checking
+def show(value) -> str:
+    """A value as it is written on the command line."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, list | tuple):
+        return "[" + ", ".join(show(v) for v in value) + "]"
+    return "''" if value == "" else str(value)
+
+
+def not_allowed(key: str, value, allowed: str) -> KDLightError:
+    """The error for ``key=value``, which breaks the rule that says ``allowed``."""
+    return KDLightError(f"{key}={show(value)} is not allowed: {allowed}")
+
+
+_UNRESOLVED = object()  # ${hydra:...} outside a Hydra run: nothing to check
+
+
+def _read(node: DictConfig, key: str, path: str):
+    try:
+        value = node[key]
+    except MissingMandatoryValue:
+        raise KDLightError(f"{path} has no value: set {path}=VALUE") from None
+    except InterpolationResolutionError as err:
+        if "HydraConfig was not set" in str(err):
+            return _UNRESOLVED
+        raise KDLightError(f"{path} cannot be resolved: {first_line(err)}") from None
+    return OmegaConf.to_container(value, resolve=True) if isinstance(value, ListConfig) else value
+
+
+def _settings(node: DictConfig, prefix: str = "") -> Iterator[tuple[str, Any]]:
+    """Every ``(dotted key, resolved value)`` below ``node``; lists are values. Hydra's own
+    keys (``_target_``, ``_partial_``, the ``hydra`` node) are not settings."""
+    for key in node:
+        if str(key).startswith("_") or (not prefix and key == "hydra"):
+            continue
+        value = _read(node, key, f"{prefix}{key}")
+        if isinstance(value, DictConfig):
+            yield from _settings(value, f"{prefix}{key}.")
+        elif value is not _UNRESOLVED:
+            yield f"{prefix}{key}", value
+
+
+def validate_settings(cfg: DictConfig) -> None:
+    """Raise a one-line :class:`KDLightError` for the first setting of ``cfg`` whose type or
+    range is wrong or that does not fit the others (``num_classes`` and the data, a grid
+    with a cell twice, a key its ``_target_`` does not take). Only values are checked (no
+    data, model or Trainer is made): files, data and hardware are checked where used."""
+    by_section: dict[str, list] = {}
+    for key, value in _settings(cfg):
+        by_section.setdefault(key.split(".")[0] if "." in key else "", []).append((key, value))
+    for section in ["", *SECTIONS, *(s for s in by_section if s and s not in SECTIONS)]:
+        for key, value in by_section.get(section, []):
+            rule = rule_for(key)
+            if rule is not None and not rule.accepts(value):
+                raise not_allowed(key, value, rule.allowed)
+        if check := _SECTION_CHECKS.get(section):
+            check(cfg)
+    _check_targets(cfg)
+
+
+def value_of(cfg: DictConfig, key: str):
+    """The value of the dotted ``key`` (None when ``cfg`` lacks it), lists and groups as plain
+    ones."""
+    value = OmegaConf.select(cfg, key, default=None)
+    return OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
+
+
+def _check_classes(cfg: DictConfig) -> None:
+    classes = None
+    with contextlib.suppress(ImportError, AttributeError, ValueError):  # _check_targets says
+        classes = getattr(_locate(str(value_of(cfg, "data._target_"))), "num_classes", None)
+    expected = value_of(cfg, "num_classes")
+    if None not in (classes, expected) and expected != classes:
+        raise not_allowed("num_classes", expected, f"{classes} (the data has {classes} classes)")
+    for key in ("model.num_classes", "module.num_classes"):
+        if value_of(cfg, key) not in (None, expected):
+            raise not_allowed(key, value_of(cfg, key), f"num_classes ({expected})")
+
+
+def _check_data(cfg: DictConfig) -> None:
+    source, size = value_of(cfg, "data.source"), value_of(cfg, "data.synthetic_train_size")
+    if source == "archive" and not value_of(cfg, "data.archive_path"):
+        raise not_allowed("data.archive_path", None, "a path with data.source=archive")
+    if source == "synthetic" and size is not None and (value_of(cfg, "data.val_size") or 0) >= size:
+        raise not_allowed(
+            "data.val_size", cfg.data.val_size, f"fewer than data.synthetic_train_size={size}"
+        )
+
+
+def _check_distillation(cfg: DictConfig) -> None:
+    """A list of values only for the fused grid, and each cell once: 2 and 2.0 are one
+    cell, ``T2`` (its folder and metrics, see :func:`kdlight.runs.cell_name`)."""
+    grid = str(value_of(cfg, "module._target_")).endswith("GridModule")
+    for key, prefix in (("distill.temperature", "T"), ("distill.alpha", "alpha")):
+        values = value_of(cfg, key)
+        if not isinstance(values, list):
+            continue
+        if not grid:
+            raise not_allowed(key, values, "one value (a list is a grid: experiment=distill_grid)")
+        cells = [f"{float(v):g}" for v in values]
+        for i, cell in enumerate(cells):
+            if cell in cells[:i]:
+                twice = f"{show(values[cells.index(cell)])} and {show(values[i])}"
+                once = f"each value once ({twice} are one cell, {prefix}{cell})"
+                raise not_allowed(key, values, once)
+
+
+def _check_optimizer(cfg: DictConfig) -> None:
+    momentum, dampening = value_of(cfg, "optimizer.momentum"), value_of(cfg, "optimizer.dampening")
+    if value_of(cfg, "optimizer.nesterov") and (not momentum or dampening):
+        raise not_allowed("optimizer.nesterov", True, "only with momentum > 0 and dampening 0")
+
+
+def check_extras(cfg: DictConfig) -> None:
+    """The optional packages that ``cfg``'s loggers need are installed."""
+    loggers = OmegaConf.select(cfg, "logger", default=None) or {}
+    for entry in loggers.values():  # only _target_ is read: the paths need a Hydra run
+        tensorboard = str((entry or {}).get("_target_", "")).endswith("TensorBoardLogger")
+        if tensorboard and not any(map(importlib.util.find_spec, ("tensorboard", "tensorboardX"))):
+            raise missing_extra("logger=tensorboard", "tensorboard", "tensorboard")
+
+
+def missing_extra(setting: str, package: str, extra: str) -> KDLightError:
+    """The error for a ``setting`` whose ``package`` (kdlight's ``extra``) is not installed."""
+    return KDLightError(
+        f"{setting} needs {package}, which is not installed: pip install 'kdlight[{extra}]'"
+    )
+
+
+def check_writable(folder: str | Path, setting: str) -> None:
+    """``folder`` can be written, or created below a folder that can."""
+    path = Path(folder).expanduser().absolute()
+    existing = next(p for p in (path, *path.parents) if p.exists())
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        why = "is not writable" if existing.is_dir() else "is not a folder"
+        raise KDLightError(
+            f"{setting}={folder} cannot be written ({existing} {why}): launch from a writable "
+            "folder or set paths.root=DIR (or KDLIGHT_OUTPUTS=DIR)"
+        )
+
+
+def _check_paths(cfg: DictConfig) -> None:
+    with contextlib.suppress(InterpolationResolutionError):  # no Hydra run: nothing to write
+        if folder := OmegaConf.select(cfg, "paths.output_dir", default=None):
+            check_writable(folder, "paths.output_dir")
+
+
+def _arguments(target: str, node: DictConfig) -> list[str] | None:
+    """The arguments ``target`` takes (None: any, it has ``**kwargs``)."""
+    if target == "kdlight.models.create_model":  # it passes them on to the registered model
+        from kdlight.models.registry import _MODELS
+
+        return ["name", *inspect.signature(_MODELS[node.name]).parameters]
+    parameters = inspect.signature(_locate(target)).parameters.values()
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters):
+        return None
+    return [p.name for p in parameters]
+
+
+def _check_targets(cfg: DictConfig) -> None:
+    """Every key of a ``_target_`` entry is an argument of what it builds, so that a
+    ``+key=value`` that would fail when the object is made stops here."""
+    nodes = [(s, cfg.get(s)) for s in SECTIONS if s not in ("callbacks", "logger")]
+    for group in ("callbacks", "logger"):
+        nodes += [(f"{group}.{key}", node) for key, node in (cfg.get(group) or {}).items()]
+    for path, node in nodes:
+        if not isinstance(node, DictConfig) or "_target_" not in node:
+            continue
+        try:
+            takes = _arguments(str(node._target_), node)
+        except (ImportError, AttributeError, ValueError):
+            importable = "a class or function that can be imported"
+            raise not_allowed(f"{path}._target_", node._target_, importable) from None
+        unknown = [k for k in node if takes is not None and k not in takes and k[0] != "_"]
+        if unknown:
+            passed = ("params", "model", "teacher", "optimizer", "scheduler")  # by kdlight.train
+            listed = ", ".join(a for a in takes if a not in passed)
+            raise KDLightError(
+                f"unknown setting '{path}.{unknown[0]}' ({node._target_} takes {listed})"
+            )
+
+
+#: Checks of settings that must fit each other, run once the section's own rules passed
+#: ("" is the top level).
+_SECTION_CHECKS: dict[str, Callable[[DictConfig], None]] = {
+    "": _check_classes,
+    "data": _check_data,
+    "distill": _check_distillation,
+    "optimizer": _check_optimizer,
+    "logger": check_extras,
+    "paths": _check_paths,
+}
