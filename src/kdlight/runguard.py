@@ -1,0 +1,248 @@
+"""What keeps a run whole when it is stopped or launched twice.
+
+* SIGTERM (``kill``, a SLURM pre-emption, a container stop) ends a run with status 143
+  (128 + 15, what a shell reports for it) and one ``error:`` line, never as a success (left
+  to Lightning, it ends with status 0: its ``SIGTERMException`` is a ``SystemExit``).
+  During training :class:`SaveLastOnSigterm` stops at the end of the current batch and
+  saves ``last.ckpt`` there; at other times :func:`stop_on_sigterm` stops the run at once.
+  Relaunching the same command resumes.
+* :func:`hold_run_lock` keeps a second launch of the same run out of its directory while
+  the first runs. The lock is the kernel's (``flock``): it goes with the process that holds
+  it, so a killed run never leaves a lock that blocks.
+"""
+
+import contextlib
+import errno
+import fcntl
+import json
+import logging
+import os
+import signal
+import socket
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_only
+from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+from kdlight.callbacks import SaveLastCheckpoint
+from kdlight.checkpointing import raise_failed_writes
+from kdlight.errors import KDLightError, first_line
+
+log = logging.getLogger("kdlight")
+
+# ------------------------------------------------------------------------------ SIGTERM
+#: The exit status of a run that SIGTERM stopped: 128 + the signal's number, as a shell
+#: reports a process that the signal ended.
+TERMINATED_STATUS = 128 + signal.SIGTERM
+RELAUNCH = "launch the same command again to resume"
+
+
+class Terminated(SystemExit):
+    """SIGTERM stopped this run. Its message (``str()``) is the ``error:`` line: where the
+    run stopped and what to do; its ``code`` is :data:`TERMINATED_STATUS`."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(TERMINATED_STATUS)
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class SaveLastOnSigterm(Callback):
+    """While training, a SIGTERM stops the run at the end of the current batch (or epoch,
+    after its validation), with ``last.ckpt`` (the path of the Trainer's
+    :class:`~kdlight.callbacks.SaveLastCheckpoint`) saved at that step, by raising
+    :class:`Terminated`.
+
+    Lightning's own handling is replaced for the time of training because under DDP it
+    can hang or crash: its signal handler broadcasts to the other processes from wherever
+    the signal interrupts (here it met a checkpoint's broadcast: a gloo "collective
+    mismatch"), and each process stops where its own handler saw the signal, so that no
+    save together is possible after. Here the handler only notes the signal, and at each
+    batch's and epoch's end, a point every process reaches in the same order, they learn
+    together whether any one of them was signalled (one small all-reduce per step; Lightning
+    already waits for one broadcast per step under DDP), then save and stop together. In a
+    single process nothing is exchanged. Lightning's SLURM requeue (on SIGUSR1) is not
+    touched; its handler is back after training (testing keeps Lightning's own stop).
+    """
+
+    def __init__(self) -> None:
+        self._signalled = False
+
+    def _note(self, signum: int, frame) -> None:
+        self._signalled = True
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # Lightning installed its handler as this fit began, and puts back the one from
+        # before the fit at its end; a signal it has seen already stops at the first step.
+        self._signalled = trainer.received_sigterm
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, self._note)
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self._stop_if_signalled(trainer)
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._stop_if_signalled(trainer)
+
+    def _stop_if_signalled(self, trainer: L.Trainer) -> None:
+        signalled = self._signalled
+        if trainer.world_size > 1:
+            flag = torch.tensor(int(signalled), device=trainer.strategy.root_device)
+            signalled = bool(trainer.strategy.reduce(flag, reduce_op="max").item())
+        if not signalled:
+            return
+        where = (
+            f"terminated by SIGTERM at step {trainer.global_step} (epoch {trainer.current_epoch})"
+        )
+        last = next((cb for cb in trainer.callbacks if isinstance(cb, SaveLastCheckpoint)), None)
+        if last is None or trainer.fast_dev_run:
+            raise Terminated(f"{where}; this run keeps no last.ckpt: launch it again to redo it")
+        try:
+            trainer.save_checkpoint(last.path, weights_only=False)  # each process; one writes
+            raise_failed_writes(trainer)
+        except Exception as err:  # a full disk, non-finite weights: the one before is kept
+            raise Terminated(
+                f"{where}; last.ckpt could not be saved there ({first_line(err)}): {RELAUNCH} from the "
+                "one saved before"
+            ) from None
+        last.last_model_path = str(last.path)
+        raise Terminated(f"{where}; last.ckpt is current: {RELAUNCH}")
+
+
+@contextlib.contextmanager
+def stop_on_sigterm() -> Iterator[None]:
+    """Turn a SIGTERM during the block into :class:`Terminated`.
+
+    While Lightning runs, its handler (or, in training, :class:`SaveLastOnSigterm`'s) has
+    SIGTERM and stops at the end of a batch; Lightning's ``SIGTERMException`` (in a sanity
+    check or in testing) becomes :class:`Terminated` here. Before and after, the handler
+    installed here raises :class:`Terminated` at once; Lightning calls it too while its own
+    is in place, and then it leaves the stop to Lightning. It is installed only where
+    SIGTERM still has its default action: a launcher that handles SIGTERM itself
+    (submitit's, which ignores it and requeues on its own signal) keeps it.
+    """
+    received = False
+
+    def on_sigterm(signum: int, frame) -> None:
+        nonlocal received
+        first, received = not received, True
+        if first and signal.getsignal(signal.SIGTERM) is on_sigterm:  # not Lightning's turn
+            raise Terminated(f"terminated by SIGTERM outside training: {RELAUNCH}")
+
+    previous = signal.getsignal(signal.SIGTERM)
+    install = previous == signal.SIG_DFL and threading.current_thread() is threading.main_thread()
+    if install:
+        signal.signal(signal.SIGTERM, on_sigterm)
+    try:
+        yield
+    except SIGTERMException:
+        raise Terminated(f"terminated by SIGTERM: {RELAUNCH}") from None
+    finally:
+        if install:
+            signal.signal(signal.SIGTERM, previous)
+
+
+# --------------------------------------------------------------------------------- lock
+LOCK_NAME = ".lock"
+#: flock's answers on filesystems that do not lock files (some cluster mounts).
+_NO_LOCKING = {errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOTSUP, errno.ENOSYS, errno.EINVAL}
+#: The lock files this process holds. A forked child (a DataLoader worker) closes its copies:
+#: a flock lasts while any copy is open, and the lock must go with the run's own process.
+_held: set[int] = set()
+
+
+class RunInUse(KDLightError):
+    """Another ``kdlight-train`` holds this run's directory."""
+
+
+def _drop_inherited_locks() -> None:
+    for fd in _held:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+    _held.clear()
+
+
+os.register_at_fork(after_in_child=_drop_inherited_locks)
+
+
+def is_launching_process() -> bool:
+    """Whether this process launched the run: global rank 0, not one of the processes that
+    Lightning's DDP (``LOCAL_RANK`` > 0), torchrun, SLURM or another node starts in the same
+    run directory."""
+    return rank_zero_only.rank == 0 and os.environ.get("NODE_RANK", "0") == "0"
+
+
+def _holder(fd: int) -> str:
+    """Who holds the lock, from what it wrote into the lock file."""
+    try:
+        record = json.loads(os.pread(fd, 4096, 0))
+        return f"pid {int(record['pid'])} on host {record['host']}"
+    except (OSError, ValueError, TypeError, KeyError):  # not written yet
+        return "pid and host not recorded yet"
+
+
+@contextlib.contextmanager
+def hold_run_lock(run_dir: str | Path) -> Iterator[None]:
+    """Hold an exclusive lock on ``<run_dir>/.lock`` while the block runs, or raise
+    :class:`RunInUse` (one line: who holds it) without touching any file of the run.
+
+    Only the launching process (:func:`is_launching_process`) takes it. The lock file keeps
+    its inode for good (a file renamed into place would be another lock, so it is written in
+    place, not through :mod:`kdlight.io`); its content, the holder's pid and host, is only a
+    hint for the message. Where the filesystem does not lock files, the run goes on with a
+    warning.
+    """
+    if not is_launching_process():
+        yield
+        return
+    path = Path(run_dir) / LOCK_NAME
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as err:
+        raise KDLightError(f"cannot open the run lock {path}: {err.strerror}") from None
+    try:
+        locked = _lock(fd, path)
+        if locked:
+            _held.add(fd)
+            os.ftruncate(fd, 0)
+            record = {"pid": os.getpid(), "host": socket.gethostname()}
+            os.pwrite(fd, json.dumps(record).encode(), 0)
+        try:
+            yield
+        finally:
+            if locked:
+                _held.discard(fd)
+                with contextlib.suppress(OSError):
+                    os.ftruncate(fd, 0)  # the holder's details go with the lock
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def _lock(fd: int, path: Path) -> bool:
+    """Take the lock on ``path`` (open as ``fd``) or raise :class:`RunInUse`; False where the
+    filesystem does not lock files."""
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        raise RunInUse(
+            f"{path.parent} is in use by another kdlight-train ({_holder(fd)}); "
+            "wait for it or stop it"
+        ) from None
+    except OSError as err:
+        if err.errno not in _NO_LOCKING:
+            raise
+        log.warning(
+            "cannot lock %s (%s): this filesystem does not lock files, so a second launch of "
+            "this run at the same time would not be stopped",
+            path,
+            err.strerror,
+        )
+        return False
+    return True
