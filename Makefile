@@ -15,8 +15,10 @@ PYTEST_ARGS ?=
 TRAIN := $(VENV)/bin/kdlight-train
 # the demo's 2 x 2 grid, trained as one fused run (one teacher forward for four students)
 DEMO_GRID := "distill.temperature=[2,8]" "distill.alpha=[0.5,0.9]"
+# the demo's seeds for the baseline and the grid: `make demo SEEDS=0,1,2` reports mean ± std
+SEEDS ?= 0
 
-.PHONY: help venv demo reproduce bench gpu-study test lint format clean
+.PHONY: help venv demo reproduce bench gpu-study notebook test lint format clean
 
 help: ## List the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  make %-10s %s\n", $$1, $$2}'
@@ -32,14 +34,14 @@ $(VENV)/.installed: pyproject.toml
 
 demo: venv ## The whole idea on CPU (~2 min): teacher, baseline, 2x2 T x alpha distillation, report
 	$(TRAIN) experiment=teacher demo=cpu model=resnet20 trainer.max_epochs=6 $(DATA_ARGS)
-	$(TRAIN) experiment=student_baseline demo=cpu model.width=0.5 $(DATA_ARGS)
-	$(TRAIN) experiment=distill_grid demo=cpu model.width=0.5 $(DEMO_GRID) $(DATA_ARGS)
+	$(TRAIN) -m experiment=student_baseline demo=cpu model.width=0.5 seed=$(SEEDS) $(DATA_ARGS)
+	$(TRAIN) -m experiment=distill_grid demo=cpu model.width=0.5 $(DEMO_GRID) seed=$(SEEDS) $(DATA_ARGS)
 	$(VENV)/bin/kdlight-report outputs/demo
 
 reproduce: venv ## The reference study on one GPU: teacher, baseline, 5x3 T x alpha grid, report
 	$(TRAIN) experiment=teacher $(DATA_ARGS)
 	$(TRAIN) experiment=student_baseline $(DATA_ARGS)
-	$(TRAIN) -m experiment=distill sweep=reference_grid $(DATA_ARGS)
+	$(TRAIN) -m experiment=distill sweep=reference_grid seed=$(SEEDS) $(DATA_ARGS)
 	$(VENV)/bin/kdlight-report outputs/teacher outputs/student_baseline outputs/distill --out outputs/report
 
 bench: venv ## Throughput of the fast path against a plain PyTorch loop (CPU or GPU); writes bench.json
@@ -47,6 +49,10 @@ bench: venv ## Throughput of the fast path against a plain PyTorch loop (CPU or 
 
 gpu-study: ## On one GPU: the benchmark and the whole reference study, fast path (scripts/gpu_study.sh)
 	ARCHIVE=$(ARCHIVE) scripts/gpu_study.sh
+
+notebook: venv ## Run the walkthrough headless on synthetic data (executed copy in notebooks/outputs/)
+	mkdir -p notebooks/outputs
+	cd notebooks && KDLIGHT_NOTEBOOK_SOURCE=synthetic ../$(VENV)/bin/jupyter execute walkthrough.ipynb --output=outputs/walkthrough
 
 test: venv ## Run the whole test suite
 	$(PY) -m pytest $(PYTEST_ARGS)

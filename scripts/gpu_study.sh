@@ -12,9 +12,9 @@
 # baseline (200 epochs) side by side on the one GPU, then the fused 12-cell T x alpha grid
 # (200 epochs), then kdlight-report.
 #
-# The figures go to $OUT (default outputs/gpu_study), seven files at most: device.txt,
-# bench.json, timings.txt, report.md, report.csv, heatmap.png and, if a stage fails,
-# log_ends.txt. The data cache, the runs and the full logs go to $WORK (default $OUT/work).
+# The figures go to $OUT (default outputs/gpu_study), eight files at most: device.txt,
+# bench.json, timings.txt, report.md, report.csv, groups.csv, heatmap.png and, if a stage
+# fails, log_ends.txt. The data cache, the runs and the full logs go to $WORK (default $OUT/work).
 set -Eeuo pipefail  # -E: the ERR trap below fires inside functions too
 cd "$(dirname "$0")/.."
 OUT=${OUT:-outputs/gpu_study}
@@ -66,5 +66,5 @@ stamp teacher_and_baseline_end
 train experiment=distill_grid "distill.temperature=[1,2,4,8]" "distill.alpha=[0.1,0.5,0.9]" >"$WORK/grid.log" 2>&1
 stamp study_end
 $PYTHON -m kdlight.report "$WORK/study" --out "$WORK/report" | tee "$WORK/report.log"
-cp "$WORK"/report/{report.md,report.csv,heatmap.png} "$OUT/"
+cp "$WORK"/report/{report.md,report.csv,groups.csv,heatmap.png} "$OUT/"
 awk '{t[$1]=$2} END {printf "bench %ds, teacher+baseline %ds, grid %ds, study %ds\n", t["bench_end"]-t["bench_start"], t["teacher_and_baseline_end"]-t["study_start"], t["study_end"]-t["teacher_and_baseline_end"], t["study_end"]-t["study_start"]}' "$OUT/timings.txt" | tee -a "$OUT/timings.txt"

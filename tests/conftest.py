@@ -79,6 +79,15 @@ def run_cli(
     )
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _private_data_cache(tmp_path_factory: pytest.TempPathFactory):
+    """No test writes into the user's data cache (~/.cache/kdlight)."""
+    patch = pytest.MonkeyPatch()
+    patch.setenv("KDLIGHT_DATA", str(tmp_path_factory.mktemp("kdlight-data")))
+    yield
+    patch.undo()
+
+
 @pytest.fixture(scope="session")
 def archive() -> Path:
     if not ARCHIVE.exists():

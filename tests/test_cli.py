@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from kdlight.report import collect_runs
 from tests.conftest import run_cli
 
 
@@ -65,8 +66,8 @@ def test_real_archive_reports_all_10000_test_images(
             ["data.archive_path=/nonexistent/cifar.tar.gz"],
             "CIFAR-10 archive not found: /nonexistent/cifar.tar.gz",
         ),
-        (["data.batch_size=0"], "data.batch_size must be > 0"),
-        (["model.name=resnet1000"], "unknown model 'resnet1000'; choose one of:"),
+        (["data.batch_size=0"], "data.batch_size=0 is not allowed: an integer >= 1"),
+        (["model.name=resnet1000"], "model.name=resnet1000 is not allowed: one of resnet18, "),
     ],
 )
 def test_bad_input_is_one_clear_line(tmp_path: Path, args: list[str], message: str):
@@ -75,6 +76,13 @@ def test_bad_input_is_one_clear_line(tmp_path: Path, args: list[str], message: s
     assert "Traceback" not in result.stderr
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and message in errors[0], result.stderr[-2000:]
+    # the failed run says so in its directory too, for kdlight-report
+    error_files = list((tmp_path / "outputs").rglob("error.txt"))
+    assert len(error_files) == 1
+    for error_file in error_files:
+        assert f"error: {error_file.read_text()}" == f"{errors[0]}\n"
+        (run,) = collect_runs([error_file.parent])
+        assert run["status"] == "failed" and message in run["error"]
 
 
 def test_help_lists_the_groups(tmp_path: Path):
@@ -93,7 +101,9 @@ def test_teacher_then_sweep_then_report(tmp_path: Path):
     ]  # fmt: skip
     teacher = run_cli(["experiment=teacher", "model=resnet8", *tiny], tmp_path)
     assert teacher.returncode == 0, teacher.stderr[-3000:]
-    assert (tmp_path / "outputs/teacher/resnet8/checkpoints/last.ckpt").exists()
+    assert (
+        len(list((tmp_path / "outputs/teacher/resnet8").glob("seed0-*/checkpoints/last.ckpt"))) == 1
+    )
 
     sweep = [
         "-m",
@@ -127,9 +137,9 @@ def test_teacher_then_sweep_then_report(tmp_path: Path):
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["distill.temperature=0"], "distill.temperature must be > 0, got 0"),
-        (["distill.alpha=2"], "distill.alpha must be in [0, 1]"),
-        ([], "teacher checkpoint not found"),
+        (["distill.temperature=0"], "distill.temperature=0 is not allowed: a finite number > 0"),
+        (["distill.alpha=2"], "distill.alpha=2 is not allowed: a number in [0, 1]"),
+        ([], "no teacher of model resnet18_half under"),
     ],
 )
 def test_bad_distillation_settings(tmp_path: Path, args: list[str], message: str):
@@ -137,5 +147,92 @@ def test_bad_distillation_settings(tmp_path: Path, args: list[str], message: str
     assert result.returncode == 2 and "Traceback" not in result.stderr
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and message in errors[0], result.stderr[-2000:]
-    if "not found" in message:
+    if "no teacher" in message:
         assert "kdlight-train experiment=teacher" in errors[0]
+
+
+#: The issue's own check: a tiny baseline on synthetic data, two seeds.
+SEEDS = [
+    "experiment=student_baseline", "trainer=cpu", "data=synthetic", "model=resnet8",
+    "data.synthetic_train_size=400", "data.synthetic_test_size=200", "data.batch_size=100",
+    "trainer.enable_progress_bar=false", "~callbacks.progress_bar",
+]  # fmt: skip
+
+
+def snapshot(root: Path, skip_hydra: bool = False) -> dict[str, tuple[int, int]]:
+    """Every file below ``root``: its size and modification time. With ``skip_hydra``, what
+    each launch itself writes (Hydra's ``.hydra/``, job log and multirun.yaml, and the run's
+    lock file) is left out."""
+    files = {}
+    for path in root.rglob("*"):
+        relative = path.relative_to(root).as_posix()
+        hydra_own = ".hydra/" in relative or path.suffix == ".log"
+        hydra_own |= path.name in ("multirun.yaml", ".lock")
+        if path.is_file() and not (skip_hydra and hydra_own):
+            files[relative] = (path.stat().st_size, path.stat().st_mtime_ns)
+    return files
+
+
+@pytest.mark.slow
+def test_seeds_are_runs_a_changed_command_is_a_new_run_and_evaluation_touches_nothing(
+    tmp_path: Path,
+):
+    outputs = tmp_path / "outputs" / "student_baseline" / "resnet8"
+    first = run_cli(["-m", *SEEDS, "trainer.max_epochs=1", "seed=0,1"], tmp_path)
+    assert first.returncode == 0, first.stderr[-3000:]
+    runs = sorted(outputs.glob("seed*/metrics.json"))
+    assert [p.parent.name.split("-")[0] for p in runs] == ["seed0", "seed1"]
+    records = [json.loads(p.read_text()) for p in runs]
+    assert [r["run"]["seed"] for r in records] == [0, 1]
+    assert all(
+        r["run"]["id"] == p.parent.name.split("-")[1] for r, p in zip(records, runs, strict=True)
+    )
+
+    before = snapshot(tmp_path / "outputs", skip_hydra=True)
+    again = run_cli(["-m", *SEEDS, "trainer.max_epochs=1", "seed=0,1"], tmp_path)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert (again.stdout + again.stderr).count("finished already, nothing to do") == 2
+    assert snapshot(tmp_path / "outputs", skip_hydra=True) == before
+
+    longer = run_cli([*SEEDS, "trainer.max_epochs=2", "seed=0"], tmp_path)
+    assert longer.returncode == 0, longer.stderr[-3000:]
+    assert len(list(outputs.glob("seed*/metrics.json"))) == 3
+
+    before = snapshot(tmp_path / "outputs")
+    missing = run_cli([*SEEDS, "train=false"], tmp_path)
+    assert missing.returncode == 2 and "Traceback" not in missing.stderr
+    errors = [line for line in missing.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "ckpt_path=PATH" in errors[0], missing.stderr[-2000:]
+
+    checkpoint = runs[0].parent / "checkpoints" / "last.ckpt"
+    evaluation = run_cli([*SEEDS, "train=false", f"ckpt_path={checkpoint}"], tmp_path)
+    assert evaluation.returncode == 0, evaluation.stderr[-3000:]
+    after = snapshot(tmp_path / "outputs")
+    assert {k: v for k, v in after.items() if k in before} == before  # nothing touched
+    evaluated = list(outputs.glob("eval-*/metrics.json"))
+    assert len(evaluated) == 1
+    assert json.loads(evaluated[0].read_text())["accuracy"] == records[0]["accuracy"]
+
+
+@pytest.mark.slow
+def test_a_checkpoint_of_another_config_is_never_resumed(tmp_path: Path):
+    shared = f"hydra.run.dir={tmp_path / 'shared'}"  # two configs made to share a folder
+    first = run_cli([*SEEDS, "trainer.max_epochs=1", "test=false", shared], tmp_path)
+    assert first.returncode == 0, first.stderr[-3000:]
+    last = tmp_path / "shared" / "checkpoints" / "last.ckpt"
+    written = last.stat().st_mtime_ns
+
+    other = run_cli(
+        [*SEEDS, "trainer.max_epochs=1", "optimizer.lr=0.01", "seed=7", shared], tmp_path
+    )
+    assert other.returncode == 2 and "Traceback" not in other.stderr
+    errors = [line for line in other.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, other.stderr[-2000:]
+    assert "belongs to another run (it differs in seed, optimizer.lr)" in errors[0]
+    assert (
+        last.stat().st_mtime_ns == written and not (tmp_path / "shared" / "metrics.json").exists()
+    )
+
+    same = run_cli([*SEEDS, "trainer.max_epochs=1", shared], tmp_path)  # its own run resumes
+    assert same.returncode == 0, same.stderr[-3000:]
+    assert "resuming from" in same.stderr + same.stdout

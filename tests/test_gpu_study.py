@@ -13,8 +13,8 @@ import pytest
 
 from tests.conftest import REPO
 
-TOY = "trainer.accelerator=cpu module.compile=false data.train_subset=256"
-TOY += " trainer.limit_val_batches=1 trainer.limit_test_batches=1"
+# data.eval_subset, not limit_*_batches: a debug run's teacher would never count as finished
+TOY = "trainer.accelerator=cpu module.compile=false data.train_subset=256 data.eval_subset=100"
 
 
 @pytest.mark.slow
@@ -31,7 +31,7 @@ def test_the_study_stage_trains_every_run_and_reports(
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
 
-    figures = ["device.txt", "heatmap.png", "report.csv", "report.md", "timings.txt"]
+    figures = ["device.txt", "groups.csv", "heatmap.png", "report.csv", "report.md", "timings.txt"]
     assert sorted(path.name for path in out.iterdir()) == figures  # few, shallow: they travel
     rows = list(csv.DictReader((out / "report.csv").open()))
     assert [row["status"] for row in rows] == ["finished"] * 14  # teacher, baseline, 12 cells

@@ -1,5 +1,6 @@
 """Lightning callbacks for runs that survive crashes: an always-current ``last.ckpt`` to
-resume from, and a stop at the first non-finite loss."""
+resume from, a stop at the first non-finite loss or weight, before it reaches a
+checkpoint, and the run's identity in every checkpoint."""
 
 from collections.abc import Mapping
 from pathlib import Path
@@ -8,7 +9,9 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback, Checkpoint
 
+from kdlight.checkpointing import non_finite_tensors, raise_failed_writes
 from kdlight.errors import KDLightError
+from kdlight.runs import RunIdentity, checkpoint_record
 
 
 class SaveLastCheckpoint(Checkpoint):
@@ -18,13 +21,28 @@ class SaveLastCheckpoint(Checkpoint):
     It is what ``kdlight-train`` resumes from, so a crash or a pre-empted job in the middle
     of an epoch loses at most ``every_n_train_steps`` steps, and what a finished teacher
     leaves for distillation: its final weights. (Lightning's ``save_last`` only follows the
-    saves of the top-k checkpoints, so it can lag behind.) The file is replaced atomically.
+    saves of the top-k checkpoints, so it can lag behind.) The file is replaced atomically
+    (by :class:`kdlight.checkpointing.AtomicCheckpointIO`, the Trainer's plugin in kdlight's
+    configs). Under DDP, after each of its saves and after validation (where Lightning's
+    ``ModelCheckpoint`` saves ``best.ckpt``), the processes learn together whether the first
+    one failed to write, and stop together if it did.
     """
 
     def __init__(self, dirpath: str | Path, every_n_train_steps: int = 1000) -> None:
+        steps = every_n_train_steps
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
+            raise KDLightError(
+                f"callbacks.last_checkpoint.every_n_train_steps={steps!r}: it must be a whole "
+                "number >= 0 (a save every that many training steps; 0: only at epoch ends)"
+            )
         self.path = Path(dirpath) / "last.ckpt"
-        self.every_n_train_steps = every_n_train_steps
+        self.every_n_train_steps = steps
         self.last_model_path = ""  # the name Lightning's ckpt_path="last" looks up
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        resumed = trainer.ckpt_path
+        if resumed and Path(resumed).resolve() == self.path.resolve():
+            self.last_model_path = str(self.path)  # what a stop now names as the last good one
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module, outputs, batch, batch_idx) -> None:
         steps = self.every_n_train_steps
@@ -34,15 +52,20 @@ class SaveLastCheckpoint(Checkpoint):
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._save(trainer)
 
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not trainer.sanity_checking:
+            raise_failed_writes(trainer)
+
     def _save(self, trainer: L.Trainer) -> None:
         if trainer.sanity_checking or trainer.fast_dev_run:
             return
         trainer.save_checkpoint(self.path, weights_only=False)  # all processes call it, one writes
+        raise_failed_writes(trainer)
         self.last_model_path = str(self.path)
 
 
 class NonFiniteLossError(KDLightError):
-    """Training produced a NaN or infinite loss; nothing was saved after it."""
+    """Training produced a NaN or infinite loss or weight; nothing was saved after it."""
 
 
 class StopOnNonFiniteLoss(Callback):
@@ -53,16 +76,25 @@ class StopOnNonFiniteLoss(Callback):
     each cell's loss for a fused grid) are kept as tensors, and read back together every
     ``check_every_n_steps`` steps, at each epoch's end and before any checkpoint is saved.
     So training stops at most that many steps after the first non-finite loss, the message
-    names that loss's step, and no checkpoint holds weights from after it: ``last.ckpt``
-    stays the last good state, and resuming from it does not start from broken weights.
-    Under DDP the processes decide together, so that they all stop rather than some
-    waiting for the others forever.
+    names that loss's step, and no checkpoint holds weights from after it.
+
+    A loss can be finite while the step it drives is not (with a huge learning rate the
+    gradient overflows, and the weights become NaN one step before the loss does), so every
+    checkpoint is also checked before it is written: if a floating-point tensor of its
+    weights or optimizer state holds a NaN or an infinity, it is not written and training
+    stops. So ``last.ckpt`` stays the last good state, the message names it, and resuming
+    from it does not start from broken weights. Under DDP the processes decide together, so
+    that they all stop rather than some waiting for the others forever.
     """
 
     def __init__(self, check_every_n_steps: int = 50) -> None:
-        if check_every_n_steps < 1:
-            raise KDLightError(f"check_every_n_steps must be >= 1, got {check_every_n_steps}")
-        self.check_every_n_steps = check_every_n_steps
+        steps = check_every_n_steps
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+            raise KDLightError(
+                f"callbacks.stop_on_nonfinite_loss.check_every_n_steps={steps!r}: it must be "
+                "a whole number >= 1 (the losses are read back every that many steps)"
+            )
+        self.check_every_n_steps = steps
         self._pending: list[
             tuple[int, int, int, dict[str, torch.Tensor]]
         ] = []  # step, epoch, batch, parts
@@ -82,7 +114,32 @@ class StopOnNonFiniteLoss(Callback):
     def on_save_checkpoint(
         self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict
     ) -> None:
-        self.check(trainer)  # raising here keeps the checkpoint from being written
+        # raising here keeps the checkpoint from being written
+        self.check(trainer)
+        self.check_weights(trainer, checkpoint)
+
+    def check_weights(self, trainer: L.Trainer, checkpoint: dict) -> None:
+        """Raise :class:`NonFiniteLossError` if a floating-point tensor of ``checkpoint``'s
+        weights (the module's parameters and buffers) or optimizer state is not finite, in
+        this process or, under DDP, in any other."""
+        module = trainer.lightning_module
+        weights = {name for name, _ in module.named_parameters()}
+        weights |= {name for name, _ in module.named_buffers()}
+        bad, total = non_finite_tensors(checkpoint, weights)
+        anywhere = bool(bad)
+        if trainer.world_size > 1:
+            flag = torch.tensor(int(anywhere), device=trainer.strategy.root_device)
+            anywhere = bool(trainer.strategy.reduce(flag, reduce_op="max"))
+        if not anywhere:
+            return
+        where = f"after step {trainer.global_step} (epoch {trainer.current_epoch})"
+        if bad:
+            names = ", ".join(bad[:3]) + (f" and {len(bad) - 3} more" if len(bad) > 3 else "")
+            found = f"{len(bad)} of {total} tensors hold NaN or infinity ({names})"
+            found = f"non-finite weights {where}: {found}, so the checkpoint was not written"
+        else:
+            found = f"non-finite weights in another DDP process {where}, so the checkpoint was not written"
+        _stop(trainer, found)
 
     def check(self, trainer: L.Trainer) -> None:
         """Raise :class:`NonFiniteLossError` if a loss since the last check was not finite,
@@ -110,16 +167,32 @@ class StopOnNonFiniteLoss(Callback):
             found = f"non-finite loss at {where}: {_describe(parts)}"
         else:
             found = f"non-finite loss in another DDP process at {where} (this one's: {_describe(parts)})"
-        saved = [getattr(cb, "last_model_path", "") for cb in trainer.checkpoint_callbacks]
-        kept = next((path for path in saved if path), None)
-        kept = f"the last good checkpoint is {kept}" if kept else "no checkpoint had been saved yet"
-        raise NonFiniteLossError(
-            f"{found}; training stopped, {kept} (lower optimizer.lr, or look for bad inputs)"
-        )
+        _stop(trainer, found)
 
 
 _NONE = 2**62  # "no non-finite loss" in the DDP reduction of first steps
 
 
+def _stop(trainer: L.Trainer, found: str) -> None:
+    """Raise :class:`NonFiniteLossError`: what was found, and the checkpoint that is kept."""
+    saved = [getattr(cb, "last_model_path", "") for cb in trainer.checkpoint_callbacks]
+    kept = next((path for path in saved if path), None)
+    kept = f"the last good checkpoint is {kept}" if kept else "no checkpoint had been saved yet"
+    raise NonFiniteLossError(
+        f"{found}; training stopped, {kept} (lower optimizer.lr, or look for bad inputs)"
+    )
+
+
 def _describe(parts: dict[str, torch.Tensor]) -> str:
     return ", ".join(f"train/{name}={value.float().mean():.4g}" for name, value in parts.items())
+
+
+class RecordRunIdentity(Callback):
+    """Write the run's identity into every checkpoint, so that a checkpoint is only ever
+    resumed by the run it belongs to (:func:`kdlight.runs.check_checkpoint_owner`)."""
+
+    def __init__(self, identity: RunIdentity) -> None:
+        self.identity = identity
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
+        checkpoint["kdlight_run"] = checkpoint_record(self.identity)

@@ -1,12 +1,18 @@
 """``kdlight-train``: the Hydra entry point. It only composes and wires; the work is in
-``kdlight.data``, ``kdlight.models`` and ``kdlight.lit``.
+``kdlight.data``, ``kdlight.models`` and ``kdlight.lit``, and what a run *is* (its directory,
+id and teacher) in ``kdlight.runs``.
 
     kdlight-train experiment=teacher
+    kdlight-train -m experiment=student_baseline seed=0,1,2
     kdlight-train experiment=quick data.source=synthetic trainer.max_epochs=1
+    kdlight-train experiment=student_baseline train=false ckpt_path=path/to/best.ckpt
 
-A run is finished when its ``metrics.json`` exists: launching it again does nothing. A run
-that was interrupted (a crash, a kill, a pre-empted job) continues from its
-``checkpoints/last.ckpt`` when launched again with the same command.
+A run's directory is named by every setting that changes its results. It is finished when
+its ``metrics.json`` holds this run's id: launching it again does nothing. A run that was
+interrupted (a crash, a kill, a pre-empted job) continues from its ``checkpoints/last.ckpt``
+when launched again with the same command; a checkpoint of another run is never resumed.
+Debug runs (``fast_dev_run``, ``limit_*_batches``) have directories of their own, run again
+every time and never count as finished.
 """
 
 import json
@@ -31,17 +37,33 @@ from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
 from kdlight import config_dir
-from kdlight.errors import KDLightError, find_user_error
-from kdlight.lit.grid import cell_name
+from kdlight.callbacks import RecordRunIdentity
+from kdlight.errors import KDLightError, find_user_error, first_line
+from kdlight.io import atomic_write
+from kdlight.lit import DistillationGridModule
+from kdlight.preflight import preflight
+from kdlight.runguard import (
+    RunInUse,
+    SaveLastOnSigterm,
+    Terminated,
+    hold_run_lock,
+    stop_on_sigterm,
+)
+from kdlight.runs import (
+    RunIdentity,
+    Teacher,
+    cell_name,
+    check_checkpoint_owner,
+    grid_cells,
+    identify,
+    is_grid,
+    resolve_teacher,
+)
+from kdlight.settings import validate_settings
 
 log = logging.getLogger("kdlight")
 # Said once, not by every DDP process or SLURM task of a run.
 info, warning = rank_zero_only(log.info), rank_zero_only(log.warning)
-
-
-def first_line(error: BaseException) -> str:
-    """An exception's message, cut to one line (its type's name if it has none)."""
-    return (str(error).strip().splitlines() or [type(error).__name__])[0]
 
 
 def _instantiate_all(group: DictConfig | None) -> list:
@@ -51,29 +73,45 @@ def _instantiate_all(group: DictConfig | None) -> list:
     return [instantiate(entry) for entry in group.values() if entry and "_target_" in entry]
 
 
-def metrics_files(cfg: DictConfig) -> list[Path]:
+def metrics_files(cfg: DictConfig, output_dir: Path) -> list[Path]:
     """What a finished run has written: its ``metrics.json``, or one per cell of a fused grid."""
-    output_dir = Path(cfg.paths.output_dir)
-    if str(cfg.module.get("_target_", "")).endswith("DistillationGridModule"):
-        temperatures, alphas = (
-            list(v) if OmegaConf.is_list(v) else [v]
-            for v in (cfg.module.temperature, cfg.module.alpha)
-        )
-        return [
-            output_dir / cell_name(float(t), float(a)) / "metrics.json"
-            for t in temperatures
-            for a in alphas
-        ]
+    if is_grid(cfg):
+        return [output_dir / cell_name(t, a) / "metrics.json" for t, a in grid_cells(cfg)]
     return [output_dir / "metrics.json"]
 
 
-def build_trainer(cfg: DictConfig) -> L.Trainer:
-    """The Trainer with its callbacks and loggers; Lightning's complaints about the settings
-    (no GPU for ``trainer=gpu``, say) become one-line errors."""
+def finished(files: list[Path], identity: RunIdentity) -> bool:
+    """Whether every one of ``files`` is a readable ``metrics.json`` of this very run.
+
+    A file that cannot be read (cut short, not JSON) is never taken as a finished result:
+    the run goes on (it resumes from ``last.ckpt`` and tests again). One written by another
+    run (other settings, in a directory the user named) is refused in one line."""
+    if identity.debug:
+        return False  # a quick check runs every time, and never counts as a result
+    for file in files:
+        if not file.exists():
+            return False
+        try:
+            owner = json.loads(file.read_text()).get("run", {}).get("id")
+        except (OSError, ValueError, AttributeError) as err:
+            warning("%s cannot be read (%s): this run is not finished; going on", file, err)
+            return False
+        if owner != identity.id:
+            raise KDLightError(
+                f"{file} holds the result of another run ({owner or 'no run id'}), not this "
+                f"one ({identity.id}): choose another paths.output_dir, or move it away"
+            )
+    return True
+
+
+def build_trainer(cfg: DictConfig, callbacks: list | None = None) -> L.Trainer:
+    """The Trainer with its callbacks (the config's and ``callbacks``) and loggers;
+    Lightning's complaints about the settings (no GPU for ``trainer=gpu``, say) become
+    one-line errors."""
     try:
         return instantiate(
             cfg.trainer,
-            callbacks=_instantiate_all(cfg.get("callbacks")),
+            callbacks=_instantiate_all(cfg.get("callbacks")) + list(callbacks or []),
             logger=_instantiate_all(cfg.get("logger")) or False,
         )
     except Exception as err:  # Hydra's instantiate wraps Lightning's exception
@@ -82,7 +120,10 @@ def build_trainer(cfg: DictConfig) -> L.Trainer:
             raise
         keys = [k for k in ("accelerator", "devices", "strategy") if k in cfg.trainer]
         settings = ", ".join(f"{k}={cfg.trainer[k]}" for k in keys)
-        raise KDLightError(f"trainer settings ({settings}): {cause}") from err
+        hint = ""
+        if "gpu" in str(cfg.trainer.get("accelerator")) or "GPU" in str(cause):
+            hint = " (no GPU here? trainer=cpu runs on the CPU)"
+        raise KDLightError(f"trainer settings ({settings}): {first_line(cause)}{hint}") from err
 
 
 def per_device_batch_size(batch_size: int, world_size: int) -> int:
@@ -112,23 +153,31 @@ def warn_about_schedule(cfg: DictConfig) -> None:
         )
 
 
-def resume_checkpoint(output_dir: Path) -> Path | None:
-    """``checkpoints/last.ckpt`` of an earlier, interrupted attempt at this run, if any.
-
-    It is read once here so that an unreadable one stops the run with one line before any
-    work, and so that the log says where training continues."""
-    path = output_dir / "checkpoints" / "last.ckpt"
-    if not path.exists():
-        return None
+def _read_checkpoint(path: Path) -> dict:
     try:
-        state = torch.load(path, map_location="cpu", weights_only=False)  # as fit reads it
-        epoch, step = state["epoch"], state["global_step"]
+        return torch.load(path, map_location="cpu", weights_only=False)  # as fit reads it
     except Exception as err:
         raise KDLightError(
-            f"cannot resume from {path} ({first_line(err)}); move it away to start this run afresh"
+            f"cannot read checkpoint {path} ({first_line(err)}); move it away to start afresh"
         ) from None
+
+
+def resume_checkpoint(output_dir: Path, identity: RunIdentity) -> Path | None:
+    """``checkpoints/last.ckpt`` of an earlier, interrupted attempt at this very run, if any.
+
+    It is read once here so that an unreadable one, or one written by another run, stops
+    the run with one line before any work, and so that the log says where training
+    continues. Debug runs always start afresh."""
+    path = output_dir / "checkpoints" / "last.ckpt"
+    if identity.debug or not path.exists():
+        return None
+    state = _read_checkpoint(path)
+    check_checkpoint_owner(path, state, identity)
     info(
-        "resuming from %s: saved at epoch %d, step %d; training continues there", path, epoch, step
+        "resuming from %s: saved at epoch %d, step %d; training continues there",
+        path,
+        state.get("epoch", -1),
+        state.get("global_step", -1),
     )
     return path
 
@@ -145,50 +194,89 @@ def keep_earlier_logs(trainer: L.Trainer) -> None:
             folder.rename(folder.with_name(f"{folder.name}.attempt{attempt}"))
 
 
+def checkpoint_to_evaluate(cfg: DictConfig) -> Path:
+    """``ckpt_path`` of a ``train=false`` run: required, and a file."""
+    named = cfg.get("ckpt_path")
+    if not named:
+        raise KDLightError(
+            "train=false evaluates a checkpoint: name it with ckpt_path=PATH (e.g. a run's "
+            "checkpoints/best.ckpt or last.ckpt)"
+        )
+    if not Path(str(named)).is_file():
+        raise KDLightError(f"ckpt_path={named}: no such file")
+    return Path(str(named))
+
+
+def build_module(cfg: DictConfig, teacher: Teacher | None, world_size: int):
+    """The data, and the Lightning system with its model, optimizer and scheduler."""
+    datamodule = instantiate(
+        cfg.data, batch_size=per_device_batch_size(cfg.data.batch_size, world_size)
+    )
+    extra = {"teacher_checkpoint": str(teacher.checkpoint)} if teacher else {}
+    module = instantiate(
+        cfg.module,
+        model=instantiate(cfg.model),
+        optimizer=instantiate(cfg.optimizer),
+        scheduler=instantiate(cfg.scheduler) if cfg.get("scheduler") else None,
+        **extra,
+    )
+    return datamodule, module
+
+
 def train(cfg: DictConfig) -> dict | None:
     """Train and/or test as ``cfg`` says; return what ``metrics.json`` holds."""
+    validate_settings(cfg)  # every setting, before the teacher, the data or the Trainer
     output_dir = Path(cfg.paths.output_dir)
-    results = metrics_files(cfg)
-    if cfg.train and all(file.exists() for file in results):
+    evaluate_only = not cfg.train
+    checkpoint = checkpoint_to_evaluate(cfg) if evaluate_only else None
+    teacher = resolve_teacher(cfg)
+    identity = identify(cfg, teacher.identity if teacher else None, checkpoint)
+    results = metrics_files(cfg, output_dir)
+    if finished(results, identity):
         info("%s exists: this run has finished already, nothing to do", results[0])
         return json.loads(results[0].read_text()) if len(results) == 1 else None
+    if teacher:
+        info("%s", teacher.note)
 
     warn_about_schedule(cfg)
     L.seed_everything(cfg.seed, workers=True)
-    trainer = build_trainer(cfg)
-    datamodule = instantiate(
-        cfg.data, batch_size=per_device_batch_size(cfg.data.batch_size, trainer.world_size)
-    )
-    model = instantiate(cfg.model)
-    module = instantiate(
-        cfg.module,
-        model=model,
-        optimizer=instantiate(cfg.optimizer),
-        scheduler=instantiate(cfg.scheduler) if cfg.get("scheduler") else None,
-    )
+    trainer = build_trainer(cfg, callbacks=[RecordRunIdentity(identity), SaveLastOnSigterm()])
+    datamodule, module = build_module(cfg, teacher, trainer.world_size)
+    module.run_record = identity.record()
     datamodule.prepare_data()  # reads and checks the data before any work starts
     datamodule.setup("fit")
-    resume_from = resume_checkpoint(output_dir) if cfg.train else None
+    resume_from = None if evaluate_only else resume_checkpoint(output_dir, identity)
 
     if trainer.is_global_zero:  # other DDP processes share this directory
         output_dir.mkdir(parents=True, exist_ok=True)
-        OmegaConf.save(cfg, output_dir / "config.yaml", resolve=True)
+        atomic_write(output_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
         (output_dir / "error.txt").unlink(missing_ok=True)  # from a failed earlier attempt
         if resume_from:
             keep_earlier_logs(trainer)
 
-    if cfg.train:
-        # weights_only=False: this run's own checkpoints (the hyperparameters of a fused grid
-        # hold Hydra's list type, which torch's weights-only loading refuses)
+    if not evaluate_only:
+        # weights_only=False: this run's own checkpoints, written by an older kdlight too
         trainer.fit(module, datamodule=datamodule, ckpt_path=resume_from, weights_only=False)
-    if cfg.test:
-        ckpt_path = None  # the weights in memory: the last ones after fit
+    if cfg.test or evaluate_only:
+        ckpt_path = checkpoint  # None: the weights in memory, the last ones after fit
         best = next(
             (cb for cb in trainer.checkpoint_callbacks if getattr(cb, "monitor", None)), None
         )
-        if cfg.train and cfg.test_ckpt == "best" and best and not trainer.fast_dev_run:
+        if isinstance(module, DistillationGridModule):
+            # each cell is tested at its own best epoch by the grid itself; the grid's
+            # best.ckpt is one epoch for all cells, chosen on their mean accuracy
+            module.test_weights = "last" if trainer.fast_dev_run else cfg.test_ckpt
+        elif cfg.train and cfg.test_ckpt == "best" and best and not trainer.fast_dev_run:
             ckpt_path = best.best_model_path or None
-        trainer.test(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=False)
+        try:
+            trainer.test(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=False)
+        except RuntimeError as err:
+            if checkpoint is None or "state_dict" not in str(err):
+                raise
+            raise KDLightError(
+                f"ckpt_path={checkpoint} does not fit this model ({cfg.model.name}): "
+                f"{first_line(err)}"
+            ) from None
         return getattr(module, "test_summary", None)
     return None
 
@@ -247,22 +335,29 @@ class RunFailed(CompactHydraException):
     prints this one line (for the first failure) and exits with status 1."""
 
 
-def report_failure(cfg: DictConfig, error: Exception) -> None:
+def report_failure(cfg: DictConfig, error: BaseException) -> None:
     """Say why the run failed in one line (the traceback only for unexpected errors or with
-    ``HYDRA_FULL_ERROR=1``). A single run exits with status 2; a run of a multirun records the
-    line in its ``error.txt`` for ``kdlight-report``, and the multirun goes on."""
-    user_error = find_user_error(error)
-    reason = (
-        first_line(user_error) if user_error else f"{type(error).__name__}: {first_line(error)}"
-    )
+    ``HYDRA_FULL_ERROR=1``) and record it in the run's ``error.txt`` for ``kdlight-report``.
+    A single run exits with status 2; in a multirun the other runs go on.
+
+    A run that SIGTERM stopped (:class:`~kdlight.runguard.Terminated`) exits with status 143,
+    and in a multirun records the line and launches no further run: the machine is going
+    away. A launch refused because its run is in use (:class:`~kdlight.runguard.RunInUse`)
+    writes nothing into that run's directory."""
+    terminated = isinstance(error, Terminated)
+    known = error if terminated else find_user_error(error)  # one line says it all
+    reason = first_line(known) if known else f"{type(error).__name__}: {first_line(error)}"
     multirun = HydraConfig.get().mode == RunMode.MULTIRUN
     output_dir = Path(cfg.paths.output_dir)
-    if rank_zero_only.rank == 0 and (multirun or user_error):
-        print(f"error: {reason}", file=sys.stderr, flush=True)
-        if multirun:
-            output_dir.mkdir(parents=True, exist_ok=True)
-            (output_dir / "error.txt").write_text(f"{reason}\n")
-    if user_error is None or os.environ.get("HYDRA_FULL_ERROR") == "1":
+    if rank_zero_only.rank == 0:
+        if multirun or known:
+            print(f"error: {reason}", file=sys.stderr, flush=True)
+        if not isinstance(known, RunInUse) and output_dir.is_dir():
+            # kdlight-report lists the run as failed with this line, not as still running
+            write_error(output_dir, reason)
+    if terminated:  # the other processes exit with 0, as below
+        sys.exit(error.code if rank_zero_only.rank == 0 else 0)
+    if known is None or os.environ.get("HYDRA_FULL_ERROR") == "1":
         raise error
     if not multirun:
         # The first process reports it. Another one that exited non-zero would make its
@@ -274,13 +369,30 @@ def report_failure(cfg: DictConfig, error: Exception) -> None:
     ) from None
 
 
-@hydra.main(version_base="1.3", config_path=str(config_dir()), config_name="train")
-def main(cfg: DictConfig) -> None:
+def write_error(output_dir: Path, reason: str) -> None:
+    """The failed run's ``error.txt``; a folder that cannot take it (read-only, full) costs
+    only the file, not the one line already printed."""
     try:
-        with ddp_job():
+        atomic_write(output_dir / "error.txt", f"{reason}\n")
+    except OSError as err:
+        warning("cannot write %s: %s", output_dir / "error.txt", first_line(err))
+
+
+@hydra.main(version_base="1.3", config_path=str(config_dir()), config_name="train")
+def hydra_main(cfg: DictConfig) -> None:
+    try:
+        # The lock first: a second launch of a run in use stops before touching its files.
+        with hold_run_lock(cfg.paths.output_dir), ddp_job(), stop_on_sigterm():
             train(cfg)
-    except Exception as error:
+    except (Exception, Terminated) as error:
         report_failure(cfg, error)
+
+
+def main() -> None:
+    """``kdlight-train``: the command line is checked (settings, typos, extras) before Hydra
+    composes it, so a bad one is one ``error:`` line and exit status 2."""
+    preflight(sys.argv[1:])
+    hydra_main()
 
 
 if __name__ == "__main__":

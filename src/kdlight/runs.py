@@ -1,0 +1,324 @@
+"""A run is its config: the directory, identity and teacher of every ``kdlight-train`` run.
+
+A run's directory follows from every setting that changes its numbers, readable first and
+unique after::
+
+    <paths.root>/<name>/<model>/[T4_alpha0.9/]seed0-3f2a9c1e          # one run
+    <paths.root>/distill_grid/<model>/seed0-3f2a9c1e/T4_alpha0.9/     # a cell of a fused grid
+
+The last eight hex digits are a hash of :func:`settings` (every result-changing setting,
+numbers spelled one way, so ``4`` and ``4.0`` are one value) and the seed. Settings that only
+change where or how things are written or shown (paths, loggers, progress bar, logging and
+checkpoint intervals, workers) are not part of it. So the same command twice is the same
+run (the second does nothing), a changed command is a new run, and a checkpoint is only
+ever resumed by the run it belongs to: each checkpoint carries its run's id.
+
+The teacher of a distillation run is part of its identity: the finished teacher run it
+distils from (found by :func:`find_teacher`), or the content of the checkpoint the user
+names.
+"""
+
+import functools
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+from kdlight.errors import KDLightError
+
+#: Settings that change where or how a run writes or shows things, never its numbers.
+NOT_RESULTS = (
+    "hydra", "paths", "logger", "name", "train", "test", "ckpt_path",
+    "trainer.default_root_dir", "trainer.enable_progress_bar", "trainer.enable_model_summary",
+    "trainer.log_every_n_steps", "trainer.plugins",  # plugins: how checkpoints are written
+    "data.data_dir", "data.archive_path", "data.download", "data.num_workers",
+    "data.eval_batch_size", "data.seed",  # data.seed is ${seed}, which is kept apart
+    "module.compile", "module.channels_last",  # speed options that compute the same
+    "distill.teacher_checkpoint", "module.teacher_checkpoint",  # replaced by distill.teacher
+    "module.temperature", "module.alpha", "module.teacher_model", "module.num_classes",
+)  # fmt: skip
+#: Of the callbacks, only the choice of the "best" checkpoint can change a result.
+RESULT_CALLBACK_KEYS = ("callbacks.model_checkpoint.monitor", "callbacks.model_checkpoint.mode")
+#: Lists whose order does not matter: the cells of a fused grid.
+UNORDERED = ("distill.temperature", "distill.alpha")
+#: Trainer settings that make a run a quick check rather than a result.
+DEBUG_KEYS = ("fast_dev_run", "limit_train_batches", "limit_val_batches", "limit_test_batches")
+ID_LENGTH = 8
+
+
+def cell_name(temperature: float, alpha: float) -> str:
+    """A distillation cell's directory and metric suffix: ``T4_alpha0.9`` (4 and 4.0 alike)."""
+    return f"T{float(temperature):g}_alpha{float(alpha):g}"
+
+
+def _canonical(value):
+    """One spelling per number: integral floats become ints (``4.0`` is ``4``)."""
+    if isinstance(value, bool) or value is None or isinstance(value, str | int):
+        return value
+    if isinstance(value, float):
+        return int(value) if value.is_integer() else value
+    if isinstance(value, list | tuple):
+        return [_canonical(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _canonical(v) for k, v in value.items()}
+    return str(value)
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict:
+    flat = {}
+    for key, value in tree.items():
+        dotted = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            flat |= _flatten(value, f"{dotted}.")
+        else:
+            flat[dotted] = value
+    return flat
+
+
+def _hash(record: dict) -> str:
+    text = json.dumps(record, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()[:ID_LENGTH]
+
+
+def is_debug(cfg: DictConfig) -> bool:
+    """``fast_dev_run`` or a ``limit_*_batches`` below everything: a check, not a result."""
+    trainer = cfg.get("trainer") or {}
+    if trainer.get("fast_dev_run"):
+        return True
+    # Lightning reads a float as a fraction of the batches and an int as a number of batches
+    limits = [trainer.get(key) for key in DEBUG_KEYS[1:]]
+    return any(
+        limit is not None and (isinstance(limit, int) or float(limit) < 1.0) for limit in limits
+    )
+
+
+def is_distillation(cfg: DictConfig) -> bool:
+    return "Distillation" in str(OmegaConf.select(cfg, "module._target_", default=""))
+
+
+def is_grid(cfg: DictConfig) -> bool:
+    return str(OmegaConf.select(cfg, "module._target_", default="")).endswith("GridModule")
+
+
+def _as_list(value) -> list:
+    return list(value) if isinstance(value, list | tuple) or OmegaConf.is_list(value) else [value]
+
+
+def grid_cells(cfg: DictConfig) -> list[tuple[float, float]]:
+    """The (temperature, alpha) cells of a distillation run, in the order they train."""
+    temperatures, alphas = (_as_list(cfg.distill[key]) for key in ("temperature", "alpha"))
+    return [(float(t), float(a)) for t in temperatures for a in alphas]
+
+
+# ------------------------------------------------------------------------------ identity
+def settings(cfg: DictConfig, teacher: str | None = None) -> dict:
+    """Every setting of ``cfg`` that changes a run's numbers, except the seed, as a flat
+    ``{"dotted.key": value}`` dict with numbers spelled one way. ``teacher`` is the
+    teacher's identity (see :func:`teacher_identity`), stored as ``distill.teacher``."""
+    tree = OmegaConf.to_container(cfg, resolve=False)  # resolved below, once trimmed
+    keep = {k: OmegaConf.select(cfg, k, default=None) for k in RESULT_CALLBACK_KEYS}
+    tree.pop("callbacks", None)
+    for dotted in NOT_RESULTS:
+        *parents, leaf = dotted.split(".")
+        node = tree
+        for key in parents:
+            node = node.get(key) if isinstance(node, dict) else None
+        if isinstance(node, dict):
+            node.pop(leaf, None)
+    flat = _flatten(_canonical(OmegaConf.to_container(OmegaConf.create(tree), resolve=True)))
+    flat.pop("seed", None)
+    flat |= {k: _canonical(v) for k, v in keep.items() if v is not None}
+    for key in UNORDERED:
+        if isinstance(flat.get(key), list):
+            flat[key] = sorted(flat[key])
+    if is_distillation(cfg):
+        flat["distill.teacher"] = teacher
+    return dict(sorted(flat.items()))
+
+
+def group_key(settings: dict, temperature: float | None = None, alpha: float | None = None) -> str:
+    """The group of runs that differ only in seed: a hash of ``settings`` where a fused-grid
+    cell counts as the separate ``experiment=distill`` run with its own T and alpha."""
+    record = dict(settings)
+    if temperature is not None:
+        record["distill.temperature"] = _canonical(float(temperature))
+    if alpha is not None:
+        record["distill.alpha"] = _canonical(float(alpha))
+    if str(record.get("module._target_", "")).endswith("DistillationGridModule"):
+        record["module._target_"] = "kdlight.lit.DistillationModule"
+    return _hash(record)
+
+
+@dataclass(frozen=True)
+class RunIdentity:
+    """Who a run is: its result-changing settings, seed, id and directory (relative to
+    ``paths.root``)."""
+
+    settings: dict
+    seed: int | None
+    debug: bool
+
+    @property
+    def id(self) -> str:
+        return _hash({**self.settings, "seed": self.seed, "debug": self.debug})
+
+    @property
+    def evaluation(self) -> bool:
+        """A ``train=false`` run: the test of a checkpoint the user named."""
+        return "eval.checkpoint" in self.settings
+
+    @property
+    def folder(self) -> str:
+        """``<model>/[<cell>/]seed<seed>-<id>[-debug]`` below ``<paths.root>/<name>/``, or
+        ``<model>/eval-<id>`` for the evaluation of a checkpoint."""
+        parts = [str(self.settings.get("model.name", "model"))]
+        temperature, alpha = (self.settings.get(f"distill.{k}") for k in ("temperature", "alpha"))
+        if temperature is not None and not isinstance(temperature, list):
+            parts.append(cell_name(temperature, alpha))
+        if self.evaluation:
+            return "/".join([parts[0], f"eval-{self.id}"])
+        leaf = f"seed{self.seed}-{self.id}" + ("-debug" if self.debug else "")
+        return "/".join([*parts, leaf])
+
+    def record(self) -> dict:
+        """The ``run`` block of ``metrics.json``."""
+        return {"id": self.id, "seed": self.seed, "debug": self.debug, "settings": self.settings}
+
+
+def identify(
+    cfg: DictConfig, teacher: str | None = None, evaluated: str | Path | None = None
+) -> RunIdentity:
+    """The identity of the run ``cfg`` describes: ``teacher`` as for :func:`settings`, and,
+    for a ``train=false`` run, the checkpoint it evaluates (``evaluated``), by content."""
+    seed = OmegaConf.select(cfg, "seed", default=None)
+    flat = settings(cfg, teacher)
+    if not OmegaConf.select(cfg, "train", default=True):
+        flat["eval.checkpoint"] = file_identity(evaluated) if evaluated else "missing"
+    return RunIdentity(
+        settings=flat,
+        seed=_canonical(seed),
+        debug=is_debug(cfg),
+    )
+
+
+# ------------------------------------------------------------------------------ teachers
+@dataclass(frozen=True)
+class Teacher:
+    """The checkpoint a distillation run reads, and what identifies it."""
+
+    checkpoint: Path
+    identity: str  # "<teacher run folder>" or "file:<content hash>"
+    note: str  # said in the log: which teacher, and why
+
+
+@functools.lru_cache(maxsize=32)
+def _file_hash(path: str, size: int, mtime_ns: int) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        for block in iter(lambda: file.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()[:16]
+
+
+def file_identity(path: str | Path) -> str:
+    """``file:<hash of the content>`` (cached while the file's size and time are unchanged)."""
+    stat = os.stat(path)
+    return f"file:{_file_hash(str(Path(path).resolve()), stat.st_size, stat.st_mtime_ns)}"
+
+
+def _read_metrics(path: Path) -> dict | None:
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return record if isinstance(record, dict) else None
+
+
+def find_teacher(root: str | Path, model: str) -> Teacher:
+    """The finished teacher run of ``model`` under ``<root>/teacher/<model>/``.
+
+    Finished means a readable ``metrics.json`` that is not a debug run's, and a
+    ``checkpoints/last.ckpt`` (the final weights). With several, the most recently finished
+    one is used and the log names it and the others. With none, one line says why: no
+    teacher run at all, or only unfinished ones (which are used only when named with
+    ``distill.teacher_checkpoint``).
+    """
+    folder = Path(root) / "teacher" / model
+    runs = sorted(
+        last.parent.parent
+        for last in folder.glob("seed*/checkpoints/last.ckpt")
+        if not last.parent.parent.name.endswith("-debug")
+    )
+    finished = [run for run in runs if _read_metrics(run / "metrics.json") is not None]
+    if not finished:
+        hint = f"train it first (kdlight-train experiment=teacher model={model}, same paths.root)"
+        if runs:
+            listed = ", ".join(str(r) for r in runs)
+            raise KDLightError(
+                f"no finished teacher of model {model} under {folder} (unfinished: {listed}); "
+                f"relaunch its command to finish it, or name a checkpoint with "
+                f"distill.teacher_checkpoint=PATH to use it as it is"
+            )
+        raise KDLightError(f"no teacher of model {model} under {folder}: {hint}")
+    finished.sort(key=lambda run: (run / "metrics.json").stat().st_mtime)
+    chosen = finished[-1]
+    note = f"teacher: {chosen} (the finished {model} teacher under {Path(root)}"
+    others = finished[:-1]
+    note += (
+        f"; the newest of {len(finished)}: also {', '.join(map(str, others))})" if others else ")"
+    )
+    return Teacher(chosen / "checkpoints" / "last.ckpt", f"{model}/{chosen.name}", note)
+
+
+def resolve_teacher(cfg: DictConfig) -> Teacher | None:
+    """The teacher of a distillation ``cfg`` (None for other runs): ``distill.teacher_checkpoint``
+    when the user names one, else :func:`find_teacher` under ``paths.root``."""
+    if not is_distillation(cfg):
+        return None
+    named = OmegaConf.select(cfg, "distill.teacher_checkpoint", default=None)
+    if named:
+        path = Path(str(named))
+        if not path.is_file():
+            raise KDLightError(f"distill.teacher_checkpoint={named}: no such file")
+        return Teacher(path, file_identity(path), f"teacher: {path} (distill.teacher_checkpoint)")
+    return find_teacher(cfg.paths.root, str(cfg.distill.teacher_model))
+
+
+def run_folder(*, _root_: DictConfig) -> str:
+    """The OmegaConf resolver ``${kdlight.run_folder:}`` that names a run's directory in
+    ``hydra.run.dir`` and ``hydra.sweep.subdir``. It never raises: a teacher that cannot be
+    found is named ``missing`` here, and ``kdlight-train`` says why in one line."""
+    try:
+        teacher = resolve_teacher(_root_)
+    except (KDLightError, OSError):
+        teacher = None
+    evaluated = OmegaConf.select(_root_, "ckpt_path", default=None)
+    evaluated = evaluated if evaluated and Path(str(evaluated)).is_file() else None
+    identity = identify(_root_, teacher.identity if teacher else "missing", evaluated)
+    return identity.folder
+
+
+def checkpoint_record(identity: RunIdentity) -> dict:
+    """What every checkpoint of a run carries under ``kdlight_run`` (see
+    :class:`kdlight.callbacks.RecordRunIdentity`): its id, seed and settings."""
+    return identity.record()
+
+
+def check_checkpoint_owner(path: Path, state: dict, identity: RunIdentity) -> None:
+    """Refuse, in one line, a checkpoint written by another run (other settings or seed):
+    one whose ``kdlight_run`` record (:func:`checkpoint_record`) is not this run's."""
+    owner = state.get("kdlight_run") if isinstance(state, dict) else None
+    if not isinstance(owner, dict) or owner.get("id") != identity.id:
+        theirs = owner.get("settings", {}) if isinstance(owner, dict) else {}
+        ours = identity.settings
+        changed = [k for k in sorted(set(theirs) | set(ours)) if theirs.get(k) != ours.get(k)]
+        if isinstance(owner, dict) and owner.get("seed") != identity.seed:
+            changed.insert(0, "seed")
+        detail = f" (it differs in {', '.join(changed[:5])})" if changed and theirs else ""
+        raise KDLightError(
+            f"{path} belongs to another run{detail}, not to this one ({identity.id}); "
+            "it is not resumed: move it away or launch the command that wrote it"
+        )
