@@ -188,6 +188,12 @@ def test_seeds_are_runs_a_changed_command_is_a_new_run_and_evaluation_touches_no
         r["run"]["id"] == p.parent.name.split("-")[1] for r, p in zip(records, runs, strict=True)
     )
 
+    report = run_cli([str(outputs), "--out", str(tmp_path / "report")], tmp_path, "kdlight.report")
+    assert report.returncode == 0, report.stderr[-3000:]
+    mean = sum(r["accuracy"] for r in records) / 2
+    std = (sum((r["accuracy"] - mean) ** 2 for r in records) / (2 - 1)) ** 0.5
+    assert f"{mean:.2f} ± {std:.2f} (n=2)" in (tmp_path / "report" / "report.md").read_text()
+
     before = snapshot(tmp_path / "outputs", skip_hydra=True)
     again = run_cli(["-m", *SEEDS, "trainer.max_epochs=1", "seed=0,1"], tmp_path)
     assert again.returncode == 0, again.stderr[-3000:]
