@@ -1,5 +1,24 @@
-"""Losses: one documented function (and module) per loss."""
+"""Losses: one documented function per loss, one file per method family.
 
-from kdlight.losses.kd import KDLoss, kd_loss
+Logit methods: ``kd_loss`` (Hinton et al., 2015; ``standardize=True`` for logit
+standardization, Sun et al., 2024) and ``dkd_loss`` (decoupled KD, Zhao et al., 2022).
+Feature methods: ``at_loss`` and ``sp_loss`` (attention and similarity maps of stage
+outputs), ``pkt_loss`` and ``rkd_loss`` (relations between pooled embeddings). Each
+docstring gives the formula, the reduction and the weight its method applies.
+"""
 
-__all__ = ["KDLoss", "kd_loss"]
+from kdlight.losses.attention import at_loss, sp_loss
+from kdlight.losses.dkd import dkd_loss
+from kdlight.losses.kd import KDLoss, kd_loss, standardize_logits
+from kdlight.losses.relational import pkt_loss, rkd_loss
+
+__all__ = [
+    "KDLoss",
+    "at_loss",
+    "dkd_loss",
+    "kd_loss",
+    "pkt_loss",
+    "rkd_loss",
+    "sp_loss",
+    "standardize_logits",
+]

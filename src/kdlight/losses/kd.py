@@ -1,8 +1,52 @@
-"""The knowledge-distillation loss of Hinton, Vinyals and Dean (2015)."""
+"""The knowledge-distillation loss of Hinton, Vinyals and Dean (2015), with the optional logit
+standardization of Sun et al. (2024), and the helpers the other logit losses share."""
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+STANDARDIZE_EPS = 1e-7  # as in the logit-standardization paper's code
+
+
+def standardize_logits(logits: Tensor) -> Tensor:
+    r"""Z-score ``logits`` along the classes (the last dimension), as Sun et al. (2024) do.
+
+    .. math::
+        \mathcal{Z}(z) = \frac{z - \bar z}{10^{-7} + \sigma(z)}
+
+    with :math:`\bar z` the mean and :math:`\sigma` the sample (unbiased,
+    ``torch.std``'s default) standard deviation over the classes. The result does not
+    change when a constant is added to the logits or they are multiplied by a positive
+    factor (up to the :math:`10^{-7}`).
+    """
+    std, mean = torch.std_mean(logits, dim=-1, keepdim=True)
+    return (logits - mean) / (STANDARDIZE_EPS + std)
+
+
+def _soft_logits(logits: Tensor, temperature: float | Tensor, standardize: bool) -> Tensor:
+    """``logits`` divided by T, z-scored first with ``standardize``: the input of a soft term.
+
+    A ``(K,)`` temperature divides the ``(N, C)`` logits once per student, giving
+    ``(K, N, C)``.
+    """
+    if standardize:
+        logits = standardize_logits(logits)
+    if isinstance(temperature, Tensor):
+        temperature = temperature.float().view(-1, 1, 1)
+    return logits / temperature
+
+
+def _kl_batchmean(log_p: Tensor, log_q: Tensor) -> Tensor:
+    """KL(p || q) from log-probabilities: summed over the last dimension, averaged over the
+    batch (the one before it)."""
+    return (log_p.exp() * (log_p - log_q)).sum(dim=-1).mean(dim=-1)
+
+
+def _temperature_squared(temperature: float | Tensor) -> float | Tensor:
+    """The T^2 factor of a soft term, in float32 for a ``(K,)`` tensor of temperatures."""
+    if isinstance(temperature, Tensor):
+        temperature = temperature.float()
+    return temperature**2
 
 
 def kd_loss(
@@ -11,6 +55,7 @@ def kd_loss(
     targets: Tensor,
     temperature: float | Tensor,
     alpha: float | Tensor,
+    standardize: bool = False,
 ) -> dict[str, Tensor]:
     r"""Hinton-style distillation loss and its two parts.
 
@@ -24,6 +69,13 @@ def kd_loss(
     gradient on the same scale whatever the temperature (its gradient scales as
     :math:`1/T^2` otherwise). Everything is computed in float32, also under mixed precision.
 
+    With ``standardize=True`` (logit standardization, Sun et al., CVPR 2024) both
+    :math:`z_s` and :math:`z_t` in the soft term are replaced by their z-scores over the
+    classes, :math:`(z - \bar z) / (10^{-7} + \sigma(z))` with the sample standard
+    deviation (:func:`standardize_logits`), before the division by :math:`T`; the
+    student then matches the teacher's logit relations, not their range. The
+    cross-entropy always uses the raw student logits.
+
     Several students at once (a T x alpha grid, in one pass): ``student_logits`` of shape
     ``(K, N, C)`` with ``temperature`` and ``alpha`` tensors of shape ``(K,)`` give each part
     as a ``(K,)`` tensor, student ``k``'s loss at its own ``T`` and ``alpha``; the teacher's
@@ -35,6 +87,7 @@ def kd_loss(
         targets: ``(N,)`` class indices.
         temperature: :math:`T > 0`; larger values soften both distributions.
         alpha: weight of the soft term, in ``[0, 1]``.
+        standardize: z-score both logits along the classes in the soft term.
 
     Returns:
         ``{"loss": total, "kd": T^2 * KL (before alpha), "ce": cross-entropy}``.
@@ -42,14 +95,9 @@ def kd_loss(
     with torch.autocast(device_type=student_logits.device.type, enabled=False):
         student = student_logits.float()
         teacher = teacher_logits.detach().float()
-        t = temperature
-        if isinstance(temperature, Tensor):  # one T per student, over its (N, C) logits
-            temperature = temperature.float()
-            t = temperature.view(-1, 1, 1)
-        log_q = F.log_softmax(student / t, dim=-1)
-        log_p = F.log_softmax(teacher / t, dim=-1)
-        kl = (log_p.exp() * (log_p - log_q)).sum(dim=-1).mean(dim=-1)  # KL(p || q), batchmean
-        kd = kl * temperature**2
+        log_q = F.log_softmax(_soft_logits(student, temperature, standardize), dim=-1)
+        log_p = F.log_softmax(_soft_logits(teacher, temperature, standardize), dim=-1)
+        kd = _kl_batchmean(log_p, log_q) * _temperature_squared(temperature)
         ce = F.cross_entropy(
             student.movedim(-1, 1) if student.dim() > 2 else student,  # classes on dim 1
             targets.expand(student.shape[:-1]),
@@ -59,17 +107,27 @@ def kd_loss(
 
 
 class KDLoss(nn.Module):
-    """:func:`kd_loss` with a fixed ``temperature`` and ``alpha``."""
+    """:func:`kd_loss` with a fixed ``temperature``, ``alpha`` and ``standardize``."""
 
-    def __init__(self, temperature: float = 4.0, alpha: float = 0.9) -> None:
+    def __init__(
+        self, temperature: float = 4.0, alpha: float = 0.9, standardize: bool = False
+    ) -> None:
         super().__init__()
         self.temperature = temperature
         self.alpha = alpha
+        self.standardize = standardize
 
     def forward(
         self, student_logits: Tensor, teacher_logits: Tensor, targets: Tensor
     ) -> dict[str, Tensor]:
-        return kd_loss(student_logits, teacher_logits, targets, self.temperature, self.alpha)
+        return kd_loss(
+            student_logits,
+            teacher_logits,
+            targets,
+            self.temperature,
+            self.alpha,
+            standardize=self.standardize,
+        )
 
     def extra_repr(self) -> str:
-        return f"temperature={self.temperature}, alpha={self.alpha}"
+        return f"temperature={self.temperature}, alpha={self.alpha}, standardize={self.standardize}"

@@ -1,0 +1,122 @@
+"""Feature-map distillation losses over a list of stage outputs: attention transfer
+(Zagoruyko and Komodakis, 2017) and similarity-preserving KD (Tung and Mori, 2019).
+
+Both compare ``(B, C, H, W)`` maps of student and teacher stage by stage; the two networks
+may have different channel counts at every stage.
+"""
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def _stage_pairs(
+    student_features: Sequence[Tensor], teacher_features: Sequence[Tensor]
+) -> list[tuple[Tensor, Tensor]]:
+    """Student and teacher maps paired stage by stage, the teacher's detached, in float32."""
+    if len(student_features) == 0 or len(student_features) != len(teacher_features):
+        raise ValueError(
+            f"need one teacher map per student map, got {len(student_features)} student and "
+            f"{len(teacher_features)} teacher stages"
+        )
+    pairs = []
+    for stage, (student, teacher) in enumerate(
+        zip(student_features, teacher_features, strict=True)
+    ):
+        if student.shape[0] != teacher.shape[0]:
+            raise ValueError(
+                f"stage {stage}: batch sizes differ ({student.shape[0]} student, "
+                f"{teacher.shape[0]} teacher)"
+            )
+        pairs.append((student.float(), teacher.detach().float()))
+    return pairs
+
+
+def _attention_map(features: Tensor, p: float) -> Tensor:
+    """``(B, C, H, W)`` -> ``(B, H*W)``: channel mean of ``|f|^p``, L2-normalised per sample."""
+    return F.normalize(features.abs().pow(p).mean(dim=1).flatten(1), dim=1)
+
+
+def at_loss(
+    student_features: Sequence[Tensor], teacher_features: Sequence[Tensor], p: float = 2
+) -> Tensor:
+    r"""Attention-transfer loss (Zagoruyko and Komodakis, 2017), summed over stages.
+
+    .. math::
+        Q(f) = \frac{\operatorname{vec}(A)}{\|\operatorname{vec}(A)\|_2}, \quad
+        A_{hw} = \frac{1}{C} \sum_{c=1}^{C} |f_{chw}|^p, \qquad
+        \mathcal{L} = \sum_{l} \frac{1}{B \, H_l W_l} \sum_{b=1}^{B}
+        \big\| Q(f^l_{s,b}) - Q(f^l_{t,b}) \big\|_2^2
+
+    For each stage ``l`` the larger of the two maps is first average-pooled
+    (``adaptive_avg_pool2d``) to the smaller one's ``H_l x W_l`` (height and width each to
+    the smaller of the two), then each map's attention :math:`Q` is taken: the channel mean
+    of :math:`|f|^p`, flattened and L2-normalised per sample, so the channel counts of
+    student and teacher need not agree. The squared difference is averaged over batch and
+    positions (the official code's ``(at(f_s) - at(f_t)).pow(2).mean()``) and the stages are
+    summed. The method scales this loss by its weight, 1000 in the official CIFAR setting
+    (no weight is applied here). The teacher's maps carry no gradient; everything is
+    computed in float32, also under mixed precision.
+
+    Args:
+        student_features: one ``(B, C_s, H_s, W_s)`` map per stage.
+        teacher_features: one ``(B, C_t, H_t, W_t)`` map per stage, same batch size.
+        p: the exponent of :math:`|f|^p`; the paper's and official code's default is 2.
+
+    Returns:
+        The scalar loss, summed over stages.
+    """
+    pairs = _stage_pairs(student_features, teacher_features)
+    with torch.autocast(device_type=pairs[0][0].device.type, enabled=False):
+        losses = []
+        for student, teacher in pairs:
+            size = (
+                min(student.shape[-2], teacher.shape[-2]),
+                min(student.shape[-1], teacher.shape[-1]),
+            )
+            if student.shape[-2:] != size:
+                student = F.adaptive_avg_pool2d(student, size)
+            if teacher.shape[-2:] != size:
+                teacher = F.adaptive_avg_pool2d(teacher, size)
+            difference = _attention_map(student, p) - _attention_map(teacher, p)
+            losses.append(difference.pow(2).mean())
+        return torch.stack(losses).sum()
+
+
+def _similarity(features: Tensor) -> Tensor:
+    """``(B, ...)`` -> ``(B, B)``: the batch's Gram matrix, each row L2-normalised."""
+    flat = features.flatten(1)
+    return F.normalize(flat @ flat.T, dim=1)
+
+
+def sp_loss(student_features: Sequence[Tensor], teacher_features: Sequence[Tensor]) -> Tensor:
+    r"""Similarity-preserving loss (Tung and Mori, 2019), summed over stages.
+
+    .. math::
+        G = \mathrm{rownorm}\big(F F^\top\big), \quad F = f.\mathrm{view}(B, -1), \qquad
+        \mathcal{L} = \sum_{l} \frac{1}{B^2} \big\| G^l_s - G^l_t \big\|_F^2
+
+    :math:`G` is the ``(B, B)`` matrix of similarities between the samples of the batch at
+    one stage, each row divided by its L2 norm. Only the batch sizes must match: channels
+    and spatial sizes of student and teacher may differ. The squared Frobenius norm is
+    divided by :math:`B^2` and the stages are summed. The method scales this loss by its
+    weight, 3000 in the official CIFAR setting (no weight is applied here). The teacher's
+    maps carry no gradient; everything is computed in float32, also under mixed precision.
+
+    Args:
+        student_features: one ``(B, ...)`` map per stage.
+        teacher_features: one ``(B, ...)`` map per stage, same batch size.
+
+    Returns:
+        The scalar loss, summed over stages.
+    """
+    pairs = _stage_pairs(student_features, teacher_features)
+    with torch.autocast(device_type=pairs[0][0].device.type, enabled=False):
+        losses = []
+        for student, teacher in pairs:
+            batch = student.shape[0]
+            difference = _similarity(student) - _similarity(teacher)
+            losses.append(difference.pow(2).sum() / batch**2)
+        return torch.stack(losses).sum()

@@ -1,0 +1,276 @@
+"""Logit losses against the papers' formulas written out in float64 numpy: ``kd_loss`` with
+logit standardization (Sun et al., 2024) and ``dkd_loss`` (Zhao et al., 2022)."""
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from kdlight.losses import KDLoss, kd_loss
+from kdlight.losses.dkd import dkd_loss
+from kdlight.losses.kd import standardize_logits
+
+STUDENT = [
+    [1.0, -2.0, 0.5, 3.0, 0.0],
+    [0.0, 0.2, -1.0, 1.5, 2.5],
+    [2.0, 2.0, -3.0, 0.0, 1.0],
+    [-0.5, 4.0, 1.0, -2.0, 0.3],
+]
+TEACHER = [
+    [2.0, -1.0, 0.0, 4.0, -0.5],
+    [-1.0, 0.5, 0.5, 0.0, 3.0],
+    [9.0, 1.0, -2.0, 0.0, 0.5],  # confident: p_t close to 1 at T = 1
+    [0.0, 1.0, 3.0, -1.0, 0.0],  # the teacher is wrong here (argmax 2, target 1)
+]
+TARGETS = [3, 4, 0, 1]
+
+
+def tensors() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return torch.tensor(STUDENT), torch.tensor(TEACHER), torch.tensor(TARGETS)
+
+
+# --- the formulas, one sample at a time, in float64 ---------------------------------------
+
+
+def np_softmax(z: np.ndarray) -> np.ndarray:
+    e = np.exp(z - z.max())
+    return e / e.sum()
+
+
+def np_standardize(z: np.ndarray) -> np.ndarray:
+    """Z-score with the sample standard deviation (n - 1), as in the paper's code."""
+    return (z - z.mean()) / (1e-7 + z.std(ddof=1))
+
+
+def np_kl(p: np.ndarray, q: np.ndarray) -> float:
+    return float(np.sum(p * np.log(p / q)))
+
+
+def soft_inputs(student, teacher, standardize):
+    s, t = np.asarray(student, dtype=np.float64), np.asarray(teacher, dtype=np.float64)
+    return (np_standardize(s), np_standardize(t)) if standardize else (s, t)
+
+
+def reference_kd(student, teacher, targets, T, alpha, standardize):
+    kd = ce = 0.0
+    for s_row, t_row, y in zip(student, teacher, targets, strict=True):
+        s, t = soft_inputs(s_row, t_row, standardize)
+        kd += T * T * np_kl(np_softmax(t / T), np_softmax(s / T))
+        ce += -np.log(np_softmax(np.asarray(s_row, dtype=np.float64))[y])  # raw logits
+    n = len(targets)
+    return {"loss": alpha * kd / n + (1 - alpha) * ce / n, "kd": kd / n, "ce": ce / n}
+
+
+def reference_tckd_nckd(student_row, teacher_row, y, T, standardize):
+    """TCKD and NCKD of one sample as the DKD paper defines them (no T^2)."""
+    s, t = soft_inputs(student_row, teacher_row, standardize)
+    p, q = np_softmax(t / T), np_softmax(s / T)
+    others = np.arange(len(p)) != y
+    p_rest, q_rest = p[others].sum(), q[others].sum()  # 1 - p_t without 1 - (1 - tiny)
+    tckd = np_kl(np.array([p[y], p_rest]), np.array([q[y], q_rest]))
+    nckd = np_kl(p[others] / p_rest, q[others] / q_rest)
+    return tckd, nckd, p[y]
+
+
+def reference_dkd(student, teacher, targets, T, alpha, beta, standardize):
+    tckd = nckd = 0.0
+    for s_row, t_row, y in zip(student, teacher, targets, strict=True):
+        t_part, n_part, _ = reference_tckd_nckd(s_row, t_row, y, T, standardize)
+        tckd, nckd = tckd + T * T * t_part, nckd + T * T * n_part
+    n = len(targets)
+    return {"loss": (alpha * tckd + beta * nckd) / n, "tckd": tckd / n, "nckd": nckd / n}
+
+
+def assert_parts_close(parts: dict[str, torch.Tensor], expected: dict[str, float]) -> None:
+    assert parts.keys() == expected.keys()
+    for key, value in expected.items():
+        assert parts[key].item() == pytest.approx(value, rel=1e-4, abs=1e-6), key  # float32
+
+
+# --- kd_loss with logit standardization ----------------------------------------------------
+
+
+def kd_loss_before(student_logits, teacher_logits, targets, temperature, alpha):
+    """kd_loss as it was before ``standardize`` (kept verbatim): the regression reference."""
+    with torch.autocast(device_type=student_logits.device.type, enabled=False):
+        student = student_logits.float()
+        teacher = teacher_logits.detach().float()
+        t = temperature
+        if isinstance(temperature, torch.Tensor):
+            temperature = temperature.float()
+            t = temperature.view(-1, 1, 1)
+        log_q = F.log_softmax(student / t, dim=-1)
+        log_p = F.log_softmax(teacher / t, dim=-1)
+        kl = (log_p.exp() * (log_p - log_q)).sum(dim=-1).mean(dim=-1)
+        kd = kl * temperature**2
+        ce = F.cross_entropy(
+            student.movedim(-1, 1) if student.dim() > 2 else student,
+            targets.expand(student.shape[:-1]),
+            reduction="none",
+        ).mean(dim=-1)
+        return {"loss": alpha * kd + (1.0 - alpha) * ce, "kd": kd, "ce": ce}
+
+
+def test_kd_without_standardize_is_exactly_as_before():
+    torch.manual_seed(0)
+    student, teacher, targets = (
+        torch.randn(3, 8, 10),
+        torch.randn(8, 10),
+        torch.randint(0, 10, (8,)),
+    )
+    temperatures, alphas = torch.tensor([1.0, 4.0, 16.0]), torch.tensor([0.1, 0.5, 0.9])
+    cases = [
+        (
+            kd_loss(student[0], teacher, targets, 4.0, 0.9),
+            kd_loss_before(student[0], teacher, targets, 4.0, 0.9),
+        ),
+        (
+            kd_loss(student, teacher, targets, temperatures, alphas, standardize=False),
+            kd_loss_before(student, teacher, targets, temperatures, alphas),
+        ),
+    ]
+    for now, before in cases:
+        for key in ("loss", "kd", "ce"):
+            assert torch.equal(now[key], before[key]), key  # bit for bit
+
+
+@pytest.mark.parametrize(("temperature", "alpha"), [(1.0, 0.5), (2.0, 0.9), (4.0, 1.0)])
+def test_kd_standardized_matches_the_formula(temperature: float, alpha: float):
+    parts = kd_loss(*tensors(), temperature, alpha, standardize=True)
+    assert_parts_close(parts, reference_kd(STUDENT, TEACHER, TARGETS, temperature, alpha, True))
+    plain = kd_loss(*tensors(), temperature, alpha)
+    assert torch.equal(parts["ce"], plain["ce"])  # CE sees the raw student logits
+    assert not torch.allclose(parts["kd"], plain["kd"])
+
+
+def test_standardize_is_a_z_score_with_the_sample_std():
+    z = torch.tensor([[1.0, 2.0, 3.0, 4.0]])
+    sample_std = (5.0 / 3.0) ** 0.5  # sqrt(sum((z - 2.5)^2) / (4 - 1))
+    expected = torch.tensor([[-1.5, -0.5, 0.5, 1.5]]) / (1e-7 + sample_std)
+    torch.testing.assert_close(standardize_logits(z), expected)
+
+
+@pytest.mark.parametrize(("scale", "shift"), [(3.0, 0.0), (0.25, -7.0), (1.0, 100.0)])
+def test_standardization_ignores_shift_and_positive_scale(scale: float, shift: float):
+    student, teacher, targets = tensors()
+    moved_student, moved_teacher = scale * student + shift, 2.0 * teacher - 3.0
+    close = {"atol": 1e-5, "rtol": 1e-4}
+    torch.testing.assert_close(
+        standardize_logits(moved_student), standardize_logits(student), **close
+    )
+    torch.testing.assert_close(
+        kd_loss(moved_student, moved_teacher, targets, 4.0, 1.0, standardize=True)["kd"],
+        kd_loss(student, teacher, targets, 4.0, 1.0, standardize=True)["kd"],
+        **close,
+    )
+    torch.testing.assert_close(
+        dkd_loss(moved_student, moved_teacher, targets, 4.0, standardize=True)["loss"],
+        dkd_loss(student, teacher, targets, 4.0, standardize=True)["loss"],
+        **close,
+    )
+    # without standardization the teacher's logit scale matters
+    assert not torch.allclose(
+        kd_loss(student, moved_teacher, targets, 4.0, 1.0)["kd"],
+        kd_loss(student, teacher, targets, 4.0, 1.0)["kd"],
+    )
+
+
+def test_kd_module_passes_standardize_on():
+    loss = KDLoss(temperature=2.0, alpha=0.3, standardize=True)
+    assert "standardize=True" in repr(loss)
+    torch.testing.assert_close(
+        loss(*tensors())["loss"], kd_loss(*tensors(), 2.0, 0.3, standardize=True)["loss"]
+    )
+
+
+# --- dkd_loss ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("temperature", "alpha", "beta", "standardize"),
+    [(1.0, 1.0, 1.0, False), (4.0, 1.0, 8.0, False), (2.0, 0.5, 2.0, True), (4.0, 1.0, 8.0, True)],
+)
+def test_dkd_matches_the_formula(temperature, alpha, beta, standardize):
+    parts = dkd_loss(*tensors(), temperature, alpha, beta, standardize=standardize)
+    expected = reference_dkd(STUDENT, TEACHER, TARGETS, temperature, alpha, beta, standardize)
+    assert_parts_close(parts, expected)
+
+
+def test_dkd_defaults_are_mdistillers_cifar100_settings():
+    torch.testing.assert_close(dkd_loss(*tensors()), dkd_loss(*tensors(), 4.0, 1.0, 8.0, False))
+
+
+@pytest.mark.parametrize("temperature", [1.0, 4.0])
+def test_dkd_decomposes_kl_per_sample(temperature: float):
+    """KL(p || q) = TCKD + (1 - p_t) NCKD (Zhao et al., eq. 3), one sample at a time."""
+    student, teacher, targets = tensors()
+    for i, y in enumerate(TARGETS):
+        one = (student[i : i + 1], teacher[i : i + 1], targets[i : i + 1])
+        parts = dkd_loss(*one, temperature, alpha=1.0, beta=1.0)
+        tckd, nckd = (parts[k].item() / temperature**2 for k in ("tckd", "nckd"))
+        assert parts["loss"].item() == pytest.approx(temperature**2 * (tckd + nckd), rel=1e-6)
+        p = np_softmax(np.asarray(TEACHER[i], dtype=np.float64) / temperature)
+        q = np_softmax(np.asarray(STUDENT[i], dtype=np.float64) / temperature)
+        kl = np_kl(p, q)
+        assert tckd + (1 - p[y]) * nckd == pytest.approx(kl, rel=1e-4, abs=1e-7)
+        # the float64 reference satisfies it to rounding, and kd_loss computes the same KL
+        ref_tckd, ref_nckd, p_t = reference_tckd_nckd(STUDENT[i], TEACHER[i], y, temperature, False)
+        assert ref_tckd + (1 - p_t) * ref_nckd == pytest.approx(kl, rel=1e-12, abs=1e-15)
+        kd = kd_loss(*one, temperature, alpha=1.0)["kd"].item() / temperature**2
+        assert kd == pytest.approx(kl, rel=1e-4, abs=1e-7)
+
+
+def test_dkd_confident_logits():
+    """1 - p_t below float32's resolution, then below its smallest number: TCKD stays right,
+    then finite (log(1 - p_t) comes from a log-sum-exp, not the log of a sum that underflows)."""
+    student = torch.tensor([[30.0, 0.0, -1.0], [0.0, 1.0, 2.0]])
+    teacher = torch.tensor([[20.0, 0.0, 2.0], [0.0, 1.0, 2.0]])
+    targets = torch.tensor([0, 2])
+    parts = dkd_loss(student, teacher, targets, temperature=1.0, alpha=1.0, beta=1.0)
+    args = (student.tolist(), teacher.tolist(), targets.tolist(), 1.0, 1.0, 1.0, False)
+    assert_parts_close(parts, reference_dkd(*args))
+    parts = dkd_loss(student * 10, teacher * 10, targets, temperature=1.0)
+    assert all(torch.isfinite(value) for value in parts.values())
+
+
+@pytest.mark.parametrize("standardize", [False, True])
+@pytest.mark.parametrize("loss", ["kd", "dkd"])
+def test_gradients_reach_only_the_student(loss: str, standardize: bool):
+    student, teacher, targets = (t.clone() for t in tensors())
+    student.requires_grad_(True)
+    teacher.requires_grad_(True)
+    if loss == "kd":
+        parts = kd_loss(student, teacher, targets, 4.0, 0.9, standardize=standardize)
+    else:
+        parts = dkd_loss(student, teacher, targets, standardize=standardize)
+    parts["loss"].backward()
+    assert teacher.grad is None
+    assert torch.isfinite(student.grad).all() and student.grad.abs().sum() > 0
+
+
+def test_dkd_float32_under_mixed_precision():
+    student, teacher, targets = (t.bfloat16() if t.is_floating_point() else t for t in tensors())
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        parts = dkd_loss(student, teacher, targets, standardize=True)
+    assert all(value.dtype == torch.float32 for value in parts.values())
+
+
+@pytest.mark.parametrize("standardize", [False, True])
+def test_several_students_at_once_equal_one_at_a_time(standardize: bool):
+    torch.manual_seed(0)
+    students, teacher = torch.randn(3, 8, 10) * 3, torch.randn(8, 10) * 3
+    targets = torch.randint(0, 10, (8,))
+    temperatures, alphas, betas = (
+        torch.tensor([1.0, 4.0, 8.0]),
+        torch.tensor([0.1, 0.5, 1.0]),
+        torch.tensor([1.0, 2.0, 8.0]),
+    )
+    kd_all = kd_loss(students, teacher, targets, temperatures, alphas, standardize)
+    dkd_all = dkd_loss(students, teacher, targets, temperatures, alphas, betas, standardize)
+    for k in range(3):
+        T, alpha, beta = float(temperatures[k]), float(alphas[k]), float(betas[k])
+        kd_one = kd_loss(students[k], teacher, targets, T, alpha, standardize)
+        dkd_one = dkd_loss(students[k], teacher, targets, T, alpha, beta, standardize)
+        for together, alone in ((kd_all, kd_one), (dkd_all, dkd_one)):
+            for part in alone:
+                torch.testing.assert_close(together[part][k], alone[part])
