@@ -26,13 +26,15 @@ DISTILLATION = ("DistillationModule", "DistillationGridModule")  # one row per (
 FIELDS = ("error", "name", "system", "model", "temperature", "alpha", "accuracy", "val_acc_best")
 FIELDS += ("validation", "teacher_accuracy", "teacher_checkpoint", "root", "delta_vs_baseline")
 FIELDS += ("seed", "settings", "epochs", "test_images", "test_set", "role", "group", "sweep")
+FIELDS += ("method", "method_settings")
 #: metrics.json's fields and the kind of value each must hold (null is allowed but for the
 #: first two); see :data:`KINDS`.
 METRICS = {"accuracy": "number", "per_class_accuracy": "table", "system": "text"}
 METRICS |= {"model": "text", "epochs": "count", "test_images": "count", "test_set": "text"}
 METRICS |= {"val_acc_best": "number", "validation": "text", "temperature": "number"}
 METRICS |= {"alpha": "number", "teacher_model": "text", "teacher_checkpoint": "text"}
-METRICS |= {"teacher_accuracy": "number", "run": "table"}
+METRICS |= {"teacher_accuracy": "number", "run": "table", "distiller": "text"}
+METRICS |= {"distiller_settings": "table"}
 RUN_BLOCK = {"settings": "table", "id": "text", "seed": "integer", "debug": "flag"}
 KINDS = {
     "number": (
@@ -137,7 +139,8 @@ def _read_run(path: Path, run: dict) -> None:
     run |= {"name": _text(get("name")), "model": _text(get("model.name"))}
     run |= {"teacher_checkpoint": _text(get("distill.teacher_checkpoint"))}
     run["seed"] = get("seed") if _is_int(get("seed")) else None
-    if run["system"] in DISTILLATION:
+    kd = str(get("distiller._target_") or "kdlight.distillers.KD").endswith(".KD")
+    if run["system"] in DISTILLATION and kd:  # another method's cells are not T x alpha
         run |= {
             "temperature": _float(get("distill.temperature")),
             "alpha": _float(get("distill.alpha")),
@@ -187,6 +190,8 @@ def _read_result(run: dict, metrics: dict, cfg: DictConfig) -> None:
         "teacher_accuracy": _float(metrics.get("teacher_accuracy")),
         "per_class": {k: None if v is None else float(v) for k, v in per_class.items()},
         **{key: metrics.get(key) for key in ("epochs", "test_images", "test_set")},
+        "method": metrics.get("distiller"),
+        "method_settings": metrics.get("distiller_settings") or {},
     }
     for key in ("temperature", "alpha", "teacher_checkpoint"):
         run[key] = run[key] if metrics.get(key) is None else metrics[key]
@@ -272,7 +277,19 @@ def _fmt(value, spec: str = ".2f") -> str:
 
 
 def _cell(run: dict) -> str:
-    return f"T={_fmt(run['temperature'], 'g')}, alpha={_fmt(run['alpha'], 'g')}"
+    """A distillation cell as text: ``T=4, alpha=0.9`` (KD), else the method and its
+    settings (``dkd: temperature=4, alpha=1, beta=8, ...``)."""
+    if run["temperature"] is not None and run["alpha"] is not None:
+        return f"T={_fmt(run['temperature'], 'g')}, alpha={_fmt(run['alpha'], 'g')}"
+    shown = ", ".join(f"{k}={v}" for k, v in (run.get("method_settings") or {}).items())
+    return f"{run.get('method') or 'method'}: {shown}" if shown else str(run.get("method"))
+
+
+def is_t_alpha_grid(c: Comparison) -> bool:
+    """Whether ``c``'s groups are KD cells with a temperature and an alpha (a heatmap)."""
+    return all(
+        g.first["temperature"] is not None and g.first["alpha"] is not None for g in c.groups
+    )
 
 
 def _mean_std(estimate: Estimate, unit: str = "") -> str:

@@ -37,6 +37,7 @@ from kdlight.records import (
     _mean_std,
     _run_dirs,
     collect_runs,
+    is_t_alpha_grid,
     load_run,
     read_metrics,
 )
@@ -188,7 +189,8 @@ def _table(head: list[str], groups: list[Group], first_cells, delta_cells=None) 
 
 def _comparison_lines(c: Comparison) -> list[str]:
     lines = [f"## Distilled {c.model}" + (f": {c.differs}" if c.differs else ""), ""]
-    lines += [f"Heatmap: `{c.name}.png`.", ""]
+    if is_t_alpha_grid(c):
+        lines += [f"Heatmap: `{c.name}.png`.", ""]
     if c.teacher:
         lines.append(
             f"- Teacher ({c.teacher['model']}): {c.teacher['accuracy']:.2f}% test accuracy"
@@ -223,6 +225,9 @@ def _comparison_lines(c: Comparison) -> list[str]:
             else ""
         )
         return [_fmt(delta and delta.mean, "+.2f") or "—", _interval(delta, "+.2f") + how]
+
+    if not is_t_alpha_grid(c):  # another method than KD: its settings name the row
+        return [*lines, "", *_table(["method"], c.groups, lambda g: [_cell(g.first)], delta_cells)]
 
     def cell(group: Group) -> list[str]:
         return [_fmt(group.first["temperature"], "g"), _fmt(group.first["alpha"], "g")]
@@ -280,7 +285,7 @@ def build_report(dirs: list[Path], out_dir: Path) -> dict[str, Path]:
                 runs, comparisons, out_dir / "report.md", Path(dirs[0]).resolve()
             ),
         }
-        for comparison in comparisons:
+        for comparison in (c for c in comparisons if is_t_alpha_grid(c)):
             written[comparison.name] = plot_heatmap(comparison, out_dir / f"{comparison.name}.png")
         if comparisons:
             written["per_class"] = plot_per_class(comparisons[0], out_dir / "per_class.png")

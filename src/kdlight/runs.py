@@ -22,6 +22,7 @@ import functools
 import hashlib
 import json
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -47,11 +48,33 @@ UNORDERED = ("distill.temperature", "distill.alpha")
 #: Trainer settings that make a run a quick check rather than a result.
 DEBUG_KEYS = ("fast_dev_run", "limit_train_batches", "limit_val_batches", "limit_test_batches")
 ID_LENGTH = 8
+KD_KEYS = ("temperature", "alpha")
 
 
 def cell_name(temperature: float, alpha: float) -> str:
     """A distillation cell's directory and metric suffix: ``T4_alpha0.9`` (4 and 4.0 alike)."""
     return f"T{float(temperature):g}_alpha{float(alpha):g}"
+
+
+def method_cell(settings: dict) -> str | None:
+    """A distillation run's cell: ``T4_alpha0.9`` for KD (``_ls`` with logit
+    standardization), the method and its main settings for others (``dkd_T4_alpha1_beta8``);
+    None for other runs and for a fused grid (its cells are folders of their own)."""
+    target = settings.get("distiller._target_")
+    if target is None and "distill.temperature" not in settings:
+        return None
+    value = {k: settings.get(f"distiller.{k}", settings.get(f"distill.{k}")) for k in KD_KEYS}
+    if any(isinstance(v, list) for v in value.values()):
+        return None
+    method = str(target or "kd").rsplit(".", 1)[-1].lower()
+    if method == "kd":
+        cell = cell_name(value["temperature"], value["alpha"])
+    else:
+        shown = {"T": value["temperature"], "alpha": settings.get("distiller.alpha")}
+        shown["beta"] = settings.get("distiller.beta")
+        numbers = [f"{k}{float(v):g}" for k, v in shown.items() if isinstance(v, int | float)]
+        cell = "_".join([method, *numbers])
+    return cell + ("_ls" if settings.get("distiller.standardize") else "")
 
 
 def _canonical(value):
@@ -129,6 +152,9 @@ def settings(cfg: DictConfig, teacher: str | None = None) -> dict:
         if isinstance(node, dict):
             node.pop(leaf, None)
     flat = _flatten(_canonical(OmegaConf.to_container(OmegaConf.create(tree), resolve=True)))
+    # a setting that only repeats another (`module.alpha: ${distill.alpha}`) is that one
+    copies = [key for key, raw in _flatten(tree).items() if _is_reference(raw)]
+    flat = {k: v for k, v in flat.items() if not any(_within(k, copy) for copy in copies)}
     flat.pop("seed", None)
     flat |= {k: _canonical(v) for k, v in keep.items() if v is not None}
     for key in UNORDERED:
@@ -137,6 +163,16 @@ def settings(cfg: DictConfig, teacher: str | None = None) -> dict:
     if is_distillation(cfg):
         flat["distill.teacher"] = teacher
     return dict(sorted(flat.items()))
+
+
+def _is_reference(raw) -> bool:
+    """``${other.setting}``: a plain reference to another setting (not a resolver's value,
+    such as ``${oc.env:...}``, which is a setting of its own)."""
+    return isinstance(raw, str) and re.fullmatch(r"\$\{[\w.]+\}", raw) is not None
+
+
+def _within(key: str, node: str) -> bool:
+    return key == node or key.startswith(f"{node}.")
 
 
 def group_key(settings: dict, temperature: float | None = None, alpha: float | None = None) -> str:
@@ -175,9 +211,9 @@ class RunIdentity:
         """``<model>/[<cell>/]seed<seed>-<id>[-debug]`` below ``<paths.root>/<name>/``, or
         ``<model>/eval-<id>`` for the evaluation of a checkpoint."""
         parts = [str(self.settings.get("model.name", "model"))]
-        temperature, alpha = (self.settings.get(f"distill.{k}") for k in ("temperature", "alpha"))
-        if temperature is not None and not isinstance(temperature, list):
-            parts.append(cell_name(temperature, alpha))
+        cell = method_cell(self.settings)
+        if cell:
+            parts.append(cell)
         if self.evaluation:
             return "/".join([parts[0], f"eval-{self.id}"])
         leaf = f"seed{self.seed}-{self.id}" + ("-debug" if self.debug else "")

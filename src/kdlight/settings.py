@@ -17,7 +17,7 @@ import math
 import os
 import re
 import typing
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
@@ -123,12 +123,14 @@ PLUGINS = Rule(  # each instantiated by Hydra, or named as Lightning names its o
     ),
 )
 A_GROUP = Rule("a group of settings, not a value", lambda v: False)
+METHOD = Rule("a method of conf/distiller/ (distiller=kd, dkd)", lambda v: isinstance(v, Mapping))
 GRID = " (a list of them for experiment=distill_grid)"
 TEMPERATURE = Rule(POSITIVE.allowed + GRID, (POSITIVE | list_of(POSITIVE, "")).accepts)
 ALPHA = Rule(FRACTION.allowed + GRID, (FRACTION | list_of(FRACTION, "")).accepts)
 #: The parts of a config in the order they are checked: settings that others interpolate
 #: (seed, num_classes, trainer.max_epochs) before those others, so the message names them.
-SECTIONS = ("data", "model", "distill", "module", "optimizer", "trainer", "scheduler")
+SECTIONS = ("data", "model", "distill", "distiller", "module", "optimizer", "trainer")
+SECTIONS += ("scheduler",)
 SECTIONS += ("callbacks", "logger", "paths")
 
 
@@ -163,6 +165,10 @@ def rules() -> dict[str, Rule]:
         "module.num_classes": integer(2), "module.compile": BOOL, "module.channels_last": BOOL,
         "module.teacher_checkpoint": NULL | PATH, "module.teacher_model": NULL | models,
         "module.temperature": TEMPERATURE, "module.alpha": ALPHA,
+        "module.distiller": NULL | METHOD, "distiller.temperature": TEMPERATURE,
+        "distiller.alpha": number(0) | list_of(number(0), "a list of numbers >= 0"),
+        "distiller.beta": number(0), "distiller.ce_weight": number(0),
+        "distiller.warmup_epochs": integer(0), "distiller.standardize": BOOL,
         "optimizer.lr": POSITIVE, "optimizer.momentum": number(0, 1, below=True),
         "optimizer.dampening": number(0, 1, below=True), "optimizer.weight_decay": number(0),
         "optimizer.betas": list_of(number(0, 1, below=True), "two numbers in [0, 1)", 2),
@@ -207,7 +213,7 @@ def rules() -> dict[str, Rule]:
     }  # fmt: skip
     stages = ("train", "val", "test", "predict")
     table |= {f"trainer.limit_{stage}_batches": NULL | BATCHES for stage in stages}
-    groups = ("data", "model", "distill", "module", "optimizer", "trainer", "paths")
+    groups = ("data", "model", "distill", "distiller", "module", "optimizer", "trainer", "paths")
     table |= dict.fromkeys(groups, A_GROUP)
     switches = {
         "optimizer": ("nesterov", "amsgrad", "maximize", "capturable", "differentiable"),

@@ -21,6 +21,7 @@ from torchmetrics import MaxMetric
 from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix
 
 from kdlight.data.sources import CIFAR10_CLASSES
+from kdlight.distillers import KD, method_name
 from kdlight.errors import KDLightError
 from kdlight.lit.base import (
     FastForward,
@@ -60,6 +61,8 @@ class DistillationGridModule(FrozenTeacherMixin, TrainingLog, L.LightningModule)
         model: the student architecture; every cell starts from a copy of these weights,
             as separate runs with the same seed would.
         temperature, alpha: a value or a list each; the grid is their product.
+        distiller: a :class:`kdlight.distillers.KD` (its ``standardize`` applies to every
+            cell; T and alpha are the grid's) or None; other methods train as separate runs.
         teacher, teacher_checkpoint, teacher_model, optimizer, scheduler, num_classes,
         class_names, compile, channels_last: as for ``DistillationModule``.
 
@@ -88,6 +91,7 @@ class DistillationGridModule(FrozenTeacherMixin, TrainingLog, L.LightningModule)
         teacher_model: str | None = None,
         temperature: float | Sequence[float] = (1, 2, 4, 8, 16),
         alpha: float | Sequence[float] = (0.1, 0.5, 0.9),
+        distiller: KD | None = None,
         optimizer: OptimizerFactory | None = None,
         scheduler: SchedulerFactory | None = None,
         num_classes: int = 10,
@@ -96,6 +100,14 @@ class DistillationGridModule(FrozenTeacherMixin, TrainingLog, L.LightningModule)
         channels_last: bool = False,
     ) -> None:
         super().__init__()
+        if distiller is not None and not isinstance(distiller, KD):
+            name = method_name(distiller)
+            raise KDLightError(
+                f"the fused grid trains KD cells only, not distiller={name}: run "
+                f"kdlight-train -m experiment=distill distiller={name} instead"
+            )
+        # KD's logit standardization applies to every cell; T and alpha are the grid's
+        self.standardize = bool(distiller and distiller.standardize)
         # plain lists in the hyperparameters (not Hydra's ListConfig), so that the grid's
         # checkpoints load with torch.load(weights_only=True), as kdlight.load_model does
         temperature, alpha = _as_list(temperature), _as_list(alpha)
@@ -103,7 +115,9 @@ class DistillationGridModule(FrozenTeacherMixin, TrainingLog, L.LightningModule)
         for t, a in self.cells:
             check_distillation_settings(t, a)
         self.names = [cell_name(t, a) for t, a in self.cells]  # made once, used every step
-        self.save_hyperparameters(ignore=["model", "teacher", "optimizer", "scheduler"])
+        self.save_hyperparameters(
+            ignore=["model", "teacher", "optimizer", "scheduler", "distiller"]
+        )
         self.attach_teacher(
             teacher, teacher_checkpoint, teacher_model, num_classes, compile, channels_last
         )
@@ -141,7 +155,9 @@ class DistillationGridModule(FrozenTeacherMixin, TrainingLog, L.LightningModule)
         with torch.no_grad():
             teacher_logits = self.fast_teacher(images)
         logits = torch.stack([student(images) for student in self.fast_students])
-        losses = kd_loss(logits, teacher_logits, labels, self.temperatures, self.alphas)["loss"]
+        losses = kd_loss(
+            logits, teacher_logits, labels, self.temperatures, self.alphas, self.standardize
+        )["loss"]
         self.log_training(
             {"loss": losses.mean()}
             | {f"loss_{n}": v for n, v in zip(self.names, losses, strict=True)},
@@ -260,6 +276,12 @@ class DistillationGridModule(FrozenTeacherMixin, TrainingLog, L.LightningModule)
             "tested_weights": self.tested_weights.get(name),
             "temperature": temperature,
             "alpha": alpha,
+            "distiller": KD.name,
+            "distiller_settings": {
+                "temperature": temperature,
+                "alpha": alpha,
+                "standardize": self.standardize,
+            },
             **self.teacher_record(),
         }
 

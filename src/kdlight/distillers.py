@@ -1,0 +1,159 @@
+"""Distillation methods as components: what a :class:`~kdlight.lit.DistillationModule`
+minimises, given the student's and the frozen teacher's outputs.
+
+A method is any callable with this interface (subclassing :class:`Distiller` is not
+required)::
+
+    parts = method(student, teacher, targets, epoch=epoch)
+
+- ``student``, ``teacher``: :class:`Outputs` of one batch, the logits and the features the
+  method asked for (the teacher's carry no gradient);
+- ``targets``: the ``(N,)`` class indices; ``epoch``: the current epoch, from 0;
+- ``parts``: a dict of 0-dim tensors, ``"loss"`` (what is minimised, the hard-label term
+  included) and the parts logged as ``train/<name>`` (``"ce"``, ``"kd"``...).
+
+Optional attributes: ``name`` (a short name for directories and reports; by default the
+class name in lower case) and ``settings()`` (a dict of its settings for ``metrics.json``).
+A method that is an ``nn.Module`` with parameters of its own (a connector) has them trained
+with the student and saved in its checkpoints; they are not part of the student that
+:func:`kdlight.load_model` returns.
+
+Hydra: ``conf/distiller/<method>.yaml``, e.g. ``kdlight-train experiment=distill
+distiller=dkd distiller.beta=2``.
+"""
+
+from dataclasses import dataclass, field
+
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from kdlight.losses import dkd_loss, kd_loss
+
+
+@dataclass
+class Outputs:
+    """What a method may read of one network's forward pass on a batch."""
+
+    logits: Tensor
+    features: dict[str, Tensor] = field(default_factory=dict)
+
+
+class Distiller(nn.Module):
+    """Base of kdlight's methods: a ``name`` and ``settings()``; ``forward`` is the interface
+    in this module's docstring."""
+
+    name = "distiller"
+
+    def settings(self) -> dict:
+        """The method's settings, as ``metrics.json`` and ``kdlight-report`` show them."""
+        return {}
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{key}={value}" for key, value in self.settings().items())
+
+
+class KD(Distiller):
+    r"""Hinton et al. (2015), with :func:`kdlight.losses.kd_loss`:
+
+    .. math::
+        \mathcal{L} = \alpha \, T^2 \, \mathrm{KL}\big(\mathrm{softmax}(z_t / T) \,\|\,
+        \mathrm{softmax}(z_s / T)\big) + (1 - \alpha) \, \mathrm{CE}(z_s, y)
+
+    ``standardize=True`` z-scores both logits inside the soft term first (logit
+    standardization, Sun et al., CVPR 2024). Parts: ``loss``, ``kd`` (:math:`T^2`
+    KL), ``ce``.
+    """
+
+    name = "kd"
+
+    def __init__(self, temperature: float = 4.0, alpha: float = 0.9, standardize: bool = False):
+        super().__init__()
+        self.temperature, self.alpha, self.standardize = temperature, alpha, standardize
+
+    def forward(
+        self, student: Outputs, teacher: Outputs, targets: Tensor, epoch: int = 0
+    ) -> dict[str, Tensor]:
+        return kd_loss(
+            student.logits,
+            teacher.logits,
+            targets,
+            self.temperature,
+            self.alpha,
+            standardize=self.standardize,
+        )
+
+    def settings(self) -> dict:
+        return {
+            "temperature": self.temperature,
+            "alpha": self.alpha,
+            "standardize": self.standardize,
+        }
+
+
+class DKD(Distiller):
+    r"""Decoupled KD (Zhao et al., CVPR 2022) with the cross-entropy and warm-up of its
+    official CIFAR code (mdistiller):
+
+    .. math::
+        \mathcal{L} = w_{ce} \, \mathrm{CE}(z_s, y) + \min\!\Big(\frac{e + 1}{E_w}, 1\Big)
+        \big(\alpha \, T^2 \, \mathrm{TCKD} + \beta \, T^2 \, \mathrm{NCKD}\big)
+
+    with :func:`kdlight.losses.dkd_loss` for the two KL terms, :math:`e` the epoch counted
+    from 0 (mdistiller counts from 1: the weight reaches 1 at the same epoch) and
+    :math:`E_w` = ``warmup_epochs``. Defaults: mdistiller's CIFAR-100 settings (T 4, alpha 1,
+    beta 8, CE weight 1, 20 warm-up epochs). Parts: ``loss``, ``ce``, ``tckd``, ``nckd``
+    (the last two before their weights and the warm-up).
+    """
+
+    name = "dkd"
+
+    def __init__(
+        self,
+        temperature: float = 4.0,
+        alpha: float = 1.0,
+        beta: float = 8.0,
+        ce_weight: float = 1.0,
+        warmup_epochs: int = 20,
+        standardize: bool = False,
+    ) -> None:
+        super().__init__()
+        self.temperature, self.alpha, self.beta = temperature, alpha, beta
+        self.ce_weight, self.warmup_epochs, self.standardize = ce_weight, warmup_epochs, standardize
+
+    def forward(
+        self, student: Outputs, teacher: Outputs, targets: Tensor, epoch: int = 0
+    ) -> dict[str, Tensor]:
+        parts = dkd_loss(
+            student.logits,
+            teacher.logits,
+            targets,
+            self.temperature,
+            self.alpha,
+            self.beta,
+            standardize=self.standardize,
+        )
+        ce = F.cross_entropy(student.logits.float(), targets)
+        warmup = min((epoch + 1) / self.warmup_epochs, 1.0) if self.warmup_epochs else 1.0
+        loss = self.ce_weight * ce + warmup * parts["loss"]
+        return {"loss": loss, "ce": ce, "tckd": parts["tckd"], "nckd": parts["nckd"]}
+
+    def settings(self) -> dict:
+        return {
+            "temperature": self.temperature,
+            "alpha": self.alpha,
+            "beta": self.beta,
+            "ce_weight": self.ce_weight,
+            "warmup_epochs": self.warmup_epochs,
+            "standardize": self.standardize,
+        }
+
+
+def method_name(method) -> str:
+    """A method's short name: its ``name``, else its class name in lower case."""
+    return str(getattr(method, "name", None) or type(method).__name__.lower())
+
+
+def method_settings(method) -> dict:
+    """A method's ``settings()``, or nothing for a method that has none."""
+    settings = getattr(method, "settings", None)
+    return dict(settings()) if callable(settings) else {}
