@@ -11,7 +11,7 @@ from lightning.pytorch.callbacks import Callback, Checkpoint
 
 from kdlight.checkpointing import non_finite_tensors, raise_failed_writes
 from kdlight.errors import KDLightError
-from kdlight.runs import RunIdentity, checkpoint_record
+from kdlight.runs import RunIdentity
 
 
 class SaveLastCheckpoint(Checkpoint):
@@ -47,16 +47,18 @@ class SaveLastCheckpoint(Checkpoint):
     def on_train_batch_end(self, trainer: L.Trainer, pl_module, outputs, batch, batch_idx) -> None:
         steps = self.every_n_train_steps
         if steps and trainer.global_step % steps == 0:
-            self._save(trainer)
+            self.save(trainer)
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._save(trainer)
+        self.save(trainer)
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not trainer.sanity_checking:
             raise_failed_writes(trainer)
 
-    def _save(self, trainer: L.Trainer) -> None:
+    def save(self, trainer: L.Trainer) -> None:
+        """Write ``last.ckpt`` now (all processes call it, one writes); not while Lightning
+        checks the validation loop first, nor in a ``fast_dev_run``."""
         if trainer.sanity_checking or trainer.fast_dev_run:
             return
         trainer.save_checkpoint(self.path, weights_only=False)  # all processes call it, one writes
@@ -195,4 +197,4 @@ class RecordRunIdentity(Callback):
         self.identity = identity
 
     def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
-        checkpoint["kdlight_run"] = checkpoint_record(self.identity)
+        checkpoint["kdlight_run"] = self.identity.record()

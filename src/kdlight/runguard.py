@@ -30,7 +30,6 @@ from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from kdlight.callbacks import SaveLastCheckpoint
-from kdlight.checkpointing import raise_failed_writes
 from kdlight.errors import KDLightError, first_line
 
 log = logging.getLogger("kdlight")
@@ -105,14 +104,12 @@ class SaveLastOnSigterm(Callback):
         if last is None or trainer.fast_dev_run:
             raise Terminated(f"{where}; this run keeps no last.ckpt: launch it again to redo it")
         try:
-            trainer.save_checkpoint(last.path, weights_only=False)  # each process; one writes
-            raise_failed_writes(trainer)
+            last.save(trainer)
         except Exception as err:  # a full disk, non-finite weights: the one before is kept
             raise Terminated(
                 f"{where}; last.ckpt could not be saved there ({first_line(err)}): {RELAUNCH} from the "
                 "one saved before"
             ) from None
-        last.last_model_path = str(last.path)
         raise Terminated(f"{where}; last.ckpt is current: {RELAUNCH}")
 
 

@@ -140,7 +140,7 @@ def grid_cells(cfg: DictConfig) -> list[tuple[float, float]]:
 def settings(cfg: DictConfig, teacher: str | None = None) -> dict:
     """Every setting of ``cfg`` that changes a run's numbers, except the seed, as a flat
     ``{"dotted.key": value}`` dict with numbers spelled one way. ``teacher`` is the
-    teacher's identity (see :func:`teacher_identity`), stored as ``distill.teacher``."""
+    teacher's identity (:attr:`Teacher.identity`), stored as ``distill.teacher``."""
     tree = OmegaConf.to_container(cfg, resolve=False)  # resolved below, once trimmed
     keep = {k: OmegaConf.select(cfg, k, default=None) for k in RESULT_CALLBACK_KEYS}
     tree.pop("callbacks", None)
@@ -337,15 +337,9 @@ def run_folder(*, _root_: DictConfig) -> str:
     return identity.folder
 
 
-def checkpoint_record(identity: RunIdentity) -> dict:
-    """What every checkpoint of a run carries under ``kdlight_run`` (see
-    :class:`kdlight.callbacks.RecordRunIdentity`): its id, seed and settings."""
-    return identity.record()
-
-
 def check_checkpoint_owner(path: Path, state: dict, identity: RunIdentity) -> None:
     """Refuse, in one line, a checkpoint written by another run (other settings or seed):
-    one whose ``kdlight_run`` record (:func:`checkpoint_record`) is not this run's."""
+    one whose ``kdlight_run`` record (:meth:`RunIdentity.record`) is not this run's."""
     owner = state.get("kdlight_run") if isinstance(state, dict) else None
     if not isinstance(owner, dict) or owner.get("id") != identity.id:
         theirs = owner.get("settings", {}) if isinstance(owner, dict) else {}
