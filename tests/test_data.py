@@ -196,6 +196,84 @@ def test_on_after_batch_transfer_normalises_and_augments_only_in_training():
     assert torch.equal(no_augment.on_after_batch_transfer((images, labels), 0)[0], plain)
 
 
+# ------------------------------------------------------------------------------ indices
+
+
+def transferred(datamodule: CIFAR10DataModule, loader, training: bool) -> list[tuple]:
+    """Every batch of ``loader`` as ``on_after_batch_transfer`` gives it in that stage."""
+    datamodule.trainer = SimpleNamespace(training=training, global_rank=0, world_size=1)
+    return [datamodule.on_after_batch_transfer(batch, 0) for batch in loader]
+
+
+@pytest.mark.parametrize("on_device", [False, True])
+def test_with_index_training_batches_hold_each_images_position(on_device: bool):
+    datamodule = synthetic_module(batch_size=64, augment=False, on_device=on_device)
+    datamodule.with_index = True
+    train_set = datamodule.train_set
+    seen = []
+    for images, labels, indices in transferred(datamodule, datamodule.train_dataloader(), True):
+        assert indices.dtype == torch.int64
+        assert torch.equal(images, normalize(train_set.images[indices]))
+        assert torch.equal(labels, datamodule.train_labels[indices])
+        seen.append(indices)
+    assert torch.equal(torch.cat(seen).sort().values, torch.arange(len(train_set)))  # an epoch
+    assert not torch.equal(torch.cat(seen), torch.arange(len(train_set)))  # shuffled
+
+    for loader in (datamodule.val_dataloader(), datamodule.test_dataloader()):
+        assert {len(batch) for batch in transferred(datamodule, loader, False)} == {2}
+
+
+@pytest.mark.parametrize("on_device", [False, True])
+def test_training_batches_have_no_index_unless_asked(on_device: bool):
+    datamodule = synthetic_module(batch_size=64, on_device=on_device)
+    batches = transferred(datamodule, datamodule.train_dataloader(), True)
+    assert {len(batch) for batch in batches} == {2}
+
+
+def test_with_index_reaches_worker_processes():
+    datamodule = synthetic_module(batch_size=500, augment=False, num_workers=2)
+    datamodule.with_index = True
+    batches = transferred(datamodule, datamodule.train_dataloader(), True)
+    indices = torch.cat([batch[2] for batch in batches])
+    assert torch.equal(indices.sort().values, torch.arange(len(datamodule.train_set)))
+
+
+def test_train_labels_are_the_training_sets_labels_after_setup():
+    datamodule = CIFAR10DataModule(source="synthetic", synthetic_train_size=500, val_size=100)
+    assert getattr(datamodule, "train_labels", None) is None
+    datamodule.setup("fit")
+    labels = datamodule.train_labels
+    assert labels.dtype == torch.int64 and len(labels) == len(datamodule.train_set) == 400
+    assert torch.equal(labels, datamodule.train_set.labels)
+
+
+def test_the_augmentation_generators_of_other_processes_survive_a_checkpoint(tmp_path: Path):
+    """Process 0 draws from the global generator (the callbacks keep it); a DDP process's own
+    generator is in the data module's state, and a resumed data module continues it."""
+    images = synthetic_module().train_set.images[:64]
+    alone = synthetic_module()
+    alone.trainer = SimpleNamespace(training=True, global_rank=0)
+    alone.on_after_batch_transfer((images, torch.zeros(64)), 0)
+    assert alone.state_dict() == {}
+
+    second = synthetic_module()
+    second.trainer = SimpleNamespace(training=True, global_rank=1)
+    second.on_after_batch_transfer((images, torch.zeros(64)), 0)
+    torch.save(second.state_dict(), tmp_path / "state.pt")
+    expected = second.on_after_batch_transfer((images, torch.zeros(64)), 0)[0]
+
+    resumed = synthetic_module()
+    resumed.trainer = SimpleNamespace(training=True, global_rank=1)
+    resumed.load_state_dict(torch.load(tmp_path / "state.pt", weights_only=True))
+    assert torch.equal(resumed.on_after_batch_transfer((images, torch.zeros(64)), 0)[0], expected)
+
+    afresh = synthetic_module()  # without the state: the first batch's crops again
+    afresh.trainer = SimpleNamespace(training=True, global_rank=1)
+    assert not torch.equal(
+        afresh.on_after_batch_transfer((images, torch.zeros(64)), 0)[0], expected
+    )
+
+
 # ------------------------------------------------------------------------------ archive
 
 

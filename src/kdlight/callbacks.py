@@ -1,17 +1,23 @@
 """Lightning callbacks for runs that survive crashes: an always-current ``last.ckpt`` to
-resume from, a stop at the first non-finite loss or weight, before it reaches a
+resume from, the random state in every checkpoint so that a resumed run continues as if
+never stopped, a stop at the first non-finite loss or weight, before it reaches a
 checkpoint, and the run's identity in every checkpoint."""
 
+import logging
+import random
 from collections.abc import Mapping
 from pathlib import Path
 
 import lightning as L
+import numpy as np
 import torch
 from lightning.pytorch.callbacks import Callback, Checkpoint
 
 from kdlight.checkpointing import non_finite_tensors, raise_failed_writes
 from kdlight.errors import KDLightError
 from kdlight.runs import RunIdentity
+
+log = logging.getLogger("kdlight")
 
 
 class SaveLastCheckpoint(Checkpoint):
@@ -64,6 +70,89 @@ class SaveLastCheckpoint(Checkpoint):
         trainer.save_checkpoint(self.path, weights_only=False)  # all processes call it, one writes
         raise_failed_writes(trainer)
         self.last_model_path = str(self.path)
+
+
+class ResumeRandomState(Callback):
+    """Keep the random state in every checkpoint and restore it when a run resumes from one,
+    so that a run stopped after an epoch and launched again draws the same shuffles, crops,
+    flips (and a distillation method's samples) as a run never stopped, and ends with the
+    same weights and results.
+
+    Kept: torch's CPU generator, each CUDA device's (once CUDA is in use), numpy's and
+    Python's ``random``, as tensors, numbers, lists and tuples, so that checkpoints still
+    load with ``torch.load(weights_only=True)``. The crop-and-flip generators that DDP
+    processes other than the first have of their own are the data module's, kept by
+    :meth:`kdlight.data.CIFAR10DataModule.state_dict`.
+
+    Saved as Lightning writes a checkpoint (``last.ckpt`` at an epoch's end, after its
+    validation) and restored as Lightning restores the callbacks at the start of ``fit``:
+    after the ``setup`` hooks, before ``on_fit_start``. The first draw after the restore is
+    the training loader's (Lightning makes its iterator, which takes a seed, before
+    ``on_train_start``; then its sampler takes the epoch's shuffle), as it is after the
+    save, and Lightning runs the validation sanity check, if any, with the random state put
+    back after it. So a hook in between (``on_fit_start``, ``on_train_start``) must draw no
+    random number; a module's own draws belong in ``__init__`` or ``setup``.
+
+    Exact from an epoch-end checkpoint only: from one saved in the middle of an epoch
+    (``every_n_train_steps``, a SIGTERM) Lightning starts that epoch's loader afresh, so the
+    rest of the epoch sees other images than it would have.
+
+    Under DDP each process has a state of its own (the first draws the crops and flips from
+    the global generator, the others from their own). Every process takes part in writing
+    a checkpoint (Lightning's rule), so they exchange their states then, and the first
+    writes them all; on resuming, each process restores its own, by global rank. A process
+    of which the checkpoint holds no state (a resume with more processes) keeps its seeded
+    state.
+    """
+
+    def state_dict(self) -> dict:
+        mine = _random_state()
+        if not _distributed():
+            return {"processes": [mine]}
+        every = [None] * torch.distributed.get_world_size()
+        torch.distributed.all_gather_object(every, mine)
+        return {"processes": every}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        processes = state_dict.get("processes", [])
+        rank = torch.distributed.get_rank() if _distributed() else 0
+        if rank < len(processes):
+            _set_random_state(processes[rank])
+        else:
+            log.warning(
+                "the checkpoint holds the random state of %d processes: process %d goes on "
+                "with its seeded state",
+                len(processes),
+                rank,
+            )
+
+
+def _distributed() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
+def _random_state() -> dict:
+    """This process's global random state, in types ``torch.load(weights_only=True)`` reads."""
+    _, keys, position, has_gauss, cached_gaussian = np.random.get_state(legacy=True)
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else [],
+        "numpy": (torch.from_numpy(keys.astype(np.int64)), position, has_gauss, cached_gaussian),
+        "python": random.getstate(),
+    }
+
+
+def _set_random_state(state: dict) -> None:
+    """Restore what :func:`_random_state` returned (CUDA's on the devices there are)."""
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        for device, cuda_state in enumerate(state["cuda"][: torch.cuda.device_count()]):
+            torch.cuda.set_rng_state(cuda_state, device)
+    keys, position, has_gauss, cached_gaussian = state["numpy"]
+    keys = keys.numpy().astype(np.uint32)
+    np.random.set_state(("MT19937", keys, position, has_gauss, cached_gaussian))
+    version, internal, gauss_next = state["python"]
+    random.setstate((version, tuple(internal), gauss_next))
 
 
 class NonFiniteLossError(KDLightError):

@@ -1,5 +1,6 @@
-"""``CIFAR10DataModule``: CIFAR-10 held in memory as uint8 tensors, augmented per batch, and
-the seeded class-stratified subsets that small evaluations use."""
+"""``CIFAR10DataModule``: CIFAR-10 held in memory as uint8 tensors, augmented per batch,
+training batches with each image's index on request, and the seeded class-stratified
+subsets that small evaluations use."""
 
 import hashlib
 from dataclasses import dataclass
@@ -81,10 +82,12 @@ def stratified_subset(split: Split, size: int, digests: list[bytes] | None = Non
 @dataclass
 class IndexBatch:
     """A batch of indices into a split that is kept whole on the accelerator
-    (``on_device=True``): only the indices travel, the images never leave the device."""
+    (``on_device=True``): only the indices travel, the images never leave the device.
+    ``with_index``: the batch keeps its indices once gathered (see ``ArrayDataset``)."""
 
     split: str
     indices: Tensor
+    with_index: bool = False
 
     def to(self, device: torch.device | str, non_blocking: bool = True) -> "IndexBatch":
         """The indices on ``device``, copied without waiting on a GPU. (Lightning passes
@@ -92,7 +95,8 @@ class IndexBatch:
         the GPU to finish all the work queued before it.)"""
         device = torch.device(device)
         non_blocking = non_blocking and device.type == "cuda"
-        return IndexBatch(self.split, self.indices.to(device, non_blocking=non_blocking))
+        indices = self.indices.to(device, non_blocking=non_blocking)
+        return IndexBatch(self.split, indices, self.with_index)
 
 
 class ArrayDataset(Dataset):
@@ -101,6 +105,8 @@ class ArrayDataset(Dataset):
     ``__getitems__`` lets a ``DataLoader`` index a batch with one tensor gather instead of
     ``batch_size`` Python calls; :func:`collate_batch` then passes the batch through. With
     ``indices_only`` it yields an :class:`IndexBatch` instead, for data held on the device.
+    With ``with_index`` (off unless set) a batch also holds the images' positions in the
+    dataset, int64: ``(images, labels, indices)``, or an ``IndexBatch`` that keeps them.
     """
 
     def __init__(self, split: Split, name: str, indices_only: bool = False) -> None:
@@ -108,6 +114,7 @@ class ArrayDataset(Dataset):
         self.labels = torch.from_numpy(split.labels)
         self.name = name
         self.indices_only = indices_only
+        self.with_index = False
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -115,14 +122,15 @@ class ArrayDataset(Dataset):
     def __getitem__(self, index: int) -> tuple[Tensor, Tensor]:
         return self.images[index], self.labels[index]
 
-    def __getitems__(self, indices: list[int]) -> tuple[Tensor, Tensor] | IndexBatch:
-        index = torch.as_tensor(indices)
+    def __getitems__(self, indices: list[int]) -> tuple[Tensor, ...] | IndexBatch:
+        index = torch.as_tensor(indices, dtype=torch.int64)
         if self.indices_only:
-            return IndexBatch(self.name, index)
-        return self.images[index], self.labels[index]
+            return IndexBatch(self.name, index, self.with_index)
+        batch = self.images[index], self.labels[index]
+        return (*batch, index) if self.with_index else batch
 
 
-def collate_batch(batch: tuple[Tensor, Tensor] | IndexBatch) -> tuple[Tensor, Tensor] | IndexBatch:
+def collate_batch(batch: tuple[Tensor, ...] | IndexBatch) -> tuple[Tensor, ...] | IndexBatch:
     """The batch is already stacked by :meth:`ArrayDataset.__getitems__`."""
     return batch
 
@@ -156,6 +164,14 @@ class CIFAR10DataModule(L.LightningDataModule):
             ``batch_size - 1`` images, different ones each epoch), so that every training
             batch has one shape and torch.compile builds one training graph, not two.
         synthetic_train_size, synthetic_test_size: sizes for ``source=synthetic``.
+
+    Attributes:
+        with_index: training batches are ``(images, labels, indices)``, ``indices`` the int64
+            positions of their images in ``train_set`` (and in :attr:`train_labels`);
+            validation and test batches stay ``(images, labels)``. Off by default, and not a
+            setting: a method that needs each image's index (CRD's memory bank) sets it in its
+            module's ``setup`` hook, before Lightning asks for the training loader (the loader
+            takes it then, so that its worker processes have it too).
     """
 
     classes = CIFAR10_CLASSES
@@ -210,6 +226,8 @@ class CIFAR10DataModule(L.LightningDataModule):
         self._test_set_id: str | None = None
         self._on_device: dict[tuple[str, torch.device], tuple[Tensor, Tensor]] = {}
         self._generators: dict[tuple[int, torch.device], torch.Generator | None] = {}
+        self._saved_generator_states: dict[str, Tensor] = {}  # from a checkpoint, until used
+        self.with_index = False
 
     # ------------------------------------------------------------------------ loading
     def _load(self) -> dict[str, Split]:
@@ -282,6 +300,15 @@ class CIFAR10DataModule(L.LightningDataModule):
             raise AttributeError("CIFAR10DataModule.test_set_id is known after setup()")
         return self._test_set_id
 
+    @property
+    def train_labels(self) -> Tensor:
+        """The training images' labels, int64, in the order of ``train_set`` (which the
+        indices of a ``with_index`` batch point into). Known after ``setup`` (before it, an
+        ``AttributeError``, so ``getattr(dm, "train_labels", None)`` is None)."""
+        if self.train_set is None:
+            raise AttributeError("CIFAR10DataModule.train_labels is known after setup()")
+        return self.train_set.labels.long()
+
     # ---------------------------------------------------------------------- loaders
     def _loader(
         self, dataset: ArrayDataset, batch_size: int, shuffle: bool, drop_last: bool = False
@@ -308,6 +335,7 @@ class CIFAR10DataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         hp = self.hparams
+        self.train_set.with_index = self.with_index  # before worker processes copy the dataset
         return self._loader(self.train_set, hp.batch_size, shuffle=True, drop_last=hp.drop_last)
 
     def val_dataloader(self) -> DataLoader:
@@ -318,25 +346,56 @@ class CIFAR10DataModule(L.LightningDataModule):
 
     # ------------------------------------------------------------------ augmentation
     def on_after_batch_transfer(
-        self, batch: tuple[Tensor, Tensor] | IndexBatch, dataloader_idx: int
-    ) -> tuple[Tensor, Tensor]:
-        """Gather (on-device data), augment (training only) and normalise on the batch's device."""
+        self, batch: tuple[Tensor, ...] | IndexBatch, dataloader_idx: int
+    ) -> tuple[Tensor, ...]:
+        """Gather (on-device data), augment (training only) and normalise on the batch's
+        device; a training batch with ``with_index`` keeps its indices, last."""
         if isinstance(batch, IndexBatch):
             images, labels = self.split_on_device(batch.split, batch.indices.device)
             images, labels = images[batch.indices], labels[batch.indices]
+            indices = [batch.indices] if batch.with_index else []
         else:
-            images, labels = batch
+            images, labels, *indices = batch
         if self.trainer is not None and self.trainer.training and self.hparams.augment:
             images = random_crop_flip(images, generator=self._augment_generator(images.device))
-        return self.normalize(images), labels
+        return self.normalize(images), labels, *indices
 
     def _augment_generator(self, device: torch.device) -> torch.Generator | None:
         """This process's crop-and-flip stream on ``device``: the global RNG on process 0,
         a generator of its own, made once, on every other DDP process."""
         key = (getattr(self.trainer, "global_rank", 0), device)
         if key not in self._generators:
-            self._generators[key] = process_generator(self.hparams.seed, *key)
+            generator = process_generator(self.hparams.seed, *key)
+            saved = self._saved_generator_states.pop(_generator_name(*key), None)
+            if generator is not None and saved is not None:
+                generator.set_state(saved)  # a resumed run continues the stream
+            self._generators[key] = generator
         return self._generators[key]
+
+    # ------------------------------------------------------------------- checkpoints
+    def state_dict(self) -> dict:
+        """The crop-and-flip generators of the DDP processes other than the first, by
+        ``"<rank>/<device>"``, so that a resumed run draws what the run never stopped would
+        have (the first process draws from the global generator, which
+        :class:`kdlight.callbacks.ResumeRandomState` keeps). Every process takes part in
+        writing a checkpoint (Lightning's rule), so they exchange their states here, and the
+        first writes them all."""
+        states = {
+            _generator_name(rank, device): generator.get_state()
+            for (rank, device), generator in self._generators.items()
+            if generator is not None
+        }
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            every = [None] * torch.distributed.get_world_size()
+            torch.distributed.all_gather_object(every, states)
+            states = {name: state for process in every for name, state in process.items()}
+        return {"augment_generators": states} if states else {}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Continue the generators :meth:`state_dict` saved: each process takes its own as
+        it makes it (a process of which the checkpoint holds none starts a seeded one)."""
+        self._saved_generator_states = dict(state_dict.get("augment_generators", {}))
+        self._generators.clear()  # any made before would not continue the saved streams
 
     def split_on_device(self, split: str, device: torch.device) -> tuple[Tensor, Tensor]:
         """The whole split's uint8 images and labels on ``device``, copied there once."""
@@ -350,3 +409,8 @@ class CIFAR10DataModule(L.LightningDataModule):
     def normalize(images: Tensor) -> Tensor:
         """uint8 batch -> float32 standardised with CIFAR-10's per-channel mean and std."""
         return normalize(images, CIFAR10_MEAN, CIFAR10_STD)
+
+
+def _generator_name(rank: int, device: torch.device) -> str:
+    """How a checkpoint names process ``rank``'s crop-and-flip generator on ``device``."""
+    return f"{rank}/{device}"
