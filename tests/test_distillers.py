@@ -133,7 +133,7 @@ def test_dkd_from_the_cli_and_the_report(tmp_path: Path):
         tmp_path,
     )
     assert grid.returncode == 2
-    assert "error: the fused grid trains KD cells only, not distiller=dkd" in grid.stderr
+    assert "error: the fused T x alpha grid trains KD cells, not distiller=dkd" in grid.stderr
 
     report = run_cli(
         [str(tmp_path / "outputs/distill"), "--out", str(tmp_path / "r")],

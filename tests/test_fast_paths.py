@@ -241,6 +241,8 @@ def test_bench_runs_and_writes_its_table(tmp_path: Path):
     ]
     assert all(row["plain"] > 0 and row["fast"] > 0 for row in result["rows"])
     assert "| fused grid (4 students) |" in result["table"]
+    assert [row["method"] for row in result["methods"]] == list(bench.METHODS)
+    assert result["methods"][0]["cost_vs_kd"] == 1.0 and "| crd |" in result["table"]
     modules = [row["module"] for row in result["overhead"]]
     assert modules == [
         "bare PyTorch loop",

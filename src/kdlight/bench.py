@@ -12,7 +12,12 @@ student step) and the fused T x alpha grid (N students, one teacher forward). Fo
 the figure that matters is the cost per student-epoch against N separate plain
 distillation runs: ``grid images/s x N / plain distillation images/s``.
 
-A second table (``--overhead``, on by default) gives each module's per-step overhead: ms per
+A second table (``--methods``, on by default) gives the distillation step of every method
+of :mod:`kdlight.distillers` on the fast path, and its cost against KD's for the same
+student and teacher (``KD images/s / method images/s``): what the feature taps, connectors
+and method losses add to a step.
+
+A third table (``--overhead``, on by default) gives each module's per-step overhead: ms per
 step with a trivial model, where nothing but the CPU's bookkeeping is timed (Lightning's
 loop, logging, augmentation, the optimizer's Python), against a bare PyTorch loop. A GPU
 step cannot take less than that, so for small models it is what bounds throughput.
@@ -33,6 +38,7 @@ from lightning.pytorch.callbacks import Callback
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
+from kdlight import distillers
 from kdlight.data import CIFAR10DataModule
 from kdlight.data.augment import CIFAR10_MEAN, CIFAR10_STD
 from kdlight.data.sources import make_synthetic
@@ -264,6 +270,7 @@ def run(args: argparse.Namespace) -> dict:
         f"  x{per_student / distill_plain:.2f} vs separate plain runs",
         flush=True,
     )
+    methods = method_steps(args, datamodule, teacher, student, speed) if args.methods else []
     overhead = step_overhead(args, cells) if args.overhead else []
     return {
         "device": torch.cuda.get_device_name()
@@ -272,8 +279,36 @@ def run(args: argparse.Namespace) -> dict:
         "torch": torch.__version__,
         "settings": {k: v for k, v in vars(args).items() if k != "out"},
         "rows": rows,
+        "methods": methods,
         "overhead": overhead,
     }
+
+
+#: The methods ``make bench`` times, each with its defaults (the official CIFAR settings).
+METHODS = {
+    "kd": distillers.KD,
+    "dkd": distillers.DKD,
+    "fitnet": distillers.FitNet,
+    "at": distillers.AT,
+    "sp": distillers.SP,
+    "vid": distillers.VID,
+    "pkt": distillers.PKT,
+    "rkd": distillers.RKD,
+    "crd": distillers.CRD,
+}
+
+
+def method_steps(args, datamodule, teacher, student, speed) -> list[dict]:
+    """Each method's distillation step (images/s on the fast path) and its cost against
+    KD's: ``KD images/s / method images/s``."""
+    rows = []
+    for name, method in METHODS.items():
+        module = DistillationModule(student(), teacher=teacher, distiller=method(), **speed)
+        rate = fast_path(module, datamodule, args, args.warmup, args.steps)
+        rows.append({"method": name, "images_per_second": rate})
+        print(f"method {name:<8} {rate:9.0f} img/s", flush=True)
+    kd = rows[0]["images_per_second"]
+    return [row | {"cost_vs_kd": kd / row["images_per_second"]} for row in rows]
 
 
 def grid_axes(cells: int) -> tuple[list[float], list[float]]:
@@ -296,6 +331,12 @@ def markdown(result: dict) -> str:
         f"| {r['workload']} | {r['plain']:.0f} | {r['fast']:.0f} | {r['ratio']:.2f}x |"
         for r in result["rows"]
     ]
+    if result.get("methods"):
+        lines += ["", "| distillation method | step (img/s) | step cost vs KD |", "|---|---:|---:|"]
+        lines += [
+            f"| {r['method']} | {r['images_per_second']:.0f} | {r['cost_vs_kd']:.2f}x |"
+            for r in result["methods"]
+        ]
     if result["overhead"]:
         lines += ["", "| per-step overhead, trivial model, batch 8 | ms/step |", "|---|---:|"]
         lines += [f"| {r['module']} | {r['ms_per_step']:.2f} |" for r in result["overhead"]]
@@ -328,6 +369,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--precision", default="bf16-mixed" if gpu else fast_cpu_precision())
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=gpu)
     parser.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument(
+        "--methods", action=argparse.BooleanOptionalAction, default=True,
+        help="also time the distillation step of every method against KD's",
+    )  # fmt: skip
     parser.add_argument(
         "--overhead", action=argparse.BooleanOptionalAction, default=True,
         help="also time each module's per-step overhead with a trivial model",

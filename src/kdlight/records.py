@@ -19,7 +19,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from kdlight.runs import group_key, is_debug, settings
-from kdlight.stats import CELL_KEYS, Comparison, Estimate, compare_runs
+from kdlight.stats import Comparison, Estimate, compare_runs, is_cell_key
 
 RUN_MARKERS = ("config.yaml", "metrics.json", "error.txt", ".hydra/config.yaml")
 DISTILLATION = ("DistillationModule", "DistillationGridModule")  # one row per (T, alpha) cell
@@ -212,8 +212,10 @@ def _identify(run: dict) -> None:
     if run["settings"] is None:
         run["group"] = run["sweep"] = _short([str(run["path"]), *facts])
         return
-    sweep = {k: v for k, v in run["settings"].items() if k not in CELL_KEYS}
-    run["group"] = _short([group_key(run["settings"], run["temperature"], run["alpha"]), *facts])
+    sweep = {k: v for k, v in run["settings"].items() if not is_cell_key(k)}
+    cell = Path(run["path"]).name if run["system"] == "DistillationGridModule" else None
+    key = group_key(run["settings"], run["temperature"], run["alpha"], cell)
+    run["group"] = _short([key, *facts])
     run["sweep"] = _short([group_key(sweep), *facts]) if run["role"] == "distill" else run["group"]
 
 

@@ -22,6 +22,7 @@ This module holds the command and the CSV and Markdown writers.
 
 import argparse
 import csv
+import dataclasses
 import io
 import sys
 from collections import Counter
@@ -187,10 +188,21 @@ def _table(head: list[str], groups: list[Group], first_cells, delta_cells=None) 
     return lines + (["", *notes] if notes else [])
 
 
+def kd_groups(c: Comparison) -> list[Group]:
+    """The KD cells (a temperature and an alpha) of ``c``: its T x alpha heatmap."""
+    return [g for g in c.groups if None not in (g.first["temperature"], g.first["alpha"])]
+
+
+def _method(run: dict) -> str:
+    """A row of a table of methods: ``kd: T=4, alpha=0.9`` or ``dkd: temperature=4, ...``."""
+    cell = _cell(run)
+    return f"{run.get('method') or 'kd'}: {cell}" if run["temperature"] is not None else cell
+
+
 def _comparison_lines(c: Comparison) -> list[str]:
     lines = [f"## Distilled {c.model}" + (f": {c.differs}" if c.differs else ""), ""]
-    if is_t_alpha_grid(c):
-        lines += [f"Heatmap: `{c.name}.png`.", ""]
+    if kd_groups(c):
+        lines += [f"Heatmap (the KD cells): `{c.name}.png`.", ""]
     if c.teacher:
         lines.append(
             f"- Teacher ({c.teacher['model']}): {c.teacher['accuracy']:.2f}% test accuracy"
@@ -226,8 +238,12 @@ def _comparison_lines(c: Comparison) -> list[str]:
         )
         return [_fmt(delta and delta.mean, "+.2f") or "—", _interval(delta, "+.2f") + how]
 
-    if not is_t_alpha_grid(c):  # another method than KD: its settings name the row
-        return [*lines, "", *_table(["method"], c.groups, lambda g: [_cell(g.first)], delta_cells)]
+    if not is_t_alpha_grid(c):  # methods compared: each row's method and settings name it
+        return [
+            *lines,
+            "",
+            *_table(["method"], c.groups, lambda g: [_method(g.first)], delta_cells),
+        ]
 
     def cell(group: Group) -> list[str]:
         return [_fmt(group.first["temperature"], "g"), _fmt(group.first["alpha"], "g")]
@@ -285,8 +301,9 @@ def build_report(dirs: list[Path], out_dir: Path) -> dict[str, Path]:
                 runs, comparisons, out_dir / "report.md", Path(dirs[0]).resolve()
             ),
         }
-        for comparison in (c for c in comparisons if is_t_alpha_grid(c)):
-            written[comparison.name] = plot_heatmap(comparison, out_dir / f"{comparison.name}.png")
+        for comparison in (c for c in comparisons if kd_groups(c)):
+            kd_cells = dataclasses.replace(comparison, groups=kd_groups(comparison))
+            written[comparison.name] = plot_heatmap(kd_cells, out_dir / f"{comparison.name}.png")
         if comparisons:
             written["per_class"] = plot_per_class(comparisons[0], out_dir / "per_class.png")
     except OSError as err:

@@ -56,23 +56,33 @@ def cell_name(temperature: float, alpha: float) -> str:
     return f"T{float(temperature):g}_alpha{float(alpha):g}"
 
 
+#: The settings of a method other than KD that its cell's name shows, by their short name.
+OTHER_CELL_KEYS = {"T": "temperature", "alpha": "alpha", "beta": "beta", "w": "weight"}
+
+
 def method_cell(settings: dict) -> str | None:
     """A distillation run's cell: ``T4_alpha0.9`` for KD (``_ls`` with logit
-    standardization), the method and its main settings for others (``dkd_T4_alpha1_beta8``);
+    standardization), the method and its main settings for others (``dkd_T4_alpha1_beta8``,
+    ``fitnet_w100``);
     None for other runs and for a fused grid (its cells are folders of their own)."""
     target = settings.get("distiller._target_")
     if target is None and "distill.temperature" not in settings:
         return None
+    if any(key.startswith("methods.") for key in settings):
+        return None  # a grid of methods: each is a folder of its own
     value = {k: settings.get(f"distiller.{k}", settings.get(f"distill.{k}")) for k in KD_KEYS}
     if any(isinstance(v, list) for v in value.values()):
         return None
     method = str(target or "kd").rsplit(".", 1)[-1].lower()
     if method == "kd":
         cell = cell_name(value["temperature"], value["alpha"])
-    else:
-        shown = {"T": value["temperature"], "alpha": settings.get("distiller.alpha")}
-        shown["beta"] = settings.get("distiller.beta")
-        numbers = [f"{k}{float(v):g}" for k, v in shown.items() if isinstance(v, int | float)]
+    else:  # the method's own settings only (distill.temperature is KD's)
+        shown = {key: settings.get(f"distiller.{name}") for key, name in OTHER_CELL_KEYS.items()}
+        numbers = [
+            f"{k}{float(v):g}"
+            for k, v in shown.items()
+            if isinstance(v, int | float) and not isinstance(v, bool)
+        ]
         cell = "_".join([method, *numbers])
     return cell + ("_ls" if settings.get("distiller.standardize") else "")
 
@@ -136,6 +146,15 @@ def grid_cells(cfg: DictConfig) -> list[tuple[float, float]]:
     return [(float(t), float(a)) for t in temperatures for a in alphas]
 
 
+def grid_cell_names(cfg: DictConfig) -> list[str]:
+    """The folders of a fused grid's cells: its methods' names (``experiment=method_grid``)
+    or ``T<T>_alpha<alpha>`` for a T x alpha grid."""
+    methods = OmegaConf.select(cfg, "module.methods", default=None)
+    if methods:
+        return list(methods)
+    return [cell_name(t, a) for t, a in grid_cells(cfg)]
+
+
 # ------------------------------------------------------------------------------ identity
 def settings(cfg: DictConfig, teacher: str | None = None) -> dict:
     """Every setting of ``cfg`` that changes a run's numbers, except the seed, as a flat
@@ -175,10 +194,23 @@ def _within(key: str, node: str) -> bool:
     return key == node or key.startswith(f"{node}.")
 
 
-def group_key(settings: dict, temperature: float | None = None, alpha: float | None = None) -> str:
+def group_key(
+    settings: dict,
+    temperature: float | None = None,
+    alpha: float | None = None,
+    cell: str | None = None,
+) -> str:
     """The group of runs that differ only in seed: a hash of ``settings`` where a fused-grid
-    cell counts as the separate ``experiment=distill`` run with its own T and alpha."""
+    cell counts as the separate ``experiment=distill`` run with its own T and alpha, and a
+    method grid's ``cell`` as the run of its method (``distiller=<method>``)."""
     record = dict(settings)
+    if cell is not None and any(key.startswith("methods.") for key in record):
+        prefix = f"methods.{cell}."
+        record = {k: v for k, v in record.items() if not k.startswith("methods.")}
+        record |= {
+            f"distiller.{k[len(prefix) :]}": v for k, v in settings.items() if k.startswith(prefix)
+        }
+        record.pop("module.distiller", None)  # null in the grid, the method in its run
     if temperature is not None:
         record["distill.temperature"] = _canonical(float(temperature))
     if alpha is not None:

@@ -123,7 +123,14 @@ PLUGINS = Rule(  # each instantiated by Hydra, or named as Lightning names its o
     ),
 )
 A_GROUP = Rule("a group of settings, not a value", lambda v: False)
-METHOD = Rule("a method of conf/distiller/ (distiller=kd, dkd)", lambda v: isinstance(v, Mapping))
+METHODS = "kd, dkd, fitnet, at, sp, vid, pkt, rkd, crd"
+METHOD = Rule(
+    f"a method of conf/distiller/ (distiller={METHODS})", lambda v: isinstance(v, Mapping)
+)
+TAPS = Rule(
+    "null (the models' default taps) or a list of module names",
+    lambda v: v is None or (isinstance(v, list) and bool(v) and all(NAME.accepts(x) for x in v)),
+)
 GRID = " (a list of them for experiment=distill_grid)"
 TEMPERATURE = Rule(POSITIVE.allowed + GRID, (POSITIVE | list_of(POSITIVE, "")).accepts)
 ALPHA = Rule(FRACTION.allowed + GRID, (FRACTION | list_of(FRACTION, "")).accepts)
@@ -169,6 +176,12 @@ def rules() -> dict[str, Rule]:
         "distiller.alpha": number(0) | list_of(number(0), "a list of numbers >= 0"),
         "distiller.beta": number(0), "distiller.ce_weight": number(0),
         "distiller.warmup_epochs": integer(0), "distiller.standardize": BOOL,
+        "distiller.weight": number(0), "distiller.stage": Rule("an integer", _is_int),
+        "distiller.p": POSITIVE, "distiller.init_pred_var": POSITIVE,
+        "distiller.distance_weight": number(0), "distiller.angle_weight": number(0),
+        "distiller.dim": integer(1), "distiller.num_negatives": integer(1),
+        "distiller.nce_temperature": POSITIVE, "distiller.momentum": FRACTION,
+        "distiller.student_taps": TAPS, "distiller.teacher_taps": TAPS,
         "optimizer.lr": POSITIVE, "optimizer.momentum": number(0, 1, below=True),
         "optimizer.dampening": number(0, 1, below=True), "optimizer.weight_decay": number(0),
         "optimizer.betas": list_of(number(0, 1, below=True), "two numbers in [0, 1)", 2),
@@ -232,6 +245,8 @@ def rule_for(key: str) -> Rule | None:
     parts = key.split(".")
     if key not in rules() and parts[0] in ("callbacks", "logger") and len(parts) > 1:
         key = ".".join([parts[0], "*", *parts[2:]])
+    if parts[0] == "methods" and len(parts) > 1:  # a method grid's cells: as distiller=
+        return METHOD if len(parts) == 2 else rules().get(".".join(["distiller", *parts[2:]]))
     return rules().get(key)
 
 
@@ -401,7 +416,7 @@ def _check_targets(cfg: DictConfig) -> None:
     """Every key of a ``_target_`` entry is an argument of what it builds, so that a
     ``+key=value`` that would fail when the object is made stops here."""
     nodes = [(s, cfg.get(s)) for s in SECTIONS if s not in ("callbacks", "logger")]
-    for group in ("callbacks", "logger"):
+    for group in ("callbacks", "logger", "methods"):
         nodes += [(f"{group}.{key}", node) for key, node in (cfg.get(group) or {}).items()]
     for path, node in nodes:
         if not isinstance(node, DictConfig) or "_target_" not in node:

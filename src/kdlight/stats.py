@@ -217,6 +217,12 @@ DATA_KEYS += ("data.synthetic_train_size", "data.synthetic_test_size")
 CELL_KEYS = ("distill.temperature", "distill.alpha")
 
 
+def is_cell_key(key: str) -> bool:
+    """Whether a setting names a row of a comparison (the method and its settings, KD's T
+    and alpha; a method grid's methods) rather than what the rows share."""
+    return key in CELL_KEYS or key.startswith(("distiller.", "methods.", "module.distiller"))
+
+
 @dataclass
 class Comparison:
     """The distillation groups of one student model whose settings differ only in T and
@@ -337,7 +343,7 @@ def differences(run: dict, others: list[dict]) -> str:
     ``others`` (``run`` among them; T and alpha left out): what tells their groups apart."""
 
     def facts(r: dict) -> dict:
-        cell_free = {k: v for k, v in (r["settings"] or {}).items() if k not in CELL_KEYS}
+        cell_free = {k: v for k, v in (r["settings"] or {}).items() if not is_cell_key(k)}
         return cell_free | {k: r[k] for k in ("epochs", "test_images", "test_set")}
 
     every = [facts(r) for r in others]

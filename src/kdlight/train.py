@@ -52,9 +52,8 @@ from kdlight.runguard import (
 from kdlight.runs import (
     RunIdentity,
     Teacher,
-    cell_name,
     check_checkpoint_owner,
-    grid_cells,
+    grid_cell_names,
     identify,
     is_grid,
     resolve_teacher,
@@ -76,7 +75,7 @@ def _instantiate_all(group: DictConfig | None) -> list:
 def metrics_files(cfg: DictConfig, output_dir: Path) -> list[Path]:
     """What a finished run has written: its ``metrics.json``, or one per cell of a fused grid."""
     if is_grid(cfg):
-        return [output_dir / cell_name(t, a) / "metrics.json" for t, a in grid_cells(cfg)]
+        return [output_dir / name / "metrics.json" for name in grid_cell_names(cfg)]
     return [output_dir / "metrics.json"]
 
 

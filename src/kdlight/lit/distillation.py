@@ -6,26 +6,21 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
-from kdlight.distillers import KD, Outputs, method_name, method_settings
-from kdlight.errors import KDLightError
+from kdlight.distillers import KD, Outputs
 from kdlight.lit.base import ClassificationSystem, OptimizerFactory, SchedulerFactory
+from kdlight.lit.methods import MethodSlot, attach_training_data, teacher_taps
 from kdlight.lit.teacher import FrozenTeacherMixin
-
-
-def check_distillation_settings(temperature: float, alpha: float) -> None:
-    """Raise a one-line :class:`KDLightError` for a temperature or alpha out of range."""
-    if not temperature > 0:
-        raise KDLightError(f"distill.temperature must be > 0, got {temperature}")
-    if not 0.0 <= alpha <= 1.0:
-        raise KDLightError(
-            f"distill.alpha must be in [0, 1] (the weight of the teacher's soft term), got {alpha}"
-        )
 
 
 class DistillationModule(FrozenTeacherMixin, ClassificationSystem):
     """Distil a frozen teacher into ``model`` (the student) with a distillation method:
     :class:`kdlight.distillers.KD` (:func:`kdlight.losses.kd_loss`) at ``temperature`` and
     ``alpha`` unless another ``distiller`` is given.
+
+    A method that reads features gets them from forward hooks on the student's and the
+    teacher's modules (:mod:`kdlight.taps`), its connectors are built from their shapes here,
+    and a method that needs each image's index gets it from the data module (its training
+    batches are then ``(images, labels, indices)``).
 
     The teacher is frozen for good, and kept out of the student's checkpoints (see
     :class:`~kdlight.lit.teacher.FrozenTeacherMixin`). ``load_from_checkpoint`` restores the
@@ -40,10 +35,12 @@ class DistillationModule(FrozenTeacherMixin, ClassificationSystem):
         teacher_model: if given, the architecture the checkpoint must hold.
         temperature: softmax temperature ``T > 0`` of the soft targets (KD).
         alpha: weight of the soft (teacher) term; ``1 - alpha`` weights the hard labels (KD).
-        distiller: the method, any callable with the interface of :mod:`kdlight.distillers`
-            (e.g. ``DKD()`` or a user's own); an ``nn.Module`` method's own parameters are
-            trained with the student and saved in its checkpoints. ``None``: KD at
-            ``temperature`` and ``alpha``.
+        distiller: the method, any callable with the interface of
+            :mod:`kdlight.distillers.base` (e.g. ``DKD()``, ``FitNet()`` or a user's own); an
+            ``nn.Module`` method's own parameters (connectors) are trained with the student
+            and saved in its checkpoints. ``None``: KD at ``temperature`` and ``alpha``.
+        input_shape: one image's shape, for the forward pass that measures the tapped
+            features' shapes (feature methods only).
         optimizer, scheduler, num_classes, class_names, compile, channels_last: as for
             ``ClassifierModule`` (compile and channels_last apply to the teacher too).
     """
@@ -63,20 +60,21 @@ class DistillationModule(FrozenTeacherMixin, ClassificationSystem):
         class_names: list[str] | None = None,
         compile: bool = False,
         channels_last: bool = False,
+        input_shape: tuple[int, ...] = (3, 32, 32),
     ) -> None:
         super().__init__(
             model, optimizer, scheduler, num_classes, class_names, compile, channels_last
         )
         if distiller is None:
             distiller = KD(temperature, alpha)
-        if isinstance(distiller, KD):
-            check_distillation_settings(distiller.temperature, distiller.alpha)
         self.save_hyperparameters(
             ignore=["model", "teacher", "optimizer", "scheduler", "distiller"]
         )
         self.attach_teacher(
             teacher, teacher_checkpoint, teacher_model, num_classes, compile, channels_last
         )
+        self.slot = MethodSlot(distiller, model, self.teacher, input_shape)
+        self.teacher_taps = teacher_taps(self.teacher, [self.slot])
         self.distiller = distiller  # an nn.Module one is a child: trained, saved, restored
 
     @property
@@ -93,13 +91,19 @@ class DistillationModule(FrozenTeacherMixin, ClassificationSystem):
         """The method's alpha (KD's weight of the soft term; None for a method without one)."""
         return getattr(self.distiller, "alpha", None)
 
-    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> dict[str, Tensor]:
-        images, labels = batch
-        with torch.no_grad():
-            teacher = Outputs(self.fast_teacher(images))
-        student = Outputs(self.fast_model(images))
-        parts = self.distiller(student, teacher, labels, epoch=self.current_epoch)
-        self.train_acc.update(student.logits, labels)
+    def setup(self, stage: str) -> None:
+        super().setup(stage)
+        if stage == "fit":
+            attach_training_data(self.trainer, [self.slot])
+
+    def training_step(self, batch: tuple[Tensor, ...], batch_idx: int) -> dict[str, Tensor]:
+        images, labels, *index = batch
+        with torch.no_grad(), self.teacher_taps.capture() as features:
+            teacher = Outputs(self.fast_teacher(images), features)
+        logits, parts = self.slot.step(
+            self.fast_model, images, labels, teacher, self.current_epoch, *index
+        )
+        self.train_acc.update(logits, labels)
         self.log_training(parts, len(labels))
         return parts  # the parts too, so that a non-finite loss can be reported with them
 
@@ -109,16 +113,8 @@ class DistillationModule(FrozenTeacherMixin, ClassificationSystem):
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         """The student's parameters and the method's own (a connector's), never the teacher's."""
-        own = self.distiller.parameters() if isinstance(self.distiller, nn.Module) else []
-        return [*self.model.parameters(), *own]
+        return [*self.model.parameters(), *self.slot.parameters()]
 
     def metrics_record(self, summary: dict) -> dict:
-        """The method and its settings; KD's T and alpha also at the top (the report's grid)."""
-        record = super().metrics_record(summary)
-        if isinstance(self.distiller, KD):
-            record |= {"temperature": self.distiller.temperature, "alpha": self.distiller.alpha}
-        record |= {
-            "distiller": method_name(self.distiller),
-            "distiller_settings": method_settings(self.distiller),
-        }
-        return record | self.teacher_record()
+        """The method, its settings and taps; KD's T and alpha also at the top."""
+        return super().metrics_record(summary) | self.slot.record() | self.teacher_record()

@@ -1,8 +1,11 @@
-"""``DistillationGridModule``: a whole T x alpha grid of students trained together.
+"""``DistillationGridModule``: many students trained together, one per cell: a T x alpha
+grid of KD, or a set of methods (``methods``), or both.
 
-Every cell of the grid is an independent student with its own loss, BatchNorm statistics,
-metrics, best epoch and optimizer state; what they share is the batch and one teacher
-forward per batch, which is most of the cost of separate runs. The optimizer is one
+Every cell of the grid is an independent student with its own method, loss, BatchNorm
+statistics, metrics, best epoch and optimizer state; what they share is the batch and one
+teacher forward per batch (its features computed once, for every cell that reads them),
+which is most of the cost of separate runs. A cell's method works through the same
+:class:`~kdlight.lit.methods.MethodSlot` as a single ``DistillationModule`` run. The optimizer is one
 instance over all students' parameters: SGD and AdamW update each parameter from its own
 gradient and state, the summed loss gives each student exactly the gradient of its own
 loss, and gradient clipping by norm clips each student's gradient on its own, so every
@@ -10,7 +13,7 @@ student follows the same trajectory as its separate ``DistillationModule`` run.
 """
 
 import copy
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import lightning as L
@@ -21,7 +24,7 @@ from torchmetrics import MaxMetric
 from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix
 
 from kdlight.data.sources import CIFAR10_CLASSES
-from kdlight.distillers import KD, method_name
+from kdlight.distillers import KD, Outputs, method_name
 from kdlight.errors import KDLightError
 from kdlight.lit.base import (
     FastForward,
@@ -31,7 +34,7 @@ from kdlight.lit.base import (
     build_optimizers,
     reference_sgd,
 )
-from kdlight.lit.distillation import check_distillation_settings
+from kdlight.lit.methods import MethodSlot, attach_training_data, teacher_taps
 from kdlight.lit.results import (
     best_accuracy,
     data_record,
@@ -55,19 +58,25 @@ def _copy_state(model: nn.Module) -> dict[str, Tensor]:
 
 
 class DistillationGridModule(FrozenTeacherMixin, TrainingLog, L.LightningModule):
-    """One student per (temperature, alpha) cell, all fed by one frozen teacher.
+    """One student per cell, all fed by one frozen teacher.
 
     Args:
         model: the student architecture; every cell starts from a copy of these weights,
             as separate runs with the same seed would.
-        temperature, alpha: a value or a list each; the grid is their product.
+        temperature, alpha: a value or a list each: KD cells, the grid of their product.
         distiller: a :class:`kdlight.distillers.KD` (its ``standardize`` applies to every
-            cell; T and alpha are the grid's) or None; other methods train as separate runs.
+            KD cell; T and alpha are the grid's) or None.
+        methods: cells of any methods instead, by cell name (e.g. ``{"kd": KD(),
+            "fitnet": FitNet()}``; Hydra: ``experiment=method_grid``): each cell is the
+            method's ``experiment=distill distiller=<method>`` run. When given,
+            ``temperature`` and ``alpha`` are not used.
         teacher, teacher_checkpoint, teacher_model, optimizer, scheduler, num_classes,
-        class_names, compile, channels_last: as for ``DistillationModule``.
+        class_names, compile, channels_last, input_shape: as for ``DistillationModule``.
 
-    Each cell's results go to ``<run dir>/T<T>_alpha<alpha>/metrics.json``, the layout of a
-    ``experiment=distill`` multirun, so ``kdlight-report`` reads both alike.
+    Each cell's results go to ``<run dir>/<cell>/metrics.json`` (``T<T>_alpha<alpha>`` for a
+    KD grid, the method's name for ``methods``), the layout of a multirun, so
+    ``kdlight-report`` reads both alike. When every cell is KD the cells' losses are
+    computed in one pass.
 
     Each cell keeps its own best: its best validation accuracy (``val/acc_best_<cell>``)
     and its student's weights at that epoch, both kept in the grid's checkpoints so that
@@ -89,49 +98,72 @@ class DistillationGridModule(FrozenTeacherMixin, TrainingLog, L.LightningModule)
         teacher: nn.Module | None = None,
         teacher_checkpoint: str | None = None,
         teacher_model: str | None = None,
-        temperature: float | Sequence[float] = (1, 2, 4, 8, 16),
-        alpha: float | Sequence[float] = (0.1, 0.5, 0.9),
+        temperature: float | Sequence[float] | None = (1, 2, 4, 8, 16),
+        alpha: float | Sequence[float] | None = (0.1, 0.5, 0.9),
         distiller: KD | None = None,
+        methods: Mapping[str, object] | None = None,
         optimizer: OptimizerFactory | None = None,
         scheduler: SchedulerFactory | None = None,
         num_classes: int = 10,
         class_names: list[str] | None = None,
         compile: bool = False,
         channels_last: bool = False,
+        input_shape: tuple[int, ...] = (3, 32, 32),
     ) -> None:
         super().__init__()
-        if distiller is not None and not isinstance(distiller, KD):
-            name = method_name(distiller)
-            raise KDLightError(
-                f"the fused grid trains KD cells only, not distiller={name}: run "
-                f"kdlight-train -m experiment=distill distiller={name} instead"
-            )
-        # KD's logit standardization applies to every cell; T and alpha are the grid's
-        self.standardize = bool(distiller and distiller.standardize)
-        # plain lists in the hyperparameters (not Hydra's ListConfig), so that the grid's
-        # checkpoints load with torch.load(weights_only=True), as kdlight.load_model does
-        temperature, alpha = _as_list(temperature), _as_list(alpha)
-        self.cells = [(t, a) for t in temperature for a in alpha]
-        for t, a in self.cells:
-            check_distillation_settings(t, a)
-        self.names = [cell_name(t, a) for t, a in self.cells]  # made once, used every step
+        if methods:
+            self.names, cell_methods = list(methods), list(methods.values())
+            temperature = alpha = None
+        else:
+            if distiller is not None and not isinstance(distiller, KD):
+                name = method_name(distiller)
+                raise KDLightError(
+                    f"the fused T x alpha grid trains KD cells, not distiller={name}: for "
+                    f"cells of other methods use experiment=method_grid (or run "
+                    f"kdlight-train -m experiment=distill distiller={name})"
+                )
+            standardize = bool(distiller and distiller.standardize)
+            # plain lists in the hyperparameters (not Hydra's ListConfig), so that the
+            # grid's checkpoints load with torch.load(weights_only=True), as load_model does
+            temperature, alpha = _as_list(temperature), _as_list(alpha)
+            product = [(t, a) for t in temperature for a in alpha]
+            self.names = [cell_name(t, a) for t, a in product]  # made once, used every step
+            cell_methods = [KD(t, a, standardize) for t, a in product]
+        if len(set(self.names)) != len(self.names) or not self.names:
+            raise KDLightError(f"the grid's cells need distinct names, got {self.names}")
         self.save_hyperparameters(
-            ignore=["model", "teacher", "optimizer", "scheduler", "distiller"]
+            ignore=["model", "teacher", "optimizer", "scheduler", "distiller", "methods"]
         )
         self.attach_teacher(
             teacher, teacher_checkpoint, teacher_model, num_classes, compile, channels_last
         )
-        # each cell's T and alpha, for the loss of all students in one pass
-        self.register_buffer(
-            "temperatures", torch.tensor([t for t, _ in self.cells]), persistent=False
-        )
-        self.register_buffer("alphas", torch.tensor([a for _, a in self.cells]), persistent=False)
-        self.students = nn.ModuleList(copy.deepcopy(model) for _ in self.cells)
+        self.students = nn.ModuleList(copy.deepcopy(model) for _ in self.names)
         self.fast_students = [FastForward(s, compile, channels_last) for s in self.students]
+        self.slots = [
+            MethodSlot(method, student, self.teacher, input_shape)
+            for method, student in zip(cell_methods, self.students, strict=True)
+        ]
+        self.teacher_taps = teacher_taps(self.teacher, self.slots)
+        # the methods are children (trained, saved, restored); a plain callable holds no state
+        self.methods = nn.ModuleList(
+            m if isinstance(m, nn.Module) else nn.Identity() for m in cell_methods
+        )
+        #: each cell's (temperature, alpha), None for a method without them
+        self.cells = [
+            (getattr(m, "temperature", None), getattr(m, "alpha", None)) for m in cell_methods
+        ]
+        self.fused_kd = self._fusable(cell_methods)
+        if self.fused_kd:  # each cell's T and alpha, for the loss of all students in one pass
+            temperatures = torch.tensor([t for t, _ in self.cells])
+            self.register_buffer("temperatures", temperatures, persistent=False)
+            self.register_buffer(
+                "alphas", torch.tensor([a for _, a in self.cells]), persistent=False
+            )
+            self.standardize = cell_methods[0].standardize
         self.optimizer_factory = optimizer or reference_sgd
         self.scheduler_factory = scheduler
         self.class_names = tuple(class_names or CIFAR10_CLASSES[:num_classes])
-        cells = range(len(self.cells))
+        cells = range(len(self.names))
         self.val_acc = nn.ModuleList(
             MulticlassAccuracy(num_classes, average="micro") for _ in cells
         )
@@ -146,18 +178,39 @@ class DistillationGridModule(FrozenTeacherMixin, TrainingLog, L.LightningModule)
         self.tested_weights: dict[str, str | None] = {}
         self._last_weights: dict[str, dict[str, Tensor]] = {}
 
+    @staticmethod
+    def _fusable(methods: list) -> bool:
+        """Plain KD in every cell, one standardization: one ``kd_loss`` call for all."""
+        kinds = {(type(m), getattr(m, "standardize", None)) for m in methods}
+        return len(kinds) == 1 and next(iter(kinds))[0] is KD
+
     def forward(self, images: Tensor) -> Tensor:
         """Logits of every student, ``(cells, N, classes)``, as evaluation computes them."""
         return torch.stack([student.eager(images) for student in self.fast_students])
 
-    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> dict[str, Tensor]:
-        images, labels = batch
-        with torch.no_grad():
-            teacher_logits = self.fast_teacher(images)
-        logits = torch.stack([student(images) for student in self.fast_students])
-        losses = kd_loss(
-            logits, teacher_logits, labels, self.temperatures, self.alphas, self.standardize
-        )["loss"]
+    def setup(self, stage: str) -> None:
+        super().setup(stage)
+        if stage == "fit":
+            attach_training_data(self.trainer, self.slots)
+
+    def training_step(self, batch: tuple[Tensor, ...], batch_idx: int) -> dict[str, Tensor]:
+        images, labels, *index = batch
+        with torch.no_grad(), self.teacher_taps.capture() as features:
+            teacher = Outputs(self.fast_teacher(images), features)
+        if self.fused_kd:
+            logits = torch.stack([student(images) for student in self.fast_students])
+            losses = kd_loss(
+                logits, teacher.logits, labels, self.temperatures, self.alphas, self.standardize
+            )["loss"]
+        else:
+            losses = torch.stack(
+                [
+                    slot.step(student, images, labels, teacher, self.current_epoch, *index)[1][
+                        "loss"
+                    ]
+                    for slot, student in zip(self.slots, self.fast_students, strict=True)
+                ]
+            )
         self.log_training(
             {"loss": losses.mean()}
             | {f"loss_{n}": v for n, v in zip(self.names, losses, strict=True)},
@@ -177,16 +230,19 @@ class DistillationGridModule(FrozenTeacherMixin, TrainingLog, L.LightningModule)
 
         Lightning's clipping takes one norm over every parameter of the optimizer: over all
         students, so each cell would be scaled by the others' gradients and leave its
-        separate run's trajectory. Clipping by value acts on each element, which is the same
-        for one student or many.
+        separate run's trajectory. A cell's norm covers its student and its method's
+        connectors, as its separate run's does. Clipping by value acts on each element,
+        which is the same for one student or many.
         """
         algorithm = gradient_clip_algorithm or self.trainer.gradient_clip_algorithm or "norm"
         by_norm = GradClipAlgorithmType(algorithm.lower()) is GradClipAlgorithmType.NORM
         if not gradient_clip_val or not by_norm:
             self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
             return
-        for student in self.students:
-            torch.nn.utils.clip_grad_norm_(student.parameters(), gradient_clip_val)
+        for student, slot in zip(self.students, self.slots, strict=True):
+            torch.nn.utils.clip_grad_norm_(
+                [*student.parameters(), *slot.parameters()], gradient_clip_val
+            )
 
     # ------------------------------------------------------------------ validation
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
@@ -239,8 +295,8 @@ class DistillationGridModule(FrozenTeacherMixin, TrainingLog, L.LightningModule)
 
     def on_test_epoch_end(self) -> None:
         super().on_test_epoch_end()  # the teacher's accuracy, when it was not measured here
-        for name, (t, a), confusion, best in zip(
-            self.names, self.cells, self.test_confusion, self.val_acc_best, strict=True
+        for name, slot, confusion, best in zip(
+            self.names, self.slots, self.test_confusion, self.val_acc_best, strict=True
         ):
             summary = summarize_confusion(confusion.compute(), self.class_names)
             confusion.reset()
@@ -251,7 +307,7 @@ class DistillationGridModule(FrozenTeacherMixin, TrainingLog, L.LightningModule)
                 print(f"[{name}] {format_report(summary)}", flush=True)
                 write_metrics(
                     Path(self.trainer.default_root_dir) / name / "metrics.json",
-                    self._record(name, t, a, summary, best),
+                    self._record(name, slot, summary, best),
                     self.run_record,
                 )
 
@@ -262,9 +318,7 @@ class DistillationGridModule(FrozenTeacherMixin, TrainingLog, L.LightningModule)
             if name in self._last_weights:
                 student.load_state_dict(self._last_weights.pop(name))
 
-    def _record(
-        self, name: str, temperature: float, alpha: float, summary: dict, best: MaxMetric
-    ) -> dict:
+    def _record(self, name: str, slot: MethodSlot, summary: dict, best: MaxMetric) -> dict:
         spec = getattr(self.students[0], "spec", {})
         return {
             "system": type(self).__name__,
@@ -274,14 +328,7 @@ class DistillationGridModule(FrozenTeacherMixin, TrainingLog, L.LightningModule)
             "val_acc_best": best_accuracy(best),
             **data_record(self.trainer),
             "tested_weights": self.tested_weights.get(name),
-            "temperature": temperature,
-            "alpha": alpha,
-            "distiller": KD.name,
-            "distiller_settings": {
-                "temperature": temperature,
-                "alpha": alpha,
-                "standardize": self.standardize,
-            },
+            **slot.record(),
             **self.teacher_record(),
         }
 
@@ -310,6 +357,6 @@ class DistillationGridModule(FrozenTeacherMixin, TrainingLog, L.LightningModule)
         self.best_epochs = {name: record["epoch"] for name, record in best.items()}
 
     def configure_optimizers(self):
-        return build_optimizers(
-            self.optimizer_factory, self.scheduler_factory, list(self.students.parameters())
-        )
+        parameters = [*self.students.parameters()]
+        parameters += [p for slot in self.slots for p in slot.parameters()]
+        return build_optimizers(self.optimizer_factory, self.scheduler_factory, parameters)

@@ -14,7 +14,11 @@ def _conv_bn_relu(in_channels: int, out_channels: int) -> list[nn.Module]:
 
 
 class SmallCNN(nn.Module):
-    """Three stages of two 3x3 conv-BN-ReLU layers and a 2x2 max-pool, then a linear head."""
+    """Three stages of two 3x3 conv-BN-ReLU layers and a 2x2 max-pool, then a linear head.
+
+    ``feature_taps`` names the outputs the feature methods read by default: each stage's
+    (after its max-pool) and the pooled feature (``head.1``, flattened).
+    """
 
     def __init__(self, num_classes: int = 10, width: float = 1.0) -> None:
         super().__init__()
@@ -27,6 +31,10 @@ class SmallCNN(nn.Module):
             *_conv_bn_relu(c2, c3), *_conv_bn_relu(c3, c3), nn.MaxPool2d(2),
         )  # fmt: skip
         self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(c3, num_classes))
+        self.feature_taps = {
+            "stages": ["features.6", "features.13", "features.20"],
+            "embedding": ["head.1"],
+        }
 
     def forward(self, x: Tensor) -> Tensor:
         return self.head(self.features(x))

@@ -35,7 +35,11 @@ class BasicBlock(nn.Module):
 
 
 class ResNet(nn.Module):
-    """A CIFAR ResNet: 3x3 stem, stages of BasicBlocks, global average pool, linear head."""
+    """A CIFAR ResNet: 3x3 stem, stages of BasicBlocks, global average pool, linear head.
+
+    ``feature_taps`` names the outputs the feature methods read by default: each stage's
+    (its last block's output, after the ReLU) and the pooled feature (``pool``).
+    """
 
     def __init__(
         self,
@@ -50,7 +54,7 @@ class ResNet(nn.Module):
             nn.BatchNorm2d(stem_channels),
             nn.ReLU(inplace=True),
         )
-        stages, in_channels = [], stem_channels
+        stages, stage_ends, in_channels = [], [], stem_channels
         for index, (blocks, channels) in enumerate(
             zip(blocks_per_stage, stage_channels, strict=True)
         ):
@@ -58,9 +62,12 @@ class ResNet(nn.Module):
             for block in range(blocks):
                 stages.append(BasicBlock(in_channels, channels, stride if block == 0 else 1))
                 in_channels = channels
+            stage_ends.append(f"stages.{len(stages) - 1}")
         self.stages = nn.Sequential(*stages)
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(in_channels, num_classes)
+        #: the feature methods' default taps (kdlight.taps): each stage's last block, the pool
+        self.feature_taps = {"stages": stage_ends, "embedding": ["pool"]}
         for module in self.modules():
             if isinstance(module, nn.Conv2d):
                 nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")

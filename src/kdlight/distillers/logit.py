@@ -1,55 +1,11 @@
-"""Distillation methods as components: what a :class:`~kdlight.lit.DistillationModule`
-minimises, given the student's and the frozen teacher's outputs.
-
-A method is any callable with this interface (subclassing :class:`Distiller` is not
-required)::
-
-    parts = method(student, teacher, targets, epoch=epoch)
-
-- ``student``, ``teacher``: :class:`Outputs` of one batch, the logits and the features the
-  method asked for (the teacher's carry no gradient);
-- ``targets``: the ``(N,)`` class indices; ``epoch``: the current epoch, from 0;
-- ``parts``: a dict of 0-dim tensors, ``"loss"`` (what is minimised, the hard-label term
-  included) and the parts logged as ``train/<name>`` (``"ce"``, ``"kd"``...).
-
-Optional attributes: ``name`` (a short name for directories and reports; by default the
-class name in lower case) and ``settings()`` (a dict of its settings for ``metrics.json``).
-A method that is an ``nn.Module`` with parameters of its own (a connector) has them trained
-with the student and saved in its checkpoints; they are not part of the student that
-:func:`kdlight.load_model` returns.
-
-Hydra: ``conf/distiller/<method>.yaml``, e.g. ``kdlight-train experiment=distill
-distiller=dkd distiller.beta=2``.
-"""
-
-from dataclasses import dataclass, field
+"""Methods that read only the logits: Hinton's KD and decoupled KD, each optionally with
+logit standardization."""
 
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
+from kdlight.distillers.base import Distiller, Outputs
 from kdlight.losses import dkd_loss, kd_loss
-
-
-@dataclass
-class Outputs:
-    """What a method may read of one network's forward pass on a batch."""
-
-    logits: Tensor
-    features: dict[str, Tensor] = field(default_factory=dict)
-
-
-class Distiller(nn.Module):
-    """Base of kdlight's methods: a ``name`` and ``settings()``; ``forward`` is the interface
-    in this module's docstring."""
-
-    name = "distiller"
-
-    def settings(self) -> dict:
-        """The method's settings, as ``metrics.json`` and ``kdlight-report`` show them."""
-        return {}
-
-    def extra_repr(self) -> str:
-        return ", ".join(f"{key}={value}" for key, value in self.settings().items())
 
 
 class KD(Distiller):
@@ -146,14 +102,3 @@ class DKD(Distiller):
             "warmup_epochs": self.warmup_epochs,
             "standardize": self.standardize,
         }
-
-
-def method_name(method) -> str:
-    """A method's short name: its ``name``, else its class name in lower case."""
-    return str(getattr(method, "name", None) or type(method).__name__.lower())
-
-
-def method_settings(method) -> dict:
-    """A method's ``settings()``, or nothing for a method that has none."""
-    settings = getattr(method, "settings", None)
-    return dict(settings()) if callable(settings) else {}

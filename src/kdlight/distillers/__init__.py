@@ -1,0 +1,42 @@
+"""Distillation methods as components: what a :class:`~kdlight.lit.DistillationModule`
+minimises, given the student's and the frozen teacher's outputs.
+
+- logits: :class:`KD` (Hinton et al., 2015) and :class:`DKD` (Zhao et al., 2022), each with
+  optional logit standardization (Sun et al., 2024);
+- stage outputs: :class:`FitNet`, :class:`AT`, :class:`SP`, :class:`VID`;
+- pooled features: :class:`PKT`, :class:`RKD`, :class:`CRD`.
+
+The interface a method follows (a user's own needs no kdlight base class) is in
+:mod:`kdlight.distillers.base`. Hydra: ``conf/distiller/<method>.yaml``, e.g.
+``kdlight-train experiment=distill distiller=dkd distiller.beta=2``.
+"""
+
+from kdlight.distillers.base import (
+    Distiller,
+    FeatureDistiller,
+    Outputs,
+    method_name,
+    method_settings,
+    resolve_taps,
+)
+from kdlight.distillers.feature import AT, SP, VID, FitNet
+from kdlight.distillers.logit import DKD, KD
+from kdlight.distillers.relational import CRD, PKT, RKD
+
+__all__ = [
+    "AT",
+    "CRD",
+    "DKD",
+    "KD",
+    "PKT",
+    "RKD",
+    "SP",
+    "VID",
+    "Distiller",
+    "FeatureDistiller",
+    "FitNet",
+    "Outputs",
+    "method_name",
+    "method_settings",
+    "resolve_taps",
+]

@@ -1,0 +1,184 @@
+"""Methods that read the pooled feature (the embedding the classifier sees): probabilistic
+knowledge transfer (PKT), relational KD (RKD) and contrastive representation distillation
+(CRD), with the weights of the official CIFAR code (RepDistiller; mdistiller agrees):
+PKT 30000, RKD 1 (distance 25, angle 50), CRD 0.8, CE 1."""
+
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from kdlight.distillers.base import FeatureDistiller, flat, own_random_stream
+from kdlight.errors import KDLightError
+from kdlight.losses import ContrastMemory, Embed, NegativeSampler, crd_loss, pkt_loss, rkd_loss
+
+
+class PKT(FeatureDistiller):
+    r"""Probabilistic knowledge transfer (Passalis and Tefas, 2018) on the embeddings:
+    :math:`\mathcal{L} = w_{ce} \, \mathrm{CE} + w \, \mathrm{PKT}` with
+    :func:`kdlight.losses.pkt_loss`. Parts: ``loss``, ``ce``, ``pkt``."""
+
+    name = "pkt"
+    features = "embedding"
+
+    def __init__(
+        self,
+        weight: float = 30000.0,
+        ce_weight: float = 1.0,
+        student_taps: Sequence[str] | None = None,
+        teacher_taps: Sequence[str] | None = None,
+    ) -> None:
+        super().__init__(weight, ce_weight, student_taps, teacher_taps)
+
+    def feature_loss(self, student: list[Tensor], teacher: list[Tensor], **batch) -> Tensor:
+        return pkt_loss(flat(student[0]), flat(teacher[0]))
+
+
+class RKD(FeatureDistiller):
+    r"""Relational KD (Park et al., 2019) on the embeddings:
+    :math:`\mathcal{L} = w_{ce} \, \mathrm{CE} + w \, (w_D \, \mathrm{distance} + w_A \,
+    \mathrm{angle})` with :func:`kdlight.losses.rkd_loss`. Parts: ``loss``, ``ce``,
+    ``distance`` and ``angle`` (before :math:`w_D`, :math:`w_A` and ``weight``)."""
+
+    name = "rkd"
+    features = "embedding"
+
+    def __init__(
+        self,
+        weight: float = 1.0,
+        ce_weight: float = 1.0,
+        distance_weight: float = 25.0,
+        angle_weight: float = 50.0,
+        student_taps: Sequence[str] | None = None,
+        teacher_taps: Sequence[str] | None = None,
+    ) -> None:
+        super().__init__(weight, ce_weight, student_taps, teacher_taps)
+        self.distance_weight, self.angle_weight = distance_weight, angle_weight
+
+    def feature_loss(self, student: list[Tensor], teacher: list[Tensor], **batch) -> dict:
+        return rkd_loss(flat(student[0]), flat(teacher[0]), self.distance_weight, self.angle_weight)
+
+    def settings(self) -> dict:
+        return super().settings() | {
+            "distance_weight": self.distance_weight,
+            "angle_weight": self.angle_weight,
+        }
+
+
+class CRD(FeatureDistiller):
+    r"""Contrastive representation distillation (Tian et al., ICLR 2020):
+
+    .. math::
+        \mathcal{L} = w_{ce} \, \mathrm{CE} + w \, \big(\mathcal{L}_{NCE}(e_s; M_t)
+        + \mathcal{L}_{NCE}(e_t; M_s)\big)
+
+    The embeddings :math:`e_s, e_t` are trainable linear maps of the pooled features to
+    ``dim`` dimensions, L2-normalised (:class:`~kdlight.losses.Embed`). Each is contrasted
+    with the other network's memory bank (:class:`~kdlight.losses.ContrastMemory`: one
+    embedding per training image, updated with ``momentum``) at its own image (the
+    positive) and ``num_negatives`` images of other classes, at ``nce_temperature``, by
+    :func:`kdlight.losses.crd_loss`. Defaults: the official CIFAR code's (128 dimensions,
+    16384 negatives, 0.07, 0.5, weight 0.8).
+
+    It needs each training image's index (``needs_index``) and the training set's labels
+    (``attach_data``, called at the start of fitting). The memory banks are this process's:
+    under DDP the processes would train on banks that disagree, so it runs on one process
+    and stops with one line otherwise. Parts: ``loss``, ``ce``, ``crd``.
+    """
+
+    name = "crd"
+    features = "embedding"
+    needs_index = True
+
+    def __init__(
+        self,
+        weight: float = 0.8,
+        ce_weight: float = 1.0,
+        dim: int = 128,
+        num_negatives: int = 16384,
+        nce_temperature: float = 0.07,
+        momentum: float = 0.5,
+        student_taps: Sequence[str] | None = None,
+        teacher_taps: Sequence[str] | None = None,
+    ) -> None:
+        super().__init__(weight, ce_weight, student_taps, teacher_taps)
+        self.dim, self.num_negatives = dim, num_negatives
+        self.nce_temperature, self.momentum = nce_temperature, momentum
+        self.memory: ContrastMemory | None = None
+        self.sampler: NegativeSampler | None = None
+        self._negatives: torch.Generator | None = None
+        self._negatives_state: Tensor | None = None  # restored, for the next generator
+
+    def build(self, student_shapes: dict, teacher_shapes: dict) -> None:
+        (student,), (teacher,) = student_shapes.values(), teacher_shapes.values()
+        self.embed_student = Embed(math.prod(student), self.dim)
+        self.embed_teacher = Embed(math.prod(teacher), self.dim)
+
+    def attach_data(self, train_labels: Tensor) -> None:
+        """Make the memory banks for the training set whose labels are ``train_labels``
+        (kept as they are when a resumed run has restored them for the same set)."""
+        labels = train_labels.long().cpu()
+        if self.memory is not None and self.memory.num_data == len(labels):
+            return
+        self._make_memory(labels)
+
+    def _make_memory(self, labels: Tensor) -> None:
+        with own_random_stream():  # the run's random stream is left as a KD run's
+            self.memory = ContrastMemory(
+                self.dim, len(labels), momentum=self.momentum, temperature=self.nce_temperature
+            )
+        self.register_buffer("labels", labels)  # in checkpoints: the banks' training set
+        self.sampler = NegativeSampler(labels, self.num_negatives)
+
+    def _generator(self, device: torch.device) -> torch.Generator:
+        """The negatives' own random stream, on ``device``: seeded from the run's seed,
+        kept in checkpoints, and drawing nothing from the global stream (which, on the
+        first process, also draws the augmentation)."""
+        if self._negatives is None or self._negatives.device != device:
+            generator = torch.Generator(device).manual_seed(torch.initial_seed())
+            if self._negatives_state is not None:
+                generator.set_state(self._negatives_state)
+            self._negatives, self._negatives_state = generator, None
+        return self._negatives
+
+    def get_extra_state(self) -> dict:
+        state = self._negatives.get_state() if self._negatives is not None else None
+        return {"negatives": state if state is not None else self._negatives_state}
+
+    def set_extra_state(self, state: dict) -> None:
+        self._negatives, self._negatives_state = None, state.get("negatives")
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+        """A checkpoint's memory banks are restored even where fitting has not made them
+        (``load_from_checkpoint``): the banks are made first, for its training set."""
+        labels = state_dict.get(f"{prefix}labels")
+        if labels is not None and (self.memory is None or self.memory.num_data != len(labels)):
+            self._make_memory(labels.long().cpu())
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def feature_loss(
+        self, student: list[Tensor], teacher: list[Tensor], index: Tensor | None = None, **batch
+    ) -> Tensor:
+        if index is None or self.memory is None:
+            raise KDLightError(
+                "distiller=crd needs each training image's index and the training set's "
+                "labels: train it with DistillationModule on a kdlight data module"
+            )
+        contrast = self.sampler(index, generator=self._generator(index.device))
+        student_scores, teacher_scores = self.memory(
+            self.embed_student(flat(student[0])),
+            self.embed_teacher(flat(teacher[0])),
+            index,
+            contrast,
+        )
+        num_data = self.memory.num_data
+        return crd_loss(student_scores, num_data) + crd_loss(teacher_scores, num_data)
+
+    def settings(self) -> dict:
+        return super().settings() | {
+            "dim": self.dim,
+            "num_negatives": self.num_negatives,
+            "nce_temperature": self.nce_temperature,
+            "momentum": self.momentum,
+        }

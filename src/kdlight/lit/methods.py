@@ -1,0 +1,133 @@
+"""A distillation method at work on one student, the same in a single run and in every
+cell of a fused grid: :class:`MethodSlot` hooks what the method reads, builds its
+connectors, computes a training step's parts and writes the method's part of
+``metrics.json``; :func:`attach_training_data` gives methods that need them the training
+images' indices and labels."""
+
+from collections.abc import Sequence
+
+import lightning as L
+from torch import Tensor, nn
+
+from kdlight.distillers import KD, Outputs, method_name, method_settings, resolve_taps
+from kdlight.distillers.base import own_random_stream
+from kdlight.errors import KDLightError
+from kdlight.lit.base import FastForward
+from kdlight.taps import FeatureTaps, probe_shapes
+
+
+def check_distillation_settings(temperature: float, alpha: float) -> None:
+    """Raise a one-line :class:`KDLightError` for a temperature or alpha out of range."""
+    if not temperature > 0:
+        raise KDLightError(f"distill.temperature must be > 0, got {temperature}")
+    if not 0.0 <= alpha <= 1.0:
+        raise KDLightError(
+            f"distill.alpha must be in [0, 1] (the weight of the teacher's soft term), got {alpha}"
+        )
+
+
+class MethodSlot:
+    """``method`` distilling ``teacher`` into ``student``.
+
+    On creation: the student's modules the method reads are hooked (:class:`FeatureTaps`),
+    the teacher's are named in :attr:`teacher_names` (the system hooks the teacher once for
+    all its students), and the method's ``build`` makes its connectors from the tapped
+    shapes, with random numbers of its own (so a connector starts the same in a separate
+    run and in a grid cell, and the run's random stream is left as a KD run's).
+    """
+
+    def __init__(
+        self,
+        method,
+        student: nn.Module,
+        teacher: nn.Module,
+        input_shape: Sequence[int] = (3, 32, 32),
+    ) -> None:
+        if isinstance(method, KD):
+            check_distillation_settings(method.temperature, method.alpha)
+        self.method = method
+        student_names, self.teacher_names = resolve_taps(method, student, teacher)
+        self.student_taps = FeatureTaps(student, student_names, "student")
+        teacher_taps = FeatureTaps(teacher, self.teacher_names, "teacher")  # checks the names
+        build = getattr(method, "build", None)
+        if callable(build):
+            shapes = (
+                probe_shapes(student, self.student_taps, input_shape),
+                probe_shapes(teacher, teacher_taps, input_shape),
+            )
+            with own_random_stream():
+                build(*shapes)
+        teacher_taps.remove()
+
+    @property
+    def needs_index(self) -> bool:
+        return bool(getattr(self.method, "needs_index", False))
+
+    def step(
+        self,
+        student: FastForward,
+        images: Tensor,
+        labels: Tensor,
+        teacher: Outputs,
+        epoch: int,
+        index: Tensor | None = None,
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        """The student's logits on ``images`` and the method's parts, given the teacher's
+        outputs (its features of every slot, by name: this method sees its own)."""
+        with self.student_taps.capture() as features:
+            logits = student(images)
+        seen = Outputs(
+            teacher.logits, {name: teacher.features[name] for name in self.teacher_names}
+        )
+        extra = {"index": index} if self.needs_index else {}
+        parts = self.method(Outputs(logits, features), seen, labels, epoch=epoch, **extra)
+        return logits, parts
+
+    def parameters(self) -> list[nn.Parameter]:
+        """The method's own parameters (its connectors'), trained with the student."""
+        return list(self.method.parameters()) if isinstance(self.method, nn.Module) else []
+
+    def record(self) -> dict:
+        """The method's part of ``metrics.json``: its name and settings, the modules it
+        read, and KD's T and alpha at the top (the report's T x alpha grid)."""
+        record = {}
+        if isinstance(self.method, KD):
+            record = {"temperature": self.method.temperature, "alpha": self.method.alpha}
+        record |= {
+            "distiller": method_name(self.method),
+            "distiller_settings": method_settings(self.method),
+        }
+        if self.student_taps.names or self.teacher_names:
+            record["taps"] = {"student": self.student_taps.names, "teacher": self.teacher_names}
+        return record
+
+
+def teacher_taps(teacher: nn.Module, slots: Sequence[MethodSlot]) -> FeatureTaps:
+    """One set of hooks on the teacher for the modules any of ``slots`` reads, each once."""
+    names = list(dict.fromkeys(name for slot in slots for name in slot.teacher_names))
+    return FeatureTaps(teacher, names, "teacher")
+
+
+def attach_training_data(trainer: L.Trainer, slots: Sequence[MethodSlot]) -> None:
+    """For the methods that need each image's index (``needs_index``): ask the data module
+    for indices (its training batches become ``(images, labels, indices)``) and give each
+    method the training set's labels. Such a method trains on one process unless it says
+    ``supports_ddp``. Called from the systems' ``setup("fit")``."""
+    for slot in slots:
+        if not slot.needs_index:
+            continue
+        name = method_name(slot.method)
+        if trainer.world_size > 1 and not getattr(slot.method, "supports_ddp", False):
+            raise KDLightError(
+                f"distiller={name} keeps a memory bank per process, which DDP processes would "
+                "not share: train it on one device (trainer.devices=1)"
+            )
+        datamodule = trainer.datamodule
+        labels = getattr(datamodule, "train_labels", None)
+        if labels is None or not hasattr(datamodule, "with_index"):
+            raise KDLightError(
+                f"distiller={name} needs each training image's index: use a data module with "
+                "with_index and train_labels, such as kdlight's CIFAR10DataModule"
+            )
+        datamodule.with_index = True
+        slot.method.attach_data(labels)

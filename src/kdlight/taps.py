@@ -1,0 +1,118 @@
+"""Feature taps: a network's intermediate outputs, read by module name with forward hooks.
+
+Any ``nn.Module`` works unchanged (a kdlight model, a torchvision or timm one): a tap is the
+name ``model.named_modules()`` gives a submodule, and what it reads is that submodule's
+output in the forward pass. kdlight's models name their default taps in
+``model.feature_taps``::
+
+    {"stages": ["stages.1", "stages.3", ...],  # each stage's output, shallow to deep
+     "embedding": ["pool"]}                    # the pooled feature the classifier reads
+
+which the feature methods of :mod:`kdlight.distillers` use unless told other names.
+"""
+
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+
+import torch
+from torch import Tensor, nn
+
+from kdlight.errors import KDLightError
+
+#: The kinds of default taps a model names in ``model.feature_taps``.
+TAP_KINDS = ("stages", "embedding")
+
+
+def module_names(model: nn.Module) -> list[str]:
+    """The names a tap can take: every submodule's, in ``named_modules`` order."""
+    return [name for name, _ in model.named_modules() if name]
+
+
+def default_taps(model: nn.Module, kind: str, role: str = "model") -> list[str]:
+    """The taps of ``kind`` (``"stages"`` or ``"embedding"``) that ``model`` names in
+    ``model.feature_taps``; a one-line error when it names none, saying how to name them."""
+    named = getattr(model, "feature_taps", None) or {}
+    if named.get(kind):
+        return list(named[kind])
+    setting = f"distiller.{role}_taps" if role in ("student", "teacher") else "the taps"
+    raise KDLightError(
+        f"the {role} ({type(model).__name__}) names no default {kind} taps: set {setting}"
+        f"=[...] to module names, e.g. {', '.join(module_names(model)[-4:])}"
+    )
+
+
+class FeatureTaps:
+    """Forward hooks on ``model``'s submodules ``names``; their outputs are captured only
+    inside :meth:`capture` (evaluation and the teacher's test pass keep nothing)::
+
+        taps = FeatureTaps(student, ["stages.1", "pool"])
+        with taps.capture() as features:
+            logits = student(images)
+        features["pool"]  # that forward's output of student.pool
+
+    A name that is not a submodule of ``model`` is a one-line :class:`KDLightError` that
+    lists the valid names.
+    """
+
+    def __init__(self, model: nn.Module, names: Sequence[str], role: str = "model") -> None:
+        modules = dict(model.named_modules())
+        for name in names:
+            if not name or name not in modules:
+                raise KDLightError(
+                    f"the {role} ({type(model).__name__}) has no module {name!r} to tap; "
+                    f"valid names: {', '.join(module_names(model))}"
+                )
+        self.names = list(names)
+        self.role = role
+        self._captured: dict[str, Tensor] | None = None
+        self._handles = [modules[name].register_forward_hook(self._hook(name)) for name in names]
+
+    def _hook(self, name: str):
+        def keep(module: nn.Module, args, output: Tensor) -> None:
+            if self._captured is not None:
+                self._captured[name] = output
+
+        return keep
+
+    @contextmanager
+    def capture(self) -> Iterator[dict[str, Tensor]]:
+        """The outputs of the tapped modules during the forward passes inside the block,
+        by name in tap order (a module run twice keeps its last output)."""
+        self._captured = captured = {}
+        try:
+            yield captured
+        finally:
+            self._captured = None
+        missing = [name for name in self.names if name not in captured]
+        if missing:
+            raise KDLightError(
+                f"the {self.role}'s module {missing[0]!r} did not run in its forward pass, so "
+                "it cannot be tapped: name a module that computes the output"
+            )
+        ordered = {name: captured[name] for name in self.names}
+        captured.clear()
+        captured.update(ordered)
+
+    def remove(self) -> None:
+        """Take the hooks off the model."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+
+@torch.no_grad()
+def probe_shapes(
+    model: nn.Module, taps: FeatureTaps, input_shape: Sequence[int] = (3, 32, 32)
+) -> dict[str, torch.Size]:
+    """Each tap's output shape for one sample (without the batch dimension), from a forward
+    pass of two blank images in eval mode (no BatchNorm statistics change)."""
+    was_training = model.training
+    parameter = next(model.parameters(), None)
+    device = parameter.device if parameter is not None else None
+    model.eval()
+    try:
+        with taps.capture() as features:
+            model(torch.zeros(2, *input_shape, device=device))
+    finally:
+        model.train(was_training)
+    return {name: output.shape[1:] for name, output in features.items()}
