@@ -69,3 +69,15 @@ def test_the_method_grid_trains_every_method_in_one_process(teacher: Path):
     assert all(run["system"] == "DistillationGridModule" for run in runs.values())
     again = run_cli(grid, teacher)  # finished: nothing is trained again
     assert again.returncode == 0 and "this run has finished already" in again.stdout + again.stderr
+
+
+def test_crd_on_several_processes_is_one_line_before_any_work(tmp_path: Path):
+    ddp = ["trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2"]
+    result = run_cli(["experiment=distill", "distiller=crd", *TINY, *ddp], tmp_path)
+    assert result.returncode == 2
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert errors == [
+        "error: trainer.devices=2 is not allowed: 1 with distiller=crd (its memory banks are "
+        "one process's, not shared)"
+    ], result.stderr[-2000:]
+    assert not (tmp_path / "outputs").exists() or not list((tmp_path / "outputs").rglob("*.ckpt"))

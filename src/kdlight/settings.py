@@ -360,6 +360,21 @@ def _check_distillation(cfg: DictConfig) -> None:
                 raise not_allowed(key, values, once)
 
 
+def _check_one_process_methods(cfg: DictConfig) -> None:
+    """A method with a memory bank per process (CRD) is not trained by several processes."""
+    targets = [value_of(cfg, "distiller._target_")]
+    targets += [m.get("_target_") for m in (value_of(cfg, "methods") or {}).values()]
+    if not any(str(t).endswith(".CRD") for t in targets):
+        return
+    devices, nodes = value_of(cfg, "trainer.devices"), value_of(cfg, "trainer.num_nodes")
+    several = (_is_int(devices) and devices > 1) or (isinstance(devices, list) and len(devices) > 1)
+    if several or (_is_int(nodes) and nodes > 1):
+        key, value = ("trainer.num_nodes", nodes) if not several else ("trainer.devices", devices)
+        raise not_allowed(
+            key, value, "1 with distiller=crd (its memory banks are one process's, not shared)"
+        )
+
+
 def _check_optimizer(cfg: DictConfig) -> None:
     momentum, dampening = value_of(cfg, "optimizer.momentum"), value_of(cfg, "optimizer.dampening")
     if value_of(cfg, "optimizer.nesterov") and (not momentum or dampening):
@@ -441,6 +456,7 @@ _SECTION_CHECKS: dict[str, Callable[[DictConfig], None]] = {
     "": _check_classes,
     "data": _check_data,
     "distill": _check_distillation,
+    "trainer": _check_one_process_methods,
     "optimizer": _check_optimizer,
     "logger": check_extras,
     "paths": _check_paths,

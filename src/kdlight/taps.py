@@ -65,14 +65,7 @@ class FeatureTaps:
         self.names = list(names)
         self.role = role
         self._captured: dict[str, Tensor] | None = None
-        self._handles = [modules[name].register_forward_hook(self._hook(name)) for name in names]
-
-    def _hook(self, name: str):
-        def keep(module: nn.Module, args, output: Tensor) -> None:
-            if self._captured is not None:
-                self._captured[name] = output
-
-        return keep
+        self._handles = [modules[name].register_forward_hook(_Keep(self, name)) for name in names]
 
     @contextmanager
     def capture(self) -> Iterator[dict[str, Tensor]]:
@@ -98,6 +91,18 @@ class FeatureTaps:
         for handle in self._handles:
             handle.remove()
         self._handles = []
+
+
+class _Keep:
+    """The forward hook of one tap: keeps the module's output while its taps capture (a
+    class, not a closure, so that a model with taps can still be pickled)."""
+
+    def __init__(self, taps: FeatureTaps, name: str) -> None:
+        self.taps, self.name = taps, name
+
+    def __call__(self, module: nn.Module, args, output: Tensor) -> None:
+        if self.taps._captured is not None:
+            self.taps._captured[self.name] = output
 
 
 @torch.no_grad()
