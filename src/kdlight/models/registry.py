@@ -1,6 +1,6 @@
 """A small model registry in the spirit of timm's ``register_model`` / ``create_model``."""
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 from torch import nn
 
@@ -36,3 +36,38 @@ def create_model(name: str, num_classes: int = 10, **kwargs) -> nn.Module:
 def count_parameters(model: nn.Module) -> int:
     """Number of trainable parameters."""
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def build_model(spec: Mapping) -> nn.Module:
+    """A model from its spec: a registered ``name`` and its arguments (what
+    :func:`create_model` records in ``model.spec``), or a config with ``_target_``, any
+    importable ``nn.Module`` class or function and its arguments (a user's own class, a
+    torchvision or timm model). The model carries the spec as ``model.spec``, so that
+    kdlight's checkpoints record how to rebuild it."""
+    spec = dict(spec)
+    if "_target_" not in spec:
+        return create_model(**spec)
+    from hydra.utils import instantiate
+
+    try:
+        model = instantiate(spec)
+    except Exception as err:  # an import error, a wrong argument...
+        cause = err.__cause__ or err
+        raise KDLightError(
+            f"cannot build the model {spec['_target_']}: {str(cause).splitlines()[0]}"
+        ) from None
+    if not isinstance(model, nn.Module):
+        raise KDLightError(f"{spec['_target_']} built a {type(model).__name__}, not an nn.Module")
+    if getattr(model, "spec", None) is None:  # create_model's own spec is kept as it is
+        model.spec = spec
+    return model
+
+
+def spec_name(spec: Mapping | None, model: nn.Module | None = None) -> str:
+    """A model's name for folders and reports: its registered name, else its class's."""
+    spec = spec or {}
+    if spec.get("name"):
+        return str(spec["name"])
+    if spec.get("_target_"):
+        return str(spec["_target_"]).rsplit(".", 1)[-1]
+    return type(model).__name__ if model is not None else "model"

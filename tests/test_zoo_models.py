@@ -1,0 +1,333 @@
+"""The knowledge-distillation zoo's CIFAR models (RepDistiller, mdistiller): each builds,
+trains, has the zoo's exact size and feature taps, and loads the zoo's checkpoint layout."""
+
+import argparse
+from pathlib import Path
+
+import pytest
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+from kdlight.errors import KDLightError
+from kdlight.models import (
+    PUBLISHED_MODELS,
+    count_parameters,
+    create_model,
+    list_models,
+    load_published,
+    official_state_dict,
+)
+from kdlight.taps import FeatureTaps
+
+#: Parameters for (100, 10) classes, counted on RepDistiller's own definitions.
+PARAMETERS = {
+    "resnet8": (83_892, 78_042),
+    "resnet14": (181_108, 175_258),
+    "resnet20": (278_324, 272_474),
+    "resnet32": (472_756, 466_906),
+    "resnet44": (667_188, 661_338),
+    "resnet56": (861_620, 855_770),
+    "resnet110": (1_736_564, 1_730_714),
+    "resnet8x4": (1_233_540, 1_210_410),
+    "resnet32x4": (7_433_860, 7_410_730),
+    "wrn_16_1": (180_916, 175_066),
+    "wrn_16_2": (703_284, 691_674),
+    "wrn_40_1": (569_780, 563_930),
+    "wrn_40_2": (2_255_156, 2_243_546),
+    "vgg8": (3_965_028, 3_918_858),
+    "vgg11": (9_277_284, 9_231_114),
+    "vgg13": (9_462_180, 9_416_010),
+    "vgg16": (14_774_436, 14_728_266),
+    "vgg19": (20_086_692, 20_040_522),
+    "mobilenetv2": (812_836, 697_546),
+    "shufflev1": (949_258, 862_768),
+    "shufflev2": (1_355_528, 1_263_278),
+}
+
+#: The sizes the KD papers print for 100 classes (rounded to 10K).
+PAPER_SIZES = {
+    "resnet8x4": 1.23e6,
+    "resnet32x4": 7.43e6,
+    "wrn_40_2": 2.26e6,
+    "wrn_16_2": 0.70e6,
+    "resnet56": 0.86e6,
+    "resnet20": 0.28e6,
+    "vgg13": 9.46e6,
+    "vgg8": 3.97e6,
+    "shufflev2": 1.36e6,
+    "mobilenetv2": 0.81e6,
+}
+
+#: Spot checks of the zoo's layout: a key its code produces and the tensor's shape there.
+ZOO_KEYS = [
+    ("resnet56", "layer3.0.downsample.0.weight", (64, 32, 1, 1)),
+    ("resnet8x4", "layer1.0.downsample.1.running_var", (64,)),
+    ("resnet32x4", "layer3.4.bn2.num_batches_tracked", ()),
+    ("wrn_40_2", "block1.layer.0.convShortcut.weight", (32, 16, 1, 1)),
+    ("wrn_16_1", "block2.layer.1.bn1.weight", (32,)),
+    ("vgg13", "block4.3.weight", (512, 512, 3, 3)),
+    ("vgg8", "block0.1.running_mean", (64,)),
+    ("mobilenetv2", "blocks.6.0.conv.7.running_var", (160,)),
+    ("mobilenetv2", "classifier.0.weight", (100, 1280)),
+    ("shufflev1", "layer1.0.conv3.weight", (216, 18, 1, 1)),
+    ("shufflev2", "layer3.0.conv4.weight", (232, 1, 3, 3)),
+    ("shufflev2", "linear.weight", (100, 1024)),
+]
+
+
+def _classifier(model: nn.Module) -> nn.Linear:
+    return [module for module in model.modules() if isinstance(module, nn.Linear)][-1]
+
+
+def _randomise_batchnorm(model: nn.Module) -> nn.Module:
+    """Non-default BN statistics and affine terms, so that eval outputs depend on them."""
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, nn.BatchNorm2d):
+                module.running_mean.uniform_(-0.2, 0.2)
+                module.running_var.uniform_(0.5, 1.5)
+                module.weight.uniform_(0.5, 1.5)
+                module.bias.uniform_(-0.2, 0.2)
+    return model
+
+
+def _save_published(path: Path, state: dict[str, Tensor], **extra) -> Path:
+    """A file laid out the way RepDistiller's train_teacher.py saves it."""
+    torch.save({"epoch": 240, "model": state, **extra}, path)
+    return path
+
+
+def test_the_zoo_names_are_registered_and_published():
+    assert set(PARAMETERS) == set(PUBLISHED_MODELS)
+    assert set(PUBLISHED_MODELS) <= set(list_models())
+
+
+@pytest.mark.parametrize("name", PUBLISHED_MODELS)
+def test_zoo_model_has_the_zoo_size_and_feature_taps(name: str):
+    """For 100 classes: the exact size, logits, and taps that read stages of shrinking (or
+    equal) resolution and a pooled feature as wide as the classifier's input."""
+    model = create_model(name, num_classes=100).eval()
+    assert count_parameters(model) == PARAMETERS[name][0]
+    stages, embedding = model.feature_taps["stages"], model.feature_taps["embedding"]
+    assert len(stages) >= 3 and len(embedding) == 1
+    taps = FeatureTaps(model, stages + embedding)
+    with torch.no_grad(), taps.capture() as features:
+        assert model(torch.randn(2, 3, 32, 32)).shape == (2, 100)
+    assert all(features[tap].dim() == 4 for tap in stages)
+    sizes = [features[tap].shape[-1] for tap in stages]
+    assert sizes == sorted(sizes, reverse=True), sizes
+    assert features[embedding[0]].flatten(1).shape == (2, _classifier(model).in_features)
+
+
+@pytest.mark.parametrize("name", PUBLISHED_MODELS)
+def test_zoo_model_trains_on_cpu(name: str):
+    """For 10 classes: the exact size and one SGD step on a batch of two."""
+    torch.manual_seed(0)
+    model = create_model(name, num_classes=10).train()
+    assert count_parameters(model) == PARAMETERS[name][1]
+    before = [p.detach().clone() for p in model.parameters()]
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    logits = model(torch.randn(2, 3, 32, 32))
+    assert logits.shape == (2, 10)
+    loss = F.cross_entropy(logits, torch.tensor([3, 7]))
+    loss.backward()
+    optimizer.step()
+    assert torch.isfinite(loss)
+    assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
+
+
+@pytest.mark.parametrize(("name", "size"), PAPER_SIZES.items())
+def test_sizes_match_the_papers(name: str, size: float):
+    assert round(PARAMETERS[name][0], -4) == size
+
+
+@pytest.mark.parametrize(("name", "key", "shape"), ZOO_KEYS)
+def test_the_layout_has_the_zoo_keys(name: str, key: str, shape: tuple[int, ...]):
+    state = official_state_dict(name, create_model(name, num_classes=100))
+    assert tuple(state[key].shape) == shape
+
+
+@pytest.mark.parametrize("name", PUBLISHED_MODELS)
+def test_published_layout_loads_with_identical_outputs(name: str, tmp_path: Path):
+    torch.manual_seed(0)
+    model = _randomise_batchnorm(create_model(name, num_classes=100)).eval()
+    path = _save_published(tmp_path / "ckpt_epoch_240.pth", official_state_dict(name, model))
+    loaded = load_published(path, name, num_classes=100).eval()
+    images = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(loaded(images), model(images))
+    if name not in ("resnet8", "resnet20"):  # the zoo's names: its files load as they are
+        model.load_state_dict(torch.load(path)["model"])
+
+
+# --- an independent check of the key mapping: RepDistiller's resnet8, written its way ----
+
+
+class RepDistillerBlock(nn.Module):
+    def __init__(self, inplanes: int, planes: int, stride: int = 1) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(inplanes, planes, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.relu = nn.ReLU(inplace=True)
+        self.conv2 = nn.Conv2d(planes, planes, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.downsample = None
+        if stride != 1 or inplanes != planes:
+            self.downsample = nn.Sequential(
+                nn.Conv2d(inplanes, planes, 1, stride, bias=False), nn.BatchNorm2d(planes)
+            )
+
+    def forward(self, x: Tensor) -> Tensor:
+        residual = x if self.downsample is None else self.downsample(x)
+        out = self.bn2(self.conv2(self.relu(self.bn1(self.conv1(x)))))
+        out += residual
+        return F.relu(out)
+
+
+class RepDistillerResNet8(nn.Module):
+    def __init__(self, num_classes: int = 100) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 16, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(16)
+        self.relu = nn.ReLU(inplace=True)
+        self.layer1 = nn.Sequential(RepDistillerBlock(16, 16))
+        self.layer2 = nn.Sequential(RepDistillerBlock(16, 32, 2))
+        self.layer3 = nn.Sequential(RepDistillerBlock(32, 64, 2))
+        self.avgpool = nn.AvgPool2d(8)
+        self.fc = nn.Linear(64, num_classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.layer3(self.layer2(self.layer1(self.relu(self.bn1(self.conv1(x))))))
+        return self.fc(self.avgpool(x).view(x.size(0), -1))
+
+
+def test_repdistiller_resnet8_checkpoint_loads_into_kdlights_resnet8(tmp_path: Path):
+    torch.manual_seed(1)
+    reference = _randomise_batchnorm(RepDistillerResNet8(100)).eval()
+    path = tmp_path / "resnet8.pth"
+    torch.save({"model": reference.state_dict()}, path)
+    model = load_published(path, "resnet8", 100).eval()
+
+    images = torch.randn(4, 3, 32, 32)
+    stage_outputs: list[Tensor] = []
+    hooks = [
+        getattr(reference, f"layer{i}").register_forward_hook(
+            lambda module, args, out: stage_outputs.append(out)
+        )
+        for i in (1, 2, 3)
+    ]
+    taps = FeatureTaps(model, model.feature_taps["stages"])
+    with torch.no_grad(), taps.capture() as features:
+        logits = model(images)
+        expected = reference(images)
+    for hook in hooks:
+        hook.remove()
+    torch.testing.assert_close(logits, expected)
+    for tapped, reference_output in zip(features.values(), stage_outputs, strict=True):
+        torch.testing.assert_close(tapped, reference_output)
+    # and back: kdlight's model in the zoo's layout is the zoo's own state dict
+    back = official_state_dict("resnet8", model)
+    assert list(back) == list(reference.state_dict())
+    assert all(torch.equal(back[key], value) for key, value in reference.state_dict().items())
+
+
+# --- what a file may look like ------------------------------------------------------------
+
+
+@pytest.fixture
+def resnet20_state() -> dict[str, Tensor]:
+    torch.manual_seed(2)
+    return official_state_dict("resnet20", create_model("resnet20", num_classes=100))
+
+
+def _assert_same_weights(model: nn.Module, state: dict[str, Tensor]) -> None:
+    loaded = official_state_dict("resnet20", model)
+    assert all(torch.equal(loaded[key], value) for key, value in state.items())
+
+
+@pytest.mark.parametrize("layout", ["plain", "state_dict", "data_parallel"])
+def test_plain_and_wrapped_state_dicts_load(layout: str, resnet20_state, tmp_path: Path):
+    content = {
+        "plain": resnet20_state,
+        "state_dict": {"state_dict": resnet20_state},
+        "data_parallel": {"model": {f"module.{k}": v for k, v in resnet20_state.items()}},
+    }[layout]
+    torch.save(content, tmp_path / "weights.pth")
+    _assert_same_weights(load_published(tmp_path / "weights.pth", "resnet20"), resnet20_state)
+
+
+def test_a_full_repdistiller_file_loads(resnet20_state, tmp_path: Path):
+    """``*_last.pth`` keeps the argparse options and the optimizer's state as well."""
+    model = create_model("resnet20", num_classes=100)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    model(torch.randn(2, 3, 32, 32)).sum().backward()
+    optimizer.step()
+    path = _save_published(
+        tmp_path / "resnet20_last.pth",
+        resnet20_state,
+        opt=argparse.Namespace(model="resnet20", learning_rate=0.05),
+        optimizer=optimizer.state_dict(),
+        best_acc=torch.tensor(69.1),
+    )
+    _assert_same_weights(load_published(path, "resnet20"), resnet20_state)
+
+
+def test_files_without_num_batches_tracked_load(resnet20_state, tmp_path: Path):
+    old = {k: v for k, v in resnet20_state.items() if not k.endswith("num_batches_tracked")}
+    path = _save_published(tmp_path / "old.pth", old)
+    _assert_same_weights(load_published(path, "resnet20"), old)
+
+
+# --- one-line errors ----------------------------------------------------------------------
+
+
+def _load_error(*args, **kwargs) -> str:
+    with pytest.raises(KDLightError) as info:
+        load_published(*args, **kwargs)
+    message = str(info.value)
+    assert "\n" not in message
+    return message
+
+
+def test_a_wrong_model_name_is_named(resnet20_state, tmp_path: Path):
+    path = _save_published(tmp_path / "t.pth", resnet20_state)
+    assert "'nope'" in _load_error(path, "nope")
+    assert "'small_cnn'" in _load_error(path, "small_cnn")  # registered, but not the zoo's
+    message = _load_error(path, "resnet32")  # another architecture
+    assert "'resnet32'" in message and "missing" in message and "'layer1.3." in message
+    message = _load_error(path, "resnet14")
+    assert "unexpected" in message and "'layer1.2." in message
+
+
+def test_a_wrong_num_classes_names_the_key_and_both_shapes(resnet20_state, tmp_path: Path):
+    message = _load_error(_save_published(tmp_path / "t.pth", resnet20_state), "resnet20", 10)
+    assert "'fc.weight'" in message and "(100, 64)" in message and "(10, 64)" in message
+    assert "num_classes=100" in message
+
+
+def test_missing_and_unexpected_keys_are_named(resnet20_state, tmp_path: Path):
+    state = dict(resnet20_state)
+    del state["layer3.2.bn2.weight"]
+    message = _load_error(_save_published(tmp_path / "missing.pth", state), "resnet20")
+    assert "1 missing" in message and "'layer3.2.bn2.weight'" in message
+
+    state = {**resnet20_state, "head.weight": torch.zeros(1)}
+    message = _load_error(_save_published(tmp_path / "extra.pth", state), "resnet20")
+    assert "1 unexpected" in message and "'head.weight'" in message
+
+
+class NotAWeight:
+    """An object that ``torch.load(weights_only=True)`` refuses."""
+
+
+def test_unreadable_files_are_one_line_errors(tmp_path: Path):
+    assert "no such file" in _load_error(tmp_path / "absent.pth", "resnet8")
+    (tmp_path / "garbage.pth").write_bytes(b"not a checkpoint")
+    assert "cannot read" in _load_error(tmp_path / "garbage.pth", "resnet8")
+    torch.save({"model": {}, "opt": NotAWeight()}, tmp_path / "pickled.pth")
+    message = _load_error(tmp_path / "pickled.pth", "resnet8")
+    assert "cannot read" in message and "NotAWeight" in message
+    torch.save({"epoch": 240, "best_acc": 70.0}, tmp_path / "no_model.pth")
+    message = _load_error(tmp_path / "no_model.pth", "resnet8")
+    assert "no state dict" in message and "'epoch'" in message
