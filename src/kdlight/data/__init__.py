@@ -1,5 +1,6 @@
-"""CIFAR-10 data: sources (torchvision, archive, synthetic), the decoded-archive cache, batched
-augmentation, and the DataModule.
+"""The data: CIFAR-10, CIFAR-100 and a user's own image folders, from their sources
+(torchvision's official release, image-folder archives, synthetic stand-ins), the
+decoded-archive cache, batched augmentation, and the DataModules.
 
 Importing this package is cheap (no torch): the names below are loaded when first used, so
 that ``import kdlight`` can register the ``${kdlight.data_cache:}`` resolver that
@@ -15,12 +16,19 @@ from omegaconf import OmegaConf
 #: Where each public name lives; loaded on first use (PEP 562).
 _EXPORTS = {
     "CIFAR10_CLASSES": "kdlight.data.sources",
+    "CIFAR100_CLASSES": "kdlight.data.sources",
+    "DatasetSpec": "kdlight.data.sources",
     "Split": "kdlight.data.sources",
     "decode_archive": "kdlight.data.sources",
     "load_archive": "kdlight.data.sources",
+    "load_torchvision": "kdlight.data.sources",
     "make_synthetic": "kdlight.data.sources",
+    "ImageDataModule": "kdlight.data.datamodule",
     "CIFAR10DataModule": "kdlight.data.datamodule",
-    "stratified_subset": "kdlight.data.datamodule",
+    "CIFAR100DataModule": "kdlight.data.datamodule",
+    "ImageFolderDataModule": "kdlight.data.image_folder",
+    "image_folder_classes": "kdlight.data.folders",
+    "stratified_subset": "kdlight.data.arrays",
     "normalize": "kdlight.data.augment",
     "random_crop_flip": "kdlight.data.augment",
 }

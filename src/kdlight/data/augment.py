@@ -16,8 +16,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+#: Per-channel mean and std of the training images, in [0, 1]. CIFAR-100's are the values
+#: the CIFAR-100 distillation studies normalise with (RepDistiller's ``dataset/cifar100.py``).
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD = (0.2470, 0.2435, 0.2616)
+CIFAR100_MEAN = (0.5071, 0.4867, 0.4408)
+CIFAR100_STD = (0.2675, 0.2565, 0.2761)
 
 
 def random_crop_flip(

@@ -39,8 +39,10 @@ STALE_AFTER_S = 60.0
 TAIL_BYTES = 64
 
 
-def archive_fingerprint(path: Path) -> str:
-    """16 hex digits that change whenever the archive's content may have changed.
+def archive_fingerprint(path: Path, tag: str = "") -> str:
+    """16 hex digits that change whenever the archive's content may have changed, or ``tag``
+    does (the label space it is decoded into: see :class:`kdlight.data.sources.DatasetSpec`;
+    no tag, CIFAR-10's, gives the fingerprints of caches written before tags).
 
     A folder: the relative path, size and modification time (ns) of every file below it,
     hashed. (The folder's own size and time do not change when a class folder deep below it
@@ -49,6 +51,8 @@ def archive_fingerprint(path: Path) -> str:
     even a rewrite that keeps the size and the time is noticed.
     """
     digest = hashlib.sha256(f"{CACHE_FORMAT}\0".encode())
+    if tag:
+        digest.update(f"{tag}\0".encode())
     if path.is_dir():
         for file in sorted(path.rglob("*")):
             if file.is_file():
@@ -64,10 +68,11 @@ def archive_fingerprint(path: Path) -> str:
     return digest.hexdigest()[:16]
 
 
-def cache_file(archive: Path, cache_dir: Path) -> Path:
-    """The cache of this version of ``archive``: ``<cache_dir>/<name>-<fingerprint>.npz``."""
+def cache_file(archive: Path, cache_dir: Path, tag: str = "") -> Path:
+    """The cache of this version of ``archive`` (decoded for ``tag``):
+    ``<cache_dir>/<name>-<fingerprint>.npz``."""
     stem = archive.name.split(".")[0]
-    return cache_dir / f"{stem}-{archive_fingerprint(archive)}.npz"
+    return cache_dir / f"{stem}-{archive_fingerprint(archive, tag)}.npz"
 
 
 def read_cache(cache: Path, parse: Callable[[dict[str, np.ndarray]], T]) -> T | None:
@@ -82,7 +87,7 @@ def read_cache(cache: Path, parse: Callable[[dict[str, np.ndarray]], T]) -> T | 
         with np.load(cache, allow_pickle=False) as arrays:
             return parse({key: arrays[key] for key in arrays.files})
     except Exception as err:  # a damaged zip raises many types (BadZipFile, EOFError, ...)
-        _warn(f"data cache {cache} cannot be read ({_one_line(err)}): decoding the archive again")
+        _warn(f"data cache {cache} cannot be read ({one_line(err)}): decoding the archive again")
         return None
 
 
@@ -95,7 +100,7 @@ def write_cache(cache: Path, arrays: dict[str, np.ndarray]) -> bool:
             np.savez(file, **arrays)
     except OSError as err:
         _warn(
-            f"cannot write the data cache in {cache.parent} ({_one_line(err)}): using the "
+            f"cannot write the data cache in {cache.parent} ({one_line(err)}): using the "
             "decoded data uncached; to cache it, set paths.data_dir (or KDLIGHT_DATA) to a "
             "folder that can hold it"
         )
@@ -103,7 +108,8 @@ def write_cache(cache: Path, arrays: dict[str, np.ndarray]) -> bool:
     return True
 
 
-def _one_line(error: BaseException) -> str:
+def one_line(error: BaseException) -> str:
+    """An error's message on one line (its type's name if it has none)."""
     return " ".join(str(error).split()) or type(error).__name__
 
 

@@ -1,9 +1,9 @@
-"""``CIFAR10DataModule``: CIFAR-10 held in memory as uint8 tensors, augmented per batch,
-training batches with each image's index on request, and the seeded class-stratified
-subsets that small evaluations use."""
+"""The data modules: :class:`ImageDataModule`, what they all share (32x32 RGB images held in
+memory as uint8 tensors, augmented per batch, training batches with each image's index on
+request, seeded validation splits and class-stratified evaluation subsets), and the CIFAR
+data sets built on it, :class:`CIFAR10DataModule` and :class:`CIFAR100DataModule`.
+:class:`kdlight.data.image_folder.ImageFolderDataModule` reads a user's own data set."""
 
-import hashlib
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
@@ -12,18 +12,30 @@ import numpy as np
 import torch
 from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Sampler
 
 from kdlight.data import default_data_dir
+from kdlight.data.arrays import (
+    ArrayDataset,
+    IndexBatch,
+    collate_batch,
+    image_digests,
+    images_id,
+    stratified_subset,
+)
 from kdlight.data.augment import (
     CIFAR10_MEAN,
     CIFAR10_STD,
+    CIFAR100_MEAN,
+    CIFAR100_STD,
     normalize,
     process_generator,
     random_crop_flip,
 )
 from kdlight.data.sources import (
-    CIFAR10_CLASSES,
+    CIFAR10_SPEC,
+    CIFAR100_SPEC,
+    DatasetSpec,
     Split,
     load_archive,
     load_torchvision,
@@ -33,125 +45,21 @@ from kdlight.errors import KDLightError
 
 Source = Literal["torchvision", "archive", "synthetic"]
 
-#: The seed of every evaluation subset (``data.eval_subset``), apart from the run's seed, so
-#: that every run with the same subset size evaluates the same images.
-EVAL_SUBSET_SEED = 0
 
-
-def image_digests(split: Split) -> list[bytes]:
-    """A 16-byte BLAKE2b digest of each image's pixels and label."""
-    pixels = split.images.reshape(len(split), -1)
-    return [
-        hashlib.blake2b(image.tobytes() + label.tobytes(), digest_size=16).digest()
-        for image, label in zip(pixels, split.labels, strict=True)
-    ]
-
-
-def images_id(source: str, digests: list[bytes], total: int) -> str:
-    """``<source>:<len(digests)>/<total>:<16 hex digits>``: the hash of the images' sorted
-    ``digests``, so the same images give the same string in whatever order they come."""
-    combined = hashlib.sha256(b"".join(sorted(digests))).hexdigest()[:16]
-    return f"{source}:{len(digests)}/{total}:{combined}"
-
-
-def stratified_subset(split: Split, size: int, digests: list[bytes] | None = None) -> np.ndarray:
-    """Sorted indices of ``size`` images of ``split``, an equal share of each class as far as
-    possible (class sizes differ by at most one unless a class runs out of images).
-
-    The choice depends on the images alone: they are put in an order fixed by their
-    ``digests`` (:func:`image_digests`), so an archive stored in another order gives the same
-    subset, then shuffled within each class by a generator seeded with
-    :data:`EVAL_SUBSET_SEED`. The subset takes every class's first image, then every class's
-    second, and so on (classes in a seeded order, which decides who gets the leftover
-    images), so the subset of ``size`` images is part of the subset of ``size + 1``.
-    """
-    digests = image_digests(split) if digests is None else digests
-    canonical = np.array(sorted(range(len(split)), key=digests.__getitem__), dtype=np.int64)
-    labels = split.labels[canonical]
-    rng = np.random.default_rng(EVAL_SUBSET_SEED)
-    classes, class_of = np.unique(labels, return_inverse=True)
-    class_turn = rng.permutation(len(classes))[class_of]
-    position = np.empty(len(labels), dtype=np.int64)  # the image's place in its class's queue
-    for index in range(len(classes)):
-        members = np.flatnonzero(class_of == index)
-        position[members] = rng.permutation(len(members))
-    chosen = np.lexsort((class_turn, position))[:size]  # by position, then by class turn
-    return np.sort(canonical[chosen])
-
-
-@dataclass
-class IndexBatch:
-    """A batch of indices into a split that is kept whole on the accelerator
-    (``on_device=True``): only the indices travel, the images never leave the device.
-    ``with_index``: the batch keeps its indices once gathered (see ``ArrayDataset``)."""
-
-    split: str
-    indices: Tensor
-    with_index: bool = False
-
-    def to(self, device: torch.device | str, non_blocking: bool = True) -> "IndexBatch":
-        """The indices on ``device``, copied without waiting on a GPU. (Lightning passes
-        ``non_blocking`` only to plain tensors; a blocking copy would wait, every step, for
-        the GPU to finish all the work queued before it.)"""
-        device = torch.device(device)
-        non_blocking = non_blocking and device.type == "cuda"
-        indices = self.indices.to(device, non_blocking=non_blocking)
-        return IndexBatch(self.split, indices, self.with_index)
-
-
-class ArrayDataset(Dataset):
-    """uint8 ``(N, 3, 32, 32)`` images and int64 labels, fetched a whole batch at a time.
-
-    ``__getitems__`` lets a ``DataLoader`` index a batch with one tensor gather instead of
-    ``batch_size`` Python calls; :func:`collate_batch` then passes the batch through. With
-    ``indices_only`` it yields an :class:`IndexBatch` instead, for data held on the device.
-    With ``with_index`` (off unless set) a batch also holds the images' positions in the
-    dataset, int64: ``(images, labels, indices)``, or an ``IndexBatch`` that keeps them.
-    """
-
-    def __init__(self, split: Split, name: str, indices_only: bool = False) -> None:
-        self.images = torch.from_numpy(np.ascontiguousarray(split.images.transpose(0, 3, 1, 2)))
-        self.labels = torch.from_numpy(split.labels)
-        self.name = name
-        self.indices_only = indices_only
-        self.with_index = False
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def __getitem__(self, index: int) -> tuple[Tensor, Tensor]:
-        return self.images[index], self.labels[index]
-
-    def __getitems__(self, indices: list[int]) -> tuple[Tensor, ...] | IndexBatch:
-        index = torch.as_tensor(indices, dtype=torch.int64)
-        if self.indices_only:
-            return IndexBatch(self.name, index, self.with_index)
-        batch = self.images[index], self.labels[index]
-        return (*batch, index) if self.with_index else batch
-
-
-def collate_batch(batch: tuple[Tensor, ...] | IndexBatch) -> tuple[Tensor, ...] | IndexBatch:
-    """The batch is already stacked by :meth:`ArrayDataset.__getitems__`."""
-    return batch
-
-
-class CIFAR10DataModule(L.LightningDataModule):
-    """CIFAR-10 (or a synthetic stand-in) for training, validation and testing.
+class ImageDataModule(L.LightningDataModule):
+    """32x32 RGB images for training, validation and testing: everything but where they come
+    from, which a subclass's ``_load`` says.
 
     Args:
-        source: ``torchvision`` (the official release), ``archive`` (an image-folder tree or a
-            ``.tar.gz`` of one, such as ``shared/data/cifar10-jpeg.tar.gz``) or ``synthetic``.
-        data_dir: where torchvision's files and the decoded-archive cache live; None: the
+        data_dir: where downloaded files and the decoded-archive cache live; None: the
             per-user cache, :func:`kdlight.data.default_data_dir`.
-        archive_path: the archive, for ``source=archive``.
-        download: let torchvision download the official release.
-        val_size: images held out of the 50,000 training images for validation (seeded);
-            0 validates on the test set, as the reference study did.
+        val_size: images held out of the training images for validation (seeded); 0
+            validates on the test set, as the reference study did.
         train_subset: train on this many (seeded) training images only, e.g. for a CPU demo.
         eval_subset: validate and test on this many images only, an equal share per class
-            (:func:`stratified_subset`), the same images in every run whatever its seed (the
-            validation images are chosen among the seeded held-out ones, all of them if they
-            are fewer); None: all of them.
+            (:func:`kdlight.data.stratified_subset`), the same images in every run whatever
+            its seed (the validation images are chosen among the seeded held-out ones, all of
+            them if they are fewer); None: all of them.
             A shortened evaluation should use this rather than ``limit_test_batches``: the
             test split of an archive is stored class by class, so its first batches hold
             only the first classes.
@@ -163,9 +71,11 @@ class CIFAR10DataModule(L.LightningDataModule):
         drop_last: leave out each epoch's last, smaller training batch (at most
             ``batch_size - 1`` images, different ones each epoch), so that every training
             batch has one shape and torch.compile builds one training graph, not two.
-        synthetic_train_size, synthetic_test_size: sizes for ``source=synthetic``.
 
     Attributes:
+        classes: the class names, in label order (the per-class report's names).
+        num_classes: ``len(classes)``.
+        mean, std: the per-channel statistics, in [0, 1], that :meth:`normalize` uses.
         with_index: training batches are ``(images, labels, indices)``, ``indices`` the int64
             positions of their images in ``train_set`` (and in :attr:`train_labels`);
             validation and test batches stay ``(images, labels)``. Off by default, and not a
@@ -174,37 +84,27 @@ class CIFAR10DataModule(L.LightningDataModule):
             takes it then, so that its worker processes have it too).
     """
 
-    classes = CIFAR10_CLASSES
-    num_classes = len(CIFAR10_CLASSES)
+    classes: tuple[str, ...]
+    num_classes: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
 
     def __init__(
         self,
-        source: Source = "archive",
-        data_dir: str | Path | None = None,
-        archive_path: str | None = None,
-        download: bool = False,
-        val_size: int = 5000,
-        train_subset: int | None = None,
-        eval_subset: int | None = None,
-        batch_size: int = 128,
-        eval_batch_size: int = 1000,
-        num_workers: int = 0,
-        augment: bool = True,
-        on_device: bool = False,
-        drop_last: bool = False,
-        seed: int = 0,
-        synthetic_train_size: int = 10000,
-        synthetic_test_size: int = 2000,
+        *,
+        data_dir: str | Path | None,
+        val_size: int,
+        train_subset: int | None,
+        eval_subset: int | None,
+        batch_size: int,
+        eval_batch_size: int,
+        num_workers: int,
+        augment: bool,
+        on_device: bool,
+        drop_last: bool,
+        seed: int,
     ) -> None:
         super().__init__()
-        if source not in ("torchvision", "archive", "synthetic"):
-            raise KDLightError(
-                f"unknown data.source '{source}'; choose torchvision, archive or synthetic"
-            )
-        if source == "archive" and not archive_path:
-            raise KDLightError(
-                "data.source=archive needs data.archive_path=PATH (a CIFAR-10 image-folder .tar.gz)"
-            )
         for key, value in (("batch_size", batch_size), ("eval_batch_size", eval_batch_size)):
             if value <= 0:
                 raise KDLightError(f"data.{key} must be > 0, got {value}")
@@ -219,7 +119,7 @@ class CIFAR10DataModule(L.LightningDataModule):
             )
         if val_size < 0:
             raise KDLightError(f"data.val_size must be >= 0, got {val_size}")
-        self.save_hyperparameters()
+        self.save_hyperparameters()  # Lightning collects the subclass's arguments too
         self.data_dir = Path(data_dir) if data_dir is not None else default_data_dir()
         self.train_set = self.val_set = self.test_set = None
         self._prepared: dict[str, Split] | None = None
@@ -231,14 +131,12 @@ class CIFAR10DataModule(L.LightningDataModule):
 
     # ------------------------------------------------------------------------ loading
     def _load(self) -> dict[str, Split]:
-        hp = self.hparams
-        if hp.source == "synthetic":
-            # one fixed data set, like CIFAR-10 itself: the run's seed changes the split, the
-            # order, the augmentation and the weights, never the images a run is tested on
-            return make_synthetic(hp.synthetic_train_size, hp.synthetic_test_size)
-        if hp.source == "torchvision":
-            return load_torchvision(self.data_dir, hp.download)
-        return load_archive(Path(hp.archive_path).expanduser(), self.data_dir)
+        """The whole ``train`` and ``test`` splits."""
+        raise NotImplementedError
+
+    def _source(self) -> str:
+        """Where the images came from, as :attr:`test_set_id` begins."""
+        raise NotImplementedError
 
     def prepare_data(self) -> None:
         """Download or decode once (on one process); ``setup`` then uses what was loaded here
@@ -273,7 +171,7 @@ class CIFAR10DataModule(L.LightningDataModule):
         test_digests = image_digests(test)
         subset = self._eval_subset(test, test_digests)
         self.test_set = ArrayDataset(test.take(subset), "test", hp.on_device)
-        self._test_set_id = images_id(hp.source, [test_digests[i] for i in subset], len(test))
+        self._test_set_id = images_id(self._source(), [test_digests[i] for i in subset], len(test))
         if hp.val_size:
             val = train.take(val_index)
             self.val_set = ArrayDataset(val.take(self._eval_subset(val)), "val", hp.on_device)
@@ -297,7 +195,7 @@ class CIFAR10DataModule(L.LightningDataModule):
         the hash (16 hex digits) covers every tested image's pixels and label.
         """
         if self._test_set_id is None:
-            raise AttributeError("CIFAR10DataModule.test_set_id is known after setup()")
+            raise AttributeError(f"{type(self).__name__}.test_set_id is known after setup()")
         return self._test_set_id
 
     @property
@@ -306,7 +204,7 @@ class CIFAR10DataModule(L.LightningDataModule):
         indices of a ``with_index`` batch point into). Known after ``setup`` (before it, an
         ``AttributeError``, so ``getattr(dm, "train_labels", None)`` is None)."""
         if self.train_set is None:
-            raise AttributeError("CIFAR10DataModule.train_labels is known after setup()")
+            raise AttributeError(f"{type(self).__name__}.train_labels is known after setup()")
         return self.train_set.labels.long()
 
     # ---------------------------------------------------------------------- loaders
@@ -405,10 +303,102 @@ class CIFAR10DataModule(L.LightningDataModule):
             self._on_device[key] = (dataset.images.to(device), dataset.labels.to(device))
         return self._on_device[key]
 
-    @staticmethod
-    def normalize(images: Tensor) -> Tensor:
-        """uint8 batch -> float32 standardised with CIFAR-10's per-channel mean and std."""
-        return normalize(images, CIFAR10_MEAN, CIFAR10_STD)
+    def normalize(self, images: Tensor) -> Tensor:
+        """uint8 batch -> float32 standardised with the data set's per-channel mean and std."""
+        return normalize(images, self.mean, self.std)
+
+
+class CIFARDataModule(ImageDataModule):
+    """A CIFAR data set, or a synthetic stand-in of as many classes, from one of three
+    sources; a subclass names the data set (``dataset``, ``classes``, ``num_classes``,
+    ``mean``, ``std``).
+
+    Args:
+        source: ``torchvision`` (the official release, in torchvision's layout under
+            ``data_dir``), ``archive`` (an image-folder tree or a ``.tar.gz`` of one, such as
+            ``shared/data/cifar10-jpeg.tar.gz``: ``train/<class>/`` and ``test/<class>/``, one
+            folder per class, named as :attr:`classes`) or ``synthetic``.
+        archive_path: the archive, for ``source=archive``.
+        download: let torchvision download the official release.
+        synthetic_train_size, synthetic_test_size: sizes for ``source=synthetic``.
+        data_dir, val_size, ...: as for :class:`ImageDataModule`.
+    """
+
+    dataset: DatasetSpec
+
+    def __init__(
+        self,
+        source: Source = "archive",
+        data_dir: str | Path | None = None,
+        archive_path: str | None = None,
+        download: bool = False,
+        val_size: int = 5000,
+        train_subset: int | None = None,
+        eval_subset: int | None = None,
+        batch_size: int = 128,
+        eval_batch_size: int = 1000,
+        num_workers: int = 0,
+        augment: bool = True,
+        on_device: bool = False,
+        drop_last: bool = False,
+        seed: int = 0,
+        synthetic_train_size: int = 10000,
+        synthetic_test_size: int = 2000,
+    ) -> None:
+        if source not in ("torchvision", "archive", "synthetic"):
+            raise KDLightError(
+                f"unknown data.source '{source}'; choose torchvision, archive or synthetic"
+            )
+        if source == "archive" and not archive_path:
+            raise KDLightError(
+                f"data.source=archive needs data.archive_path=PATH (a {self.dataset.name} "
+                "image-folder .tar.gz)"
+            )
+        super().__init__(
+            data_dir=data_dir, val_size=val_size, train_subset=train_subset,
+            eval_subset=eval_subset, batch_size=batch_size, eval_batch_size=eval_batch_size,
+            num_workers=num_workers, augment=augment, on_device=on_device,
+            drop_last=drop_last, seed=seed,
+        )  # fmt: skip
+
+    def _load(self) -> dict[str, Split]:
+        hp = self.hparams
+        if hp.source == "synthetic":
+            # one fixed data set, like CIFAR itself: the run's seed changes the split, the
+            # order, the augmentation and the weights, never the images a run is tested on
+            return make_synthetic(
+                hp.synthetic_train_size, hp.synthetic_test_size, num_classes=self.num_classes
+            )
+        if hp.source == "torchvision":
+            return load_torchvision(self.data_dir, hp.download, self.dataset)
+        path = Path(hp.archive_path).expanduser()
+        if self.dataset == CIFAR10_SPEC:  # load_archive's own default, called as it always was
+            return load_archive(path, self.data_dir)
+        return load_archive(path, self.data_dir, self.dataset)
+
+    def _source(self) -> str:
+        return self.hparams.source
+
+
+class CIFAR10DataModule(CIFARDataModule):
+    """CIFAR-10 (or a synthetic stand-in) for training, validation and testing: see
+    :class:`CIFARDataModule` and :class:`ImageDataModule` for the arguments."""
+
+    dataset = CIFAR10_SPEC
+    classes = CIFAR10_SPEC.classes
+    num_classes = CIFAR10_SPEC.num_classes
+    mean, std = CIFAR10_MEAN, CIFAR10_STD
+
+
+class CIFAR100DataModule(CIFARDataModule):
+    """CIFAR-100's 100 fine classes (or a synthetic stand-in of 100 classes) for training,
+    validation and testing: see :class:`CIFARDataModule` and :class:`ImageDataModule` for
+    the arguments. An archive holds one folder per fine class, named as :attr:`classes`."""
+
+    dataset = CIFAR100_SPEC
+    classes = CIFAR100_SPEC.classes
+    num_classes = CIFAR100_SPEC.num_classes
+    mean, std = CIFAR100_MEAN, CIFAR100_STD
 
 
 def _generator_name(rank: int, device: torch.device) -> str:

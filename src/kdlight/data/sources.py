@@ -1,29 +1,71 @@
-"""Where CIFAR-10 comes from: torchvision's official release, an image-folder archive, or
-deterministic synthetic data. Each loader returns a :class:`Split` pair of uint8 arrays.
+"""Where the images come from: a data set's official release (read in torchvision's layout),
+an image-folder archive, or deterministic synthetic data. Each loader returns a
+:class:`Split` pair of uint8 arrays.
 
-Arrays are ``(N, 32, 32, 3)`` uint8 images (HWC, as torchvision stores CIFAR-10) and
-``(N,)`` int64 labels in CIFAR-10's own label order.
+Arrays are ``(N, 32, 32, 3)`` uint8 images (HWC, as torchvision stores CIFAR) and ``(N,)``
+int64 labels in the data set's own label order (:class:`DatasetSpec`).
 """
 
 import io
-import tarfile
-import zlib
-from collections.abc import Iterator
+import pickle
 from dataclasses import dataclass
-from pathlib import Path, PurePosixPath
+from functools import partial
+from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
-from kdlight.data.cache import cache_file, read_cache, write_cache
+from kdlight.data.cache import cache_file, one_line, read_cache, write_cache
+from kdlight.data.folders import SPLITS, iter_images, listed, locate
 from kdlight.errors import KDLightError
 
 CIFAR10_CLASSES = (
     "airplane", "automobile", "bird", "cat", "deer",
     "dog", "frog", "horse", "ship", "truck",
 )  # fmt: skip
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png"}
-SPLITS = ("train", "test")
+#: The fine labels in the order of the official release's ``meta`` file (alphabetical).
+CIFAR100_CLASSES = (
+    "apple", "aquarium_fish", "baby", "bear", "beaver", "bed", "bee", "beetle", "bicycle",
+    "bottle", "bowl", "boy", "bridge", "bus", "butterfly", "camel", "can", "castle",
+    "caterpillar", "cattle", "chair", "chimpanzee", "clock", "cloud", "cockroach", "couch",
+    "crab", "crocodile", "cup", "dinosaur", "dolphin", "elephant", "flatfish", "forest", "fox",
+    "girl", "hamster", "house", "kangaroo", "keyboard", "lamp", "lawn_mower", "leopard",
+    "lion", "lizard", "lobster", "man", "maple_tree", "motorcycle", "mountain", "mouse",
+    "mushroom", "oak_tree", "orange", "orchid", "otter", "palm_tree", "pear", "pickup_truck",
+    "pine_tree", "plain", "plate", "poppy", "porcupine", "possum", "rabbit", "raccoon", "ray",
+    "road", "rocket", "rose", "sea", "seal", "shark", "shrew", "skunk", "skyscraper", "snail",
+    "snake", "spider", "squirrel", "streetcar", "sunflower", "sweet_pepper", "table", "tank",
+    "telephone", "television", "tiger", "tractor", "train", "trout", "tulip", "turtle",
+    "wardrobe", "whale", "willow_tree", "wolf", "woman", "worm",
+)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    """What the loaders know of a data set.
+
+    Attributes:
+        name: as messages name it, e.g. ``CIFAR-10``.
+        classes: the class names in label order; an archive's class folders bear them.
+        torchvision: the ``torchvision.datasets`` class of its official release, if any.
+        cache_tag: keeps its decoded-archive caches apart from those of another label space
+            read from the same archive; empty for CIFAR-10, whose caches are older than tags.
+        rgb_only: reject grayscale images instead of converting them to RGB.
+    """
+
+    name: str
+    classes: tuple[str, ...]
+    torchvision: str | None = None
+    cache_tag: str = ""
+    rgb_only: bool = False
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+
+CIFAR10_SPEC = DatasetSpec("CIFAR-10", CIFAR10_CLASSES, torchvision="CIFAR10")
+CIFAR100_SPEC = DatasetSpec("CIFAR-100", CIFAR100_CLASSES, "CIFAR100", cache_tag="cifar100")
 
 
 @dataclass
@@ -41,104 +83,154 @@ class Split:
         return Split(self.images[index], self.labels[index])
 
 
-def load_torchvision(root: str | Path, download: bool) -> dict[str, Split]:
-    """The official ``cifar-10-python.tar.gz`` through torchvision (downloads only if asked)."""
-    from torchvision.datasets import CIFAR10
+# ------------------------------------------------------------------------ official release
 
-    splits = {}
-    for split in SPLITS:
+
+def load_torchvision(
+    root: str | Path, download: bool, dataset: DatasetSpec = CIFAR10_SPEC
+) -> dict[str, Split]:
+    """The official release (e.g. ``cifar-100-python.tar.gz``) as torchvision unpacks it under
+    ``root`` (``cifar-10-batches-py/``, ``cifar-100-python/``), downloaded only if asked.
+
+    The pickled batches are read here, as torchvision reads them, and checked for their
+    shapes, labels and class names (the ``meta`` file's) instead of by the md5 of every file
+    on every load; torchvision downloads them when one is missing, and checks the download.
+    """
+    from torchvision import datasets
+
+    official = getattr(datasets, dataset.torchvision)
+    folder = Path(root) / official.base_folder
+    batches = {
+        "train": [folder / name for name, _md5 in official.train_list],
+        "test": [folder / name for name, _md5 in official.test_list],
+    }
+    meta = folder / official.meta["filename"]
+    needed = [meta, *batches["train"], *batches["test"]]
+    if download and not all(file.is_file() for file in needed):
         try:
-            dataset = CIFAR10(str(root), train=split == "train", download=download)
-        except RuntimeError as err:
+            official(str(root), train=False, download=True)
+        except (RuntimeError, OSError) as err:  # URLError is an OSError
             raise KDLightError(
-                f"official CIFAR-10 not found under {root} ({err}); set data.download=true, "
-                "or use data.source=archive with data.archive_path=PATH"
+                f"cannot download the official {dataset.name} into {root}: {one_line(err)}"
             ) from None
-        splits[split] = Split(dataset.data, np.asarray(dataset.targets, dtype=np.int64))
-    return splits
+    if missing := [file for file in needed if not file.is_file()]:
+        raise KDLightError(
+            f"official {dataset.name} not found under {root} (no {missing[0]}); set "
+            "data.download=true, or use data.source=archive with data.archive_path=PATH"
+        )
+    names = tuple(_text(name) for name in _unpickle(meta, dataset).get(official.meta["key"], ()))
+    if names != dataset.classes:
+        raise KDLightError(
+            f"{meta} names the classes {listed(names)}, not {dataset.name}'s "
+            f"({listed(dataset.classes)})"
+        )
+    return {split: _read_batches(files, dataset) for split, files in batches.items()}
+
+
+def _read_batches(files: list[Path], dataset: DatasetSpec) -> Split:
+    """The images and labels of the official pickled batches ``files``, in order."""
+    images, labels = [], []
+    for file in files:
+        entry = _unpickle(file, dataset)
+        data = entry.get("data")
+        targets = np.asarray(entry.get("labels", entry.get("fine_labels", [])))
+        if not (
+            isinstance(data, np.ndarray)
+            and data.dtype == np.uint8
+            and data.ndim == 2
+            and data.shape[1] == 3 * 32 * 32
+            and targets.shape == (len(data),)
+            and np.issubdtype(targets.dtype, np.integer)
+            and (targets.size == 0 or 0 <= targets.min() <= targets.max() < dataset.num_classes)
+        ):
+            raise KDLightError(
+                f"{file} is not an official {dataset.name} batch (uint8 data of 3072 values "
+                f"per image and one label from 0 to {dataset.num_classes - 1} per image); "
+                f"delete {file.parent} and set data.download=true"
+            )
+        images.append(data)
+        labels.append(targets)
+    # as torchvision does: CHW rows -> HWC images
+    stacked = np.vstack(images).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
+    return Split(stacked, np.concatenate(labels).astype(np.int64))
+
+
+def _unpickle(file: Path, dataset: DatasetSpec) -> dict:
+    """A pickled dict of the official release, its keys as text: Python 2 wrote them as byte
+    strings, which ``encoding="latin1"`` reads as text (as torchvision does) and
+    ``encoding="bytes"`` copies do not."""
+    try:
+        with file.open("rb") as handle:
+            entry = pickle.load(handle, encoding="latin1")
+    except Exception as err:  # a damaged pickle raises many types
+        raise KDLightError(
+            f"cannot read {file} ({one_line(err)}): delete {file.parent} and set "
+            f"data.download=true to fetch the official {dataset.name} again"
+        ) from None
+    if not isinstance(entry, dict):
+        raise KDLightError(f"{file} is not an official {dataset.name} file (not a dict)")
+    return {_text(key): value for key, value in entry.items()}
+
+
+def _text(value) -> str:
+    return value.decode("latin1") if isinstance(value, bytes) else str(value)
 
 
 # --------------------------------------------------------------------------------- archive
 
 
-def _iter_archive(path: Path) -> Iterator[tuple[PurePosixPath, bytes]]:
-    """(relative path, file bytes) of every image in a folder tree or a .tar(.gz) of one."""
-    if path.is_dir():
-        for file in sorted(path.rglob("*")):
-            if file.suffix.lower() in IMAGE_SUFFIXES and file.is_file():
-                yield PurePosixPath(file.relative_to(path).as_posix()), file.read_bytes()
-        return
-    try:
-        with tarfile.open(path, "r:*") as archive:
-            for member in archive:
-                name = PurePosixPath(member.name)
-                if member.isfile() and name.suffix.lower() in IMAGE_SUFFIXES:
-                    yield name, archive.extractfile(member).read()
-    except (tarfile.TarError, EOFError, OSError, zlib.error) as err:
-        reason = " ".join(str(err).split())  # tarfile's "r:*" errors span several lines
-        raise KDLightError(
-            f"cannot read CIFAR-10 archive {path}: {reason} (is it a complete .tar.gz?)"
-        ) from None
-
-
-def _locate(name: PurePosixPath) -> tuple[str, str] | None:
-    """('train'|'test', class) for ``.../train/<class>/<file>``, else None."""
-    parts = name.parts
-    if len(parts) >= 3 and parts[-3] in SPLITS:
-        return parts[-3], parts[-2]
-    return None
-
-
-def decode_archive(path: str | Path) -> dict[str, Split]:
+def decode_archive(path: str | Path, dataset: DatasetSpec = CIFAR10_SPEC) -> dict[str, Split]:
     """Decode every image of an image-folder tree (or a .tar.gz of one) into uint8 arrays.
 
-    Expected layout: ``train/<class>/*.jpg|png`` and ``test/<class>/*``, one folder per
-    CIFAR-10 class; labels follow CIFAR-10's order, not the folders' alphabetical order.
+    Expected layout: ``train/<class>/*.jpg|png`` and ``test/<class>/*``, one folder per class
+    of ``dataset`` in each; labels follow ``dataset.classes``, not the folders' order.
     """
     path = Path(path)
+    what = f"{dataset.name} archive"
     if not path.exists():
         raise KDLightError(
-            f"CIFAR-10 archive not found: {path} (set data.archive_path, "
+            f"{what} not found: {path} (set data.archive_path, "
             "or use data.source=torchvision data.download=true)"
         )
     images: dict[str, list[np.ndarray]] = {split: [] for split in SPLITS}
     labels: dict[str, list[int]] = {split: [] for split in SPLITS}
-    label_of = {name: index for index, name in enumerate(CIFAR10_CLASSES)}
-    for name, data in _iter_archive(path):
-        located = _locate(name)
+    label_of = {name: index for index, name in enumerate(dataset.classes)}
+    for name, data in iter_images(path, what):
+        located = locate(name)
         if located is None:
             continue
         split, class_name = located
         if class_name not in label_of:
             raise KDLightError(
-                f"CIFAR-10 archive {path}: unknown class folder '{split}/{class_name}' "
-                f"(expected {', '.join(CIFAR10_CLASSES)})"
+                f"{what} {path}: unknown class folder '{split}/{class_name}' "
+                f"(expected {listed(dataset.classes)})"
             )
         try:
             with Image.open(io.BytesIO(data)) as image:
+                grayscale = image.mode not in ("P", "PA") and len(image.getbands()) < 3
                 array = np.asarray(image.convert("RGB"))
         except Exception as err:  # PIL raises many types for undecodable files
+            raise KDLightError(f"{what} {path}: cannot decode image {name}: {err}") from None
+        if dataset.rgb_only and grayscale:
             raise KDLightError(
-                f"CIFAR-10 archive {path}: cannot decode image {name}: {err}"
-            ) from None
+                f"{what} {path}: image {name} is grayscale ({image.mode}), expected RGB"
+            )
         if array.shape != (32, 32, 3):
             raise KDLightError(
-                f"CIFAR-10 archive {path}: image {name} is {array.shape[1]}x{array.shape[0]}, "
-                "expected 32x32"
+                f"{what} {path}: image {name} is {array.shape[1]}x{array.shape[0]}, expected 32x32"
             )
         images[split].append(array)
         labels[split].append(label_of[class_name])
     for split in SPLITS:
         if not labels[split]:
             raise KDLightError(
-                f"CIFAR-10 archive {path} has no images under '{split}/<class>/'; expected "
+                f"{what} {path} has no images under '{split}/<class>/'; expected "
                 "train/<class>/*.jpg and test/<class>/*.jpg"
             )
-        missing = sorted(set(CIFAR10_CLASSES) - {CIFAR10_CLASSES[i] for i in labels[split]})
+        missing = sorted(set(dataset.classes) - {dataset.classes[i] for i in labels[split]})
         if missing:
             raise KDLightError(
-                f"CIFAR-10 archive {path}: class folder(s) missing under '{split}/': "
-                f"{', '.join(missing)}"
+                f"{what} {path}: class folder(s) missing under '{split}/': {listed(missing)}"
             )
     return {
         split: Split(np.stack(images[split]), np.asarray(labels[split], dtype=np.int64))
@@ -146,16 +238,18 @@ def decode_archive(path: str | Path) -> dict[str, Split]:
     }
 
 
-def load_archive(path: str | Path, cache_dir: str | Path) -> dict[str, Split]:
+def load_archive(
+    path: str | Path, cache_dir: str | Path, dataset: DatasetSpec = CIFAR10_SPEC
+) -> dict[str, Split]:
     """Decode the archive once, cache the arrays under ``cache_dir``, and reuse the cache
     while the archive is unchanged (see :mod:`kdlight.data.cache`)."""
     path = Path(path)
     if not path.exists():
-        decode_archive(path)  # raises the clear "not found" error
-    cache = cache_file(path, Path(cache_dir))
-    splits = read_cache(cache, _splits_from_arrays)
+        decode_archive(path, dataset)  # raises the clear "not found" error
+    cache = cache_file(path, Path(cache_dir), dataset.cache_tag)
+    splits = read_cache(cache, partial(_splits_from_arrays, dataset=dataset))
     if splits is None:
-        splits = decode_archive(path)
+        splits = decode_archive(path, dataset)
         arrays = {}
         for split in SPLITS:
             arrays[f"{split}_x"], arrays[f"{split}_y"] = splits[split].images, splits[split].labels
@@ -163,8 +257,8 @@ def load_archive(path: str | Path, cache_dir: str | Path) -> dict[str, Split]:
     return splits
 
 
-def _splits_from_arrays(arrays: dict[str, np.ndarray]) -> dict[str, Split]:
-    """The splits in a cache's arrays, checked to be whole decoded CIFAR-10 splits."""
+def _splits_from_arrays(arrays: dict[str, np.ndarray], dataset: DatasetSpec) -> dict[str, Split]:
+    """The splits in a cache's arrays, checked to be whole decoded splits of ``dataset``."""
     splits = {}
     for split in SPLITS:
         images, labels = arrays[f"{split}_x"], arrays[f"{split}_y"]
@@ -176,11 +270,11 @@ def _splits_from_arrays(arrays: dict[str, np.ndarray]) -> dict[str, Split]:
             and labels.shape == (len(images),)
             and len(labels) > 0
             and labels.min() >= 0
-            and labels.max() < len(CIFAR10_CLASSES)
+            and labels.max() < dataset.num_classes
         ):
             raise ValueError(
                 f"{split}: images {images.dtype} {images.shape}, labels {labels.dtype} "
-                f"{labels.shape} are not a decoded CIFAR-10 split"
+                f"{labels.shape} are not a decoded {dataset.name} split"
             )
         splits[split] = Split(images, labels)
     return splits
@@ -190,9 +284,13 @@ def _splits_from_arrays(arrays: dict[str, np.ndarray]) -> dict[str, Split]:
 
 
 def make_synthetic(
-    train_size: int = 10000, test_size: int = 2000, seed: int = 0
+    train_size: int = 10000,
+    test_size: int = 2000,
+    seed: int = 0,
+    num_classes: int = len(CIFAR10_CLASSES),
 ) -> dict[str, Split]:
-    """Deterministic CIFAR-shaped data whose labels depend on the pixels.
+    """Deterministic CIFAR-shaped data of ``num_classes`` classes whose labels depend on the
+    pixels.
 
     Each class has a smooth random colour pattern (a 4x4 grid upsampled to 32x32). An image
     blends its class's pattern with a random other class's pattern and adds per-pixel noise,
@@ -200,7 +298,6 @@ def make_synthetic(
     learns them over a few epochs rather than instantly.
     """
     rng = np.random.default_rng(seed)
-    num_classes = len(CIFAR10_CLASSES)
     patterns = rng.uniform(0, 255, size=(num_classes, 4, 4, 3)).repeat(8, axis=1).repeat(8, axis=2)
 
     def split(size: int) -> Split:

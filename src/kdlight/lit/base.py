@@ -17,10 +17,10 @@ from torch import Tensor, nn
 from torchmetrics import MaxMetric
 from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix
 
-from kdlight.data.sources import CIFAR10_CLASSES
 from kdlight.lit.results import (
     best_accuracy,
     data_record,
+    default_class_names,
     format_report,
     summarize_confusion,
     tested_checkpoint,
@@ -166,7 +166,7 @@ class ClassificationSystem(TrainingLog, L.LightningModule):
         self.optimizer_factory = optimizer or reference_sgd
         self.scheduler_factory = scheduler
         self.num_classes = num_classes
-        self.class_names = tuple(class_names or CIFAR10_CLASSES[:num_classes])
+        self.class_names = default_class_names(num_classes, class_names)
         # no argument checks per training step: they read the labels back from the GPU
         self.train_acc = MulticlassAccuracy(num_classes, average="micro", validate_args=False)
         self.val_acc = MulticlassAccuracy(num_classes, average="micro")

@@ -15,6 +15,8 @@ import lightning as L
 from torch import Tensor
 from torchmetrics import MaxMetric
 
+from kdlight.data.sources import CIFAR10_CLASSES
+from kdlight.errors import KDLightError
 from kdlight.io import write_json
 
 
@@ -101,3 +103,16 @@ def write_metrics(path: str | Path, metrics: dict, run_record: dict | None = Non
     if run_record is not None:
         metrics = {**metrics, "run": run_record}
     return write_json(path, metrics)
+
+
+def default_class_names(num_classes: int, class_names=None) -> tuple[str, ...]:
+    """The per-class report's names: ``class_names`` (which must be ``num_classes`` long),
+    else CIFAR-10's for 10 classes and ``class0``, ``class1``... for any other number."""
+    if class_names is None:
+        if num_classes == len(CIFAR10_CLASSES):
+            return CIFAR10_CLASSES
+        return tuple(f"class{index}" for index in range(num_classes))
+    names = tuple(str(name) for name in class_names)
+    if len(names) != num_classes:
+        raise KDLightError(f"{len(names)} class names for {num_classes} classes: {names[:3]}...")
+    return names
