@@ -46,8 +46,9 @@ def test_choice_composes_and_instantiates(
     group: str, choice: str, tmp_path: Path, untrained_teacher: Path
 ):
     overrides = [f"{group}={choice}", *TINY]
-    if "distill" in choice:
+    if "distill" in choice or choice == "method_grid":
         overrides.append(f"distill.teacher_checkpoint={untrained_teacher}")
+        overrides.append("distill.teacher_model=resnet18_half")  # the untrained teacher's
     if group in ("trainer", "experiment"):
         overrides.append("trainer.accelerator=cpu")  # trainer=gpu composes; CI has no GPU
     cfg = compose_config(overrides, tmp_path)

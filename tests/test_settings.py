@@ -18,12 +18,14 @@ from hydra.core.global_hydra import GlobalHydra
 
 from kdlight import config_dir
 from kdlight.errors import KDLightError
+from kdlight.models import list_models
 from kdlight.preflight import preflight
 from kdlight.settings import validate_settings
 from kdlight.slurm import main as slurm_main
 from tests.conftest import TINY, compose_config, run_cli
 
 REPO = Path(__file__).resolve().parents[1]
+MODELS = ", ".join(list_models())  # what a message offers for a model that does not exist
 #: tensorboard, and the SLURM launcher with submitit, as if they were not installed
 NO_TENSORBOARD = "tensorboard,tensorboardX"
 NO_SLURM = "hydra_plugins.hydra_submitit_launcher,submitit"
@@ -138,8 +140,7 @@ BAD_SETTINGS = [
     ),
     (
         ["experiment=distill_grid", "distill.teacher_model=resnet1000"],
-        "distill.teacher_model=resnet1000 is not allowed: one of resnet18, resnet18_half, "
-        "resnet20, resnet8, small_cnn",
+        f"distill.teacher_model=resnet1000 is not allowed: one of {MODELS}",
     ),
 ]
 
@@ -222,8 +223,8 @@ BAD_COMMAND_LINES = [
     (
         ["distill.temperature=4"],
         "unknown setting 'distill.temperature' in this config (it comes with "
-        "experiment=distill, experiment=distill_grid, module=distillation, "
-        "module=distillation_grid)",
+        "experiment=distill, experiment=distill_grid, experiment=method_grid, "
+        "experiment=zoo_distill)",
     ),
     (
         ["model.width=0.5"],  # the default model, resnet18_half, has no width
@@ -243,8 +244,7 @@ BAD_COMMAND_LINES = [
     (["foo.bar=1"], "unknown setting 'foo.bar' (kdlight-train --cfg job prints every setting)"),
     (
         ["model=resnt20"],
-        "model=resnt20 is not allowed: one of resnet18, resnet18_half, resnet20, resnet8, "
-        "small_cnn (did you mean model=resnet20?)",
+        f"model=resnt20 is not allowed: one of {MODELS} (did you mean model=resnet20?)",
     ),
     (["+optimizer.lr=0.05"], "optimizer.lr exists already: set it without the +"),
     (
@@ -259,14 +259,13 @@ BAD_COMMAND_LINES = [
     ),
     (  # each value of a sweep over a config group is composed, not only the first
         ["-m", "model=small_cnn,resnt20"],
-        "model=resnt20 is not allowed: one of resnet18, resnet18_half, resnet20, resnet8, "
-        "small_cnn (did you mean model=resnet20?)",
+        f"model=resnt20 is not allowed: one of {MODELS} (did you mean model=resnet20?)",
     ),
     (  # conf/sweep/'s params are settings of the jobs too
         ["-m", "sweep=reference_grid"],
         "unknown setting 'distill.temperature' in this config (it comes with "
-        "experiment=distill, experiment=distill_grid, module=distillation, "
-        "module=distillation_grid)",
+        "experiment=distill, experiment=distill_grid, experiment=method_grid, "
+        "experiment=zoo_distill)",
     ),
     (
         ["-m", "hydra/launcher=slurm", "trainer=ddp"],

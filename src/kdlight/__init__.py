@@ -20,11 +20,14 @@ __version__ = "0.1.0"
 #: Public name -> the module that defines it, imported when the name is first used.
 _PUBLIC = {
     "CIFAR10DataModule": "kdlight.data",
+    "CIFAR100DataModule": "kdlight.data",
+    "ImageFolderDataModule": "kdlight.data",
     "ClassifierModule": "kdlight.lit",
     "DistillationModule": "kdlight.lit",
     "DistillationGridModule": "kdlight.lit",
     "load_model": "kdlight.lit",
     "load_teacher": "kdlight.lit",
+    "load_published": "kdlight.models",
     "kd_loss": "kdlight.losses",
     "KDLoss": "kdlight.losses",
     "create_model": "kdlight.models",

@@ -256,7 +256,7 @@ def _providers() -> dict[str, list[str]]:
         for key in _dotted_keys(OmegaConf.load(file), prefix):
             if not key.startswith("defaults"):
                 found[key] = list(dict.fromkeys([*found.get(key, []), *experiments, choice]))
-    for key, choices in found.items():  # the key's own group first, then experiments
+    for key, choices in found.items():  # the key's own group first, then experiments, by name
         own = key.split(".")[0]
-        choices.sort(key=lambda c: (not c.startswith(f"{own}="), not c.startswith("experiment")))
+        choices.sort(key=lambda c: (not c.startswith(f"{own}="), not c.startswith("experiment"), c))
     return found

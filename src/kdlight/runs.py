@@ -305,14 +305,22 @@ def _read_metrics(path: Path) -> dict | None:
     return record if isinstance(record, dict) else None
 
 
-def find_teacher(root: str | Path, model: str) -> Teacher:
+def _classes_of(metrics: dict | None) -> int | None:
+    """The number of classes a finished run's ``metrics.json`` records (its per-class
+    accuracies), None if it records none."""
+    per_class = (metrics or {}).get("per_class_accuracy")
+    return len(per_class) if isinstance(per_class, dict) and per_class else None
+
+
+def find_teacher(root: str | Path, model: str, num_classes: int | None = None) -> Teacher:
     """The finished teacher run of ``model`` under ``<root>/teacher/<model>/``.
 
     Finished means a readable ``metrics.json`` that is not a debug run's, and a
-    ``checkpoints/last.ckpt`` (the final weights). With several, the most recently finished
-    one is used and the log names it and the others. With none, one line says why: no
-    teacher run at all, or only unfinished ones (which are used only when named with
-    ``distill.teacher_checkpoint``).
+    ``checkpoints/last.ckpt`` (the final weights); with ``num_classes``, one that predicts
+    that many classes (a CIFAR-100 student never gets a CIFAR-10 teacher). With several,
+    the most recently finished one is used and the log names it and the others. With none,
+    one line says why: no teacher run at all, or only unfinished ones (which are used only
+    when named with ``distill.teacher_checkpoint``).
     """
     folder = Path(root) / "teacher" / model
     runs = sorted(
@@ -321,6 +329,19 @@ def find_teacher(root: str | Path, model: str) -> Teacher:
         if not last.parent.parent.name.endswith("-debug")
     )
     finished = [run for run in runs if _read_metrics(run / "metrics.json") is not None]
+    if num_classes is not None:
+        other = [
+            r
+            for r in finished
+            if _classes_of(_read_metrics(r / "metrics.json")) not in (None, num_classes)
+        ]
+        finished = [r for r in finished if r not in other]
+        if other and not finished:
+            raise KDLightError(
+                f"no teacher of model {model} for {num_classes} classes under {folder} (the "
+                f"finished ones predict {_classes_of(_read_metrics(other[0] / 'metrics.json'))}): "
+                f"train it first (kdlight-train experiment=teacher model={model} with this data)"
+            )
     if not finished:
         hint = f"train it first (kdlight-train experiment=teacher model={model}, same paths.root)"
         if runs:
@@ -352,7 +373,13 @@ def resolve_teacher(cfg: DictConfig) -> Teacher | None:
         if not path.is_file():
             raise KDLightError(f"distill.teacher_checkpoint={named}: no such file")
         return Teacher(path, file_identity(path), f"teacher: {path} (distill.teacher_checkpoint)")
-    return find_teacher(cfg.paths.root, str(cfg.distill.teacher_model))
+    model = cfg.distill.teacher_model
+    if not isinstance(model, str):  # a model config with _target_: not one kdlight names
+        raise KDLightError(
+            "distill.teacher_model is a model config: name its weights with "
+            "distill.teacher_checkpoint=PATH (a state dict or a Lightning checkpoint)"
+        )
+    return find_teacher(cfg.paths.root, model, OmegaConf.select(cfg, "num_classes", default=None))
 
 
 def run_folder(*, _root_: DictConfig) -> str:

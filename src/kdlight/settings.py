@@ -166,13 +166,16 @@ def rules() -> dict[str, Rule]:
         "data.augment": BOOL, "data.on_device": BOOL, "data.drop_last": BOOL,
         "data.seed": SEED, "data.synthetic_train_size": integer(1),
         "data.synthetic_test_size": integer(1),
+        "data.root": NULL | PATH, "data.num_classes": NULL | integer(2),
+        "data.mean": NULL | list_of(FRACTION, "three numbers in [0, 1]", 3),
+        "data.std": NULL | list_of(POSITIVE, "three numbers > 0", 3),
         "model.name": models, "model.num_classes": integer(2), "model.width": POSITIVE,
         "distill.teacher_model": models, "distill.teacher_checkpoint": NULL | PATH,
         "distill.temperature": TEMPERATURE, "distill.alpha": ALPHA,
         "module.num_classes": integer(2), "module.compile": BOOL, "module.channels_last": BOOL,
         "module.teacher_checkpoint": NULL | PATH, "module.teacher_model": NULL | models,
         "module.temperature": TEMPERATURE, "module.alpha": ALPHA,
-        "module.distiller": NULL | METHOD, "distiller.temperature": TEMPERATURE,
+        "module.distiller": NULL | METHOD, "module.methods": NULL, "distiller.temperature": TEMPERATURE,
         "distiller.alpha": number(0) | list_of(number(0), "a list of numbers >= 0"),
         "distiller.beta": number(0), "distiller.ce_weight": number(0),
         "distiller.warmup_epochs": integer(0), "distiller.standardize": BOOL,
@@ -222,6 +225,9 @@ def rules() -> dict[str, Rule]:
         "logger.*": NULL, "logger.*.save_dir": PATH, "logger.*.name": NULL | TEXT,
         "logger.*.version": NULL | TEXT | integer(0), "logger.*.prefix": TEXT,
         "logger.*.sub_dir": NULL | PATH, "logger.*.flush_logs_every_n_steps": integer(1),
+        "logger.*.tracking_uri": NULL | TEXT, "logger.*.experiment_name": NAME,
+        "logger.*.run_name": NULL | TEXT, "logger.*.artifact_location": NULL | PATH,
+        "logger.*.project": NULL | NAME, "logger.*.group": NULL | TEXT,
         "paths.root": PATH, "paths.data_dir": PATH, "paths.output_dir": PATH,
     }  # fmt: skip
     stages = ("train", "val", "test", "predict")
@@ -235,7 +241,7 @@ def rules() -> dict[str, Rule]:
                     "detect_anomaly", "barebones"),
         "callbacks.*": ("auto_insert_metric_name", "save_weights_only", "verbose",
                         "log_momentum", "log_weight_decay", "leave", "enable_version_counter"),
-        "logger.*": ("log_graph", "default_hp_metric"),
+        "logger.*": ("log_graph", "default_hp_metric", "offline"),
     }  # fmt: skip
     return table | {f"{group}.{key}": BOOL for group, keys in switches.items() for key in keys}
 
@@ -245,6 +251,8 @@ def rule_for(key: str) -> Rule | None:
     parts = key.split(".")
     if key not in rules() and parts[0] in ("callbacks", "logger") and len(parts) > 1:
         key = ".".join([parts[0], "*", *parts[2:]])
+    if parts[:2] == ["module", "methods"]:  # ${methods}, passed to the grid
+        parts = parts[1:]
     if parts[0] == "methods" and len(parts) > 1:  # a method grid's cells: as distiller=
         return METHOD if len(parts) == 2 else rules().get(".".join(["distiller", *parts[2:]]))
     return rules().get(key)
@@ -327,7 +335,7 @@ def _check_classes(cfg: DictConfig) -> None:
     expected = value_of(cfg, "num_classes")
     if None not in (classes, expected) and expected != classes:
         raise not_allowed("num_classes", expected, f"{classes} (the data has {classes} classes)")
-    for key in ("model.num_classes", "module.num_classes"):
+    for key in ("model.num_classes", "module.num_classes", "data.num_classes"):
         if value_of(cfg, key) not in (None, expected):
             raise not_allowed(key, value_of(cfg, key), f"num_classes ({expected})")
 
@@ -381,13 +389,28 @@ def _check_optimizer(cfg: DictConfig) -> None:
         raise not_allowed("optimizer.nesterov", True, "only with momentum > 0 and dampening 0")
 
 
+#: The optional loggers, by the end of their ``_target_``: their choice of conf/logger/
+#: (and kdlight's extra of that name) and the packages they import, as alternatives of
+#: which one must be installed whole (MLflow's SQLite store needs SQLAlchemy and Alembic,
+#: which mlflow-skinny leaves out).
+LOGGER_EXTRAS = {
+    "TensorBoardLogger": ("tensorboard", [("tensorboard",), ("tensorboardX",)]),
+    "MLFlowLogger": ("mlflow", [("mlflow", "sqlalchemy", "alembic")]),
+    "WandbLogger": ("wandb", [("wandb",)]),
+}
+
+
 def check_extras(cfg: DictConfig) -> None:
     """The optional packages that ``cfg``'s loggers need are installed."""
     loggers = OmegaConf.select(cfg, "logger", default=None) or {}
     for entry in loggers.values():  # only _target_ is read: the paths need a Hydra run
-        tensorboard = str((entry or {}).get("_target_", "")).endswith("TensorBoardLogger")
-        if tensorboard and not any(map(importlib.util.find_spec, ("tensorboard", "tensorboardX"))):
-            raise missing_extra("logger=tensorboard", "tensorboard", "tensorboard")
+        target = str((entry or {}).get("_target_", ""))
+        for suffix, (extra, alternatives) in LOGGER_EXTRAS.items():
+            if not target.endswith(suffix):
+                continue
+            missing = [[m for m in a if not importlib.util.find_spec(m)] for a in alternatives]
+            if all(missing):  # every alternative lacks a package: name the first one's
+                raise missing_extra(f"logger={extra}", missing[0][0], extra)
 
 
 def missing_extra(setting: str, package: str, extra: str) -> KDLightError:

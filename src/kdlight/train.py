@@ -41,6 +41,8 @@ from kdlight.callbacks import RecordRunIdentity
 from kdlight.errors import KDLightError, find_user_error, first_line
 from kdlight.io import atomic_write
 from kdlight.lit import DistillationGridModule
+from kdlight.loggers import log_run_settings
+from kdlight.models.registry import build_model
 from kdlight.preflight import preflight
 from kdlight.runguard import (
     RunInUse,
@@ -212,9 +214,11 @@ def build_module(cfg: DictConfig, teacher: Teacher | None, world_size: int):
         cfg.data, batch_size=per_device_batch_size(cfg.data.batch_size, world_size)
     )
     extra = {"teacher_checkpoint": str(teacher.checkpoint)} if teacher else {}
+    extra["class_names"] = list(datamodule.classes)  # the per-class report's names
     module = instantiate(
         cfg.module,
-        model=instantiate(cfg.model),
+        _convert_="partial",  # plain lists and dicts in the hyperparameters (weights-only loads)
+        model=build_model(OmegaConf.to_container(cfg.model, resolve=True)),
         optimizer=instantiate(cfg.optimizer),
         scheduler=instantiate(cfg.scheduler) if cfg.get("scheduler") else None,
         **extra,
@@ -242,6 +246,7 @@ def train(cfg: DictConfig) -> dict | None:
     trainer = build_trainer(cfg, callbacks=[RecordRunIdentity(identity), SaveLastOnSigterm()])
     datamodule, module = build_module(cfg, teacher, trainer.world_size)
     module.run_record = identity.record()
+    log_run_settings(trainer.loggers, identity)  # for MLflow, W&B: compare runs by them
     datamodule.prepare_data()  # reads and checks the data before any work starts
     datamodule.setup("fit")
     resume_from = None if evaluate_only else resume_checkpoint(output_dir, identity)

@@ -1,7 +1,7 @@
 """``DistillationModule``: train a student from a frozen teacher with a distillation method
 (:mod:`kdlight.distillers`; Hinton et al.'s KD by default)."""
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 import torch
 from torch import Tensor, nn
@@ -9,7 +9,7 @@ from torch import Tensor, nn
 from kdlight.distillers import KD, Outputs
 from kdlight.lit.base import ClassificationSystem, OptimizerFactory, SchedulerFactory
 from kdlight.lit.methods import MethodSlot, attach_training_data, teacher_taps
-from kdlight.lit.teacher import FrozenTeacherMixin
+from kdlight.lit.teacher import FrozenTeacherMixin, built_teacher_model
 
 
 class DistillationModule(FrozenTeacherMixin, ClassificationSystem):
@@ -32,7 +32,10 @@ class DistillationModule(FrozenTeacherMixin, ClassificationSystem):
         model: the student.
         teacher: a teacher module; if omitted it is restored from ``teacher_checkpoint``.
         teacher_checkpoint: a ``ClassifierModule`` checkpoint (``experiment=teacher``).
-        teacher_model: if given, the architecture the checkpoint must hold.
+        teacher_model: the teacher's architecture: a registered name (which a kdlight
+            checkpoint must hold), a model config with ``_target_`` or a built ``nn.Module``,
+            for a checkpoint that does not record its model (see
+            :func:`~kdlight.lit.load_teacher`).
         temperature: softmax temperature ``T > 0`` of the soft targets (KD).
         alpha: weight of the soft (teacher) term; ``1 - alpha`` weights the hard labels (KD).
         distiller: the method, any callable with the interface of
@@ -50,7 +53,7 @@ class DistillationModule(FrozenTeacherMixin, ClassificationSystem):
         model: nn.Module,
         teacher: nn.Module | None = None,
         teacher_checkpoint: str | None = None,
-        teacher_model: str | None = None,
+        teacher_model: str | Mapping | nn.Module | None = None,
         temperature: float = 4.0,
         alpha: float = 0.9,
         distiller: Callable[..., dict[str, Tensor]] | None = None,
@@ -68,7 +71,14 @@ class DistillationModule(FrozenTeacherMixin, ClassificationSystem):
         if distiller is None:
             distiller = KD(temperature, alpha)
         self.save_hyperparameters(
-            ignore=["model", "teacher", "optimizer", "scheduler", "distiller"]
+            ignore=[
+                "model",
+                "teacher",
+                "optimizer",
+                "scheduler",
+                "distiller",
+                *built_teacher_model(teacher_model),
+            ]
         )
         self.attach_teacher(
             teacher, teacher_checkpoint, teacher_model, num_classes, compile, channels_last

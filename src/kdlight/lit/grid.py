@@ -23,7 +23,6 @@ from torch import Tensor, nn
 from torchmetrics import MaxMetric
 from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix
 
-from kdlight.data.sources import CIFAR10_CLASSES
 from kdlight.distillers import KD, Outputs, method_name
 from kdlight.errors import KDLightError
 from kdlight.lit.base import (
@@ -38,12 +37,13 @@ from kdlight.lit.methods import MethodSlot, attach_training_data, teacher_taps
 from kdlight.lit.results import (
     best_accuracy,
     data_record,
+    default_class_names,
     format_report,
     summarize_confusion,
     tested_checkpoint,
     write_metrics,
 )
-from kdlight.lit.teacher import FrozenTeacherMixin
+from kdlight.lit.teacher import FrozenTeacherMixin, built_teacher_model
 from kdlight.losses import kd_loss
 from kdlight.runs import cell_name
 
@@ -97,7 +97,7 @@ class DistillationGridModule(FrozenTeacherMixin, TrainingLog, L.LightningModule)
         model: nn.Module,
         teacher: nn.Module | None = None,
         teacher_checkpoint: str | None = None,
-        teacher_model: str | None = None,
+        teacher_model: str | Mapping | nn.Module | None = None,
         temperature: float | Sequence[float] | None = (1, 2, 4, 8, 16),
         alpha: float | Sequence[float] | None = (0.1, 0.5, 0.9),
         distiller: KD | None = None,
@@ -133,6 +133,7 @@ class DistillationGridModule(FrozenTeacherMixin, TrainingLog, L.LightningModule)
             raise KDLightError(f"the grid's cells need distinct names, got {self.names}")
         self.save_hyperparameters(
             ignore=["model", "teacher", "optimizer", "scheduler", "distiller", "methods"]
+            + built_teacher_model(teacher_model)
         )
         self.attach_teacher(
             teacher, teacher_checkpoint, teacher_model, num_classes, compile, channels_last
@@ -162,7 +163,7 @@ class DistillationGridModule(FrozenTeacherMixin, TrainingLog, L.LightningModule)
             self.standardize = cell_methods[0].standardize
         self.optimizer_factory = optimizer or reference_sgd
         self.scheduler_factory = scheduler
-        self.class_names = tuple(class_names or CIFAR10_CLASSES[:num_classes])
+        self.class_names = default_class_names(num_classes, class_names)
         cells = range(len(self.names))
         self.val_acc = nn.ModuleList(
             MulticlassAccuracy(num_classes, average="micro") for _ in cells

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from kdlight.errors import KDLightError, first_line
-from kdlight.models import create_model
+from kdlight.models.registry import build_model
 from kdlight.runs import cell_name
 
 
@@ -50,8 +50,9 @@ def load_model(
 ) -> nn.Module:
     """The trained model of a kdlight checkpoint, in eval mode, without its Lightning system.
 
-    It rebuilds the architecture from the checkpoint's ``kdlight.model_spec`` (as
-    ``create_model`` made it) and loads its weights:
+    It rebuilds the architecture from the checkpoint's ``kdlight.model_spec`` (a registered
+    model's name and arguments, or a user model's config with ``_target_``: see
+    :func:`kdlight.models.build_model`) and loads its weights:
 
     - a ``ClassifierModule`` checkpoint (a teacher or a student baseline): its model;
     - a ``DistillationModule`` checkpoint: the student, without reading the teacher;
@@ -98,7 +99,7 @@ def load_model(
             prefix, state = "", record["state_dict"]
         else:
             prefix, state = f"students.{cells.index(name)}.", checkpoint["state_dict"]
-    model = create_model(**stored["model_spec"])
+    model = build_model(stored["model_spec"])
     weights = {k.removeprefix(prefix): v for k, v in state.items() if k.startswith(prefix)}
     try:
         model.load_state_dict(weights)

@@ -5,6 +5,7 @@ import json
 import logging
 import re
 import warnings
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
@@ -15,7 +16,8 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from kdlight.errors import KDLightError, first_line
 from kdlight.lit.base import FastForward
-from kdlight.models import create_model
+from kdlight.models.published import official_names
+from kdlight.models.registry import build_model, spec_name
 
 MAKE_A_TEACHER = "train one first: kdlight-train experiment=teacher"
 
@@ -30,17 +32,33 @@ def freeze(model: nn.Module) -> nn.Module:
 
 
 def load_teacher(
-    path: str | Path, model_name: str | None = None, num_classes: int | None = None
+    path: str | Path,
+    model_name: str | Mapping | nn.Module | None = None,
+    num_classes: int | None = None,
 ) -> nn.Module:
-    """Rebuild the model stored in a kdlight checkpoint, load its weights and freeze it.
+    """Build a teacher, load its weights from ``path`` and freeze it.
+
+    Any of these files:
+
+    - a kdlight checkpoint (``experiment=teacher``, or any kdlight system's): it records its
+      model, which is rebuilt (``model_name``, if given, must name the same one);
+    - with ``model_name``, a file that does not record its model: a Lightning checkpoint of
+      another LightningModule (``state_dict``, its keys' prefix such as ``model.`` or
+      ``net.`` found and removed), a plain state dict, or a teacher as RepDistiller and
+      mdistiller publish them (``ckpt_epoch_240.pth``: the weights under ``model``, keys
+      mapped to kdlight's module names where they differ).
 
     Args:
-        path: a checkpoint written by ``ClassifierModule`` (e.g. ``experiment=teacher``).
-        model_name: if given, the checkpoint must hold this architecture.
-        num_classes: if given, the checkpoint's model must have this many outputs.
+        path: the file.
+        model_name: the architecture: a registered name (``create_model``), a model config
+            with ``_target_`` (any ``nn.Module`` class or function and its arguments, e.g.
+            ``{"_target_": "torchvision.models.resnet18", "num_classes": 10}``), or a built
+            ``nn.Module`` whose weights the file holds.
+        num_classes: if given, the teacher must predict this many classes.
 
     Raises:
-        KDLightError: missing, unreadable, not a kdlight classifier, or another model.
+        KDLightError: one line: a missing or unreadable file, or a file that does not fit,
+            saying what was expected and what was found.
     """
     path = Path(path)
     if not path.is_file():
@@ -49,33 +67,121 @@ def load_teacher(
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # truncated zip, pickle errors, wrong format...
         raise KDLightError(
-            f"teacher checkpoint {path} cannot be read ({first_line(err)}); {MAKE_A_TEACHER}"
+            f"teacher checkpoint {path} cannot be read ({first_line(err)}): expected a file "
+            "written by torch.save (a kdlight or Lightning checkpoint, or a state dict)"
         ) from None
-    spec = checkpoint.get("kdlight", {}).get("model_spec") if isinstance(checkpoint, dict) else None
-    if not spec:
-        raise KDLightError(f"{path} is not a kdlight ClassifierModule checkpoint; {MAKE_A_TEACHER}")
-    if model_name is not None and spec["name"] != model_name:
+    if not isinstance(checkpoint, dict):
         raise KDLightError(
-            f"teacher checkpoint {path} holds a {spec['name']}, not a {model_name} "
-            f"(set distill.teacher_model={spec['name']} or point distill.teacher_checkpoint at a {model_name})"
+            f"teacher checkpoint {path} holds a {type(checkpoint).__name__}, not a checkpoint "
+            "or a state dict"
         )
-    if num_classes is not None and spec["num_classes"] != num_classes:
+    spec = (checkpoint.get("kdlight") or {}).get("model_spec")
+    wanted = _as_spec(model_name, num_classes)
+    if spec:
+        named = wanted is not None and ("name" in wanted or not isinstance(model_name, nn.Module))
+        if named and spec_name(spec) != spec_name(wanted):
+            raise KDLightError(
+                f"teacher checkpoint {path} holds a {spec_name(spec)}, not a {spec_name(wanted)} "
+                f"(set distill.teacher_model={spec_name(spec)} or point "
+                f"distill.teacher_checkpoint at a {spec_name(wanted)})"
+            )
+        model = build_model(spec)
+        weights = {
+            k.removeprefix("model."): v
+            for k, v in checkpoint["state_dict"].items()
+            if k.startswith("model.")
+        }
+    else:
+        if wanted is None:
+            found = "a Lightning checkpoint" if "state_dict" in checkpoint else "a state dict"
+            raise KDLightError(
+                f"teacher checkpoint {path} is {found} that does not record its model: name "
+                "the architecture with distill.teacher_model=NAME (or a model config with "
+                "_target_)"
+            )
+        model = model_name if isinstance(model_name, nn.Module) else build_model(wanted)
+        weights = fit_keys(foreign_weights(checkpoint, model), model)
+    predicts = (spec or wanted or {}).get("num_classes")
+    if num_classes is not None and predicts is not None and predicts != num_classes:
         raise KDLightError(
-            f"teacher checkpoint {path} predicts {spec['num_classes']} classes, the student {num_classes}"
+            f"teacher checkpoint {path} predicts {predicts} classes, the student {num_classes}"
         )
-    model = create_model(**spec)
-    weights = {
-        k.removeprefix("model."): v
-        for k, v in checkpoint["state_dict"].items()
-        if k.startswith("model.")
-    }
     try:
         model.load_state_dict(weights)
     except RuntimeError as err:
         raise KDLightError(
-            f"teacher checkpoint {path} does not match {spec['name']}: {str(err).splitlines()[0]}"
+            f"teacher checkpoint {path} does not fit {spec_name(spec or wanted, model)}: "
+            f"{_mismatch(err)}"
         ) from None
     return freeze(model)
+
+
+def _as_spec(model: str | Mapping | nn.Module | None, num_classes: int | None) -> dict | None:
+    """A registered name or a model config as a :func:`build_model` spec."""
+    if model is None:
+        return None
+    if isinstance(model, nn.Module):  # built already: its spec, if it has one
+        return dict(getattr(model, "spec", None) or {"_target_": type(model).__qualname__})
+    if isinstance(model, str):
+        return {"name": model} | ({"num_classes": num_classes} if num_classes else {})
+    return dict(model)
+
+
+def foreign_weights(checkpoint: dict, model: nn.Module) -> dict[str, Tensor]:
+    """The weights of a file that kdlight did not write: a Lightning checkpoint's
+    ``state_dict``, a published teacher's ``model`` (its keys in kdlight's names where a
+    registered model names them otherwise: :func:`kdlight.models.published.official_names`),
+    or the file itself, a state dict."""
+    for key in ("state_dict", "model"):
+        if isinstance(checkpoint.get(key), dict):
+            checkpoint = checkpoint[key]
+            break
+    weights = {k: v for k, v in checkpoint.items() if isinstance(v, Tensor)}
+    name = getattr(model, "spec", {}).get("name")
+    if name is None or set(weights) == set(model.state_dict()):
+        return weights
+    kdlight_key = {official: key for key, official in official_names(name, model).items()}
+    return {kdlight_key.get(k, k): v for k, v in weights.items()}
+
+
+def fit_keys(weights: dict[str, Tensor], model: nn.Module) -> dict[str, Tensor]:
+    """``weights`` with the prefix their keys carry removed (a LightningModule's ``model.``
+    or ``net.``, DataParallel's ``module.``), when that makes them the model's keys; as they
+    are otherwise (``load_state_dict`` then says what differs)."""
+    expected = set(model.state_dict())
+    if set(weights) == expected or not expected:
+        return weights
+    anchor = next(iter(model.state_dict()))
+    prefixes = {k[: len(k) - len(anchor)] for k in weights if k.endswith(anchor)}
+    for prefix in sorted(prefixes, key=len):
+        fitted = {k.removeprefix(prefix): v for k, v in weights.items() if k.startswith(prefix)}
+        if set(fitted) == expected:
+            return fitted
+    return weights
+
+
+def _mismatch(err: RuntimeError) -> str:
+    """``load_state_dict``'s complaint in one line: the first missing and unexpected keys
+    and the first shape that differs."""
+    text = str(err)
+    parts = []
+    for label, pattern in (
+        ("missing", r"Missing key\(s\) in state_dict: (.*?)\.\s*$"),
+        ("unexpected", r"Unexpected key\(s\) in state_dict: (.*?)\.\s*$"),
+    ):
+        match = re.search(pattern, text, flags=re.MULTILINE)
+        if match:
+            keys = [k.strip().strip('"') for k in match[1].split(",")]
+            more = f" and {len(keys) - 3} more" if len(keys) > 3 else ""
+            parts.append(f"{label} {', '.join(keys[:3])}{more}")
+    shape = re.search(
+        r"size mismatch for (.*?): copying a param with shape (.*?) from "
+        r"checkpoint, the shape in current model is (torch\.Size\(\[.*?\]\))",
+        text,
+    )
+    if shape:
+        parts.append(f"{shape[1]} is {shape[2]} in the file, {shape[3]} in the model")
+    return "; ".join(parts) or first_line(err)
 
 
 def recorded_teacher_accuracy(
@@ -116,6 +222,12 @@ def recorded_teacher_accuracy(
     return float(accuracy), path.resolve()
 
 
+def built_teacher_model(teacher_model) -> list[str]:
+    """``["teacher_model"]`` when it is a built ``nn.Module`` (Hydra instantiates a model
+    config with ``_target_``): the systems keep it out of their hyperparameters."""
+    return ["teacher_model"] if isinstance(teacher_model, nn.Module) else []
+
+
 class FrozenTeacherMixin:
     """What a LightningModule that distils from ``self.teacher`` shares with the others.
 
@@ -138,7 +250,7 @@ class FrozenTeacherMixin:
         self,
         teacher: nn.Module | None,
         teacher_checkpoint: str | None,
-        teacher_model: str | None,
+        teacher_model: str | Mapping | nn.Module | None,
         num_classes: int,
         compile: bool = False,
         channels_last: bool = False,
