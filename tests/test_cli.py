@@ -67,7 +67,7 @@ def test_real_archive_reports_all_10000_test_images(
             "CIFAR-10 archive not found: /nonexistent/cifar.tar.gz",
         ),
         (["data.batch_size=0"], "data.batch_size=0 is not allowed: an integer >= 1"),
-        (["model.name=resnet1000"], "model.name=resnet1000 is not allowed: one of resnet18, "),
+        (["model.name=resnet1000"], "model.name=resnet1000 is not allowed: one of mobilenetv2, "),
     ],
 )
 def test_bad_input_is_one_clear_line(tmp_path: Path, args: list[str], message: str):

@@ -142,4 +142,6 @@ def test_dkd_from_the_cli_and_the_report(tmp_path: Path):
     )
     assert report.returncode == 0, report.stderr[-3000:]
     text = (tmp_path / "r" / "report.md").read_text()
-    assert "| dkd: temperature=4.0, alpha=1.0, beta=8.0" in text and "| 4 | 0.9 |" in text
+    assert (
+        "| dkd: temperature=4.0, alpha=1.0, beta=8.0" in text and "| kd: T=4, alpha=0.9 |" in text
+    )

@@ -229,7 +229,8 @@ def test_bench_runs_and_writes_its_table(tmp_path: Path):
 
     out = tmp_path / "bench.json"
     toy = "--device cpu --teacher resnet8 --student small_cnn --batch-size 16 --warmup 1 --steps 2"
-    assert bench.main([*toy.split(), "--grid", "4", "--workers", "0", "--out", str(out)]) == 0
+    zoo = ["--zoo-steps", "1", "--zoo-pairs", "1"]
+    assert bench.main([*toy.split(), "--grid", "4", "--workers", "0", *zoo, "--out", str(out)]) == 0
 
     result = json.loads(out.read_text())
     workloads = [row["workload"] for row in result["rows"]]
@@ -243,6 +244,7 @@ def test_bench_runs_and_writes_its_table(tmp_path: Path):
     assert "| fused grid (4 students) |" in result["table"]
     assert [row["method"] for row in result["methods"]] == list(bench.METHODS)
     assert result["methods"][0]["cost_vs_kd"] == 1.0 and "| crd |" in result["table"]
+    assert [(r["teacher"], r["student"]) for r in result["zoo"]] == bench.zoo_pairs()[:1]
     modules = [row["module"] for row in result["overhead"]]
     assert modules == [
         "bare PyTorch loop",

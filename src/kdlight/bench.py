@@ -17,7 +17,10 @@ of :mod:`kdlight.distillers` on the fast path, and its cost against KD's for the
 student and teacher (``KD images/s / method images/s``): what the feature taps, connectors
 and method losses add to a step.
 
-A third table (``--overhead``, on by default) gives each module's per-step overhead: ms per
+A third table (``--zoo``, on by default) gives the KD distillation step of each of the CIFAR-100
+KD zoo's teacher/student pairs (``conf/pair/``), on 100 classes at the zoo's batch of 64.
+
+A fourth table (``--overhead``, on by default) gives each module's per-step overhead: ms per
 step with a trivial model, where nothing but the CPU's bookkeeping is timed (Lightning's
 loop, logging, augmentation, the optimizer's Python), against a bare PyTorch loop. A GPU
 step cannot take less than that, so for small models it is what bounds throughput.
@@ -39,7 +42,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
 from kdlight import distillers
-from kdlight.data import CIFAR10DataModule
+from kdlight.data import CIFAR10DataModule, CIFAR100DataModule
 from kdlight.data.augment import CIFAR10_MEAN, CIFAR10_STD
 from kdlight.data.sources import make_synthetic
 from kdlight.hardware import fast_cpu_precision
@@ -271,6 +274,7 @@ def run(args: argparse.Namespace) -> dict:
         flush=True,
     )
     methods = method_steps(args, datamodule, teacher, student, speed) if args.methods else []
+    zoo = zoo_steps(args, speed) if args.zoo else []
     overhead = step_overhead(args, cells) if args.overhead else []
     return {
         "device": torch.cuda.get_device_name()
@@ -280,6 +284,7 @@ def run(args: argparse.Namespace) -> dict:
         "settings": {k: v for k, v in vars(args).items() if k != "out"},
         "rows": rows,
         "methods": methods,
+        "zoo": zoo,
         "overhead": overhead,
     }
 
@@ -296,6 +301,41 @@ METHODS = {
     "rkd": distillers.RKD,
     "crd": distillers.CRD,
 }
+
+
+def zoo_pairs() -> list[tuple[str, str]]:
+    """The (teacher, student) pairs of ``conf/pair/``, in file order."""
+    from omegaconf import OmegaConf
+
+    from kdlight import config_dir
+
+    pairs = []
+    for path in sorted((config_dir() / "pair").glob("*.yaml")):
+        config = OmegaConf.load(path)
+        (student,) = [e["override /model"] for e in config.defaults if "override /model" in e]
+        pairs.append((str(config.distill.teacher_model), str(student)))
+    return pairs
+
+
+def zoo_steps(args, speed) -> list[dict]:
+    """The KD distillation step (images/s on the fast path) of each zoo pair, on 100
+    classes at batch 64 (the zoo's recipe)."""
+    batch = 64
+    size = batch * (args.warmup + args.zoo_steps)
+    datamodule = CIFAR100DataModule(
+        source="synthetic", synthetic_train_size=size, synthetic_test_size=batch, val_size=0,
+        batch_size=batch, on_device=args.device == "gpu",
+    )  # fmt: skip
+    rows = []
+    for teacher_name, student_name in zoo_pairs()[: args.zoo_pairs]:
+        torch.manual_seed(0)
+        teacher = freeze(create_model(teacher_name, num_classes=100))
+        student = create_model(student_name, num_classes=100)
+        module = DistillationModule(student, teacher=teacher, num_classes=100, **speed)
+        rate = fast_path(module, datamodule, args, args.warmup, args.zoo_steps)
+        rows.append({"teacher": teacher_name, "student": student_name, "images_per_second": rate})
+        print(f"zoo {teacher_name:>10} -> {student_name:<12} {rate:9.0f} img/s", flush=True)
+    return rows
 
 
 def method_steps(args, datamodule, teacher, student, speed) -> list[dict]:
@@ -337,6 +377,12 @@ def markdown(result: dict) -> str:
             f"| {r['method']} | {r['images_per_second']:.0f} | {r['cost_vs_kd']:.2f}x |"
             for r in result["methods"]
         ]
+    if result.get("zoo"):
+        lines += ["", "| zoo pair (KD step, CIFAR-100, batch 64) | img/s |", "|---|---:|"]
+        lines += [
+            f"| {r['teacher']} -> {r['student']} | {r['images_per_second']:.0f} |"
+            for r in result["zoo"]
+        ]
     if result["overhead"]:
         lines += ["", "| per-step overhead, trivial model, batch 8 | ms/step |", "|---|---:|"]
         lines += [f"| {r['module']} | {r['ms_per_step']:.2f} |" for r in result["overhead"]]
@@ -373,6 +419,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--methods", action=argparse.BooleanOptionalAction, default=True,
         help="also time the distillation step of every method against KD's",
     )  # fmt: skip
+    parser.add_argument(
+        "--zoo", action=argparse.BooleanOptionalAction, default=True,
+        help="also time the KD step of each CIFAR-100 zoo pair (conf/pair/)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--zoo-steps", type=int, default=200 if gpu else 4, help="timed batches per zoo pair"
+    )
+    parser.add_argument("--zoo-pairs", type=int, default=None, help="only the first N pairs")
     parser.add_argument(
         "--overhead", action=argparse.BooleanOptionalAction, default=True,
         help="also time each module's per-step overhead with a trivial model",

@@ -379,6 +379,12 @@ class CIFARDataModule(ImageDataModule):
     def _source(self) -> str:
         return self.hparams.source
 
+    @classmethod
+    def normalize(cls, images: Tensor) -> Tensor:
+        """uint8 batch -> float32 standardised with the data set's per-channel mean and std
+        (also on the class: ``CIFAR10DataModule.normalize(images)``)."""
+        return normalize(images, cls.mean, cls.std)
+
 
 class CIFAR10DataModule(CIFARDataModule):
     """CIFAR-10 (or a synthetic stand-in) for training, validation and testing: see

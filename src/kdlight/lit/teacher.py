@@ -77,6 +77,11 @@ def load_teacher(
         )
     spec = (checkpoint.get("kdlight") or {}).get("model_spec")
     wanted = _as_spec(model_name, num_classes)
+    predicts = (spec or wanted or {}).get("num_classes")
+    if num_classes is not None and predicts is not None and predicts != num_classes:
+        raise KDLightError(
+            f"teacher checkpoint {path} predicts {predicts} classes, the student {num_classes}"
+        )
     if spec:
         named = wanted is not None and ("name" in wanted or not isinstance(model_name, nn.Module))
         if named and spec_name(spec) != spec_name(wanted):
@@ -88,7 +93,7 @@ def load_teacher(
         model = build_model(spec)
         weights = {
             k.removeprefix("model."): v
-            for k, v in checkpoint["state_dict"].items()
+            for k, v in (checkpoint.get("state_dict") or {}).items()
             if k.startswith("model.")
         }
     else:
@@ -101,11 +106,6 @@ def load_teacher(
             )
         model = model_name if isinstance(model_name, nn.Module) else build_model(wanted)
         weights = fit_keys(foreign_weights(checkpoint, model), model)
-    predicts = (spec or wanted or {}).get("num_classes")
-    if num_classes is not None and predicts is not None and predicts != num_classes:
-        raise KDLightError(
-            f"teacher checkpoint {path} predicts {predicts} classes, the student {num_classes}"
-        )
     try:
         model.load_state_dict(weights)
     except RuntimeError as err:
