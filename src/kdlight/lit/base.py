@@ -18,10 +18,9 @@ from torchmetrics import MaxMetric
 from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix
 
 from kdlight.lit.results import (
-    best_accuracy,
-    data_record,
     default_class_names,
     format_report,
+    student_record,
     summarize_confusion,
     tested_checkpoint,
     write_metrics,
@@ -226,18 +225,8 @@ class ClassificationSystem(TrainingLog, L.LightningModule):
 
     def metrics_record(self, summary: dict) -> dict:
         """What ``metrics.json`` holds; subclasses add their own settings."""
-        spec = getattr(self.model, "spec", {})
-        return {
-            "system": type(self).__name__,
-            "model": spec.get("name", type(self.model).__name__),
-            "epochs": self.trainer.current_epoch
-            if self.trainer.max_epochs is None
-            else self.trainer.max_epochs,
-            **summary,
-            "val_acc_best": best_accuracy(self.val_acc_best),
-            **data_record(self.trainer),
-            "tested_weights": tested_checkpoint(self.trainer),
-        }
+        tested = tested_checkpoint(self.trainer)
+        return student_record(self, self.model, summary, self.val_acc_best, tested)
 
     # ------------------------------------------------------------------ optimisation
     def trainable_parameters(self) -> list[nn.Parameter]:

@@ -35,10 +35,9 @@ from kdlight.lit.base import (
 )
 from kdlight.lit.methods import MethodSlot, attach_training_data, teacher_taps
 from kdlight.lit.results import (
-    best_accuracy,
-    data_record,
     default_class_names,
     format_report,
+    student_record,
     summarize_confusion,
     tested_checkpoint,
     write_metrics,
@@ -320,18 +319,10 @@ class DistillationGridModule(FrozenTeacherMixin, TrainingLog, L.LightningModule)
                 student.load_state_dict(self._last_weights.pop(name))
 
     def _record(self, name: str, slot: MethodSlot, summary: dict, best: MaxMetric) -> dict:
-        spec = getattr(self.students[0], "spec", {})
-        return {
-            "system": type(self).__name__,
-            "model": spec.get("name", type(self.students[0]).__name__),
-            "epochs": self.trainer.max_epochs,
-            **summary,
-            "val_acc_best": best_accuracy(best),
-            **data_record(self.trainer),
-            "tested_weights": self.tested_weights.get(name),
-            **slot.record(),
-            **self.teacher_record(),
-        }
+        """A cell's ``metrics.json``: what a single run of its method writes."""
+        tested = self.tested_weights.get(name)
+        record = student_record(self, self.students[0], summary, best, tested)
+        return record | slot.record() | self.teacher_record()
 
     # ------------------------------------------------------------------ checkpoints
     def on_save_checkpoint(self, checkpoint: dict) -> None:

@@ -12,12 +12,13 @@ import math
 from pathlib import Path
 
 import lightning as L
-from torch import Tensor
+from torch import Tensor, nn
 from torchmetrics import MaxMetric
 
 from kdlight.data.sources import CIFAR10_CLASSES
 from kdlight.errors import KDLightError
 from kdlight.io import write_json
+from kdlight.models.registry import spec_name
 
 
 def summarize_confusion(confusion: Tensor, classes: tuple[str, ...]) -> dict:
@@ -116,3 +117,26 @@ def default_class_names(num_classes: int, class_names=None) -> tuple[str, ...]:
     if len(names) != num_classes:
         raise KDLightError(f"{len(names)} class names for {num_classes} classes: {names[:3]}...")
     return names
+
+
+def student_record(
+    system: L.LightningModule,
+    model: nn.Module,
+    summary: dict,
+    best: MaxMetric,
+    tested_weights: str | None,
+) -> dict:
+    """What ``metrics.json`` says of one trained model, the same for a single run and for
+    every cell of a grid: the system and model, the epochs, the test summary, the best
+    validation accuracy, the data and which weights were tested."""
+    trainer = system.trainer
+    epochs = trainer.current_epoch if trainer.max_epochs is None else trainer.max_epochs
+    return {
+        "system": type(system).__name__,
+        "model": spec_name(getattr(model, "spec", None), model),
+        "epochs": epochs,
+        **summary,
+        "val_acc_best": best_accuracy(best),
+        **data_record(trainer),
+        "tested_weights": tested_weights,
+    }
