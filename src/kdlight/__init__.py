@@ -1,8 +1,10 @@
-"""kdlight: knowledge distillation (Hinton et al., 2015) on CIFAR-10 with Lightning and Hydra.
+"""kdlight: knowledge distillation on CIFAR-10 and CIFAR-100 with Lightning and Hydra.
 
-Rooms: ``kdlight.data`` (CIFAR-10 DataModule), ``kdlight.models`` (architectures and the
-``create_model`` registry), ``kdlight.losses`` (the KD loss), ``kdlight.lit`` (the Lightning
-systems), ``kdlight.train`` (the Hydra entry point) and ``kdlight.report`` (sweep tables).
+Rooms: ``kdlight.data`` (the DataModules), ``kdlight.models`` (architectures, the KD zoo's
+among them, and the ``create_model`` registry), ``kdlight.losses`` (each method's loss and
+connectors), ``kdlight.distillers`` (the methods as components), ``kdlight.taps`` (features
+by module name), ``kdlight.lit`` (the Lightning systems), ``kdlight.train`` (the Hydra entry
+point) and ``kdlight.report`` (tables with seed statistics).
 
 The public API is here too, imported on first use (``import kdlight`` alone stays light:
 Hydra's config resolver below needs no torch)::
