@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from kdlight.data import CIFAR10DataModule, normalize, random_crop_flip
-from kdlight.data.augment import CIFAR10_MEAN, CIFAR10_STD, process_generator
+from kdlight.data.augment import CIFAR10_MEAN, CIFAR10_STD, crop_flip, process_generator
 
 #: 0.999 quantile of the chi-square distribution with 8 degrees of freedom.
 CHI2_8_DOF_999 = 26.12
@@ -169,3 +169,48 @@ def test_ddp_processes_augment_the_same_batch_differently():
         differs = (a != b).flatten(1).any(1)
         assert differs.float().mean() > 0.9, "images at one batch position share a crop"
     assert not torch.equal(augmented(1), rank1)  # the stream goes on from batch to batch
+
+
+def test_the_augmentation_says_what_it_drew_and_draws_the_same():
+    """``return_params`` gives each image's (dy, dx, flipped), from the same draws: the
+    batch and the random stream after it are those of a call without it, and
+    ``crop_flip`` with the parameters gives the batch again."""
+    images = torch.randint(0, 256, (64, 3, 32, 32), dtype=torch.uint8)
+    torch.manual_seed(1)
+    plain, after_plain = random_crop_flip(images), torch.rand(3)
+    torch.manual_seed(1)
+    batch, params = random_crop_flip(images, return_params=True)
+    assert torch.equal(batch, plain) and torch.equal(torch.rand(3), after_plain)
+    assert params.shape == (64, 3) and params.dtype == torch.int64
+    assert (
+        params[:, :2].min() >= 0
+        and params[:, :2].max() <= 8
+        and set(params[:, 2].tolist()) <= {0, 1}
+    )
+    assert torch.equal(crop_flip(images, params), batch)
+    for image, (dy, dx, flipped), augmented in zip(images, params.tolist(), batch, strict=True):
+        padded = torch.nn.functional.pad(image, (4, 4, 4, 4))[:, dy : dy + 32, dx : dx + 32]
+        assert torch.equal(padded.flip(2) if flipped else padded, augmented)
+
+
+def test_training_batches_carry_their_augmentation_on_request():
+    """``with_augmentation``: each training batch is (images, labels, indices, params), and
+    the images are exactly the training set's at those indices, cropped and flipped by
+    those parameters, then normalised."""
+    import lightning as L
+
+    from tests.conftest import synthetic_datamodule
+
+    data = synthetic_datamodule(train=200, test=50, val=50, batch=50)
+    data.setup("fit")
+    data.with_augmentation = True
+    trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False)
+    data.trainer = trainer
+    trainer.training = True
+    raw = next(iter(data.train_dataloader()))
+    images, labels, indices, params = data.on_after_batch_transfer(raw, 0)
+    source = data.train_set.images[indices]
+    assert torch.equal(labels, data.train_set.labels[indices])
+    assert torch.equal(images, data.normalize(crop_flip(source, params)))
+    data.with_augmentation = False
+    assert len(data.on_after_batch_transfer(next(iter(data.train_dataloader())), 0)) == 2

@@ -24,28 +24,53 @@ CIFAR100_MEAN = (0.5071, 0.4867, 0.4408)
 CIFAR100_STD = (0.2675, 0.2565, 0.2761)
 
 
+#: The augmentation parameters ``(dy, dx, flipped)`` of an image left as it is (padding 4).
+IDENTITY = torch.tensor([[4, 4, 0]])
+
+
 def random_crop_flip(
-    images: Tensor, padding: int = 4, flip: bool = True, generator: torch.Generator | None = None
-) -> Tensor:
+    images: Tensor,
+    padding: int = 4,
+    flip: bool = True,
+    generator: torch.Generator | None = None,
+    return_params: bool = False,
+) -> Tensor | tuple[Tensor, Tensor]:
     """Zero-pad each image by ``padding``, crop it back at a uniform random offset, and flip
     it horizontally with probability 1/2; the same distribution as torchvision's
     ``RandomCrop(size, padding)`` followed by ``RandomHorizontalFlip()``.
 
     Args:
         images: ``(N, C, H, W)`` batch of any dtype.
+        return_params: also return what was drawn (the same draws either way).
     Returns:
-        A new batch of the same shape and dtype.
+        A new batch of the same shape and dtype; with ``return_params``, also the ``(N, 3)``
+        int64 ``(dy, dx, flipped)`` of each image, which :func:`crop_flip` applies again:
+        the crop's offset in the padded image (0 to ``2 * padding``; ``padding`` is no
+        shift) and 1 where the image was flipped. There are ``(2 * padding + 1)^2 * 2``
+        variants of an image, 162 for the reference recipe.
     """
+    n = images.shape[0]
+    device = images.device
+    dy = torch.randint(0, 2 * padding + 1, (n, 1), device=device, generator=generator)
+    dx = torch.randint(0, 2 * padding + 1, (n, 1), device=device, generator=generator)
+    flipped = torch.zeros(n, 1, dtype=torch.bool, device=device)
+    if flip:
+        flipped = torch.rand(n, 1, device=device, generator=generator) < 0.5
+    params = torch.cat([dy, dx, flipped.long()], dim=1)
+    augmented = crop_flip(images, params, padding)
+    return (augmented, params) if return_params else augmented
+
+
+def crop_flip(images: Tensor, params: Tensor, padding: int = 4) -> Tensor:
+    """Each image padded by ``padding``, cropped at its ``(dy, dx)`` and flipped where its
+    ``flipped`` is 1: ``params`` as :func:`random_crop_flip` returns them, ``(N, 3)``."""
     n, c, h, w = images.shape
     device = images.device
     padded = F.pad(images, (padding, padding, padding, padding))
-    dy = torch.randint(0, 2 * padding + 1, (n, 1), device=device, generator=generator)
-    dx = torch.randint(0, 2 * padding + 1, (n, 1), device=device, generator=generator)
-    rows = dy + torch.arange(h, device=device)
-    cols = dx + torch.arange(w, device=device)
-    if flip:
-        flipped = torch.rand(n, 1, device=device, generator=generator) < 0.5
-        cols = torch.where(flipped, cols.flip(1), cols)
+    dy, dx, flipped = params.to(device).unbind(1)
+    rows = dy.view(n, 1) + torch.arange(h, device=device)
+    cols = dx.view(n, 1) + torch.arange(w, device=device)
+    cols = torch.where(flipped.view(n, 1).bool(), cols.flip(1), cols)
     batch_index = torch.arange(n, device=device).view(n, 1, 1, 1)
     channel_index = torch.arange(c, device=device).view(1, c, 1, 1)
     return padded[batch_index, channel_index, rows.view(n, 1, h, 1), cols.view(n, 1, 1, w)]

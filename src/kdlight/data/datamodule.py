@@ -28,6 +28,7 @@ from kdlight.data.augment import (
     CIFAR10_STD,
     CIFAR100_MEAN,
     CIFAR100_STD,
+    IDENTITY,
     normalize,
     process_generator,
     random_crop_flip,
@@ -82,6 +83,11 @@ class ImageDataModule(L.LightningDataModule):
             setting: a method that needs each image's index (CRD's memory bank) sets it in its
             module's ``setup`` hook, before Lightning asks for the training loader (the loader
             takes it then, so that its worker processes have it too).
+        with_augmentation: training batches are ``(images, labels, indices, params)``, with
+            ``params`` the ``(N, 3)`` int64 ``(dy, dx, flipped)`` each image was augmented
+            with (see :func:`kdlight.data.augment.random_crop_flip`; ``(4, 4, 0)`` when
+            ``augment`` is off): with its index, what the image the model saw was, exactly.
+            Off by default and not a setting, as ``with_index``.
     """
 
     classes: tuple[str, ...]
@@ -128,6 +134,7 @@ class ImageDataModule(L.LightningDataModule):
         self._generators: dict[tuple[int, torch.device], torch.Generator | None] = {}
         self._saved_generator_states: dict[str, Tensor] = {}  # from a checkpoint, until used
         self.with_index = False
+        self.with_augmentation = False
 
     # ------------------------------------------------------------------------ loading
     def _load(self) -> dict[str, Split]:
@@ -233,7 +240,8 @@ class ImageDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         hp = self.hparams
-        self.train_set.with_index = self.with_index  # before worker processes copy the dataset
+        # before worker processes copy the dataset
+        self.train_set.with_index = self.with_index or self.with_augmentation
         return self._loader(self.train_set, hp.batch_size, shuffle=True, drop_last=hp.drop_last)
 
     def val_dataloader(self) -> DataLoader:
@@ -247,16 +255,24 @@ class ImageDataModule(L.LightningDataModule):
         self, batch: tuple[Tensor, ...] | IndexBatch, dataloader_idx: int
     ) -> tuple[Tensor, ...]:
         """Gather (on-device data), augment (training only) and normalise on the batch's
-        device; a training batch with ``with_index`` keeps its indices, last."""
+        device; a training batch with ``with_index`` keeps its indices, and one with
+        ``with_augmentation`` also the augmentation's draws, last."""
         if isinstance(batch, IndexBatch):
             images, labels = self.split_on_device(batch.split, batch.indices.device)
             images, labels = images[batch.indices], labels[batch.indices]
             indices = [batch.indices] if batch.with_index else []
         else:
             images, labels, *indices = batch
-        if self.trainer is not None and self.trainer.training and self.hparams.augment:
-            images = random_crop_flip(images, generator=self._augment_generator(images.device))
-        return self.normalize(images), labels, *indices
+        training = self.trainer is not None and self.trainer.training
+        drawn = []
+        if training and self.hparams.augment:
+            generator = self._augment_generator(images.device)
+            images, params = random_crop_flip(images, generator=generator, return_params=True)
+            drawn = [params]
+        elif training:  # not augmented: every image as it is
+            drawn = [IDENTITY.to(images.device).expand(len(images), 3)]
+        drawn = drawn if self.with_augmentation else []
+        return self.normalize(images), labels, *indices, *drawn
 
     def _augment_generator(self, device: torch.device) -> torch.Generator | None:
         """This process's crop-and-flip stream on ``device``: the global RNG on process 0,

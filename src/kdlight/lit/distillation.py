@@ -107,11 +107,12 @@ class DistillationModule(FrozenTeacherMixin, ClassificationSystem):
             attach_training_data(self.trainer, [self.slot])
 
     def training_step(self, batch: tuple[Tensor, ...], batch_idx: int) -> dict[str, Tensor]:
-        images, labels, *index = batch
+        images, labels, *extra = batch
+        index = extra[0] if extra else None  # (indices, augmentation) when asked for
         with torch.no_grad(), self.teacher_taps.capture() as features:
             teacher = Outputs(self.fast_teacher(images), features)
         logits, parts = self.slot.step(
-            self.fast_model, images, labels, teacher, self.current_epoch, *index
+            self.fast_model, images, labels, teacher, self.current_epoch, index
         )
         self.train_acc.update(logits, labels)
         self.log_training(parts, len(labels))

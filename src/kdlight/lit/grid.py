@@ -194,7 +194,8 @@ class DistillationGridModule(FrozenTeacherMixin, TrainingLog, L.LightningModule)
             attach_training_data(self.trainer, self.slots)
 
     def training_step(self, batch: tuple[Tensor, ...], batch_idx: int) -> dict[str, Tensor]:
-        images, labels, *index = batch
+        images, labels, *extra = batch
+        index = extra[0] if extra else None  # (indices, augmentation) when asked for
         with torch.no_grad(), self.teacher_taps.capture() as features:
             teacher = Outputs(self.fast_teacher(images), features)
         if self.fused_kd:
@@ -205,7 +206,7 @@ class DistillationGridModule(FrozenTeacherMixin, TrainingLog, L.LightningModule)
         else:
             losses = torch.stack(
                 [
-                    slot.step(student, images, labels, teacher, self.current_epoch, *index)[1][
+                    slot.step(student, images, labels, teacher, self.current_epoch, index)[1][
                         "loss"
                     ]
                     for slot, student in zip(self.slots, self.fast_students, strict=True)
