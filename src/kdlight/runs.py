@@ -40,6 +40,7 @@ NOT_RESULTS = (
     "module.compile", "module.channels_last",  # speed options that compute the same
     "distill.teacher_checkpoint", "module.teacher_checkpoint",  # replaced by distill.teacher
     "module.temperature", "module.alpha", "module.teacher_model", "module.num_classes",
+    "distill.teacher_cache", "module.teacher_cache",  # the same logits, looked up
 )  # fmt: skip
 #: Of the callbacks, only the choice of the "best" checkpoint can change a result.
 RESULT_CALLBACK_KEYS = ("callbacks.model_checkpoint.monitor", "callbacks.model_checkpoint.mode")

@@ -172,6 +172,7 @@ def rules() -> dict[str, Rule]:
         "model.name": models, "model.num_classes": integer(2), "model.width": POSITIVE,
         "distill.teacher_model": models, "distill.teacher_checkpoint": NULL | PATH,
         "distill.temperature": TEMPERATURE, "distill.alpha": ALPHA,
+        "distill.teacher_cache": BOOL, "module.teacher_cache": BOOL,
         "module.num_classes": integer(2), "module.compile": BOOL, "module.channels_last": BOOL,
         "module.teacher_checkpoint": NULL | PATH, "module.teacher_model": NULL | models,
         "module.temperature": TEMPERATURE, "module.alpha": ALPHA,

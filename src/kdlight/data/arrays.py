@@ -26,6 +26,15 @@ def image_digests(split: Split) -> list[bytes]:
     ]
 
 
+def split_digest(split: Split) -> str:
+    """The content of a whole split (its images and labels, in order), for caches keyed by
+    it (about 0.3 s for CIFAR's 50,000 training images)."""
+    digest = hashlib.sha256()
+    digest.update(np.ascontiguousarray(split.images).tobytes())
+    digest.update(np.ascontiguousarray(split.labels).tobytes())
+    return digest.hexdigest()[:16]
+
+
 def images_id(source: str, digests: list[bytes], total: int) -> str:
     """``<source>:<len(digests)>/<total>:<16 hex digits>``: the hash of the images' sorted
     ``digests``, so the same images give the same string in whatever order they come."""

@@ -21,6 +21,7 @@ from kdlight.data.arrays import (
     collate_batch,
     image_digests,
     images_id,
+    split_digest,
     stratified_subset,
 )
 from kdlight.data.augment import (
@@ -175,6 +176,10 @@ class ImageDataModule(L.LightningDataModule):
         if hp.train_subset is not None:
             train_index = train_index[: hp.train_subset]
         self.train_set = ArrayDataset(train.take(train_index), "train", hp.on_device)
+        # where each training image comes from in the whole training split, and that split's
+        # content: what a cache of the teacher's answers is keyed and indexed by (any seed)
+        self.train_positions = torch.from_numpy(np.asarray(train_index, dtype=np.int64))
+        self.train_source = (split_digest(train), len(train))
         test_digests = image_digests(test)
         subset = self._eval_subset(test, test_digests)
         self.test_set = ArrayDataset(test.take(subset), "test", hp.on_device)

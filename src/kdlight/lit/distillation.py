@@ -9,7 +9,8 @@ from torch import Tensor, nn
 from kdlight.distillers import KD, Outputs
 from kdlight.lit.base import ClassificationSystem, OptimizerFactory, SchedulerFactory
 from kdlight.lit.methods import MethodSlot, attach_training_data, teacher_taps
-from kdlight.lit.teacher import FrozenTeacherMixin, built_teacher_model
+from kdlight.lit.teacher import FrozenTeacherMixin, built_teacher_model, open_teacher_cache
+from kdlight.teacher_cache import TeacherCache
 
 
 class DistillationModule(FrozenTeacherMixin, ClassificationSystem):
@@ -44,6 +45,10 @@ class DistillationModule(FrozenTeacherMixin, ClassificationSystem):
             and saved in its checkpoints. ``None``: KD at ``temperature`` and ``alpha``.
         input_shape: one image's shape, for the forward pass that measures the tapped
             features' shapes (feature methods only).
+        teacher_cache: look the teacher's logits up in a cache on disk, by training image
+            and augmentation, and run the teacher only for the misses
+            (:mod:`kdlight.teacher_cache`); methods that read the teacher's features keep
+            running it live.
         optimizer, scheduler, num_classes, class_names, compile, channels_last: as for
             ``ClassifierModule`` (compile and channels_last apply to the teacher too).
     """
@@ -64,6 +69,7 @@ class DistillationModule(FrozenTeacherMixin, ClassificationSystem):
         compile: bool = False,
         channels_last: bool = False,
         input_shape: tuple[int, ...] = (3, 32, 32),
+        teacher_cache: bool = False,
     ) -> None:
         super().__init__(
             model, optimizer, scheduler, num_classes, class_names, compile, channels_last
@@ -86,6 +92,7 @@ class DistillationModule(FrozenTeacherMixin, ClassificationSystem):
         self.slot = MethodSlot(distiller, model, self.teacher, input_shape)
         self.teacher_taps = teacher_taps(self.teacher, [self.slot])
         self.distiller = distiller  # an nn.Module one is a child: trained, saved, restored
+        self.cache: TeacherCache | None = None
 
     @property
     def student(self) -> nn.Module:
@@ -105,12 +112,31 @@ class DistillationModule(FrozenTeacherMixin, ClassificationSystem):
         super().setup(stage)
         if stage == "fit":
             attach_training_data(self.trainer, [self.slot])
+            if self.hparams.teacher_cache:
+                self.cache = open_teacher_cache(self, self.slot)
+
+    def teacher_logits(self, images: Tensor, index: Tensor, params: Tensor) -> Tensor:
+        """The teacher's logits of a training batch from the cache, the misses computed
+        (with the teacher, on those images only) and stored."""
+        cached, hit = self.cache.lookup(index, params)
+        logits = cached.to(images.device)
+        miss = ~hit
+        if miss.any():
+            missing = miss.to(images.device)
+            with torch.no_grad():
+                live = self.fast_teacher(images[missing]).float()
+            self.cache.store(index[miss.to(index.device)], params[miss.to(params.device)], live)
+            logits[missing] = live
+        return logits
 
     def training_step(self, batch: tuple[Tensor, ...], batch_idx: int) -> dict[str, Tensor]:
         images, labels, *extra = batch
         index = extra[0] if extra else None  # (indices, augmentation) when asked for
-        with torch.no_grad(), self.teacher_taps.capture() as features:
-            teacher = Outputs(self.fast_teacher(images), features)
+        if self.cache is not None:  # extra: indices and the augmentation's draws
+            teacher = Outputs(self.teacher_logits(images, extra[0], extra[-1]))
+        else:
+            with torch.no_grad(), self.teacher_taps.capture() as features:
+                teacher = Outputs(self.fast_teacher(images), features)
         logits, parts = self.slot.step(
             self.fast_model, images, labels, teacher, self.current_epoch, index
         )
@@ -128,4 +154,12 @@ class DistillationModule(FrozenTeacherMixin, ClassificationSystem):
 
     def metrics_record(self, summary: dict) -> dict:
         """The method, its settings and taps; KD's T and alpha also at the top."""
-        return super().metrics_record(summary) | self.slot.record() | self.teacher_record()
+        record = super().metrics_record(summary) | self.slot.record() | self.teacher_record()
+        if self.hparams.teacher_cache:
+            used = self.cache is not None
+            record["teacher_cache"] = {
+                "used": used,
+                "hit_rate": self.cache.hit_rate if used else None,
+                "path": str(self.cache.path) if used else None,
+            }
+        return record

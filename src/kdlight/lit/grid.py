@@ -71,6 +71,7 @@ class DistillationGridModule(FrozenTeacherMixin, TrainingLog, L.LightningModule)
             ``temperature`` and ``alpha`` are not used.
         teacher, teacher_checkpoint, teacher_model, optimizer, scheduler, num_classes,
         class_names, compile, channels_last, input_shape: as for ``DistillationModule``.
+        teacher_cache: must be False (the grid runs the teacher once for all its cells).
 
     Each cell's results go to ``<run dir>/<cell>/metrics.json`` (``T<T>_alpha<alpha>`` for a
     KD grid, the method's name for ``methods``), the layout of a multirun, so
@@ -108,8 +109,14 @@ class DistillationGridModule(FrozenTeacherMixin, TrainingLog, L.LightningModule)
         compile: bool = False,
         channels_last: bool = False,
         input_shape: tuple[int, ...] = (3, 32, 32),
+        teacher_cache: bool = False,
     ) -> None:
         super().__init__()
+        if teacher_cache:
+            raise KDLightError(
+                "distill.teacher_cache=true is for separate runs: the fused grid already runs "
+                "the teacher once for all its cells"
+            )
         if methods:
             self.names, cell_methods = list(methods), list(methods.values())
             temperature = alpha = None

@@ -1,0 +1,208 @@
+"""The teacher-output cache (kdlight.teacher_cache): a hit is the live teacher's answer
+for the same augmented image, a cached KD run equals the same run without the cache, the
+key follows the teacher, the data and the precision, and a killed or concurrent fill
+leaves a correct cache (real processes)."""
+
+import json
+import multiprocessing
+import os
+import signal
+import time
+from pathlib import Path
+
+import lightning as L
+import torch
+
+from kdlight.data.augment import crop_flip, random_crop_flip
+from kdlight.distillers import FitNet
+from kdlight.lit import DistillationModule
+from kdlight.models import create_model
+from kdlight.teacher_cache import VARIANTS, TeacherCache, variant_of
+from tests.conftest import cpu_trainer, synthetic_datamodule
+
+
+def test_a_hit_is_the_live_teachers_answer_for_that_augmented_image(tmp_path: Path):
+    teacher = create_model("resnet8").eval()
+    data = synthetic_datamodule(train=64, test=16, val=0, batch=16, data_dir=tmp_path)
+    data.setup("fit")
+    raw = data.train_set.images[:16]
+    index = torch.arange(16)
+    _, params = random_crop_flip(
+        raw, generator=torch.Generator().manual_seed(0), return_params=True
+    )
+    with torch.no_grad():
+        live = teacher(data.normalize(crop_flip(raw, params)))
+    cache = TeacherCache(tmp_path / "c", "key", 64, 10)
+    assert not cache.lookup(index, params)[1].any()
+    cache.store(index, params, live)
+    again = TeacherCache(tmp_path / "c", "key", 64, 10)  # another process, say
+    logits, hit = again.lookup(index, params)
+    assert hit.all() and torch.equal(logits, live)
+    assert sorted(set(variant_of(params).tolist())) and variant_of(params).max() < VARIANTS
+
+
+def fit(module: DistillationModule, root: Path, data_dir: Path) -> DistillationModule:
+    L.seed_everything(0)
+    trainer = cpu_trainer(root, epochs=2, limit_val_batches=0)
+    data = synthetic_datamodule(train=200, test=50, val=0, batch=50, data_dir=data_dir)
+    trainer.fit(module, datamodule=data)
+    trainer.test(module, datamodule=data, verbose=False)
+    return module
+
+
+def test_a_cached_kd_run_equals_the_run_without_it(tmp_path: Path):
+    """Without the cache; with it, filling it; with it again, every lookup a hit: the
+    students end the same, and metrics.json says how the cache was used."""
+    teacher = create_model("resnet8").eval()
+
+    def run(name: str, cache: bool) -> DistillationModule:
+        L.seed_everything(0)
+        student = create_model("small_cnn", width=0.25)
+        module = DistillationModule(student, teacher=teacher, teacher_cache=cache)
+        return fit(module, tmp_path / name, tmp_path / "data")
+
+    live, filling, warm = run("live", False), run("filling", True), run("warm", True)
+    for key, value in live.model.state_dict().items():
+        torch.testing.assert_close(filling.model.state_dict()[key], value, msg=key)
+        torch.testing.assert_close(warm.model.state_dict()[key], value, msg=key)
+    assert filling.cache.hit_rate < 0.05 and warm.cache.hit_rate == 1.0
+    record = json.loads((tmp_path / "warm" / "metrics.json").read_text())["teacher_cache"]
+    assert record["used"] and record["hit_rate"] == 1.0
+    assert Path(record["path"]).parent == tmp_path / "data" / "teacher_cache"
+    assert "teacher_cache" not in json.loads((tmp_path / "live" / "metrics.json").read_text())
+
+
+def test_another_teacher_data_or_precision_is_another_cache(tmp_path: Path):
+    def path_of(teacher, train: int, precision: str) -> Path:
+        L.seed_everything(0)
+        module = DistillationModule(
+            create_model("small_cnn", width=0.25), teacher=teacher, teacher_cache=True
+        )
+        trainer = cpu_trainer(tmp_path, epochs=1, limit_train_batches=1, limit_val_batches=0,
+                              precision=precision)  # fmt: skip
+        data = synthetic_datamodule(train=train, test=50, val=0, batch=50, data_dir=tmp_path)
+        trainer.fit(module, datamodule=data)
+        return module.cache.path
+
+    torch.manual_seed(0)
+    one = create_model("resnet8").eval()
+    torch.manual_seed(1)
+    other = create_model("resnet8").eval()
+    base = path_of(one, 100, "32-true")
+    assert path_of(one, 100, "32-true") == base
+    assert len({base, path_of(other, 100, "32-true"), path_of(one, 150, "32-true"),
+                path_of(one, 100, "bf16-mixed")}) == 4  # fmt: skip
+
+
+def test_every_seed_shares_one_cache(tmp_path: Path):
+    """Seeds split training and validation images differently; a row is an image's place
+    in the whole training split, so they share one cache, and its entries stay right."""
+    teacher = create_model("resnet8").eval()
+    paths = []
+    for seed in (0, 1):
+        L.seed_everything(seed)
+        module = DistillationModule(
+            create_model("small_cnn", width=0.25), teacher=teacher, teacher_cache=True
+        )
+        trainer = cpu_trainer(tmp_path, epochs=1, limit_val_batches=0)
+        data = synthetic_datamodule(
+            train=200, test=50, val=50, batch=50, data_dir=tmp_path, seed=seed
+        )
+        trainer.fit(module, datamodule=data)
+        paths.append(module.cache.path)
+    assert paths[0] == paths[1]
+    cache, data = module.cache, synthetic_datamodule(200, 50, 0, 50, data_dir=tmp_path)
+    data.setup("fit")  # no validation split: every position of the whole training split
+    at = torch.empty_like(data.train_positions)
+    at[data.train_positions] = torch.arange(len(at))  # position -> its place in train_set
+    rows, variants = torch.nonzero(torch.from_numpy(cache.filled.copy()), as_tuple=True)
+    params = torch.stack([variants // 18, variants // 2 % 9, variants % 2], 1)
+    with torch.no_grad():
+        live = teacher(data.normalize(crop_flip(data.train_set.images[at[rows]], params)))
+    torch.testing.assert_close(torch.from_numpy(cache.logits[rows.numpy(), variants.numpy()]), live)
+
+
+def test_a_feature_method_keeps_its_teacher_live(tmp_path: Path, caplog):
+    module = DistillationModule(
+        create_model("small_cnn", width=0.25), teacher=create_model("resnet8").eval(),
+        distiller=FitNet(), teacher_cache=True,
+    )  # fmt: skip
+    with caplog.at_level("INFO", logger="kdlight"):
+        fit(module, tmp_path / "fitnet", tmp_path / "data")
+    assert module.cache is None
+    assert (
+        "distill.teacher_cache: not used: distiller=fitnet reads the teacher's features"
+        in caplog.text
+    )
+    record = json.loads((tmp_path / "fitnet" / "metrics.json").read_text())["teacher_cache"]
+    assert record == {"used": False, "hit_rate": None, "path": None}
+
+
+# ------------------------------------------------------------------------- processes
+IMAGES, CLASSES = 400, 10
+
+
+def pattern(index: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
+    """What a correct cache holds for each (image, variant): a function of both."""
+    variant = variant_of(params).float()
+    base = index.float() * 1000 + variant
+    return base.unsqueeze(1) + torch.arange(CLASSES).float() / 100
+
+
+def all_params(n: int, seed: int) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    dy = torch.randint(0, 9, (n, 1), generator=generator)
+    dx = torch.randint(0, 9, (n, 1), generator=generator)
+    return torch.cat([dy, dx, torch.randint(0, 2, (n, 1), generator=generator)], 1)
+
+
+def fill(folder: str, seed: int, forever: bool) -> None:
+    cache = TeacherCache(folder, "key", IMAGES, CLASSES)
+    while True:
+        index = torch.randint(0, IMAGES, (32,), generator=torch.Generator().manual_seed(seed))
+        params = all_params(32, seed)
+        cache.store(index, params, pattern(index, params))
+        seed += 2
+        if not forever and seed > 400:
+            return
+
+
+def check(folder: Path) -> int:
+    """Every filled variant holds its pattern; returns how many are filled."""
+    cache = TeacherCache(folder, "key", IMAGES, CLASSES)
+    rows, variants = torch.nonzero(torch.from_numpy(cache.filled.copy()), as_tuple=True)
+    dy_dx, flipped = variants // 2, variants % 2
+    params = torch.stack([dy_dx // 9, dy_dx % 9, flipped], 1)
+    logits, hit = cache.lookup(rows, params)
+    assert hit.all()
+    torch.testing.assert_close(logits, pattern(rows, params), rtol=0, atol=0)
+    return len(rows)
+
+
+def test_a_killed_fill_leaves_a_correct_cache(tmp_path: Path):
+    context = multiprocessing.get_context("spawn")
+    child = context.Process(target=fill, args=(str(tmp_path), 0, True))
+    child.start()
+    cache = TeacherCache(tmp_path, "key", IMAGES, CLASSES)
+    deadline = time.monotonic() + 120
+    while cache.filled.sum() < 2000 and time.monotonic() < deadline:  # killed while filling
+        time.sleep(0.01)
+    os.kill(child.pid, signal.SIGKILL)
+    child.join()
+    assert check(tmp_path) >= 2000
+
+
+def test_two_processes_filling_one_cache_leave_it_correct(tmp_path: Path):
+    context = multiprocessing.get_context("spawn")
+    children = [context.Process(target=fill, args=(str(tmp_path), s, False)) for s in (0, 1)]
+    for child in children:
+        child.start()
+    for child in children:
+        child.join(timeout=120)
+        assert child.exitcode == 0
+    filled = check(tmp_path)
+    expected = set()
+    for seed in range(0, 401):  # the first child stores 0, 2 ... 400; the second 1 ... 399
+        index = torch.randint(0, IMAGES, (32,), generator=torch.Generator().manual_seed(seed))
+        expected |= set(zip(index.tolist(), variant_of(all_params(32, seed)).tolist(), strict=True))
+    assert filled == len(expected)
