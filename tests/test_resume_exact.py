@@ -80,7 +80,7 @@ def teacher_checkpoint(tmp_path_factory) -> str:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("system", ["classifier", "fitnet_and_crd"])
+@pytest.mark.parametrize("system", ["fitnet_and_crd"])  # its KD cell is the plain case
 def test_a_killed_run_resumed_ends_exactly_as_one_never_stopped(
     system: str, tmp_path: Path, request
 ):
