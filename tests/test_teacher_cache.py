@@ -7,18 +7,23 @@ import json
 import multiprocessing
 import os
 import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
 import lightning as L
 import torch
+from hydra.utils import instantiate
 
+from kdlight.cache_teacher import main as cache_teacher_main
 from kdlight.data.augment import crop_flip, random_crop_flip
 from kdlight.distillers import FitNet
-from kdlight.lit import DistillationModule
+from kdlight.lit import DistillationGridModule, DistillationModule
 from kdlight.models import create_model
-from kdlight.teacher_cache import VARIANTS, TeacherCache, variant_of
-from tests.conftest import cpu_trainer, synthetic_datamodule
+from kdlight.teacher_cache import VARIANTS, TeacherCache, params_of, variant_of
+from kdlight.train import train
+from tests.conftest import REPO, compose_config, cpu_trainer, synthetic_datamodule
 
 
 def test_a_hit_is_the_live_teachers_answer_for_that_augmented_image(tmp_path: Path):
@@ -111,15 +116,22 @@ def test_every_seed_shares_one_cache(tmp_path: Path):
         trainer.fit(module, datamodule=data)
         paths.append(module.cache.path)
     assert paths[0] == paths[1]
-    cache, data = module.cache, synthetic_datamodule(200, 50, 0, 50, data_dir=tmp_path)
+    assert_entries_are_the_teachers(module.cache, teacher, tmp_path)
+
+
+def assert_entries_are_the_teachers(cache: TeacherCache, teacher, data_dir: Path) -> None:
+    """Every filled entry of ``cache`` (of a 200-image synthetic training split, float32)
+    holds ``teacher``'s logits of that image's variant."""
+    data = synthetic_datamodule(200, 50, 0, 50, data_dir=data_dir)
     data.setup("fit")  # no validation split: every position of the whole training split
     at = torch.empty_like(data.train_positions)
     at[data.train_positions] = torch.arange(len(at))  # position -> its place in train_set
     rows, variants = torch.nonzero(torch.from_numpy(cache.filled.copy()), as_tuple=True)
-    params = torch.stack([variants // 18, variants // 2 % 9, variants % 2], 1)
     with torch.no_grad():
-        live = teacher(data.normalize(crop_flip(data.train_set.images[at[rows]], params)))
-    torch.testing.assert_close(torch.from_numpy(cache.logits[rows.numpy(), variants.numpy()]), live)
+        images = crop_flip(data.train_set.images[at[rows]], params_of(variants))
+        live = teacher(data.normalize(images))
+    stored = torch.from_numpy(cache.logits[rows.numpy(), variants.numpy()])
+    torch.testing.assert_close(stored, live)
 
 
 def test_a_feature_method_keeps_its_teacher_live(tmp_path: Path, caplog):
@@ -171,8 +183,7 @@ def check(folder: Path) -> int:
     """Every filled variant holds its pattern; returns how many are filled."""
     cache = TeacherCache(folder, "key", IMAGES, CLASSES)
     rows, variants = torch.nonzero(torch.from_numpy(cache.filled.copy()), as_tuple=True)
-    dy_dx, flipped = variants // 2, variants % 2
-    params = torch.stack([dy_dx // 9, dy_dx % 9, flipped], 1)
+    params = params_of(variants)
     logits, hit = cache.lookup(rows, params)
     assert hit.all()
     torch.testing.assert_close(logits, pattern(rows, params), rtol=0, atol=0)
@@ -206,3 +217,138 @@ def test_two_processes_filling_one_cache_leave_it_correct(tmp_path: Path):
         index = torch.randint(0, IMAGES, (32,), generator=torch.Generator().manual_seed(seed))
         expected |= set(zip(index.tolist(), variant_of(all_params(32, seed)).tolist(), strict=True))
     assert filled == len(expected)
+
+
+# ------------------------------------------------------------------ kdlight-cache-teacher
+def test_cache_teacher_fills_every_variant_that_a_run_then_reads(tmp_path: Path, capsys):
+    """``kdlight-cache-teacher`` with a distillation run's command line fills all 162
+    variants of every training image with the teacher's answers (in bf16, the run's
+    precision: its logits' own dtype); a second call computes nothing; the run, on the
+    same command line with ``distill.teacher_cache=true``, finds every lookup there."""
+    torch.manual_seed(0)
+    teacher = create_model("resnet8").eval()
+    torch.save(teacher.state_dict(), tmp_path / "teacher.pt")
+    command = [
+        "experiment=distill", "trainer=cpu", "trainer.precision=bf16-mixed",
+        "data=synthetic", "data.synthetic_train_size=24", "data.synthetic_test_size=20",
+        "data.val_size=4", "data.batch_size=10", "data.eval_batch_size=500",
+        "model=small_cnn", "model.width=0.25", "trainer.max_epochs=2",
+        "trainer.enable_progress_bar=false", "~callbacks.progress_bar",
+        f"distill.teacher_checkpoint={tmp_path / 'teacher.pt'}", "distill.teacher_model=resnet8",
+        f"paths.data_dir={tmp_path / 'data'}", f"paths.root={tmp_path / 'outputs'}",
+    ]  # fmt: skip
+    assert cache_teacher_main(command) == 0
+    said = capsys.readouterr().out
+    assert f"{24 * VARIANTS:,} entries, {24 * VARIANTS:,} computed now" in said
+    assert "torch.bfloat16 logits" in said
+    assert cache_teacher_main(command) == 0
+    assert f"{24 * VARIANTS:,} entries, 0 computed now" in capsys.readouterr().out
+
+    (logits_file,) = (tmp_path / "data" / "teacher_cache").glob("*.logits")
+    cache = TeacherCache(logits_file.parent, logits_file.stem, 24, 10, dtype=torch.bfloat16)
+    assert cache.filled.all()
+    data = instantiate(compose_config(command, tmp_path).data, val_size=0)
+    data.setup("fit")
+    rows = torch.tensor([0, 5, 23, 23])
+    params = torch.tensor([[0, 0, 0], [8, 8, 1], [4, 4, 0], [3, 7, 1]])
+    at = torch.empty_like(data.train_positions)
+    at[data.train_positions] = torch.arange(24)  # position -> its place in train_set
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        live = teacher(data.normalize(crop_flip(data.train_set.images[at[rows]], params)))
+    assert torch.equal(cache.lookup(rows, params)[0], live.float())
+
+    run = tmp_path / "run"
+    train(compose_config([*command, "distill.teacher_cache=true"], run))
+    assert json.loads((run / "metrics.json").read_text())["teacher_cache"] == {
+        "used": True,
+        "hit_rate": 1.0,
+        "path": str(cache.path),
+    }
+
+
+def test_cache_teacher_says_what_is_wrong_in_one_line(tmp_path: Path, capsys):
+    assert cache_teacher_main(["experiment=teacher", "trainer=cpu"]) == 2
+    assert capsys.readouterr().err.startswith(
+        "error: kdlight-cache-teacher fills a distillation run's cache"
+    )
+    assert cache_teacher_main(["experiment=distill", "seed=0,1"]) == 2
+    assert capsys.readouterr().err == (
+        "error: seed=0,1: kdlight-cache-teacher fills one teacher's cache, give one value "
+        "(seeds, T, alpha and the method do not change the cache: leave them out)\n"
+    )
+
+
+# --------------------------------------------------------------------------- DDP, grid
+DDP_FILL = """
+import json, sys
+from pathlib import Path
+import lightning as L, torch
+from kdlight.lit import DistillationGridModule, DistillationModule
+from kdlight.models import create_model
+from tests.conftest import cpu_trainer, synthetic_datamodule
+
+folder = Path(sys.argv[1])
+torch.manual_seed(0)
+teacher = create_model("resnet8").eval()
+for name in ("filling", "warm"):
+    L.seed_everything(0)
+    module = DistillationModule(
+        create_model("small_cnn", width=0.25), teacher=teacher, teacher_cache=True
+    )
+    trainer = cpu_trainer(folder / name, epochs=2, limit_val_batches=0, devices=2, strategy="ddp")
+    data = synthetic_datamodule(train=200, test=50, val=0, batch=50, data_dir=folder / "data")
+    trainer.fit(module, datamodule=data)
+    trainer.test(module, datamodule=data, verbose=False)
+    if trainer.is_global_zero:
+        torch.save(module.model.state_dict(), folder / name / "student.pt")
+"""
+
+
+def test_ddp_processes_fill_and_read_one_cache(tmp_path: Path):
+    """Two DDP processes (gloo) fill one cache, each its share of the images, and a second
+    run reads it all: metrics.json gives the hit rate over both processes' lookups, the
+    students of both runs are equal, and every entry is the teacher's answer."""
+    script = tmp_path / "ddp_fill.py"  # Lightning starts the second process by path
+    script.write_text(DDP_FILL)
+    result = subprocess.run(
+        [sys.executable, str(script), str(tmp_path)], env={**os.environ, "PYTHONPATH": str(REPO)},
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    filling, warm = (
+        json.loads((tmp_path / name / "metrics.json").read_text())["teacher_cache"]
+        for name in ("filling", "warm")
+    )
+    assert warm == filling | {"hit_rate": 1.0}
+    (logits_file,) = (tmp_path / "data" / "teacher_cache").glob("*.logits")
+    cache = TeacherCache(logits_file.parent, logits_file.stem, 200, 10)
+    filled = int(cache.filled.sum())  # distinct (image, variant) of the 400 lookups
+    assert filling["hit_rate"] == (400 - filled) / 400
+    students = [torch.load(tmp_path / n / "student.pt") for n in ("filling", "warm")]
+    for key, value in students[0].items():
+        assert torch.equal(students[1][key], value), key
+    torch.manual_seed(0)
+    assert_entries_are_the_teachers(cache, create_model("resnet8").eval(), tmp_path / "data")
+
+
+def test_a_fused_grid_reads_the_cache_and_trains_as_without_it(tmp_path: Path):
+    """The fused T x alpha grid shares the cached logits among its cells: filling, then
+    warm, its students end as those of the grid without the cache."""
+    teacher = create_model("resnet8").eval()
+
+    def grid(name: str, cache: bool) -> DistillationGridModule:
+        L.seed_everything(0)
+        module = DistillationGridModule(
+            create_model("small_cnn", width=0.25), teacher=teacher, temperature=[2, 8],
+            alpha=[0.9], teacher_cache=cache,
+        )  # fmt: skip
+        trainer = cpu_trainer(tmp_path / name, epochs=1, limit_val_batches=0)
+        data = synthetic_datamodule(train=100, test=50, val=0, batch=50, data_dir=tmp_path)
+        trainer.fit(module, datamodule=data)
+        return module
+
+    live, filling, warm = grid("live", False), grid("filling", True), grid("warm", True)
+    assert warm.cache.path == filling.cache.path and warm.cache.hit_rate == 1.0
+    for key, value in live.students.state_dict().items():
+        torch.testing.assert_close(filling.students.state_dict()[key], value, msg=key)
+        torch.testing.assert_close(warm.students.state_dict()[key], value, msg=key)

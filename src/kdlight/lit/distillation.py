@@ -3,17 +3,16 @@
 
 from collections.abc import Callable, Mapping
 
-import torch
 from torch import Tensor, nn
 
-from kdlight.distillers import KD, Outputs
+from kdlight.distillers import KD
 from kdlight.lit.base import ClassificationSystem, OptimizerFactory, SchedulerFactory
+from kdlight.lit.cached_teacher import TeacherCacheMixin
 from kdlight.lit.methods import MethodSlot, attach_training_data, teacher_taps
-from kdlight.lit.teacher import FrozenTeacherMixin, built_teacher_model, open_teacher_cache
-from kdlight.teacher_cache import TeacherCache
+from kdlight.lit.teacher import FrozenTeacherMixin, built_teacher_model
 
 
-class DistillationModule(FrozenTeacherMixin, ClassificationSystem):
+class DistillationModule(TeacherCacheMixin, FrozenTeacherMixin, ClassificationSystem):
     """Distil a frozen teacher into ``model`` (the student) with a distillation method:
     :class:`kdlight.distillers.KD` (:func:`kdlight.losses.kd_loss`) at ``temperature`` and
     ``alpha`` unless another ``distiller`` is given.
@@ -92,7 +91,6 @@ class DistillationModule(FrozenTeacherMixin, ClassificationSystem):
         self.slot = MethodSlot(distiller, model, self.teacher, input_shape)
         self.teacher_taps = teacher_taps(self.teacher, [self.slot])
         self.distiller = distiller  # an nn.Module one is a child: trained, saved, restored
-        self.cache: TeacherCache | None = None
 
     @property
     def student(self) -> nn.Module:
@@ -113,30 +111,12 @@ class DistillationModule(FrozenTeacherMixin, ClassificationSystem):
         if stage == "fit":
             attach_training_data(self.trainer, [self.slot])
             if self.hparams.teacher_cache:
-                self.cache = open_teacher_cache(self, self.slot)
-
-    def teacher_logits(self, images: Tensor, index: Tensor, params: Tensor) -> Tensor:
-        """The teacher's logits of a training batch from the cache, the misses computed
-        (with the teacher, on those images only) and stored."""
-        cached, hit = self.cache.lookup(index, params)
-        logits = cached.to(images.device)
-        miss = ~hit
-        if miss.any():
-            missing = miss.to(images.device)
-            with torch.no_grad():
-                live = self.fast_teacher(images[missing]).float()
-            self.cache.store(index[miss.to(index.device)], params[miss.to(params.device)], live)
-            logits[missing] = live
-        return logits
+                self.open_teacher_cache([self.slot])
 
     def training_step(self, batch: tuple[Tensor, ...], batch_idx: int) -> dict[str, Tensor]:
         images, labels, *extra = batch
         index = extra[0] if extra else None  # (indices, augmentation) when asked for
-        if self.cache is not None:  # extra: indices and the augmentation's draws
-            teacher = Outputs(self.teacher_logits(images, extra[0], extra[-1]))
-        else:
-            with torch.no_grad(), self.teacher_taps.capture() as features:
-                teacher = Outputs(self.fast_teacher(images), features)
+        teacher = self.teacher_outputs(images, extra)
         logits, parts = self.slot.step(
             self.fast_model, images, labels, teacher, self.current_epoch, index
         )
@@ -155,11 +135,4 @@ class DistillationModule(FrozenTeacherMixin, ClassificationSystem):
     def metrics_record(self, summary: dict) -> dict:
         """The method, its settings and taps; KD's T and alpha also at the top."""
         record = super().metrics_record(summary) | self.slot.record() | self.teacher_record()
-        if self.hparams.teacher_cache:
-            used = self.cache is not None
-            record["teacher_cache"] = {
-                "used": used,
-                "hit_rate": self.cache.hit_rate if used else None,
-                "path": str(self.cache.path) if used else None,
-            }
-        return record
+        return record | self.teacher_cache_record()

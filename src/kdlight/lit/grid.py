@@ -23,7 +23,7 @@ from torch import Tensor, nn
 from torchmetrics import MaxMetric
 from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix
 
-from kdlight.distillers import KD, Outputs, method_name
+from kdlight.distillers import KD, method_name
 from kdlight.errors import KDLightError
 from kdlight.lit.base import (
     FastForward,
@@ -33,6 +33,7 @@ from kdlight.lit.base import (
     build_optimizers,
     reference_sgd,
 )
+from kdlight.lit.cached_teacher import TeacherCacheMixin
 from kdlight.lit.methods import MethodSlot, attach_training_data, teacher_taps
 from kdlight.lit.results import (
     default_class_names,
@@ -56,7 +57,7 @@ def _copy_state(model: nn.Module) -> dict[str, Tensor]:
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
-class DistillationGridModule(FrozenTeacherMixin, TrainingLog, L.LightningModule):
+class DistillationGridModule(TeacherCacheMixin, FrozenTeacherMixin, TrainingLog, L.LightningModule):
     """One student per cell, all fed by one frozen teacher.
 
     Args:
@@ -71,7 +72,10 @@ class DistillationGridModule(FrozenTeacherMixin, TrainingLog, L.LightningModule)
             ``temperature`` and ``alpha`` are not used.
         teacher, teacher_checkpoint, teacher_model, optimizer, scheduler, num_classes,
         class_names, compile, channels_last, input_shape: as for ``DistillationModule``.
-        teacher_cache: must be False (the grid runs the teacher once for all its cells).
+        teacher_cache: as for ``DistillationModule``: the teacher's logits, which every cell
+            shares, are looked up in the cache and computed only for the misses (when no
+            cell's method reads the teacher's features), so seeds and relaunches of a grid
+            share one teacher's work too.
 
     Each cell's results go to ``<run dir>/<cell>/metrics.json`` (``T<T>_alpha<alpha>`` for a
     KD grid, the method's name for ``methods``), the layout of a multirun, so
@@ -112,11 +116,6 @@ class DistillationGridModule(FrozenTeacherMixin, TrainingLog, L.LightningModule)
         teacher_cache: bool = False,
     ) -> None:
         super().__init__()
-        if teacher_cache:
-            raise KDLightError(
-                "distill.teacher_cache=true is for separate runs: the fused grid already runs "
-                "the teacher once for all its cells"
-            )
         if methods:
             self.names, cell_methods = list(methods), list(methods.values())
             temperature = alpha = None
@@ -199,12 +198,13 @@ class DistillationGridModule(FrozenTeacherMixin, TrainingLog, L.LightningModule)
         super().setup(stage)
         if stage == "fit":
             attach_training_data(self.trainer, self.slots)
+            if self.hparams.teacher_cache:
+                self.open_teacher_cache(self.slots)
 
     def training_step(self, batch: tuple[Tensor, ...], batch_idx: int) -> dict[str, Tensor]:
         images, labels, *extra = batch
         index = extra[0] if extra else None  # (indices, augmentation) when asked for
-        with torch.no_grad(), self.teacher_taps.capture() as features:
-            teacher = Outputs(self.fast_teacher(images), features)
+        teacher = self.teacher_outputs(images, extra)
         if self.fused_kd:
             logits = torch.stack([student(images) for student in self.fast_students])
             losses = kd_loss(
@@ -330,7 +330,7 @@ class DistillationGridModule(FrozenTeacherMixin, TrainingLog, L.LightningModule)
         """A cell's ``metrics.json``: what a single run of its method writes."""
         tested = self.tested_weights.get(name)
         record = student_record(self, self.students[0], summary, best, tested)
-        return record | slot.record() | self.teacher_record()
+        return record | slot.record() | self.teacher_record() | self.teacher_cache_record()
 
     # ------------------------------------------------------------------ checkpoints
     def on_save_checkpoint(self, checkpoint: dict) -> None:

@@ -1,7 +1,6 @@
 """The frozen teacher: restored from a ``ClassifierModule`` checkpoint, and the behaviour
 every distillation system shares (:class:`FrozenTeacherMixin`)."""
 
-import hashlib
 import json
 import logging
 import re
@@ -15,12 +14,10 @@ from lightning.pytorch.utilities.warnings import PossibleUserWarning
 from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy
 
-from kdlight.data import default_data_dir
 from kdlight.errors import KDLightError, first_line
 from kdlight.lit.base import FastForward
 from kdlight.models.published import official_names
 from kdlight.models.registry import build_model, spec_name
-from kdlight.teacher_cache import TeacherCache, cache_key
 
 MAKE_A_TEACHER = "train one first: kdlight-train experiment=teacher"
 
@@ -223,55 +220,6 @@ def recorded_teacher_accuracy(
     if not same or not isinstance(accuracy, int | float) or isinstance(accuracy, bool):
         return None
     return float(accuracy), path.resolve()
-
-
-def open_teacher_cache(system, slot) -> TeacherCache | None:
-    """The teacher cache of a distillation ``system`` about to fit (its ``setup``): keyed by
-    the teacher checkpoint's content (or its weights', for a teacher given as a module), the
-    training images, the augmentation, the precision and the classes, in the data folder's
-    ``teacher_cache/``; its training batches then carry each image's augmentation. None,
-    said in one line, for a method that reads the teacher's features."""
-    from kdlight.distillers import method_name
-    from kdlight.runs import file_identity
-
-    if slot.teacher_names:
-        rank_zero_only(log.info)(
-            "distill.teacher_cache: not used: distiller=%s reads the teacher's features, "
-            "which are too large to cache; the teacher runs live",
-            method_name(slot.method),
-        )
-        return None
-    datamodule = system.trainer.datamodule
-    source = getattr(datamodule, "train_source", None)
-    if source is None or not hasattr(datamodule, "with_augmentation"):
-        raise KDLightError(
-            "distill.teacher_cache=true needs each training image's index and augmentation: "
-            "use a kdlight data module"
-        )
-    datamodule.with_augmentation = True
-    checkpoint = system.hparams.get("teacher_checkpoint")
-    if checkpoint:
-        teacher = file_identity(checkpoint)
-    else:  # a teacher given as a module: its weights
-        digest = hashlib.sha256()
-        for name, tensor in sorted(system.teacher.state_dict().items()):
-            digest.update(name.encode())
-            digest.update(
-                tensor.detach().cpu().reshape(-1).contiguous().view(torch.uint8).numpy().tobytes()
-            )
-        teacher = f"weights:{digest.hexdigest()[:16]}"
-    key = cache_key(
-        teacher=teacher,
-        images=source[0],
-        augmentation="pad4-crop-flip" if datamodule.hparams.get("augment", True) else "none",
-        normalization=[list(datamodule.mean), list(datamodule.std)],
-        precision=str(system.trainer.precision),
-        classes=system.num_classes,
-    )
-    folder = Path(getattr(datamodule, "data_dir", None) or default_data_dir()) / "teacher_cache"
-    cache = TeacherCache(folder, key, source[1], system.num_classes, datamodule.train_positions)
-    rank_zero_only(log.info)("teacher cache: %s", cache.path)
-    return cache
 
 
 def built_teacher_model(teacher_model) -> list[str]:
