@@ -151,6 +151,7 @@ def test_build_report_writes_csv_markdown_and_plots(outputs: Path, tmp_path: Pat
     assert "T=4, alpha=0.9" in markdown and "+1.50" in markdown
     assert "T16_alpha1.5" in markdown and "distill.alpha must be in [0, 1], got 1.5" in markdown
     assert "T16_alpha0.5` (unfinished)" in markdown
+    assert "Teacher cache" not in markdown  # no run asked for it
 
     for key in ("heatmap", "per_class"):
         with Image.open(written[key]) as image:
@@ -245,6 +246,18 @@ ODD_FIELDS = [
     ("validation", "maybe", "validation is 'maybe', expected one of ('held_out', 'test_set')"),
     ("run", {"settings": {}, "seed": "zero"}, 'run.seed is "zero", expected a whole number'),
     ("run", {"seed": 0}, "run.settings is missing, expected an object"),
+    (
+        "teacher_cache",
+        {"used": True, "hit_rate": "x", "path": "/data/teacher_cache"},
+        'teacher_cache.hit_rate is "x", expected a number in [0, 1]',
+    ),
+    (
+        "teacher_cache",
+        {"used": True, "hit_rate": 1.5, "path": "/data/teacher_cache"},
+        "teacher_cache.hit_rate is 1.5, expected a number in [0, 1]",
+    ),
+    ("teacher_cache", {"hit_rate": None}, "teacher_cache.used is missing, expected true or false"),
+    ("teacher_cache", {"used": True, "path": 3}, "teacher_cache.path is 3, expected a string"),
 ]
 
 
@@ -263,6 +276,64 @@ def test_wrong_typed_fields_fail_their_runs_only(outputs: Path, tmp_path: Path):
         assert f"`distill/small_cnn/odd{k}` (failed): unreadable metrics.json: {reason}" in markdown
     assert sum(r["status"] == "finished" for r in rows.values()) == 6  # the rest is reported
     assert "Best distilled small_cnn: T=4, alpha=0.9" in markdown  # no 99% from an odd run
+
+
+def add_teacher_cache(run_dir: Path, used: bool, hit_rate: float | None = None) -> None:
+    """The ``teacher_cache`` block a run of ``distill.teacher_cache=true`` writes."""
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    path = str(run_dir.parent / "teacher_cache") if used else None
+    block = {"used": used, "hit_rate": hit_rate, "path": path}
+    (run_dir / "metrics.json").write_text(json.dumps(metrics | {"teacher_cache": block}))
+
+
+def test_teacher_cache_use_and_hit_rate_are_reported(outputs: Path, tmp_path: Path):
+    grid = outputs / "distill" / "small_cnn"
+    add_teacher_cache(grid / "T1_alpha0.5", True, 0.00621)
+    add_teacher_cache(grid / "T4_alpha0.9", True, 0.46123)
+    add_teacher_cache(grid / "T1_alpha0.9", False)  # asked, but its method read features
+    runs = {Path(r["path"]).name: r for r in collect_runs([outputs])}
+    assert [runs[n]["teacher_cache"] for n in ("T1_alpha0.5", "T1_alpha0.9", "T4_alpha0.5")] == [
+        True,
+        False,
+        None,
+    ]
+    assert runs["T4_alpha0.9"]["teacher_cache_hit_rate"] == 0.46123
+    assert runs["T1_alpha0.9"]["teacher_cache_hit_rate"] is None
+
+    written = build_report([outputs], tmp_path / "report")
+    with open(written["csv"], newline="") as f:
+        head = next(csv.reader(f))
+    at = head.index("group")
+    assert head[at : at + 4] == ["group", "teacher_cache", "teacher_cache_hit_rate", "acc_airplane"]
+    rows = {Path(r["path"]).name: r for r in read_csv(written["csv"])}
+    cache = {name: (r["teacher_cache"], r["teacher_cache_hit_rate"]) for name, r in rows.items()}
+    assert cache["T1_alpha0.5"] == ("true", "0.0062")  # 4 decimals
+    assert cache["T4_alpha0.9"] == ("true", "0.4612")
+    assert cache["T1_alpha0.9"] == ("false", "")
+    assert cache["T4_alpha0.5"] == cache["small_cnn"] == cache["T16_alpha1.5"] == ("", "")
+
+    lines = written["markdown"].read_text().splitlines()
+    line = (
+        "- Teacher cache: used by 2 of 4 runs, hit rate 0.0062 to 0.4612 (a hit is the "
+        "teacher's exact logits, so accuracies are unaffected)"
+    )
+    assert lines[lines.index(line) - 1].startswith("- Teacher (resnet18_half): 90.00%")
+    assert lines.count(line) == 1
+
+
+def test_a_teacher_cache_asked_for_but_not_used_says_so(outputs: Path, tmp_path: Path):
+    cells = sorted((outputs / "distill" / "small_cnn").glob("T[14]_*"))
+    for cell in cells[:2]:
+        add_teacher_cache(cell, False)
+    markdown = build_report([outputs], tmp_path / "report")["markdown"].read_text()
+    assert (
+        "- Teacher cache: asked for by 2 runs, not used (their method reads the teacher's "
+        "features)\n- Student baseline (small_cnn)" in markdown
+    )
+    for cell in cells:
+        add_teacher_cache(cell, True, 0.25)  # one hit rate for all: shown once
+    markdown = build_report([outputs], tmp_path / "report")["markdown"].read_text()
+    assert "- Teacher cache: used by 4 of 4 runs, hit rate 0.2500 (a hit" in markdown
 
 
 def test_a_class_without_test_images_reads_as_empty(outputs: Path, tmp_path: Path):

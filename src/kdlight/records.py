@@ -6,8 +6,10 @@ tells which runs may be averaged or compared.
 ``config.yaml``, ``metrics.json``, ``error.txt`` or ``.hydra/config.yaml``) and reads one
 record per run (:func:`load_run`). A run whose files cannot be read, or whose
 ``metrics.json`` holds a field of the wrong type (:func:`read_metrics`), is a failed run with
-the reason. The text forms of a record's values shared by the report and the plots
-(:func:`_fmt`, :func:`_cell`, :func:`_mean_std`) live here too.
+the reason. A run's ``teacher_cache`` block (``distill.teacher_cache=true``) says whether
+it looked the teacher's logits up on disk and how often it found them there. The text forms
+of a record's values shared by the report and the plots (:func:`_fmt`, :func:`_cell`,
+:func:`_mean_std`) live here too.
 """
 
 import hashlib
@@ -26,7 +28,7 @@ DISTILLATION = ("DistillationModule", "DistillationGridModule")  # one row per (
 FIELDS = ("error", "name", "system", "model", "temperature", "alpha", "accuracy", "val_acc_best")
 FIELDS += ("validation", "teacher_accuracy", "teacher_checkpoint", "root", "delta_vs_baseline")
 FIELDS += ("seed", "settings", "epochs", "test_images", "test_set", "role", "group", "sweep")
-FIELDS += ("method", "method_settings")
+FIELDS += ("method", "method_settings", "teacher_cache", "teacher_cache_hit_rate")
 #: metrics.json's fields and the kind of value each must hold (null is allowed but for the
 #: first two); see :data:`KINDS`.
 METRICS = {"accuracy": "number", "per_class_accuracy": "table", "system": "text"}
@@ -34,12 +36,19 @@ METRICS |= {"model": "text", "epochs": "count", "test_images": "count", "test_se
 METRICS |= {"val_acc_best": "number", "validation": "text", "temperature": "number"}
 METRICS |= {"alpha": "number", "teacher_model": "text", "teacher_checkpoint": "text"}
 METRICS |= {"teacher_accuracy": "number", "run": "table", "distiller": "text"}
-METRICS |= {"distiller_settings": "table"}
+METRICS |= {"distiller_settings": "table", "teacher_cache": "table"}
 RUN_BLOCK = {"settings": "table", "id": "text", "seed": "integer", "debug": "flag"}
+#: The ``teacher_cache`` block: whether the run used the cache of teacher logits, the
+#: fraction of its teacher lookups found there and the cache's folder.
+TEACHER_CACHE = {"used": "flag", "hit_rate": "fraction", "path": "text"}
 KINDS = {
     "number": (
         "a finite number",
         lambda v: _is_int(v) or isinstance(v, float) and math.isfinite(v),
+    ),
+    "fraction": (
+        "a number in [0, 1]",
+        lambda v: (_is_int(v) or isinstance(v, float)) and 0 <= v <= 1,
     ),
     "count": ("a whole number >= 0", lambda v: _is_int(v) and v >= 0),
     "integer": ("a whole number", lambda v: _is_int(v)),
@@ -109,6 +118,8 @@ def read_metrics(file: Path) -> dict:
         raise ValueError(f"validation is {metrics['validation']!r}, expected one of {VALIDATION}")
     if metrics.get("run") is not None:
         _check(metrics["run"], RUN_BLOCK, "run.", required=1)
+    if metrics.get("teacher_cache") is not None:
+        _check(metrics["teacher_cache"], TEACHER_CACHE, "teacher_cache.", required=1)
     return metrics | {"per_class_accuracy": per_class}
 
 
@@ -192,6 +203,7 @@ def _read_result(run: dict, metrics: dict, cfg: DictConfig) -> None:
         **{key: metrics.get(key) for key in ("epochs", "test_images", "test_set")},
         "method": metrics.get("distiller"),
         "method_settings": metrics.get("distiller_settings") or {},
+        **_teacher_cache(metrics.get("teacher_cache")),
     }
     for key in ("temperature", "alpha", "teacher_checkpoint"):
         run[key] = run[key] if metrics.get(key) is None else metrics[key]
@@ -201,6 +213,15 @@ def _read_result(run: dict, metrics: dict, cfg: DictConfig) -> None:
         run["seed"] = block["seed"] if block.get("seed") is not None else run["seed"]
     elif len(cfg):  # a run from before metrics.json held its settings: those of its config
         run |= {"settings": settings(cfg, run["teacher_checkpoint"]), "debug": is_debug(cfg)}
+
+
+def _teacher_cache(block: dict | None) -> dict:
+    """``teacher_cache``: None when the run did not ask for the cache, else whether it used
+    it; ``teacher_cache_hit_rate``: the fraction of lookups found in it, when used."""
+    if block is None:
+        return {"teacher_cache": None, "teacher_cache_hit_rate": None}
+    rate = _float(block.get("hit_rate")) if block["used"] else None
+    return {"teacher_cache": block["used"], "teacher_cache_hit_rate": rate}
 
 
 def _identify(run: dict) -> None:
