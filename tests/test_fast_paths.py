@@ -3,6 +3,7 @@ torch.compile's fallback, and the fused T x alpha grid against separate runs."""
 
 import copy
 import json
+import tempfile
 from pathlib import Path
 
 import lightning as L
@@ -223,14 +224,19 @@ def test_grid_writes_one_run_directory_per_cell(tmp_path: Path):
     assert (metrics["temperature"], metrics["alpha"], metrics["test_images"]) == (8.0, 0.5, 200)
 
 
-def test_bench_runs_and_writes_its_table(tmp_path: Path):
+def test_bench_runs_and_writes_its_table(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     """The benchmark's plumbing on CPU at toy sizes (its numbers are not asserted)."""
     from kdlight import bench
 
     out = tmp_path / "bench.json"
+    temporary = tmp_path / "tmp"  # where the teacher cache's data folder is made
+    temporary.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(temporary))
     toy = "--device cpu --teacher resnet8 --student small_cnn --batch-size 16 --warmup 1 --steps 2"
     zoo = ["--zoo-steps", "1", "--zoo-pairs", "1"]
-    assert bench.main([*toy.split(), "--grid", "4", "--workers", "0", *zoo, "--out", str(out)]) == 0
+    cache = ["--cache-images", "300", "--cache-epochs", "3", "1"]
+    argv = [*toy.split(), "--grid", "4", "--workers", "0", *zoo, *cache, "--out", str(out)]
+    assert bench.main(argv) == 0
 
     result = json.loads(out.read_text())
     workloads = [row["workload"] for row in result["rows"]]
@@ -254,3 +260,56 @@ def test_bench_runs_and_writes_its_table(tmp_path: Path):
     ]
     assert all(row["ms_per_step"] > 0 for row in result["overhead"])
     assert "| DistillationGridModule (4 cells) |" in result["table"]
+    steps = result["cache"]["steps"]
+    runs = [f"KD step, {what}" for what, _ in bench.CACHE_RUNS]
+    runs += [f"fused grid (4 students), {what}" for what, _ in bench.CACHE_RUNS[:3]]
+    assert [row["run"] for row in steps] == runs
+    # one epoch of distinct images fills the cache; the same run again hits every time
+    assert [row["hit_rate"] for row in steps] == [None, 0.0, 1.0, None, 1.0, None, 0.0, 1.0]
+    assert all(row["images_per_second"] > 0 for row in steps)
+    assert [row["vs_live"] is None for row in steps] == [True, False, False, True, False] + [
+        True,
+        False,
+        False,
+    ]
+    assert list(temporary.iterdir()) == []  # the cache's folder is gone
+    assert [row["epoch"] for row in result["cache"]["fill"]] == [1, 3]
+    assert "| KD step, warm cache, again |" in result["table"]
+    assert "| fused grid (4 students), warm cache |" in result["table"]
+    assert "| E = 3 |" in result["table"]
+
+
+def test_lazy_fill_hit_rates_count_the_augmentations_draws():
+    """The simulated lazy fill of the teacher cache against a count made here of the
+    augmentation's draws for full-size images from the same generator: which (image, dy,
+    dx, flip) each epoch looks up, which of them an earlier epoch had filled."""
+    from kdlight.bench import lazy_fill_hit_rates
+    from kdlight.data.augment import random_crop_flip
+
+    images, seed = 300, 3
+    rows = lazy_fill_hit_rates(images, [7, 1, 2], seed=seed)
+    generator = torch.Generator().manual_seed(seed)
+    blank = torch.zeros(images, 3, 32, 32, dtype=torch.uint8)
+    filled, hits, expected = set(), 0, []
+    for epoch in range(1, 8):
+        _, params = random_crop_flip(blank, generator=generator, return_params=True)
+        drawn = {(i, *p) for i, p in enumerate(params.tolist())}
+        hits += len(drawn & filled)
+        epoch_hit_rate = len(drawn & filled) / images
+        filled |= drawn
+        if epoch in (1, 2, 7):
+            lookups = images * epoch
+            expected.append({
+                "epoch": epoch,
+                "epoch_hit_rate": epoch_hit_rate,
+                "cumulative_hit_rate": hits / lookups,
+                "filled": len(filled) / (images * 162),
+                "teacher_forwards": 1 - hits / lookups,
+            })  # fmt: skip
+    assert [row["epoch"] for row in rows] == [1, 2, 7]
+    for row, want in zip(rows, expected, strict=True):
+        assert row == pytest.approx(want, rel=0, abs=1e-12)
+        # every miss fills one entry: teacher forwards are the entries filled
+        assert row["teacher_forwards"] == pytest.approx(row["filled"] * 162 / row["epoch"])
+    assert rows[0]["epoch_hit_rate"] == 0 and rows[0]["filled"] == 1 / 162
+    assert rows[-1]["epoch_hit_rate"] > 0

@@ -24,11 +24,19 @@ A fourth table (``--overhead``, on by default) gives each module's per-step over
 step with a trivial model, where nothing but the CPU's bookkeeping is timed (Lightning's
 loop, logging, augmentation, the optimizer's Python), against a bare PyTorch loop. A GPU
 step cannot take less than that, so for small models it is what bounds throughput.
+
+Two tables on the teacher cache (``--cache``, on by default; ``distill.teacher_cache=true``,
+:mod:`kdlight.teacher_cache`): the KD step of the bench's teacher and student on the fast
+path with the teacher live, filling an empty cache and with the cache warm (every lookup a
+hit), and against the live step (:func:`cache_steps`); and the hit rate of a cache filled
+lazily by training itself after 1, 10, 100 and 200 epochs, simulated from the
+augmentation's own draws (:func:`lazy_fill_hit_rates`).
 """
 
 import argparse
 import json
 import platform
+import tempfile
 import time
 from collections.abc import Iterable
 from pathlib import Path
@@ -43,12 +51,13 @@ from torch.utils.data import DataLoader, Dataset
 
 from kdlight import distillers
 from kdlight.data import CIFAR10DataModule, CIFAR100DataModule
-from kdlight.data.augment import CIFAR10_MEAN, CIFAR10_STD
+from kdlight.data.augment import CIFAR10_MEAN, CIFAR10_STD, random_crop_flip
 from kdlight.data.sources import make_synthetic
 from kdlight.hardware import fast_cpu_precision
 from kdlight.lit import ClassifierModule, DistillationGridModule, DistillationModule, freeze
 from kdlight.losses import kd_loss
 from kdlight.models import create_model
+from kdlight.teacher_cache import VARIANTS, variant_of
 
 # ------------------------------------------------------------------------ the plain loop
 
@@ -198,6 +207,131 @@ def step_overhead(
     return rows
 
 
+# ------------------------------------------------------------------------ teacher cache
+
+
+def step_data(args: argparse.Namespace, data_dir: str | None = None) -> CIFAR10DataModule:
+    """The synthetic CIFAR-10 the step workloads train on: ``warmup + steps`` batches, one
+    epoch, in ``data_dir`` (where a teacher cache is made; None: the per-user data folder)."""
+    return CIFAR10DataModule(
+        source="synthetic", synthetic_train_size=args.batch_size * (args.warmup + args.steps),
+        synthetic_test_size=args.batch_size, val_size=0, batch_size=args.batch_size,
+        on_device=args.device == "gpu", data_dir=data_dir,
+    )  # fmt: skip
+
+
+#: The runs of :func:`cache_steps` for each system, in order: (what the run does, with the
+#: cache). The KD step is timed twice over, the fused grid once.
+CACHE_RUNS = (
+    ("live teacher", False),
+    ("filling the cache", True),
+    ("warm cache", True),
+    ("live teacher, again", False),
+    ("warm cache, again", True),
+)
+
+
+def cache_steps(args, teacher, student, speed) -> list[dict]:
+    """The KD step and the fused grid's step (images/s on the fast path, the "distillation
+    step" and "fused grid" workloads' teacher, students and settings) with the teacher
+    live, filling an empty teacher cache, and with the cache warm, in the order of
+    :data:`CACHE_RUNS` (the grid: its first three), each system's cache in a temporary data
+    folder removed afterwards. Every run starts from seed 0 on the same data, so a warm run
+    draws the filling run's augmentation again and each of its lookups hits (its
+    ``hit_rate``, 1.0; None without the cache). ``vs_live``: the run's images/s against the
+    live run before it (None for a live run). Timing on a CPU is noisy, hence two pairs."""
+    temperatures, alphas = grid_axes(args.grid)
+    systems = {
+        "KD step": (
+            CACHE_RUNS,
+            lambda cached: DistillationModule(
+                student(), teacher=teacher, teacher_cache=cached, **speed
+            ),
+        ),
+        f"fused grid ({len(temperatures) * len(alphas)} students)": (
+            CACHE_RUNS[:3],
+            lambda cached: DistillationGridModule(
+                student(),
+                teacher=teacher,
+                temperature=temperatures,
+                alpha=alphas,
+                teacher_cache=cached,
+                **speed,
+            ),  # fmt: skip
+        ),
+    }
+    rows = []
+    for system, (runs, build) in systems.items():
+        live = None
+        with tempfile.TemporaryDirectory(prefix="kdlight-bench-") as folder:
+            for what, cached in runs:
+                L.seed_everything(0, verbose=False)
+                module = build(cached)
+                rate = fast_path(module, step_data(args, folder), args, args.warmup, args.steps)
+                hit_rate = module.cache.hit_rate if cached else None
+                live = live if cached else rate
+                vs_live = rate / live if cached else None
+                name = f"{system}, {what}"
+                rows.append(
+                    {"run": name, "images_per_second": rate, "hit_rate": hit_rate,
+                     "vs_live": vs_live}
+                )  # fmt: skip
+                against = f"  hit rate {hit_rate:.1%}  x{vs_live:.2f} vs live" if cached else ""
+                print(f"{name:<40} {rate:9.0f} img/s{against}", flush=True)
+    return rows
+
+
+def lazy_fill_hit_rates(
+    num_images: int, epochs: Iterable[int], seed: int = 0, chunk: int = 8192
+) -> list[dict]:
+    """The hit rate of a teacher cache that training fills as it goes, simulated from the
+    augmentation's own draws.
+
+    Each epoch looks each of ``num_images`` training images up once, at the variant
+    :func:`kdlight.data.augment.random_crop_flip` draws for it (the real function, from a
+    generator seeded with ``seed``, on images without pixels, ``(n, 0, 1, 1)``: what it
+    draws depends on the number of images and the padding alone, and cropping nothing
+    costs nothing), and fills the misses, as ``DistillationModule`` does with
+    ``teacher_cache=True``. The images are drawn ``chunk`` at a time, as training draws
+    them a batch at a time (the draws are independent either way; small arrays are quicker
+    to make). 50,000 images x 200 epochs take about a second on a 2-core CPU.
+
+    Returns one dict per epoch E of ``epochs`` (sorted; the largest is how many epochs are
+    simulated): ``epoch``; ``epoch_hit_rate``, the fraction of epoch E's lookups that were
+    already filled; ``cumulative_hit_rate``, that of epochs 1 to E together; ``filled``,
+    the fraction of all ``num_images x 162`` entries filled after epoch E; and
+    ``teacher_forwards``, the teacher forwards of E epochs with the cache as a fraction of
+    those without it (``1 - cumulative_hit_rate``).
+    """
+    report = sorted(set(epochs))
+    generator = torch.Generator().manual_seed(seed)
+    filled = np.zeros((num_images, VARIANTS), dtype=bool)
+    lookups = hits = 0
+    rows = []
+    for epoch in range(1, report[-1] + 1):
+        epoch_hits = 0
+        for start in range(0, num_images, chunk):
+            index = np.arange(start, min(start + chunk, num_images))
+            pixels = torch.zeros(len(index), 0, 1, 1, dtype=torch.uint8)
+            _, params = random_crop_flip(pixels, generator=generator, return_params=True)
+            variants = variant_of(params).numpy()
+            epoch_hits += int(filled[index, variants].sum())
+            filled[index, variants] = True
+        lookups += num_images
+        hits += epoch_hits
+        if epoch in report:
+            rows.append(
+                {
+                    "epoch": epoch,
+                    "epoch_hit_rate": epoch_hits / num_images,
+                    "cumulative_hit_rate": hits / lookups,
+                    "filled": int(filled.sum()) / filled.size,
+                    "teacher_forwards": 1 - hits / lookups,
+                }
+            )
+    return rows
+
+
 # ---------------------------------------------------------------------------- the table
 
 
@@ -209,10 +343,7 @@ def run(args: argparse.Namespace) -> dict:
         PlainCIFAR(data.images, data.labels), batch_size=args.batch_size, shuffle=True, drop_last=True,
         num_workers=args.workers, pin_memory=device.type == "cuda", persistent_workers=args.workers > 0,
     )  # fmt: skip
-    datamodule = CIFAR10DataModule(
-        source="synthetic", synthetic_train_size=size, synthetic_test_size=args.batch_size, val_size=0,
-        batch_size=args.batch_size, on_device=device.type == "cuda",
-    )  # fmt: skip
+    datamodule = step_data(args)
     speed = {"compile": args.compile, "channels_last": args.channels_last}
     teacher = freeze(create_model(args.teacher))
 
@@ -276,6 +407,17 @@ def run(args: argparse.Namespace) -> dict:
     methods = method_steps(args, datamodule, teacher, student, speed) if args.methods else []
     zoo = zoo_steps(args, speed) if args.zoo else []
     overhead = step_overhead(args, cells) if args.overhead else []
+    cache = {"steps": [], "fill": []}
+    if args.cache:
+        cache["steps"] = cache_steps(args, teacher, student, speed)
+        cache["fill"] = lazy_fill_hit_rates(args.cache_images, args.cache_epochs)
+        for row in cache["fill"]:
+            print(
+                f"lazy fill, epoch {row['epoch']:>4}: hit rate {row['epoch_hit_rate']:7.2%}, "
+                f"epochs 1-{row['epoch']} {row['cumulative_hit_rate']:7.2%}, "
+                f"filled {row['filled']:7.2%}",
+                flush=True,
+            )
     return {
         "device": torch.cuda.get_device_name()
         if device.type == "cuda"
@@ -286,6 +428,7 @@ def run(args: argparse.Namespace) -> dict:
         "methods": methods,
         "zoo": zoo,
         "overhead": overhead,
+        "cache": cache,
     }
 
 
@@ -386,6 +529,32 @@ def markdown(result: dict) -> str:
     if result["overhead"]:
         lines += ["", "| per-step overhead, trivial model, batch 8 | ms/step |", "|---|---:|"]
         lines += [f"| {r['module']} | {r['ms_per_step']:.2f} |" for r in result["overhead"]]
+    cache = result.get("cache") or {}
+    if cache.get("steps"):
+        settings = result["settings"]
+        lines += [
+            "",
+            f"| teacher cache, {settings['teacher']} -> {settings['student']} "
+            "| step (img/s) | hit rate | ratio to the live step before |",
+            "|---|---:|---:|---:|",
+        ]
+        for r in cache["steps"]:
+            hit_rate = "" if r["hit_rate"] is None else f"{r['hit_rate']:.1%}"
+            ratio = "" if r["vs_live"] is None else f"{r['vs_live']:.2f}x"
+            lines.append(f"| {r['run']} | {r['images_per_second']:.0f} | {hit_rate} | {ratio} |")
+    if cache.get("fill"):
+        images = result["settings"]["cache_images"]
+        lines += [
+            "",
+            f"| lazily filled teacher cache, {images:,} images, after E epochs | hit rate, "
+            "epoch E | hit rate, epochs 1-E | entries filled | teacher forwards vs no cache |",
+            "|---|---:|---:|---:|---:|",
+        ]
+        lines += [
+            f"| E = {r['epoch']} | {r['epoch_hit_rate']:.2%} | {r['cumulative_hit_rate']:.2%} "
+            f"| {r['filled']:.2%} | {r['teacher_forwards']:.2%} |"
+            for r in cache["fill"]
+        ]
     return "\n".join(lines)
 
 
@@ -431,8 +600,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--overhead", action=argparse.BooleanOptionalAction, default=True,
         help="also time each module's per-step overhead with a trivial model",
     )  # fmt: skip
+    parser.add_argument(
+        "--cache", action=argparse.BooleanOptionalAction, default=True,
+        help="also time the KD step with the teacher cache (live, filling, warm) and simulate "
+        "a lazily filled cache's hit rate",
+    )  # fmt: skip
+    parser.add_argument(
+        "--cache-images", type=int, default=50_000,
+        help="training images of the lazy-fill simulation (CIFAR-10's 50,000)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--cache-epochs", type=int, nargs="+", default=[1, 10, 100, 200],
+        help="epochs after which the lazy fill's hit rate is reported (the largest is simulated)",
+    )  # fmt: skip
     parser.add_argument("--out", type=Path, default=Path("bench.json"))
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.cache_images < 1 or min(args.cache_epochs) < 1:
+        parser.error("--cache-images and --cache-epochs must be positive")
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:
