@@ -18,7 +18,7 @@ from hydra.utils import instantiate
 
 from kdlight.cache_teacher import main as cache_teacher_main
 from kdlight.data.augment import crop_flip, random_crop_flip
-from kdlight.distillers import FitNet
+from kdlight.distillers import DKD, FitNet
 from kdlight.lit import DistillationGridModule, DistillationModule
 from kdlight.models import create_model
 from kdlight.teacher_cache import VARIANTS, TeacherCache, params_of, variant_of
@@ -134,10 +134,21 @@ def assert_entries_are_the_teachers(cache: TeacherCache, teacher, data_dir: Path
     torch.testing.assert_close(stored, live)
 
 
-def test_a_feature_method_keeps_its_teacher_live(tmp_path: Path, caplog):
+def test_a_logit_method_reads_the_cache_a_feature_method_keeps_its_teacher_live(
+    tmp_path: Path, caplog
+):
+    teacher = create_model("resnet8").eval()
+    dkd = DistillationModule(
+        create_model("small_cnn", width=0.25), teacher=teacher, distiller=DKD(),
+        teacher_cache=True,
+    )  # fmt: skip
+    fit(dkd, tmp_path / "dkd", tmp_path / "data")
+    record = json.loads((tmp_path / "dkd" / "metrics.json").read_text())["teacher_cache"]
+    assert record["used"] and record["path"] == str(dkd.cache.path)
+
     module = DistillationModule(
-        create_model("small_cnn", width=0.25), teacher=create_model("resnet8").eval(),
-        distiller=FitNet(), teacher_cache=True,
+        create_model("small_cnn", width=0.25), teacher=teacher, distiller=FitNet(),
+        teacher_cache=True,
     )  # fmt: skip
     with caplog.at_level("INFO", logger="kdlight"):
         fit(module, tmp_path / "fitnet", tmp_path / "data")
