@@ -13,11 +13,12 @@ from torch import Tensor, nn
 
 from kdlight import load_model
 from kdlight.distillers import DKD, KD, Outputs
-from kdlight.lit import DistillationModule
+from kdlight.errors import KDLightError
+from kdlight.lit import DistillationGridModule, DistillationModule
 from kdlight.losses import dkd_loss, kd_loss
 from kdlight.models import create_model
 from kdlight.runs import identify, method_cell
-from tests.conftest import compose_config, cpu_trainer, run_cli, synthetic_datamodule
+from tests.conftest import compose_config, cpu_trainer, synthetic_datamodule
 
 
 def logits(seed: int, shape=(6, 10)) -> Tensor:
@@ -112,36 +113,11 @@ def test_the_method_is_part_of_the_run(tmp_path: Path):
     assert method_cell(ls.settings) == "T4_alpha0.9_ls" and ls.id != kd.id
 
 
-@pytest.mark.slow
-def test_dkd_from_the_cli_and_the_report(tmp_path: Path):
-    tiny = [
-        "trainer=cpu", "data=synthetic", "data.synthetic_train_size=300", "data.synthetic_test_size=100",
-        "data.batch_size=100", "trainer.max_epochs=1", "trainer.enable_progress_bar=false", "~callbacks.progress_bar",
-    ]  # fmt: skip
-    assert run_cli(["experiment=teacher", "model=resnet8", *tiny], tmp_path).returncode == 0
-    methods = ["-m", "experiment=distill", "distill.teacher_model=resnet8", "distiller=kd,dkd"]
-    result = run_cli([*methods, *tiny], tmp_path)
-    assert result.returncode == 0, result.stderr[-3000:]
-    (dkd,) = (tmp_path / "outputs/distill/small_cnn/dkd_T4_alpha1_beta8").glob(
-        "seed0-*/metrics.json"
-    )
-    metrics = json.loads(dkd.read_text())
-    assert metrics["distiller"] == "dkd" and metrics["distiller_settings"]["beta"] == 8.0
-
-    grid = run_cli(
-        ["experiment=distill_grid", "distill.teacher_model=resnet8", "distiller=dkd", *tiny],
-        tmp_path,
-    )
-    assert grid.returncode == 2
-    assert "error: the fused T x alpha grid trains KD cells, not distiller=dkd" in grid.stderr
-
-    report = run_cli(
-        [str(tmp_path / "outputs/distill"), "--out", str(tmp_path / "r")],
-        tmp_path,
-        "kdlight.report",
-    )
-    assert report.returncode == 0, report.stderr[-3000:]
-    text = (tmp_path / "r" / "report.md").read_text()
-    assert (
-        "| dkd: temperature=4.0, alpha=1.0, beta=8.0" in text and "| kd: T=4, alpha=0.9 |" in text
-    )
+def test_the_fused_grid_trains_kd_cells_only():
+    """Another method's grid is the method grid (``experiment=method_grid``): said in one line."""
+    with pytest.raises(
+        KDLightError, match="the fused T x alpha grid trains KD cells, not distiller=dkd"
+    ):
+        DistillationGridModule(
+            create_model("small_cnn", width=0.25), teacher=create_model("resnet8"), distiller=DKD()
+        )

@@ -40,6 +40,7 @@ def test_every_method_trains_from_the_cli_and_the_report_compares_them(teacher: 
     runs = metrics_of(teacher / "outputs" / "distill")
     assert sorted(runs) == sorted(METHODS)
     assert runs["fitnet"]["distiller_settings"]["weight"] == 100.0
+    assert runs["dkd"]["distiller_settings"]["beta"] == 8.0
     assert runs["crd"]["distiller_settings"]["num_negatives"] == 16384
     assert runs["at"]["taps"] == {
         "student": ["features.6", "features.13", "features.20"],
@@ -57,6 +58,9 @@ def test_every_method_trains_from_the_cli_and_the_report_compares_them(teacher: 
     text = (teacher / "report" / "report.md").read_text()
     for method in METHODS[1:]:
         assert f"| {method}:" in text, text
+    assert (
+        "| dkd: temperature=4.0, alpha=1.0, beta=8.0" in text and "| kd: T=4, alpha=0.9 |" in text
+    )
 
 
 @pytest.mark.slow

@@ -16,9 +16,9 @@ from kdlight.callbacks import ResumeRandomState
 from tests.conftest import TINY, run_cli
 from tests.test_signals_locks import launch, run_dirs, stderr_of
 
-#: 4 epochs of 10 steps on the CPU (500 training images in batches of 50), about 20 s a run.
-RECIPE = [*TINY, "model=small_cnn", "model.width=0.25", "trainer.max_epochs=4"]
-EPOCHS = 4
+#: 3 epochs of 10 steps on the CPU (500 training images in batches of 50), about 15 s a run.
+RECIPE = [*TINY, "model=small_cnn", "model.width=0.25", "trainer.max_epochs=3"]
+EPOCHS = 3
 
 
 def wait_for_epoch_end(run, cwd: Path, epoch: int) -> Path:
