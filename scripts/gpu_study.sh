@@ -4,24 +4,25 @@
 # fast path.
 #
 #   ARCHIVE=path/to/cifar10-jpeg.tar.gz scripts/gpu_study.sh
-#   STAGES=bench scripts/gpu_study.sh      # or STAGES=study: one part per command
+#   STAGES=bench scripts/gpu_study.sh      # or STAGES=cache, STAGES=study: one part per command
 #   EXTRA="data.train_subset=256 ..." ...  # overrides for every training run (smoke tests)
 #
 # Stages: 1. install kdlight next to the machine's torch (wheels from .whl/ when the
-# machine is offline); 2. python -m kdlight.bench; 3. teacher (200 epochs) and student
-# baseline (200 epochs) side by side on the one GPU, then the fused 12-cell T x alpha grid
-# (200 epochs), then kdlight-report.
+# machine is offline); 2. python -m kdlight.bench; 2b. its teacher-cache rows (the KD step
+# and the grid live, filling and warm; a stage of its own, so that each fits one device
+# command); 3. teacher (200 epochs) and student baseline (200 epochs) side by side on the
+# one GPU, then the fused 12-cell T x alpha grid (200 epochs), then kdlight-report.
 #
-# The figures go to $OUT (default outputs/gpu_study), eight files at most: device.txt,
-# bench.json, timings.txt, report.md, report.csv, groups.csv, heatmap.png and, if a stage
-# fails, log_ends.txt. The data cache, the runs and the full logs go to $WORK (default $OUT/work).
+# The figures go to $OUT (default outputs/gpu_study), nine files at most: device.txt,
+# bench.json, bench_cache.json, timings.txt, report.md, report.csv, groups.csv, heatmap.png
+# and, if a stage fails, log_ends.txt. The data cache, the runs and the full logs go to $WORK (default $OUT/work).
 set -Eeuo pipefail  # -E: the ERR trap below fires inside functions too
 cd "$(dirname "$0")/.."
 OUT=${OUT:-outputs/gpu_study}
 WORK=${WORK:-$OUT/work}
 ARCHIVE=${ARCHIVE:-../shared/data/cifar10-jpeg.tar.gz}
 EPOCHS=${EPOCHS:-200}
-STAGES=${STAGES:-bench study}
+STAGES=${STAGES:-bench cache study}
 EXTRA=${EXTRA:-}
 PYTHON=${PYTHON:-python3}
 mkdir -p "$OUT" "$WORK"
@@ -47,8 +48,14 @@ trap 'trap - ERR; tail -n 5 "$WORK"/*.log >"$OUT/log_ends.txt"; { echo "gpu_stud
 # 2. the benchmark
 if [[ " $STAGES " == *" bench "* ]]; then
   stamp bench_start
-  $PYTHON -m kdlight.bench --out "$OUT/bench.json" 2>&1 | tee "$WORK/bench.log" | grep -v Warning
+  $PYTHON -m kdlight.bench --no-cache --out "$OUT/bench.json" 2>&1 | tee "$WORK/bench.log" | grep -v Warning
   stamp bench_end
+fi
+if [[ " $STAGES " == *" cache "* ]]; then
+  stamp cache_start
+  $PYTHON -m kdlight.bench --no-methods --no-zoo --no-overhead --out "$OUT/bench_cache.json" 2>&1 \
+    | tee "$WORK/bench_cache.log" | grep -v Warning
+  stamp cache_end
 fi
 [[ " $STAGES " == *" study "* ]] || exit 0
 
