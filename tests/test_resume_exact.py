@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from kdlight.callbacks import ResumeRandomState
+from kdlight.models import create_model
 from tests.conftest import TINY, run_cli
 from tests.test_signals_locks import launch, run_dirs, stderr_of
 
@@ -72,12 +73,12 @@ def test_the_random_state_is_restored_from_a_weights_only_checkpoint(tmp_path: P
 
 @pytest.fixture(scope="module")
 def teacher_checkpoint(tmp_path_factory) -> str:
-    """A finished resnet8 teacher's last.ckpt, named by path so that two directories share it."""
-    root = tmp_path_factory.mktemp("teacher")
-    result = run_cli([*TINY, "experiment=teacher", "model=resnet8"], root)
-    assert result.returncode == 0, result.stderr[-3000:]
-    (checkpoint,) = (root / "outputs").rglob("checkpoints/last.ckpt")
-    return str(checkpoint)
+    """A resnet8 teacher's weights (untrained: the runs' equality does not depend on what
+    it knows), named by path so that two directories share it."""
+    path = tmp_path_factory.mktemp("teacher") / "resnet8.pt"
+    torch.manual_seed(0)
+    torch.save(create_model("resnet8").state_dict(), path)
+    return str(path)
 
 
 @pytest.mark.slow
