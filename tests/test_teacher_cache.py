@@ -75,6 +75,11 @@ def test_a_cached_kd_run_equals_the_run_without_it(tmp_path: Path):
     assert record["used"] and record["hit_rate"] == 1.0
     assert Path(record["path"]).parent == tmp_path / "data" / "teacher_cache"
     assert "teacher_cache" not in json.loads((tmp_path / "live" / "metrics.json").read_text())
+    tested = DistillationModule(warm.model, teacher=teacher, teacher_cache=True)
+    data = synthetic_datamodule(train=200, test=50, val=0, batch=50, data_dir=tmp_path / "data")
+    cpu_trainer(tmp_path / "tested", epochs=1).test(tested, datamodule=data, verbose=False)
+    record = json.loads((tmp_path / "tested" / "metrics.json").read_text())
+    assert "teacher_cache" not in record  # evaluated only: no cache was asked for in a fit
 
 
 def test_another_teacher_data_or_precision_is_another_cache(tmp_path: Path):

@@ -80,6 +80,8 @@ class TeacherCacheMixin:
     """
 
     cache: TeacherCache | None = None
+    #: whether a fit asked for the cache (an evaluation alone records nothing about it)
+    _cache_asked = False
     #: hits and lookups of every process so far in this fit (summed at each epoch's end)
     _cache_totals: tuple[int, int] = (0, 0)
 
@@ -87,6 +89,7 @@ class TeacherCacheMixin:
         """Open the cache for a fit, and have the training batches carry each image's
         index and augmentation; a method that reads the teacher's features keeps the
         teacher live, said in one line."""
+        self._cache_asked = True
         features = [slot for slot in slots if slot.teacher_names]
         if features:
             rank_zero_only(log.info)(
@@ -140,10 +143,10 @@ class TeacherCacheMixin:
         self._cache_totals = (hits, lookups)
 
     def teacher_cache_record(self) -> dict:
-        """``{"teacher_cache": {used, hit_rate, path}}`` when the cache was asked for: the
+        """``{"teacher_cache": {used, hit_rate, path}}`` when a fit asked for the cache: the
         hit rate over every process's lookups in this fit (None before the first epoch
         ended); ``{}`` otherwise."""
-        if not self.hparams.get("teacher_cache"):
+        if not self._cache_asked:
             return {}
         used = self.cache is not None
         hits, lookups = self._cache_totals
