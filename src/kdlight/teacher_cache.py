@@ -158,11 +158,6 @@ class TeacherCache:
             stored = stored.view(torch.bfloat16)
         return stored.float()
 
-    @property
-    def size_bytes(self) -> int:
-        """The two files' size (as allocated: entries not yet filled take no disk)."""
-        return self.logits.nbytes + self.filled.nbytes
-
     def missing(self) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """The ``(rows, variants)`` not filled yet, a thousand rows at a time."""
         for start in range(0, len(self.filled), 1000):
