@@ -1,5 +1,11 @@
 """The one exception type that kdlight shows to a user as a single line."""
 
+import errno
+
+#: What a full, read-only or over-quota disk raises: the machine's state, not a bug, so it
+#: is said in one line (which file, why) rather than as a traceback.
+DISK_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS}
+
 
 class KDLightError(ValueError):
     """Bad input found before work starts: the message says what is wrong and how to fix it.
@@ -16,9 +22,22 @@ def first_line(error: BaseException) -> str:
 
 
 def find_user_error(error: BaseException) -> KDLightError | None:
-    """The :class:`KDLightError` behind ``error`` (Hydra's ``instantiate`` wraps it), if any."""
+    """The :class:`KDLightError` behind ``error`` (Hydra's ``instantiate`` wraps it), if any;
+    a full, read-only or over-quota disk (:data:`DISK_ERRORS`) becomes one too."""
     while error is not None:
         if isinstance(error, KDLightError):
             return error
+        if isinstance(error, OSError) and error.errno in DISK_ERRORS:
+            return disk_error(error)
         error = error.__cause__ or error.__context__
     return None
+
+
+def disk_error(error: OSError) -> KDLightError:
+    """``error`` of a full or read-only disk as one line: the file and the reason, and that
+    what was written before is kept (kdlight writes every file whole or not at all)."""
+    where = f" {error.filename}" if error.filename else ""
+    return KDLightError(
+        f"cannot write{where}: {error.strerror or first_line(error)}; the files written before "
+        "are kept whole: free space and launch the same command again to continue"
+    )

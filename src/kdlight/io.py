@@ -43,9 +43,11 @@ def atomic_open(path: str | Path, mode: str = "wb") -> Iterator[IO]:
             file.flush()
             os.fsync(file.fileno())
         os.replace(temp, path)
-    except BaseException:
+    except BaseException as error:
         with contextlib.suppress(OSError):
             os.unlink(temp)
+        if isinstance(error, OSError) and error.errno and not error.filename:  # a write names none
+            raise OSError(error.errno, error.strerror, str(path)) from error
         raise
     _sync_folder(path.parent)
 

@@ -38,6 +38,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from kdlight import config_dir
 from kdlight.callbacks import RecordRunIdentity
+from kdlight.completion import check_finished, check_training_batches
 from kdlight.errors import KDLightError, find_user_error, first_line
 from kdlight.io import atomic_write
 from kdlight.lit import DistillationGridModule
@@ -249,6 +250,8 @@ def train(cfg: DictConfig) -> dict | None:
     log_run_settings(trainer.loggers, identity)  # for MLflow, W&B: compare runs by them
     datamodule.prepare_data()  # reads and checks the data before any work starts
     datamodule.setup("fit")
+    if not evaluate_only:
+        check_training_batches(datamodule, trainer.world_size)
     resume_from = None if evaluate_only else resume_checkpoint(output_dir, identity)
 
     if trainer.is_global_zero:  # other DDP processes share this directory
@@ -261,6 +264,10 @@ def train(cfg: DictConfig) -> dict | None:
     if not evaluate_only:
         # weights_only=False: this run's own checkpoints, written by an older kdlight too
         trainer.fit(module, datamodule=datamodule, ckpt_path=resume_from, weights_only=False)
+        stopped_early = check_finished(trainer)
+        if stopped_early:  # a stop the user asked for: a result, which says so
+            info("stopped early after epoch %d (%s)", stopped_early["epoch"], stopped_early)
+            module.run_record = {**module.run_record, "stopped_early": stopped_early}
     if cfg.test or evaluate_only:
         ckpt_path = checkpoint  # None: the weights in memory, the last ones after fit
         best = next(
