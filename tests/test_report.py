@@ -3,13 +3,16 @@ odd run files, and a report that cannot be written."""
 
 import csv
 import json
+import os
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 from omegaconf import OmegaConf
 from PIL import Image
 
+from kdlight.records import MAX_DEPTH, MAX_FILE_BYTES
 from kdlight.report import build_report, collect_runs, main
 
 CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
@@ -239,10 +242,23 @@ def test_cli_errors_on_missing_or_empty_dirs(tmp_path: Path, capsys):
 ODD_FIELDS = [
     ("model", 5, "model is 5, expected a string"),
     ("teacher_checkpoint", 7, "teacher_checkpoint is 7, expected a string"),
-    ("accuracy", "85.5", 'accuracy is "85.5", expected a finite number'),
+    ("accuracy", "85.5", 'accuracy is "85.5", expected a percentage in [0, 100]'),
+    ("accuracy", 1.7e308, "accuracy is 1.7e+308, expected a percentage in [0, 100]"),
+    ("accuracy", 250, "accuracy is 250, expected a percentage in [0, 100]"),
+    (
+        "per_class_accuracy",
+        {"cat": 85.0, "dog": -40},
+        "per_class_accuracy.dog is -40, expected a percentage in [0, 100]",
+    ),
+    (
+        "teacher_accuracy",
+        float("inf"),
+        "teacher_accuracy is Infinity, expected a percentage in [0, 100]",
+    ),
+    ("temperature", -4, "temperature is -4, expected a finite number > 0"),
     ("epochs", 2.5, "epochs is 2.5, expected a whole number >= 0"),
     ("per_class_accuracy", [1, 2], "per_class_accuracy is [1, 2], expected an object"),
-    ("val_acc_best", True, "val_acc_best is true, expected a finite number"),
+    ("val_acc_best", True, "val_acc_best is true, expected a percentage in [0, 100]"),
     ("validation", "maybe", "validation is 'maybe', expected one of ('held_out', 'test_set')"),
     ("run", {"settings": {}, "seed": "zero"}, 'run.seed is "zero", expected a whole number'),
     ("run", {"seed": 0}, "run.settings is missing, expected an object"),
@@ -264,7 +280,7 @@ ODD_FIELDS = [
 def test_wrong_typed_fields_fail_their_runs_only(outputs: Path, tmp_path: Path):
     grid = outputs / "distill" / "small_cnn"
     for k, (field, value, _) in enumerate(ODD_FIELDS):
-        run = make_run(grid / f"odd{k}", outputs, "distill", "small_cnn", 99.0, 32.0, k / 10)
+        run = make_run(grid / f"odd{k}", outputs, "distill", "small_cnn", 95.0, 32.0, k / 10)
         metrics = json.loads((run / "metrics.json").read_text())
         (run / "metrics.json").write_text(json.dumps(metrics | {field: value}))
     written = build_report([outputs], tmp_path / "report")
@@ -275,7 +291,7 @@ def test_wrong_typed_fields_fail_their_runs_only(outputs: Path, tmp_path: Path):
         assert rows[f"odd{k}"]["error"] == f"unreadable metrics.json: {reason}"
         assert f"`distill/small_cnn/odd{k}` (failed): unreadable metrics.json: {reason}" in markdown
     assert sum(r["status"] == "finished" for r in rows.values()) == 6  # the rest is reported
-    assert "Best distilled small_cnn: T=4, alpha=0.9" in markdown  # no 99% from an odd run
+    assert "Best distilled small_cnn: T=4, alpha=0.9" in markdown  # no 95% from an odd run
 
 
 def add_teacher_cache(run_dir: Path, used: bool, hit_rate: float | None = None) -> None:
@@ -345,6 +361,54 @@ def test_a_class_without_test_images_reads_as_empty(outputs: Path, tmp_path: Pat
         written = build_report([outputs], tmp_path / "report")
         row = next(r for r in read_csv(written["csv"]) if r["path"].endswith("T4_alpha0.9"))
         assert row["status"] == "finished" and row["acc_truck"] == "" and row["acc_cat"] != ""
+
+
+def billion_laughs(levels: int = 9) -> str:
+    """A "billion laughs" YAML: each of ``levels`` lists holds nine aliases of the one before,
+    9**levels strings from 400 bytes."""
+    lines = [f"l0: &l0 [{', '.join(['lol'] * 9)}]"]
+    lines += [f"l{i}: &l{i} [{', '.join([f'*l{i - 1}'] * 9)}]" for i in range(1, levels)]
+    return "\n".join(lines) + "\n"
+
+
+def test_a_fifo_and_a_billion_laughs_are_unreadable_runs_not_a_hang(outputs: Path, tmp_path: Path):
+    """A FIFO never gets a writer and the laughs expand for hours: the report ran in a
+    process of its own, with a time limit, so that a hang fails this test, not the suite."""
+    grid = outputs / "distill" / "small_cnn"
+    fifo = make_run(grid / "fifo", outputs, "distill", "small_cnn", 95.0, 32.0, 0.1)
+    (fifo / "metrics.json").unlink()
+    os.mkfifo(fifo / "metrics.json")
+    laughs = make_run(grid / "laughs", outputs, "distill", "small_cnn", 95.0, 32.0, 0.2)
+    (laughs / "config.yaml").write_text(billion_laughs())
+    out = tmp_path / "report"
+    command = [sys.executable, "-m", "kdlight.report", str(outputs), "--out", str(out)]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=90)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = {Path(r["path"]).name: r for r in read_csv(out / "report.csv")}
+    assert (rows["fifo"]["status"], rows["laughs"]["status"]) == ("failed", "failed")
+    assert rows["fifo"]["error"] == "unreadable metrics.json: it is a FIFO, not a regular file"
+    assert rows["laughs"]["error"] == (
+        "unreadable config.yaml: it holds YAML anchors or aliases (& and *), which kdlight "
+        "never writes"
+    )
+    assert "Best distilled small_cnn: T=4, alpha=0.9" in (out / "report.md").read_text()
+
+
+def test_an_oversized_or_deeply_nested_file_is_an_unreadable_run(outputs: Path):
+    grid = outputs / "distill" / "small_cnn"
+    big = make_run(grid / "big", outputs, "distill", "small_cnn", 95.0, 32.0, 0.1)
+    metrics = (big / "metrics.json").read_text()
+    (big / "metrics.json").write_text(metrics + " " * MAX_FILE_BYTES)  # valid JSON still
+    deep = make_run(grid / "deep", outputs, "distill", "small_cnn", 95.0, 32.0, 0.2)
+    (deep / "config.yaml").write_text("{a: " * (MAX_DEPTH + 1) + "1" + "}" * (MAX_DEPTH + 1))
+    runs = {Path(r["path"]).name: r for r in collect_runs([outputs])}
+    assert runs["big"]["error"] == (
+        "unreadable metrics.json: it holds more than 4 MiB, more than a run's record"
+    )
+    assert (
+        runs["deep"]["error"] == f"unreadable config.yaml: it nests deeper than {MAX_DEPTH} levels"
+    )
+    assert runs["big"]["status"] == runs["deep"]["status"] == "failed"
 
 
 def test_an_unwritable_out_is_one_line_and_exit_2(outputs: Path, tmp_path: Path, capsys):

@@ -5,19 +5,26 @@ tells which runs may be averaged or compared.
 :func:`collect_runs` finds every run directory below the given ones (a directory holding
 ``config.yaml``, ``metrics.json``, ``error.txt`` or ``.hydra/config.yaml``) and reads one
 record per run (:func:`load_run`). A run whose files cannot be read, or whose
-``metrics.json`` holds a field of the wrong type (:func:`read_metrics`), is a failed run with
-the reason. A run's ``teacher_cache`` block (``distill.teacher_cache=true``) says whether
+``metrics.json`` holds a field of the wrong type or an impossible number (an accuracy outside
+[0, 100] %, :func:`read_metrics`), is a failed run with the reason. Run files are read only
+when they are regular files of at most :data:`MAX_FILE_BYTES` (:func:`read_run_file`: a
+FIFO or a device would block the report), and a ``config.yaml`` only without YAML anchors
+and aliases, nested at most :data:`MAX_DEPTH` deep (:func:`parse_config`: a "billion
+laughs" file expands without bound). A run's ``teacher_cache`` block (``distill.teacher_cache=true``) says whether
 it looked the teacher's logits up on disk and how often it found them there. The text forms
 of a record's values shared by the report and the plots (:func:`_fmt`, :func:`_cell`,
 :func:`_mean_std`) live here too.
 """
 
 import hashlib
+import io
 import json
 import math
 import os
+import stat
 from pathlib import Path
 
+import yaml
 from omegaconf import DictConfig, OmegaConf
 
 from kdlight.runs import group_key, is_debug, settings
@@ -30,26 +37,23 @@ FIELDS += ("validation", "teacher_accuracy", "teacher_checkpoint", "root", "delt
 FIELDS += ("seed", "settings", "epochs", "test_images", "test_set", "role", "group", "sweep")
 FIELDS += ("method", "method_settings", "teacher_cache", "teacher_cache_hit_rate")
 #: metrics.json's fields and the kind of value each must hold (null is allowed but for the
-#: first two); see :data:`KINDS`.
-METRICS = {"accuracy": "number", "per_class_accuracy": "table", "system": "text"}
+#: first two); see :data:`KINDS`. Accuracies are percentages, as kdlight-train writes them.
+METRICS = {"accuracy": "percent", "per_class_accuracy": "table", "system": "text"}
 METRICS |= {"model": "text", "epochs": "count", "test_images": "count", "test_set": "text"}
-METRICS |= {"val_acc_best": "number", "validation": "text", "temperature": "number"}
-METRICS |= {"alpha": "number", "teacher_model": "text", "teacher_checkpoint": "text"}
-METRICS |= {"teacher_accuracy": "number", "run": "table", "distiller": "text"}
+METRICS |= {"val_acc_best": "percent", "validation": "text", "temperature": "positive"}
+METRICS |= {"alpha": "weight", "teacher_model": "text", "teacher_checkpoint": "text"}
+METRICS |= {"teacher_accuracy": "percent", "run": "table", "distiller": "text"}
 METRICS |= {"distiller_settings": "table", "teacher_cache": "table"}
 RUN_BLOCK = {"settings": "table", "id": "text", "seed": "integer", "debug": "flag"}
 #: The ``teacher_cache`` block: whether the run used the cache of teacher logits, the
 #: fraction of its teacher lookups found there and the cache's folder.
 TEACHER_CACHE = {"used": "flag", "hit_rate": "fraction", "path": "text"}
 KINDS = {
-    "number": (
-        "a finite number",
-        lambda v: _is_int(v) or isinstance(v, float) and math.isfinite(v),
-    ),
-    "fraction": (
-        "a number in [0, 1]",
-        lambda v: (_is_int(v) or isinstance(v, float)) and 0 <= v <= 1,
-    ),
+    "number": ("a finite number", lambda v: _is_finite(v)),
+    "percent": ("a percentage in [0, 100]", lambda v: _is_finite(v) and 0 <= v <= 100),
+    "positive": ("a finite number > 0", lambda v: _is_finite(v) and v > 0),
+    "weight": ("a finite number >= 0", lambda v: _is_finite(v) and v >= 0),
+    "fraction": ("a number in [0, 1]", lambda v: _is_finite(v) and 0 <= v <= 1),
     "count": ("a whole number >= 0", lambda v: _is_int(v) and v >= 0),
     "integer": ("a whole number", lambda v: _is_int(v)),
     "text": ("a string", lambda v: isinstance(v, str)),
@@ -57,10 +61,69 @@ KINDS = {
     "table": ("an object", lambda v: isinstance(v, dict)),
 }
 VALIDATION = ("held_out", "test_set")  # held out of the training images, or the test set
+#: The most bytes the report reads of one run file: kdlight's are a few kB (a per-class
+#: table of 1000 classes about 40 kB); anything larger is not one of its records.
+MAX_FILE_BYTES = 4 * 2**20
+#: How deeply a ``config.yaml`` may nest: kdlight's nest 4 or 5 levels.
+MAX_DEPTH = 64
+FILE_KINDS = {stat.S_ISDIR: "a directory", stat.S_ISFIFO: "a FIFO", stat.S_ISSOCK: "a socket"}
+FILE_KINDS |= {stat.S_ISCHR: "a character device", stat.S_ISBLK: "a block device"}
 
 
 def _is_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_finite(value) -> bool:
+    """A JSON number that is neither NaN nor infinite (true and false are not numbers)."""
+    return _is_int(value) or isinstance(value, float) and math.isfinite(value)
+
+
+def _not_regular(mode: int) -> str | None:
+    """Why a file of ``mode`` is not read (``it is a FIFO, not a regular file``), or None."""
+    if stat.S_ISREG(mode):
+        return None
+    kind = next((name for is_kind, name in FILE_KINDS.items() if is_kind(mode)), "not a file")
+    return f"it is {kind}, not a regular file"
+
+
+def read_run_file(file: Path, limit: int = MAX_FILE_BYTES) -> str:
+    """The text of ``file`` when it is a regular file of at most ``limit`` bytes; else
+    ValueError saying what it is. A FIFO, a device or a socket is never read: opening one
+    blocks (a FIFO waits for a writer) or acts on a device. It is looked at before it is
+    opened, opened without blocking, and looked at again once open, so a file swapped in
+    between is refused as well. Undecodable bytes read as U+FFFD."""
+    why = _not_regular(os.stat(file).st_mode)
+    if why:
+        raise ValueError(why)
+    fd = os.open(file, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY)
+    with os.fdopen(fd, "rb") as opened:
+        why = _not_regular(os.fstat(fd).st_mode)
+        if why:
+            raise ValueError(why)
+        data = opened.read(limit + 1)
+    if len(data) > limit:
+        raise ValueError(f"it holds more than {limit // 2**20} MiB, more than a run's record")
+    return data.decode("utf-8", errors="replace")
+
+
+def parse_config(text: str) -> DictConfig:
+    """A run's ``config.yaml`` (as OmegaConf reads it) from its ``text``, refused with
+    ValueError when it holds YAML anchors or aliases (which kdlight never writes, and which
+    let a few lines expand to billions of values: "billion laughs") or nests deeper than
+    :data:`MAX_DEPTH`. Its events are checked before anything is built from them."""
+    depth = 0
+    for event in yaml.parse(text, Loader=yaml.SafeLoader):
+        if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None):
+            raise ValueError(
+                "it holds YAML anchors or aliases (& and *), which kdlight never writes"
+            )
+        depth += isinstance(event, yaml.CollectionStartEvent)
+        depth -= isinstance(event, yaml.CollectionEndEvent)
+        if depth > MAX_DEPTH:
+            raise ValueError(f"it nests deeper than {MAX_DEPTH} levels")
+    cfg = OmegaConf.load(io.StringIO(text))
+    return cfg if isinstance(cfg, DictConfig) else OmegaConf.create()
 
 
 def _float(value) -> float | None:
@@ -78,8 +141,7 @@ def _read_config(path: Path) -> DictConfig:
     """``config.yaml`` (resolved), else Hydra's unresolved ``.hydra/config.yaml``, else empty."""
     for file in (path / "config.yaml", path / ".hydra" / "config.yaml"):
         if file.exists():
-            cfg = OmegaConf.load(file)
-            return cfg if isinstance(cfg, DictConfig) else OmegaConf.create()
+            return parse_config(read_run_file(file))
     return OmegaConf.create()
 
 
@@ -103,9 +165,14 @@ def _check(record: dict, kinds: dict, where: str = "", required: int = 0) -> Non
 
 
 def read_metrics(file: Path) -> dict:
-    """``metrics.json``, checked: a field of the wrong type raises ValueError naming it. A
-    class's accuracy of ``NaN`` (no test image of it, as older runs wrote it) reads as None."""
-    metrics = json.loads(file.read_text())
+    """``metrics.json``, checked: a field of the wrong type or an impossible value (an
+    accuracy outside [0, 100] %, a number that is not finite) raises ValueError naming it,
+    as does a file that is not a regular one (:func:`read_run_file`). A class's accuracy of
+    ``NaN`` (no test image of it, as older runs wrote it) reads as None."""
+    try:
+        metrics = json.loads(read_run_file(file))
+    except RecursionError:
+        raise ValueError("it nests too deeply to parse") from None
     if not isinstance(metrics, dict):
         raise ValueError(f"expected an object, got {type(metrics).__name__}")
     _check(metrics, METRICS, required=2)
@@ -113,7 +180,7 @@ def read_metrics(file: Path) -> dict:
         name: None if isinstance(v, float) and math.isnan(v) else v
         for name, v in metrics["per_class_accuracy"].items()
     }
-    _check(per_class, dict.fromkeys(per_class, "number"), "per_class_accuracy.")
+    _check(per_class, dict.fromkeys(per_class, "percent"), "per_class_accuracy.")
     if metrics.get("validation") not in (None, *VALIDATION):
         raise ValueError(f"validation is {metrics['validation']!r}, expected one of {VALIDATION}")
     if metrics.get("run") is not None:
@@ -142,6 +209,7 @@ def _read_run(path: Path, run: dict) -> None:
     except Exception as err:  # a config that cannot be parsed, for any reason
         cfg = OmegaConf.create()
         run |= {"status": "failed", "error": f"unreadable config.yaml: {err}"}
+    config_read = run["status"] != "failed"
 
     def get(key: str):  # an interpolation left in .hydra/config.yaml reads as None
         return OmegaConf.select(cfg, key, default=None, throw_on_resolution_failure=False)
@@ -161,7 +229,9 @@ def _read_run(path: Path, run: dict) -> None:
         run["validation"] = VALIDATION[val_size == 0]
 
     metrics_file, error_file = path / "metrics.json", path / "error.txt"
-    if metrics_file.exists():
+    if metrics_file.exists() and not config_read:
+        pass  # the config's reason stands: a result is not reported without its settings
+    elif metrics_file.exists():
         try:
             metrics = read_metrics(metrics_file)
         except (OSError, ValueError) as err:
@@ -170,8 +240,8 @@ def _read_run(path: Path, run: dict) -> None:
             _read_result(run, metrics, cfg)
     elif error_file.exists():
         try:
-            lines = error_file.read_text(errors="replace").strip().splitlines()
-        except OSError as err:
+            lines = read_run_file(error_file).strip().splitlines()
+        except (OSError, ValueError) as err:
             lines = [f"unreadable error.txt: {err}"]
         run |= {"status": "failed", "error": lines[0] if lines else "error.txt is empty"}
 
