@@ -2,8 +2,11 @@
 (``logger=wandb``), as Lightning's loggers with what kdlight's runs need.
 
 - :class:`MLFlowLogger` opens its tracking store when it first logs, on the process that
-  logs, one process at a time for a local SQLite file (runs launched together).
-- :class:`WandbLogger` gives each run of a multirun a W&B run of its own.
+  logs, one process at a time for a local SQLite file (runs launched together). A local
+  SQLite file that cannot be used (a folder, not a database, locked by another process) is
+  one error line when the logger is made, before any work (:func:`check_sqlite_store`).
+- :class:`WandbLogger` gives each run of a multirun a W&B run of its own; an online run that
+  cannot start (no network, no login) is one error line before training.
 - :func:`log_run_settings` gives the trackers the run's settings (model, method, T, alpha,
   seed...), so that runs can be compared and filtered by them.
 
@@ -14,6 +17,9 @@ Their packages are optional (``pip install 'kdlight[mlflow]'``, ``'kdlight[wandb
 import contextlib
 import fcntl
 import inspect
+import os
+import sqlite3
+import stat
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from unittest import mock
@@ -22,10 +28,16 @@ from lightning.pytorch.loggers import Logger
 from lightning.pytorch.loggers import MLFlowLogger as _MLFlowLogger
 from lightning.pytorch.loggers import WandbLogger as _WandbLogger
 from lightning.pytorch.loggers.logger import rank_zero_experiment
+from lightning.pytorch.utilities import rank_zero_only
 
+from kdlight.errors import KDLightError, first_line
 from kdlight.runs import RunIdentity
 
 SQLITE = "sqlite:///"
+#: How long the check of a local MLflow store waits for another process's lock on it
+#: (seconds): a write by a run logging beside this one takes milliseconds.
+LOCK_WAIT_S = 5.0
+ELSEWHERE = "log elsewhere with logger.mlflow.tracking_uri=sqlite:///FILE"
 
 
 class MLFlowLogger(_MLFlowLogger):
@@ -46,6 +58,8 @@ class MLFlowLogger(_MLFlowLogger):
         # Lightning's __init__ ends with `MlflowClient(tracking_uri)`: made on first use here
         with mock.patch("mlflow.tracking.MlflowClient", lambda *_, **__: None):
             super().__init__(*args, **kwargs)
+        if rank_zero_only.rank == 0:  # the process that will open the store
+            check_sqlite_store(self._tracking_uri)
 
     @property
     def _mlflow_client(self):
@@ -64,16 +78,79 @@ class MLFlowLogger(_MLFlowLogger):
     def experiment(self):
         if self._initialized:
             return self._mlflow_client
-        with _sqlite_lock(self._tracking_uri):
-            return super().experiment
+        from mlflow.exceptions import MlflowException
+        from sqlalchemy.exc import SQLAlchemyError
+
+        try:
+            with _sqlite_lock(self._tracking_uri):
+                return super().experiment
+        except (MlflowException, SQLAlchemyError, sqlite3.Error) as err:
+            # MLflow has retried for seconds already: what is left is the store itself
+            raise KDLightError(
+                f"cannot open the MLflow store {self._tracking_uri}: {first_line(err)}"
+            ) from err
+
+
+def _sqlite_file(tracking_uri: str) -> str:
+    """The file of a ``sqlite:///`` tracking URI; empty for other stores and ``:memory:``."""
+    path = tracking_uri[len(SQLITE) :] if tracking_uri.startswith(SQLITE) else ""
+    return "" if path == ":memory:" else path
+
+
+def check_sqlite_store(tracking_uri: str, wait: float = LOCK_WAIT_S) -> None:
+    """Raise KDLightError when the local SQLite file of ``tracking_uri`` cannot be MLflow's
+    store: a folder or another non-regular file, a file that is not an SQLite database, or
+    one that another process keeps locked for more than ``wait`` seconds. Nothing is
+    checked for other stores, nor for a file that does not exist yet (MLflow creates it).
+
+    MLflow would find out only when the run first logs, after retrying for half a minute
+    (two minutes for a locked file), and end the run with a traceback. Here the file is
+    opened as MLflow will open it, for writing, in a transaction that changes nothing, while
+    holding the lock runs that start together take turns with (``mlflow.db.lock``)."""
+    path = _sqlite_file(tracking_uri)
+    if not path:
+        return
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        return
+    except OSError as err:
+        raise KDLightError(f"cannot open the MLflow store {path}: {err.strerror}") from err
+    move = f"move it away, or {ELSEWHERE}"
+    if stat.S_ISDIR(mode):
+        raise KDLightError(f"the MLflow store {path} is a folder, not an SQLite file: {move}")
+    if not stat.S_ISREG(mode):
+        raise KDLightError(f"the MLflow store {path} is not a regular file: {move}")
+    with _sqlite_lock(tracking_uri):
+        try:
+            store = sqlite3.connect(
+                f"{Path(path).resolve().as_uri()}?mode=rw", uri=True, timeout=wait
+            )
+            try:
+                store.execute("BEGIN IMMEDIATE")  # the write lock each of MLflow's writes takes
+                store.execute("SELECT count(*) FROM sqlite_master").fetchone()
+                store.rollback()
+            finally:
+                store.close()
+        except sqlite3.OperationalError as err:
+            if "locked" not in str(err) and "busy" not in str(err):
+                raise KDLightError(f"cannot open the MLflow store {path}: {err}") from err
+            raise KDLightError(
+                f"the MLflow store {path} is locked by another process (waited {wait:g} s): "
+                f"let it finish, or {ELSEWHERE}"
+            ) from err
+        except sqlite3.DatabaseError as err:
+            raise KDLightError(
+                f"the MLflow store {path} is not an SQLite database ({err}): {move}"
+            ) from err
 
 
 @contextlib.contextmanager
 def _sqlite_lock(tracking_uri: str) -> Iterator[None]:
     """Hold ``<file>.lock`` beside the SQLite file of ``tracking_uri`` (nothing for other
     stores). A folder whose files cannot be locked (some cluster mounts) goes unlocked."""
-    path = tracking_uri[len(SQLITE) :] if tracking_uri.startswith(SQLITE) else ""
-    if not path or path == ":memory:":
+    path = _sqlite_file(tracking_uri)
+    if not path:
         yield
         return
     lock = Path(path).with_name(Path(path).name + ".lock")
@@ -89,7 +166,12 @@ class WandbLogger(_WandbLogger):
 
     Lightning's logs into ``wandb.run`` when a W&B run is already going in the process:
     the jobs of a multirun share a process, and every job would log into the first job's
-    run. Here a W&B run that an earlier job left going is finished first."""
+    run. Here a W&B run that an earlier job left going is finished first.
+
+    The W&B run starts when the run's settings are logged, before training: an online run
+    that cannot reach its server (within W&B's ``init_timeout``, 90 s unless
+    ``WANDB_INIT_TIMEOUT`` says otherwise) or has no login is one error line that says to
+    log offline and upload later, not a traceback."""
 
     __signature__ = inspect.signature(_WandbLogger)
 
@@ -101,12 +183,23 @@ class WandbLogger(_WandbLogger):
     @property
     @rank_zero_experiment
     def experiment(self):
-        if self._experiment is None:
-            import wandb
+        if self._experiment is not None:
+            return self._experiment
+        import wandb
 
-            if wandb.run is not None:
-                wandb.finish()
-        return super().experiment
+        if wandb.run is not None:
+            wandb.finish()
+        try:
+            return super().experiment
+        except wandb.errors.Error as err:  # no network, no login, a server that refuses
+            reason = first_line(err).rstrip(".")
+            if self._offline:
+                raise KDLightError(f"W&B could not start its offline run: {reason}") from err
+            raise KDLightError(
+                f"W&B could not start an online run ({reason}): log offline with "
+                "logger.wandb.offline=true (the default) and upload the run later with "
+                "`wandb sync`"
+            ) from err
 
 
 #: The loggers that are given the run's settings: trackers, where runs are compared by them
