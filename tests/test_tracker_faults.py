@@ -14,10 +14,11 @@ import threading
 import time
 from pathlib import Path
 
+import pytest
 from omegaconf import OmegaConf
 
-from kdlight.errors import find_user_error
-from kdlight.loggers import ELSEWHERE, LOCK_WAIT_S, check_sqlite_store
+from kdlight.errors import KDLightError, find_user_error
+from kdlight.loggers import ELSEWHERE, LOCK_WAIT_S, MLFlowLogger, check_sqlite_store
 from kdlight.train import build_trainer
 from tests.conftest import TINY, compose_config, run_cli
 from tests.test_settings import error_lines
@@ -104,6 +105,23 @@ def test_a_store_in_use_by_a_run_is_not_refused(tmp_path: Path):
         release.join()
         db.close()
     assert store.read_bytes() == before
+
+
+def test_a_store_mlflow_cannot_use_is_one_line_when_first_used(tmp_path: Path):
+    """An SQLite file whose tables a newer MLflow made passes the check (it is a database,
+    not locked); MLflow's own refusal, when the run logs its settings before training, is
+    one line too."""
+    store = tmp_path / "mlflow.db"
+    with sqlite3.connect(store) as db:
+        db.execute("CREATE TABLE alembic_version (version_num VARCHAR(32) NOT NULL)")
+        db.execute("INSERT INTO alembic_version VALUES ('ffffffffffff')")
+    uri = f"sqlite:///{store}"
+    logger = MLFlowLogger(experiment_name="train", tracking_uri=uri)
+    with pytest.raises(KDLightError) as error:
+        logger.log_hyperparams({"model.name": "small_cnn"})
+    assert str(error.value) == (
+        f"cannot open the MLflow store {uri}: Can't locate revision identified by 'ffffffffffff'"
+    )
 
 
 def closed_port() -> int:

@@ -78,14 +78,16 @@ class MLFlowLogger(_MLFlowLogger):
     def experiment(self):
         if self._initialized:
             return self._mlflow_client
+        from alembic.util import CommandError
         from mlflow.exceptions import MlflowException
         from sqlalchemy.exc import SQLAlchemyError
 
         try:
             with _sqlite_lock(self._tracking_uri):
                 return super().experiment
-        except (MlflowException, SQLAlchemyError, sqlite3.Error) as err:
-            # MLflow has retried for seconds already: what is left is the store itself
+        except (MlflowException, SQLAlchemyError, CommandError, sqlite3.Error) as err:
+            # MLflow has retried for seconds already: what is left is the store itself (or
+            # its tables: alembic's CommandError, e.g. a store made by a newer MLflow)
             raise KDLightError(
                 f"cannot open the MLflow store {self._tracking_uri}: {first_line(err)}"
             ) from err
