@@ -1,9 +1,16 @@
 """Shared fixtures: the real Hydra config composed for CPU and tiny data, the CLI in a
-subprocess, and the offline CIFAR-10 archive (decoded once per session)."""
+subprocess, the offline CIFAR-10 archive (decoded once per session), and what fault tests
+need: a small real filesystem where mounting is not allowed, and a failure, not a skip, in
+CI when one cannot run."""
 
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
+import xml.etree.ElementTree as ElementTree
+from collections.abc import Callable, Iterator
+from functools import cache
 from pathlib import Path
 
 import lightning as L
@@ -119,3 +126,149 @@ def untrained_teacher(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("teacher") / "last.ckpt"
     torch.save(checkpoint, path)
     return path
+
+
+# ------------------------------------------------------------------------------ fault tests
+# A test marked ``fault`` runs a fault for real: a full or read-only filesystem, a kill, a
+# signal, a planted file. Where it cannot (no mount rights, no user namespaces), it skips
+# with the reason; with --fault-skips-fail (.ci/run passes it) that skip is a failure, so
+# CI never passes a fault it did not run.
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--fault-skips-fail",
+        action="store_true",
+        help="a skipped test marked fault fails: CI must run every fault it promises",
+    )
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
+    outcome = yield
+    report = outcome.get_result()
+    if (
+        report.skipped
+        and not hasattr(report, "wasxfail")
+        and item.get_closest_marker("fault")
+        and item.config.getoption("fault_skips_fail")
+    ):
+        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else report.longrepr
+        report.outcome = "failed"
+        report.longrepr = f"a fault test skipped, and --fault-skips-fail is set: {reason}"
+
+
+#: ``KDLIGHT_TEST_MOUNTS``: unset, fault tests mount here where this process may, else in a
+#: user and mount namespace; ``namespace`` always in a namespace (to check that way where
+#: mounting is allowed); ``here`` never in one (set inside the namespace itself).
+MOUNTS_ENV = "KDLIGHT_TEST_MOUNTS"
+_RUN_IN_A_NAMESPACE = pytest.StashKey[bool]()
+
+
+@cache
+def can_unshare() -> bool:
+    """Whether a user and mount namespace can be made here (``unshare -rm``): in it, any
+    user may mount a tmpfs that only its own processes see."""
+    if sys.platform != "linux" or shutil.which("unshare") is None:
+        return False
+    return subprocess.run(["unshare", "-rm", "true"], capture_output=True).returncode == 0
+
+
+@cache
+def mount_rights() -> str:
+    """Where this session's fault tests mount: ``here`` (root with the right, or inside the
+    namespace), ``namespace`` (each such test is run again inside ``unshare -rm``), or the
+    reason neither works."""
+    wanted = os.environ.get(MOUNTS_ENV, "")
+    if wanted != "namespace" and sys.platform == "linux" and shutil.which("mount"):
+        with tempfile.TemporaryDirectory() as folder:
+            command = ["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", folder]
+            tried = subprocess.run(command, capture_output=True, text=True)
+            if tried.returncode == 0:
+                subprocess.run(["umount", folder], check=True)
+                return "here"
+    if wanted != "here" and can_unshare():
+        return "namespace"
+    return "cannot mount a tmpfs here, nor in a user and mount namespace (unshare -rm)"
+
+
+def mounts_here(item: pytest.Item) -> bool:
+    """Whether ``item`` mounts in this process. Where it cannot but a namespace can be
+    made, it is marked to run again inside one (:func:`pytest_pyfunc_call`) and False is
+    returned: the fixture must not mount here. Where neither works, it skips."""
+    rights = mount_rights()
+    if rights == "here":
+        return True
+    if rights == "namespace":
+        item.stash[_RUN_IN_A_NAMESPACE] = True
+        return False
+    pytest.skip(rights)
+
+
+def mount(folder: Path, options: str) -> None:
+    """A fresh tmpfs with ``options`` (``size=2m``, ``ro``...) on ``folder``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    command = ["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(folder)]
+    result = subprocess.run(command, capture_output=True, text=True)
+    assert result.returncode == 0, f"cannot mount a tmpfs on {folder}: {result.stderr.strip()}"
+
+
+def unmount(folder: Path) -> None:
+    if subprocess.run(["umount", str(folder)], capture_output=True).returncode:
+        subprocess.run(["umount", "--lazy", str(folder)], check=True)
+
+
+@pytest.fixture
+def mount_tmpfs(request: pytest.FixtureRequest) -> Iterator[Callable[[Path, int], Path]]:
+    """``mount(folder, megabytes)``: a fresh tmpfs of that size on ``folder``, unmounted at
+    the end of the test whatever happens. Where this process may not mount, the whole test
+    runs again in a user and mount namespace and its outcome is this test's."""
+    if not mounts_here(request.node):
+
+        def elsewhere(folder: Path, megabytes: int) -> Path:
+            raise AssertionError("this test runs in a user and mount namespace, not here")
+
+        yield elsewhere
+        return
+    mounted: list[Path] = []
+
+    def mount_one(folder: Path, megabytes: int) -> Path:
+        mount(folder, f"size={megabytes}m")
+        mounted.append(folder)
+        return folder
+
+    yield mount_one
+    for folder in reversed(mounted):
+        unmount(folder)
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_pyfunc_call(pyfuncitem: pytest.Function) -> bool | None:
+    """A test marked to run in a namespace (:func:`mounts_here`) runs there instead."""
+    if not pyfuncitem.stash.get(_RUN_IN_A_NAMESPACE, False):
+        return None
+    run_in_a_namespace(pyfuncitem)
+    return True
+
+
+def run_in_a_namespace(item: pytest.Item) -> None:
+    """Run ``item`` again, alone, in a new pytest inside ``unshare -rm`` (where it may mount),
+    and make its outcome this one's: a failure fails, a skip skips."""
+    with tempfile.TemporaryDirectory(prefix="kdlight-namespace-") as folder:
+        results = Path(folder) / "results.xml"
+        command = [
+            "unshare", "-rm", sys.executable, "-m", "pytest", item.nodeid, "-q",
+            "-p", "no:cacheprovider", f"--basetemp={folder}/tmp", f"--junitxml={results}",
+        ]  # fmt: skip
+        environ = {**os.environ, MOUNTS_ENV: "here"}
+        done = subprocess.run(
+            command, cwd=REPO, env=environ, capture_output=True, text=True, timeout=900
+        )
+        output = f"{done.stdout}\n{done.stderr}"[-6000:]
+        cases = ElementTree.parse(results).getroot().iter("testcase") if results.exists() else []
+        (case,) = list(cases) or [None]
+    assert case is not None, f"the namespace's pytest ran no test:\n{output}"
+    if (skipped := case.find("skipped")) is not None:
+        pytest.skip(f"in a user and mount namespace: {skipped.get('message')}")
+    if case.find("failure") is not None or case.find("error") is not None:
+        pytest.fail(f"failed in a user and mount namespace (unshare -rm):\n{output}", False)

@@ -2,20 +2,18 @@
 SIGKILL during a save leave the previous checkpoint whole and no temporary file behind, a
 checkpoint with NaN weights is never written, and bad checkpoint settings are one line.
 
-The filesystem tests mount a small tmpfs (root on Linux; skipped, with the reason, where
-mounting is not permitted), so the checkpoints live on another filesystem than ``$TMPDIR``,
-as on a cluster's shared storage."""
+The full-disk tests mount a small tmpfs (``mount_tmpfs``: here where this process may
+mount, else in a user and mount namespace), so the checkpoints live on another filesystem
+than ``$TMPDIR``, as on a cluster's shared storage."""
 
 import errno
 import functools
 import hashlib
 import os
-import shutil
 import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import lightning as L
@@ -29,30 +27,14 @@ from kdlight.checkpointing import AtomicCheckpointIO, CheckpointWriteError, non_
 from kdlight.errors import KDLightError
 from kdlight.lit import ClassifierModule
 from kdlight.models import create_model
-from tests.conftest import REPO, TINY, compose_config, run_cli, synthetic_datamodule
-
-
-@pytest.fixture
-def mount_tmpfs() -> Iterator:
-    """``mount(folder, megabytes)``: a fresh tmpfs of that size on ``folder``, unmounted at
-    the end of the test whatever happens."""
-    mounted: list[Path] = []
-
-    def mount(folder: Path, megabytes: int) -> Path:
-        if sys.platform != "linux" or shutil.which("mount") is None:
-            pytest.skip("needs Linux and mount(8) to make a small real filesystem")
-        folder.mkdir(parents=True, exist_ok=True)
-        command = ["mount", "-t", "tmpfs", "-o", f"size={megabytes}m", "tmpfs", str(folder)]
-        result = subprocess.run(command, capture_output=True, text=True)
-        if result.returncode:
-            pytest.skip(f"cannot mount a tmpfs here (needs root): {result.stderr.strip()}")
-        mounted.append(folder)
-        return folder
-
-    yield mount
-    for folder in reversed(mounted):
-        if subprocess.run(["umount", str(folder)], capture_output=True).returncode:
-            subprocess.run(["umount", "--lazy", str(folder)], check=True)
+from tests.conftest import (  # noqa: F401  (mount_tmpfs: a fixture, for tests.test_io too)
+    REPO,
+    TINY,
+    compose_config,
+    mount_tmpfs,
+    run_cli,
+    synthetic_datamodule,
+)
 
 
 def temporaries(folder: Path) -> list[str]:
@@ -127,8 +109,11 @@ class FillTheDisk(Callback):
             checkpoint["grown"] = torch.zeros(1 << 17)
 
 
+@pytest.mark.fault
 def test_full_disk_keeps_the_previous_checkpoint(
-    tmp_path: Path, mount_tmpfs, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path,
+    mount_tmpfs,  # noqa: F811
+    monkeypatch: pytest.MonkeyPatch,
 ):
     """The checkpoints' folder is a 2 MB filesystem of its own. Epoch 0 saves best.ckpt and
     last.ckpt; then the filesystem is filled up, and epoch 1's first save fails: the run
@@ -189,7 +174,8 @@ except CheckpointWriteError as error:  # each process says how it stopped
 
 
 @pytest.mark.slow
-def test_full_disk_under_ddp_stops_every_process(tmp_path: Path, mount_tmpfs):
+@pytest.mark.fault
+def test_full_disk_under_ddp_stops_every_process(tmp_path: Path, mount_tmpfs):  # noqa: F811
     """Only the first process writes; when it cannot, all the processes stop together with
     its one line, rather than the others waiting for it forever."""
     folder = mount_tmpfs(tmp_path / "checkpoints", 2)
@@ -224,14 +210,17 @@ for n in itertools.count():
 """
 
 
-def test_sigkill_during_a_save_leaves_a_whole_checkpoint(tmp_path: Path, mount_tmpfs):
-    """A process saving checkpoints one after another onto a tmpfs is killed with SIGKILL
-    while a temporary file of a save is there. The checkpoint is a whole one (it loads and
-    every weight holds its number), $TMPDIR holds nothing, and the next run's writer
-    removes the temporary the killed one left before it writes. A kill can land between two
-    saves, so it is tried until one lands in the middle of a save (the first almost always
-    does: writing is nearly all the loop does)."""
-    folder = mount_tmpfs(tmp_path / "checkpoints", 64)
+@pytest.mark.fault
+def test_sigkill_during_a_save_leaves_a_whole_checkpoint(tmp_path: Path):
+    """A process saving checkpoints one after another is killed with SIGKILL while a
+    temporary file of a save is there. The checkpoint is a whole one (it loads and every
+    weight holds its number), $TMPDIR holds nothing, and the next run's writer removes the
+    temporary the killed one left before it writes. A kill can land between two saves, so
+    it is tried until one lands in the middle of a save (the first almost always does:
+    writing is nearly all the loop does). It needs no filesystem of its own: a kill leaves
+    the same on any."""
+    folder = tmp_path / "checkpoints"
+    folder.mkdir()
     system_temp = tmp_path / "systemp"
     system_temp.mkdir()
     path = folder / "last.ckpt"

@@ -21,7 +21,7 @@ from kdlight.data import CIFAR10DataModule, Split, default_data_dir, load_archiv
 from kdlight.data.cache import STALE_AFTER_S, cache_file
 from kdlight.errors import KDLightError
 from kdlight.io import TEMP_SUFFIX
-from tests.conftest import TINY, compose_config
+from tests.conftest import TINY, can_unshare, compose_config
 from tests.test_data import (
     TEST_PER_CLASS,
     TRAIN_PER_CLASS,
@@ -178,6 +178,7 @@ def _other_arrays(data: bytes) -> bytes:
     return buffer.getvalue()
 
 
+@pytest.mark.fault
 @pytest.mark.parametrize(
     "damage",
     [_truncate, _flip_a_pixel_byte, _other_arrays, lambda data: b"", lambda data: b"junk" * 99],
@@ -220,6 +221,7 @@ KILLED_WRITER = """
 """
 
 
+@pytest.mark.fault
 def test_a_writer_killed_during_the_write_leaves_nothing_that_lasts(tree: Path, tmp_path: Path):
     cache_dir = tmp_path / "cache"
     writer = run_python(KILLED_WRITER, str(tree), str(cache_dir))
@@ -256,15 +258,10 @@ IN_A_MOUNT = """
 """
 
 
-def can_mount() -> bool:
-    """Whether a user + mount namespace can be made here (``unshare -rm``): it mounts a real
-    read-only or full filesystem for one process, which root would not see with chmod."""
-    if shutil.which("unshare") is None:
-        return False
-    return subprocess.run(["unshare", "-rm", "true"], capture_output=True).returncode == 0
-
-
-@pytest.mark.skipif(not can_mount(), reason="needs unshare -rm (user and mount namespaces)")
+# A user + mount namespace (unshare -rm) mounts a real read-only or full filesystem for one
+# process, for any user, which root would not see with chmod.
+@pytest.mark.fault
+@pytest.mark.skipif(not can_unshare(), reason="needs unshare -rm (user and mount namespaces)")
 @pytest.mark.parametrize(
     ("mount_options", "reason"),
     [("ro", "Read-only file system"), ("size=16k", "No space left on device")],

@@ -22,7 +22,7 @@ from kdlight.models import list_models
 from kdlight.preflight import preflight
 from kdlight.settings import validate_settings
 from kdlight.slurm import main as slurm_main
-from tests.conftest import TINY, compose_config, run_cli
+from tests.conftest import TINY, compose_config, mount, mounts_here, run_cli, unmount
 
 REPO = Path(__file__).resolve().parents[1]
 MODELS = ", ".join(list_models())  # what a message offers for a model that does not exist
@@ -178,6 +178,7 @@ def test_a_key_its_target_does_not_take_is_unknown(tmp_path: Path):
     )
 
 
+@pytest.mark.fault
 def test_the_output_folder_must_be_writable(read_only_folder: Path, tmp_path: Path):
     cfg = compose_config(TINY, read_only_folder / "run")
     with pytest.raises(KDLightError) as caught:
@@ -342,9 +343,10 @@ def test_preflight_raises_with_full_errors(launch_folder: Path, monkeypatch: pyt
 
 
 @pytest.fixture
-def read_only_folder(tmp_path: Path):
+def read_only_folder(tmp_path: Path, request: pytest.FixtureRequest):
     """A folder nothing can be written into: read-only permissions, or for root (whom
-    permissions do not stop) a read-only filesystem mounted there."""
+    permissions do not stop) a read-only filesystem mounted there; where root may not
+    mount, the test runs again in a user and mount namespace (``tests.conftest``)."""
     folder = tmp_path / "read-only"
     folder.mkdir()
     if os.geteuid() != 0:
@@ -352,15 +354,17 @@ def read_only_folder(tmp_path: Path):
         yield folder
         folder.chmod(0o755)
         return
-    mount = ["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(folder)]
-    if subprocess.run(mount, capture_output=True).returncode != 0:
-        pytest.skip("cannot make a read-only folder here (root, and mount is not allowed)")
+    if not mounts_here(request.node):
+        yield folder  # not used: the test runs in the namespace
+        return
+    mount(folder, "ro,size=1m")
     try:
         yield folder
     finally:
-        subprocess.run(["umount", str(folder)], check=True)
+        unmount(folder)
 
 
+@pytest.mark.fault
 def test_preflight_refuses_a_read_only_launch_folder(
     read_only_folder: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
 ):
@@ -503,6 +507,7 @@ def test_cli_names_missing_extras_and_slurm_devices(tmp_path: Path):
     ]
 
 
+@pytest.mark.fault
 def test_cli_from_a_read_only_folder(read_only_folder: Path):
     result = run_cli(["trainer=cpu"], read_only_folder)
     assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]

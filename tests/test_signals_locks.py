@@ -119,6 +119,7 @@ def python(script: str, *args: str, **env: str) -> subprocess.CompletedProcess:
 
 # ------------------------------------------------------------------------------- SIGTERM
 @pytest.mark.slow
+@pytest.mark.fault
 def test_sigterm_saves_last_ckpt_at_that_step_exits_143_and_resumes(tmp_path: Path):
     """SIGTERM while training: status 143, one line naming the step, last.ckpt saved at that
     step (not the epoch-end one from before), no metrics.json; the same command again
@@ -153,6 +154,7 @@ def test_sigterm_saves_last_ckpt_at_that_step_exits_143_and_resumes(tmp_path: Pa
 
 
 @pytest.mark.slow
+@pytest.mark.fault
 def test_sigterm_under_local_ddp(tmp_path: Path):
     """Two DDP processes on the CPU, the second started by Lightning in the same directory
     (without taking its lock): SIGTERM to the first stops both at the same step with
@@ -185,6 +187,7 @@ def test_sigterm_under_local_ddp(tmp_path: Path):
 
 
 @pytest.mark.slow
+@pytest.mark.fault
 def test_sigterm_stops_a_multirun(tmp_path: Path):
     """A multirun whose first job gets SIGTERM: that job's error.txt holds the line, the
     second job is never launched, and the multirun exits with status 143."""
@@ -200,6 +203,7 @@ def test_sigterm_stops_a_multirun(tmp_path: Path):
     assert not (run_dir / "metrics.json").exists()
 
 
+@pytest.mark.fault
 def test_sigterm_in_fit_saves_that_step(tmp_path: Path):
     """In process: a real SIGTERM during step 13 stops training after it; last.ckpt holds
     step 14, and the Trainer's SIGTERMException becomes Terminated (status 143)."""
@@ -223,6 +227,7 @@ def test_sigterm_in_fit_saves_that_step(tmp_path: Path):
     assert signal.getsignal(signal.SIGTERM) == default_action  # as before the block
 
 
+@pytest.mark.fault
 def test_sigterm_outside_training_stops_at_once():
     """Outside Lightning's loops (reading data, say) SIGTERM raises Terminated at once; the
     default action (death by the signal, status -15 here) is back after the block."""
@@ -274,6 +279,7 @@ def test_second_launch_of_a_running_run_says_so_and_touches_nothing(tmp_path: Pa
 
 
 @pytest.mark.slow
+@pytest.mark.fault
 def test_killed_run_leaves_no_lock_in_the_way(tmp_path: Path):
     """SIGKILL (no cleanup at all) leaves the lock file, but not the lock: the same command
     again runs and finishes."""
