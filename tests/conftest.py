@@ -35,7 +35,6 @@ TINY = [
     "data.eval_batch_size=100",
     "trainer.max_epochs=1",
     "trainer.enable_progress_bar=false",
-    "~callbacks.progress_bar",
 ]
 
 

@@ -33,7 +33,9 @@ from omegaconf.errors import OmegaConfBaseException, ValidationError
 from kdlight import config_dir
 from kdlight.errors import KDLightError, first_line
 from kdlight.settings import (
+    RUN_FILES,
     check_extras,
+    check_path_length,
     check_writable,
     integer,
     missing_extra,
@@ -159,18 +161,19 @@ def _compose_sweeps(
 
 
 def _check_run_folder(cfg: DictConfig, multirun: bool) -> None:
-    """Hydra makes the run's folder before kdlight starts: from a read-only folder, that
-    would end in Hydra's traceback."""
+    """Hydra makes the run's folder before kdlight starts: from a read-only folder, or where
+    the folder's path is too long for the filesystem, that would end in Hydra's traceback."""
     key = "hydra.sweep.dir" if multirun else "hydra.run.dir"
     root = Path(str(cfg.paths.root)).absolute()
     try:
         folder = Path(str(OmegaConf.select(cfg, key))).absolute()
     except OmegaConfBaseException:
         folder = root
-    if folder.is_relative_to(root):
-        check_writable(cfg.paths.root, "paths.root")
-    else:
-        check_writable(folder, key)
+    setting, value = (
+        ("paths.root", cfg.paths.root) if folder.is_relative_to(root) else (key, folder)
+    )
+    check_path_length(folder, setting, value, room=RUN_FILES)
+    check_writable(value, setting)
 
 
 def _explain(err: Exception, name: str, overrides: list[str]) -> str:

@@ -320,6 +320,7 @@ def validate_settings(cfg: DictConfig) -> None:
         if check := _SECTION_CHECKS.get(section):
             check(cfg)
     _check_targets(cfg)
+    _check_model_width(cfg)  # builds the model's layers: once its arguments are known good
 
 
 def value_of(cfg: DictConfig, key: str):
@@ -384,6 +385,83 @@ def _check_one_process_methods(cfg: DictConfig) -> None:
         )
 
 
+def on_the_cpu(accelerator: str | None) -> bool:
+    """Whether Lightning runs ``trainer.accelerator`` on the CPU: ``cpu``, or ``auto`` where
+    no GPU, Apple GPU or TPU can be used (Lightning's own choice, in its order)."""
+    if accelerator == "cpu":
+        return True
+    if accelerator != "auto":
+        return False
+    from lightning.pytorch.accelerators import CUDAAccelerator, MPSAccelerator, XLAAccelerator
+
+    return not any(a.is_available() for a in (XLAAccelerator, MPSAccelerator, CUDAAccelerator))
+
+
+def _check_cpu_settings(cfg: DictConfig) -> None:
+    """Settings that name GPUs do not fit a run on the CPU, where Lightning would stop with
+    a traceback when the Trainer is made: ``trainer.devices=-1`` (every GPU) or a list of
+    device indices, and a strategy made for GPUs or TPUs (FSDP, XLA)."""
+    from lightning.pytorch.strategies import (
+        FSDPStrategy,
+        SingleDeviceXLAStrategy,
+        StrategyRegistry,
+        XLAStrategy,
+    )
+
+    accelerator = value_of(cfg, "trainer.accelerator")
+    if not on_the_cpu(accelerator):
+        return
+    where = "with trainer.accelerator=cpu" if accelerator == "cpu" else "here (no GPU)"
+    devices = value_of(cfg, "trainer.devices")
+    if devices is not None and not (devices == "auto" or integer(1).accepts(_count(devices))):
+        raise not_allowed(
+            "trainer.devices",
+            devices,
+            f"a number of processes >= 1 or auto {where} (-1 and lists of indices pick GPUs)",
+        )
+    strategy = value_of(cfg, "trainer.strategy")
+    if strategy in StrategyRegistry.available_strategies():
+        needs = {FSDPStrategy: "a GPU", XLAStrategy: "a TPU", SingleDeviceXLAStrategy: "a TPU"}
+        made = StrategyRegistry[strategy]["strategy"]
+        for kind, device in needs.items():
+            if issubclass(made, kind):
+                raise KDLightError(
+                    f"trainer.strategy={strategy} needs {device}, and the run is on the CPU "
+                    f"{where}: leave the strategy out (auto), or ddp for several processes"
+                )
+
+
+def _count(devices):
+    """``trainer.devices`` as Lightning reads a number of CPU processes: ``"2"`` is 2."""
+    return int(devices) if isinstance(devices, str) and devices.isdigit() else devices
+
+
+def _check_trainer(cfg: DictConfig) -> None:
+    _check_one_process_methods(cfg)
+    _check_cpu_settings(cfg)
+
+
+def _check_model_width(cfg: DictConfig) -> None:
+    """``model.width`` gives each of the registered model's layers at least one channel; the
+    model is built on the meta device (its layers, no weights' memory) to know."""
+    import torch
+
+    from kdlight.models import create_model
+    from kdlight.models.width import TooNarrow
+
+    spec = value_of(cfg, "model")
+    if not isinstance(spec, dict) or spec.get("_target_") != "kdlight.models.create_model":
+        return
+    if "width" not in spec:
+        return
+    arguments = {key: value for key, value in spec.items() if not key.startswith("_")}
+    try:
+        with torch.device("meta"):
+            create_model(**arguments)
+    except TooNarrow as err:
+        raise not_allowed("model.width", spec["width"], err.allowed) from None
+
+
 def _check_optimizer(cfg: DictConfig) -> None:
     momentum, dampening = value_of(cfg, "optimizer.momentum"), value_of(cfg, "optimizer.dampening")
     if value_of(cfg, "optimizer.nesterov") and (not momentum or dampening):
@@ -421,8 +499,59 @@ def missing_extra(setting: str, package: str, extra: str) -> KDLightError:
     )
 
 
+#: Bytes kept free below a run's folder when its length is checked before the launch, for
+#: what goes in it: a multirun job's folder (model, T and alpha, seed and hash), a grid
+#: cell's folder, ``checkpoints/`` and a save's temporary name (about 100 in all).
+RUN_FILES = 200
+
+
+def check_path_length(
+    path: str | Path, setting: str, value: str | Path | None = None, room: int = 0
+) -> None:
+    """``path`` can be made: none of its names is longer than its filesystem's NAME_MAX, and
+    the whole, with ``room`` bytes more for what goes below it, is shorter than PATH_MAX
+    (``os.pathconf``; 255 and 4096 bytes on Linux). Otherwise the first folder made there
+    would end in ``OSError: File name too long``. The error names ``setting=value``
+    (``value`` defaults to ``path``)."""
+    absolute = Path(path).expanduser().absolute()
+    shown = _shortened(value if value is not None else path)
+    existing = Path(absolute.anchor)
+    path_max = os.pathconf(existing, "PC_PATH_MAX")
+    for name in absolute.parts[1:]:
+        name_max = os.pathconf(existing, "PC_NAME_MAX")
+        if len(os.fsencode(name)) > name_max:
+            raise KDLightError(
+                f"{setting}={shown} cannot be made: its name {_shortened(name)} is "
+                f"{len(os.fsencode(name))} bytes long, and its filesystem takes at most "
+                f"{name_max} (NAME_MAX)"
+            )
+        below = existing / name
+        if len(os.fsencode(str(below))) >= path_max or not below.is_dir():
+            break  # the rest is made on this filesystem
+        existing = below
+        path_max = os.pathconf(existing, "PC_PATH_MAX")
+    length = len(os.fsencode(str(absolute)))
+    if length + room >= path_max:  # PATH_MAX counts the terminating NUL byte
+        subject = "it" if value is None or str(value) == str(path) else "the run's folder in it"
+        files = f", and {room} more for the files below it," if room else ""
+        raise KDLightError(
+            f"{setting}={shown} cannot be made: {subject} is {length} bytes long as an "
+            f"absolute path{files} where the system takes paths shorter than {path_max} "
+            "(PATH_MAX)"
+        )
+
+
+def _shortened(text: str | Path, keep: int = 40) -> str:
+    """A long path or name as its start and end, so that its error stays a readable line."""
+    text = str(text)
+    return text if len(text) <= 2 * keep else f"{text[:keep]}...{text[-keep:]}"
+
+
 def check_writable(folder: str | Path, setting: str) -> None:
-    """``folder`` can be written, or created below a folder that can."""
+    """``folder`` can be written, or created below a folder that can: its names and its
+    length fit the filesystem (:func:`check_path_length`), and the deepest part of it that
+    exists is a folder this process may write into."""
+    check_path_length(folder, setting)
     path = Path(folder).expanduser().absolute()
     existing = next(p for p in (path, *path.parents) if p.exists())
     if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
@@ -480,7 +609,7 @@ _SECTION_CHECKS: dict[str, Callable[[DictConfig], None]] = {
     "": _check_classes,
     "data": _check_data,
     "distill": _check_distillation,
-    "trainer": _check_one_process_methods,
+    "trainer": _check_trainer,
     "optimizer": _check_optimizer,
     "logger": check_extras,
     "paths": _check_paths,

@@ -41,6 +41,18 @@ def default_taps(model: nn.Module, kind: str, role: str = "model") -> list[str]:
     )
 
 
+def check_tap_names(model: nn.Module, names: Sequence[str], role: str = "model") -> None:
+    """Every one of ``names`` is a submodule of ``model``; otherwise a one-line
+    :class:`KDLightError` naming the first that is not, and every name that is."""
+    modules = dict(model.named_modules())
+    for name in names:
+        if not name or name not in modules:
+            raise KDLightError(
+                f"the {role} ({type(model).__name__}) has no module {name!r} to tap; "
+                f"valid names: {', '.join(module_names(model))}"
+            )
+
+
 class FeatureTaps:
     """Forward hooks on ``model``'s submodules ``names``; their outputs are captured only
     inside :meth:`capture` (evaluation and the teacher's test pass keep nothing)::
@@ -55,13 +67,8 @@ class FeatureTaps:
     """
 
     def __init__(self, model: nn.Module, names: Sequence[str], role: str = "model") -> None:
+        check_tap_names(model, names, role)
         modules = dict(model.named_modules())
-        for name in names:
-            if not name or name not in modules:
-                raise KDLightError(
-                    f"the {role} ({type(model).__name__}) has no module {name!r} to tap; "
-                    f"valid names: {', '.join(module_names(model))}"
-                )
         self.names = list(names)
         self.role = role
         self._captured: dict[str, Tensor] | None = None

@@ -31,6 +31,7 @@ from hydra.errors import CompactHydraException
 from hydra.types import RunMode
 from hydra.utils import instantiate
 from lightning.fabric.utilities.exceptions import MisconfigurationException
+from lightning.pytorch.callbacks import ProgressBar
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.strategies.launchers import subprocess_script
 from lightning.pytorch.utilities import rank_zero_only
@@ -109,12 +110,14 @@ def finished(files: list[Path], identity: RunIdentity) -> bool:
 def build_trainer(cfg: DictConfig, callbacks: list | None = None) -> L.Trainer:
     """The Trainer with its callbacks (the config's and ``callbacks``) and loggers;
     Lightning's complaints about the settings (no GPU for ``trainer=gpu``, say) become
-    one-line errors."""
+    one-line errors. With ``trainer.enable_progress_bar=false`` the config's progress bar is
+    left out (Lightning refuses a progress-bar callback beside that switch)."""
     try:
+        callbacks = _instantiate_all(cfg.get("callbacks")) + list(callbacks or [])
+        if cfg.trainer.get("enable_progress_bar") is False:
+            callbacks = [c for c in callbacks if not isinstance(c, ProgressBar)]
         return instantiate(
-            cfg.trainer,
-            callbacks=_instantiate_all(cfg.get("callbacks")) + list(callbacks or []),
-            logger=_instantiate_all(cfg.get("logger")) or False,
+            cfg.trainer, callbacks=callbacks, logger=_instantiate_all(cfg.get("logger")) or False
         )
     except Exception as err:  # Hydra's instantiate wraps Lightning's exception
         cause = err.__cause__ if isinstance(err.__cause__, MisconfigurationException) else err

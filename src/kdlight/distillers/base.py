@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from kdlight.taps import default_taps
+from kdlight.taps import check_tap_names, default_taps
 
 
 @dataclass
@@ -142,10 +142,15 @@ def method_settings(method) -> dict:
 def resolve_taps(method, student: nn.Module, teacher: nn.Module) -> tuple[list[str], list[str]]:
     """The module names ``method`` reads of the student and of the teacher: its own
     ``student_taps``/``teacher_taps`` where given, else the models' default taps of its
-    ``features`` kind narrowed by its ``pair_taps``; none for a logit method."""
+    ``features`` kind narrowed by its ``pair_taps``; none for a logit method. A name given
+    that the network does not have is a one-line error listing the names it has."""
     kind = getattr(method, "features", None)
     student_taps = getattr(method, "student_taps", None)
     teacher_taps = getattr(method, "teacher_taps", None)
+    # the names given are checked before pairing: a name that is not there is the error,
+    # not the stage that pairing it with the other network's default taps cannot find
+    check_tap_names(student, student_taps or [], "student")
+    check_tap_names(teacher, teacher_taps or [], "teacher")
     if kind is None:
         return list(student_taps or []), list(teacher_taps or [])
     chosen_s = student_taps if student_taps is not None else default_taps(student, kind, "student")

@@ -3,6 +3,7 @@
 from torch import Tensor, nn
 
 from kdlight.models.registry import register_model
+from kdlight.models.width import scaled_channels
 
 
 def _conv_bn_relu(in_channels: int, out_channels: int) -> list[nn.Module]:
@@ -22,9 +23,7 @@ class SmallCNN(nn.Module):
 
     def __init__(self, num_classes: int = 10, width: float = 1.0) -> None:
         super().__init__()
-        if width <= 0:
-            raise ValueError(f"width must be > 0, got {width}")
-        c1, c2, c3 = (max(1, round(c * width)) for c in (32, 64, 128))
+        c1, c2, c3 = scaled_channels((32, 64, 128), width, "small_cnn")
         self.features = nn.Sequential(
             *_conv_bn_relu(3, c1), *_conv_bn_relu(c1, c1), nn.MaxPool2d(2),
             *_conv_bn_relu(c1, c2), *_conv_bn_relu(c2, c2), nn.MaxPool2d(2),

@@ -9,6 +9,7 @@
 from torch import Tensor, nn
 
 from kdlight.models.registry import register_model
+from kdlight.models.width import scaled_channels
 
 
 class BasicBlock(nn.Module):
@@ -77,16 +78,10 @@ class ResNet(nn.Module):
         return self.fc(self.pool(x).flatten(1))
 
 
-def _scaled(channels: int, width: float) -> int:
-    if width <= 0:
-        raise ValueError(f"width must be > 0, got {width}")
-    return max(1, round(channels * width))
-
-
 @register_model
 def resnet18(num_classes: int = 10, width: float = 1.0) -> ResNet:
     """ResNet18 with a CIFAR stem; ``width`` scales every convolution (64-128-256-512 at 1.0)."""
-    channels = [_scaled(c, width) for c in (64, 128, 256, 512)]
+    channels = scaled_channels((64, 128, 256, 512), width, "resnet18")
     return ResNet([2, 2, 2, 2], channels, channels[0], num_classes)
 
 
@@ -98,7 +93,7 @@ def resnet18_half(num_classes: int = 10) -> ResNet:
 
 def _cifar_resnet(depth: int, num_classes: int, width: float) -> ResNet:
     blocks = (depth - 2) // 6
-    channels = [_scaled(c, width) for c in (16, 32, 64)]
+    channels = scaled_channels((16, 32, 64), width, f"resnet{depth}")
     return ResNet([blocks] * 3, channels, channels[0], num_classes)
 
 
