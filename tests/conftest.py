@@ -265,7 +265,7 @@ def run_in_a_namespace(item: pytest.Item) -> None:
         )
         output = f"{done.stdout}\n{done.stderr}"[-6000:]
         cases = ElementTree.parse(results).getroot().iter("testcase") if results.exists() else []
-        (case,) = list(cases) or [None]
+        case = next((c for c in cases if c.get("name") == item.name), None)
     assert case is not None, f"the namespace's pytest ran no test:\n{output}"
     if (skipped := case.find("skipped")) is not None:
         pytest.skip(f"in a user and mount namespace: {skipped.get('message')}")
