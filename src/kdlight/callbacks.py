@@ -22,7 +22,8 @@ log = logging.getLogger("kdlight")
 
 class SaveLastCheckpoint(Checkpoint):
     """Keep ``<dirpath>/last.ckpt`` current: at the end of every epoch and every
-    ``every_n_train_steps`` training steps (0: only at epoch ends).
+    ``every_n_train_steps`` training steps (0: only at epoch ends; not after an epoch's last
+    batch, whose epoch-end save follows its validation).
 
     It is what ``kdlight-train`` resumes from, so a crash or a pre-empted job in the middle
     of an epoch loses at most ``every_n_train_steps`` steps, and what a finished teacher
@@ -52,7 +53,9 @@ class SaveLastCheckpoint(Checkpoint):
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module, outputs, batch, batch_idx) -> None:
         steps = self.every_n_train_steps
-        if steps and trainer.global_step % steps == 0:
+        # not at an epoch's last batch: the epoch-end save follows its validation, and one
+        # from before would, resumed, skip that validation and the epoch's end
+        if steps and trainer.global_step % steps == 0 and not ends_epoch(trainer):
             self.save(trainer)
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -70,6 +73,14 @@ class SaveLastCheckpoint(Checkpoint):
         trainer.save_checkpoint(self.path, weights_only=False)  # all processes call it, one writes
         raise_failed_writes(trainer)
         self.last_model_path = str(self.path)
+
+
+def ends_epoch(trainer: L.Trainer) -> bool:
+    """Whether the training batch that just ran is its epoch's last: its validation and the
+    epoch's end (``on_train_epoch_end``, the scheduler's step) follow. Lightning resumes a
+    checkpoint saved after that batch as one saved at the epoch's end, without them."""
+    progress = trainer.fit_loop.epoch_loop.batch_progress
+    return progress.is_last_batch or progress.current.ready >= trainer.num_training_batches
 
 
 class ResumeRandomState(Callback):
@@ -93,9 +104,12 @@ class ResumeRandomState(Callback):
     back after it. So a hook in between (``on_fit_start``, ``on_train_start``) must draw no
     random number; a module's own draws belong in ``__init__`` or ``setup``.
 
-    Exact from an epoch-end checkpoint only: from one saved in the middle of an epoch
-    (``every_n_train_steps``, a SIGTERM) Lightning starts that epoch's loader afresh, so the
-    rest of the epoch sees other images than it would have.
+    From a checkpoint saved in the middle of an epoch (``every_n_train_steps``, a SIGTERM,
+    Ctrl-C) it is exact too, with kdlight's data modules: their training loader
+    (:class:`kdlight.data.resumable.ResumableLoader`) keeps the seed of the epoch's order and
+    the batch reached, draws that order again and starts at the next batch, and puts back
+    the random state that its new iterator took a seed from. (Lightning alone starts that
+    epoch's loader afresh, so the rest of the epoch would see other images.)
 
     Under DDP each process has a state of its own (the first draws the crops and flips from
     the global generator, the others from their own). Every process takes part in writing

@@ -2,10 +2,11 @@
 
 * SIGTERM (``kill``, a SLURM pre-emption, a container stop) ends a run with status 143
   (128 + 15, what a shell reports for it) and one ``error:`` line, never as a success (left
-  to Lightning, it ends with status 0: its ``SIGTERMException`` is a ``SystemExit``).
-  During training :class:`SaveLastOnSigterm` stops at the end of the current batch and
-  saves ``last.ckpt`` there; at other times :func:`stop_on_sigterm` stops the run at once.
-  Relaunching the same command resumes.
+  to Lightning, it ends with status 0: its ``SIGTERMException`` is a ``SystemExit``);
+  Ctrl-C (SIGINT) likewise, with status 130. During training :class:`SaveLastOnSigterm`
+  stops at the end of the current batch and saves ``last.ckpt`` there; at other times
+  :func:`stop_on_sigterm` stops the run at once (and before it, while ``kdlight-train``
+  starts, :mod:`kdlight.startup`). Relaunching the same command resumes, exactly.
 * :func:`hold_run_lock` keeps a second launch of the same run out of its directory while
   the first runs. The lock is the kernel's (``flock``): it goes with the process that holds
   it, so a killed run never leaves a lock that blocks.
@@ -29,24 +30,28 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from kdlight.callbacks import SaveLastCheckpoint
+from kdlight.callbacks import SaveLastCheckpoint, ends_epoch
 from kdlight.errors import KDLightError, first_line
+from kdlight.startup import STOP_SIGNALS, has_default_handling, is_startup_handler, stop_status
 
 log = logging.getLogger("kdlight")
 
 # ------------------------------------------------------------------------------ SIGTERM
 #: The exit status of a run that SIGTERM stopped: 128 + the signal's number, as a shell
 #: reports a process that the signal ended.
-TERMINATED_STATUS = 128 + signal.SIGTERM
+TERMINATED_STATUS = stop_status(signal.SIGTERM)
+#: The exit status of a run that Ctrl-C (SIGINT) stopped.
+INTERRUPTED_STATUS = stop_status(signal.SIGINT)
 RELAUNCH = "launch the same command again to resume"
 
 
 class Terminated(SystemExit):
-    """SIGTERM stopped this run. Its message (``str()``) is the ``error:`` line: where the
-    run stopped and what to do; its ``code`` is :data:`TERMINATED_STATUS`."""
+    """SIGTERM (or Ctrl-C) stopped this run. Its message (``str()``) is the ``error:`` line:
+    where the run stopped and what to do; its ``code`` is the exit status,
+    :data:`TERMINATED_STATUS` (or :data:`INTERRUPTED_STATUS`)."""
 
-    def __init__(self, message: str) -> None:
-        super().__init__(TERMINATED_STATUS)
+    def __init__(self, message: str, code: int = TERMINATED_STATUS) -> None:
+        super().__init__(code)
         self.message = message
 
     def __str__(self) -> str:
@@ -54,10 +59,17 @@ class Terminated(SystemExit):
 
 
 class SaveLastOnSigterm(Callback):
-    """While training, a SIGTERM stops the run at the end of the current batch (or epoch,
-    after its validation), with ``last.ckpt`` (the path of the Trainer's
+    """While training, a SIGTERM or a Ctrl-C (SIGINT) stops the run at the end of the current
+    batch (or epoch, after its validation), with ``last.ckpt`` (the path of the Trainer's
     :class:`~kdlight.callbacks.SaveLastCheckpoint`) saved at that step, by raising
-    :class:`Terminated`.
+    :class:`Terminated` (status 143 for SIGTERM, 130 for SIGINT). A run resumed from it
+    ends exactly as the run never stopped: the training loader goes on at the next batch of
+    the same order (:class:`kdlight.data.resumable.ResumableLoader`).
+
+    A signal during an epoch's last batch stops the run at the epoch's end instead, after
+    its validation and its ``on_train_epoch_end`` (the scheduler's step follows on resume):
+    Lightning resumes a checkpoint saved at the last batch's end as the epoch's end, without
+    them.
 
     Lightning's own handling is replaced for the time of training because under DDP it
     can hang or crash: its signal handler broadcasts to the other processes from wherever
@@ -67,25 +79,29 @@ class SaveLastOnSigterm(Callback):
     batch's and epoch's end, a point every process reaches in the same order, they learn
     together whether any one of them was signalled (one small all-reduce per step; Lightning
     already waits for one broadcast per step under DDP), then save and stop together. In a
-    single process nothing is exchanged. Lightning's SLURM requeue (on SIGUSR1) is not
-    touched; its handler is back after training (testing keeps Lightning's own stop).
+    single process nothing is exchanged. Left to Lightning, Ctrl-C ends a run with its
+    "Detected KeyboardInterrupt", status 1 and no checkpoint of the step reached. Lightning's
+    SLURM requeue (on SIGUSR1) is not touched; Lightning puts back the handlers from before
+    the fit at its end (testing keeps Lightning's own stop).
     """
 
     def __init__(self) -> None:
-        self._signalled = False
+        self._signalled = 0  # the first stop signal's number; 0: none
 
     def _note(self, signum: int, frame) -> None:
-        self._signalled = True
+        self._signalled = self._signalled or signum
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # Lightning installed its handler as this fit began, and puts back the one from
         # before the fit at its end; a signal it has seen already stops at the first step.
-        self._signalled = trainer.received_sigterm
+        self._signalled = signal.SIGTERM if trainer.received_sigterm else 0
         if threading.current_thread() is threading.main_thread():
-            signal.signal(signal.SIGTERM, self._note)
+            for signum in STOP_SIGNALS:
+                signal.signal(signum, self._note)
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module, outputs, batch, batch_idx) -> None:
-        self._stop_if_signalled(trainer)
+        if not ends_epoch(trainer):  # the epoch's end stops it, after validation
+            self._stop_if_signalled(trainer)
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._stop_if_signalled(trainer)
@@ -93,57 +109,67 @@ class SaveLastOnSigterm(Callback):
     def _stop_if_signalled(self, trainer: L.Trainer) -> None:
         signalled = self._signalled
         if trainer.world_size > 1:
-            flag = torch.tensor(int(signalled), device=trainer.strategy.root_device)
-            signalled = bool(trainer.strategy.reduce(flag, reduce_op="max").item())
+            flag = torch.tensor(signalled, device=trainer.strategy.root_device)
+            signalled = int(trainer.strategy.reduce(flag, reduce_op="max").item())
         if not signalled:
             return
-        where = (
-            f"terminated by SIGTERM at step {trainer.global_step} (epoch {trainer.current_epoch})"
-        )
+        status = stop_status(signalled)
+        where = f"at step {trainer.global_step} (epoch {trainer.current_epoch})"
+        where = f"{STOP_SIGNALS[signalled]} {where}"
         last = next((cb for cb in trainer.callbacks if isinstance(cb, SaveLastCheckpoint)), None)
         if last is None or trainer.fast_dev_run:
-            raise Terminated(f"{where}; this run keeps no last.ckpt: launch it again to redo it")
+            raise Terminated(
+                f"{where}; this run keeps no last.ckpt: launch it again to redo it", status
+            )
         try:
             last.save(trainer)
         except Exception as err:  # a full disk, non-finite weights: the one before is kept
             raise Terminated(
                 f"{where}; last.ckpt could not be saved there ({first_line(err)}): {RELAUNCH} from the "
-                "one saved before"
+                "one saved before",
+                status,
             ) from None
-        raise Terminated(f"{where}; last.ckpt is current: {RELAUNCH}")
+        raise Terminated(f"{where}; last.ckpt is current: {RELAUNCH}", status)
 
 
 @contextlib.contextmanager
 def stop_on_sigterm() -> Iterator[None]:
-    """Turn a SIGTERM during the block into :class:`Terminated`.
+    """Turn a SIGTERM or a Ctrl-C (SIGINT) during the block into :class:`Terminated`.
 
     While Lightning runs, its handler (or, in training, :class:`SaveLastOnSigterm`'s) has
     SIGTERM and stops at the end of a batch; Lightning's ``SIGTERMException`` (in a sanity
     check or in testing) becomes :class:`Terminated` here. Before and after, the handler
     installed here raises :class:`Terminated` at once; Lightning calls it too while its own
-    is in place, and then it leaves the stop to Lightning. It is installed only where
-    SIGTERM still has its default action: a launcher that handles SIGTERM itself
-    (submitit's, which ignores it and requeues on its own signal) keeps it.
+    is in place, and then it leaves the stop to Lightning. SIGINT, which Lightning leaves
+    alone, stops at once outside training too. Each is installed only where the signal still
+    has its default handling (or :mod:`kdlight.startup`'s, which it replaces): a launcher
+    that handles SIGTERM itself (submitit's, which ignores it and requeues on its own
+    signal) keeps it.
     """
-    received = False
+    received: set[int] = set()
 
-    def on_sigterm(signum: int, frame) -> None:
-        nonlocal received
-        first, received = not received, True
-        if first and signal.getsignal(signal.SIGTERM) is on_sigterm:  # not Lightning's turn
-            raise Terminated(f"terminated by SIGTERM outside training: {RELAUNCH}")
+    def on_signal(signum: int, frame) -> None:
+        first = signum not in received
+        received.add(signum)
+        if first and signal.getsignal(signum) is on_signal:  # not Lightning's turn
+            raise Terminated(
+                f"{STOP_SIGNALS[signum]} outside training: {RELAUNCH}", stop_status(signum)
+            )
 
-    previous = signal.getsignal(signal.SIGTERM)
-    install = previous == signal.SIG_DFL and threading.current_thread() is threading.main_thread()
-    if install:
-        signal.signal(signal.SIGTERM, on_sigterm)
+    installed = {}
+    if threading.current_thread() is threading.main_thread():
+        for signum in STOP_SIGNALS:
+            previous = signal.getsignal(signum)
+            if has_default_handling(signum) or is_startup_handler(previous):
+                installed[signum] = previous
+                signal.signal(signum, on_signal)
     try:
         yield
     except SIGTERMException:
         raise Terminated(f"terminated by SIGTERM: {RELAUNCH}") from None
     finally:
-        if install:
-            signal.signal(signal.SIGTERM, previous)
+        for signum, previous in installed.items():
+            signal.signal(signum, previous)
 
 
 # --------------------------------------------------------------------------------- lock

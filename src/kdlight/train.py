@@ -15,6 +15,9 @@ Debug runs (``fast_dev_run``, ``limit_*_batches``) have directories of their own
 every time and never count as finished.
 """
 
+# First: launched as kdlight-train, SIGTERM and Ctrl-C are one line from here on, through
+# the seconds that the imports below take (kdlight.startup).
+import kdlight.startup  # noqa: F401  # isort: skip
 import json
 import logging
 import os

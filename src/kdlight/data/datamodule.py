@@ -34,6 +34,7 @@ from kdlight.data.augment import (
     process_generator,
     random_crop_flip,
 )
+from kdlight.data.resumable import RecordedShuffle, ResumableLoader
 from kdlight.data.sources import (
     CIFAR10_SPEC,
     CIFAR100_SPEC,
@@ -223,16 +224,27 @@ class ImageDataModule(L.LightningDataModule):
     def _loader(
         self, dataset: ArrayDataset, batch_size: int, shuffle: bool, drop_last: bool = False
     ) -> DataLoader:
-        return DataLoader(
-            dataset,
-            batch_size=batch_size,
-            shuffle=shuffle,
-            drop_last=drop_last,
-            sampler=None if shuffle else self._eval_sampler(dataset),
-            num_workers=self.hparams.num_workers,
-            collate_fn=collate_batch,
-            persistent_workers=self.hparams.num_workers > 0,
-        )
+        workers = self.hparams.num_workers
+        common = dict(
+            batch_size=batch_size, drop_last=drop_last, num_workers=workers,
+            collate_fn=collate_batch, persistent_workers=workers > 0,
+        )  # fmt: skip
+        if shuffle:  # training: resumable in the middle of an epoch
+            return ResumableLoader(
+                dataset, sampler=RecordedShuffle(dataset), progress=self._training_progress,
+                **common,
+            )  # fmt: skip
+        return DataLoader(dataset, sampler=self._eval_sampler(dataset), **common)
+
+    def _training_progress(self) -> tuple[int, int, int | float] | None:
+        """``(epoch, batches of it trained, batches per epoch)`` while the Trainer trains;
+        what the training loader's state in a checkpoint is made of
+        (:class:`kdlight.data.resumable.ResumableLoader`)."""
+        trainer = self.trainer
+        if trainer is None or not trainer.training:
+            return None
+        trained = trainer.fit_loop.epoch_loop.batch_progress.current.processed
+        return trainer.current_epoch, trained, trainer.num_training_batches
 
     def _eval_sampler(self, dataset: ArrayDataset) -> Sampler | None:
         """Under DDP each process evaluates its own share of the images and none twice
