@@ -11,6 +11,14 @@ run (``last.ckpt``, ``best.ckpt``) is written this way.
 
 :func:`non_finite_tensors` finds the tensors of a checkpoint that hold a NaN or an infinity;
 :class:`kdlight.callbacks.StopOnNonFiniteLoss` refuses to save such a checkpoint.
+
+Every checkpoint is read by :func:`read_checkpoint`, with ``torch.load(weights_only=True)``:
+a pickle planted in a run folder's ``last.ckpt`` or named by ``ckpt_path=`` is refused in one
+line, and nothing in it runs. kdlight's own checkpoints hold only what that reader accepts
+(tensors, numbers, text, dicts, lists, tuples, and the ``collections.Counter`` of a
+``MultiStepLR``'s milestones): the systems' hyperparameters are plain containers, the random
+states tensors and tuples (:class:`kdlight.callbacks.ResumeRandomState`), so no global has to
+be allowed beyond PyTorch's own list.
 """
 
 import functools
@@ -23,13 +31,51 @@ import lightning as L
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 
-from kdlight.errors import KDLightError
+from kdlight.errors import KDLightError, first_line
 from kdlight.io import atomic_write, remove_stale_temporaries
 
 
 class CheckpointWriteError(KDLightError):
     """A checkpoint could not be written (a full disk, a read-only folder); the file that was
     there before is kept whole."""
+
+
+class UnreadableCheckpoint(KDLightError):
+    """A checkpoint that cannot be read: cut short, not a ``torch.save`` file, or one that
+    holds more than tensors and plain values (a pickle that would run code as it loads)."""
+
+
+def read_checkpoint(path: str | Path, map_location: Any = "cpu") -> dict[str, Any]:
+    """The checkpoint at ``path``, read with ``torch.load(weights_only=True)``: only tensors
+    and plain values are built, and no function the file names is called.
+
+    Raises:
+        UnreadableCheckpoint: one line naming the file and why (the global a pickle names,
+            a truncated zip), or a file that holds no dict.
+    """
+    try:
+        checkpoint = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as err:  # truncated zip, a refused global, not a torch.save file...
+        raise UnreadableCheckpoint(f"cannot read checkpoint {path} ({load_failure(err)})") from None
+    if not isinstance(checkpoint, dict):
+        raise UnreadableCheckpoint(
+            f"checkpoint {path} holds a {type(checkpoint).__name__}, not a checkpoint's dict"
+        )
+    return checkpoint
+
+
+def load_failure(error: BaseException) -> str:
+    """Why ``torch.load`` could not read a file, in one line: for a weights-only refusal, the
+    global it met (the message's first line is advice to load the file unsafely)."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    if not lines or not lines[0].startswith("Weights only load failed"):
+        return first_line(error)
+    # "WeightsUnpickler error: Unsupported global: GLOBAL x.y was not an allowed global...",
+    # or "Trying to load unsupported GLOBAL posix.system whose module posix is blocked."
+    found = next((line for line in lines[1:] if "GLOBAL" in line or "Unpickler" in line), None)
+    reason = (found or lines[0]).split("WeightsUnpickler error:", 1)[-1].strip()
+    reason = reason.split(". ")[0].rstrip(".")
+    return f"{reason}: it holds more than tensors and plain values, and is not loaded"
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -46,6 +92,10 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     raise there, which would leave the other processes waiting for it forever: it keeps the
     failure for :func:`raise_failed_writes`, which all processes call together after a save.
     Remote paths (``s3://...``) go to Lightning's writer, whose uploads are whole already.
+
+    It reads checkpoints (a resumed ``fit``, ``test`` with ``ckpt_path``) with
+    :func:`read_checkpoint`, weights only whatever the caller asks: an unreadable or unsafe
+    file is one :class:`UnreadableCheckpoint` line.
     """
 
     def __init__(self) -> None:
@@ -76,6 +126,13 @@ class AtomicCheckpointIO(TorchCheckpointIO):
                 self.failure = self.failure or message
                 return
             raise CheckpointWriteError(message) from err
+
+    def load_checkpoint(
+        self, path: str | Path, map_location: Any = "cpu", weights_only: bool | None = None
+    ) -> dict[str, Any]:
+        if "://" in str(path):
+            return super().load_checkpoint(path, map_location, weights_only=True)
+        return read_checkpoint(path, map_location)
 
 
 def raise_failed_writes(trainer: L.Trainer) -> None:

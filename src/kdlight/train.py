@@ -42,6 +42,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from kdlight import config_dir
 from kdlight.callbacks import RecordRunIdentity
+from kdlight.checkpointing import UnreadableCheckpoint, read_checkpoint
 from kdlight.completion import check_finished, check_training_batches
 from kdlight.errors import KDLightError, find_user_error, first_line
 from kdlight.io import atomic_write
@@ -163,11 +164,9 @@ def warn_about_schedule(cfg: DictConfig) -> None:
 
 def _read_checkpoint(path: Path) -> dict:
     try:
-        return torch.load(path, map_location="cpu", weights_only=False)  # as fit reads it
-    except Exception as err:
-        raise KDLightError(
-            f"cannot read checkpoint {path} ({first_line(err)}); move it away to start afresh"
-        ) from None
+        return read_checkpoint(path)  # weights only, as fit reads it: nothing in it runs
+    except UnreadableCheckpoint as err:
+        raise UnreadableCheckpoint(f"{err}; move it away to start afresh") from None
 
 
 def resume_checkpoint(output_dir: Path, identity: RunIdentity) -> Path | None:
@@ -268,8 +267,8 @@ def train(cfg: DictConfig) -> dict | None:
             keep_earlier_logs(trainer)
 
     if not evaluate_only:
-        # weights_only=False: this run's own checkpoints, written by an older kdlight too
-        trainer.fit(module, datamodule=datamodule, ckpt_path=resume_from, weights_only=False)
+        # weights only: a last.ckpt planted in the run folder runs no code (kdlight.checkpointing)
+        trainer.fit(module, datamodule=datamodule, ckpt_path=resume_from, weights_only=True)
         stopped_early = check_finished(trainer)
         if stopped_early:  # a stop the user asked for: a result, which says so
             info("stopped early after epoch %d (%s)", stopped_early["epoch"], stopped_early)
@@ -286,7 +285,7 @@ def train(cfg: DictConfig) -> dict | None:
         elif cfg.train and cfg.test_ckpt == "best" and best and not trainer.fast_dev_run:
             ckpt_path = best.best_model_path or None
         try:
-            trainer.test(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=False)
+            trainer.test(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
         except RuntimeError as err:
             if checkpoint is None or "state_dict" not in str(err):
                 raise
