@@ -106,7 +106,8 @@ def test_the_cli_distils_from_a_torchvision_teacher(tmp_path: Path):
 @pytest.mark.slow
 def test_a_users_own_model_trains_from_the_cli_and_is_rebuilt_from_its_checkpoint(tmp_path: Path):
     """``model=`` any config with ``_target_`` (here torchvision's ResNet-18): its
-    checkpoints record that config, so ``load_model`` and ``load_teacher`` rebuild it."""
+    checkpoints record that config, so ``load_model`` and ``load_teacher`` rebuild it when
+    its target is trusted (``trusted_targets``)."""
     from kdlight import load_model
 
     user = ["model._target_=torchvision.models.resnet18", "~model.name"]
@@ -114,7 +115,8 @@ def test_a_users_own_model_trains_from_the_cli_and_is_rebuilt_from_its_checkpoin
     result = run_cli(args, tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     (last,) = (tmp_path / "outputs").rglob("checkpoints/last.ckpt")
-    rebuilt = load_model(last)
+    trusted = ["torchvision.models.resnet18"]
+    rebuilt = load_model(last, trusted_targets=trusted)
     assert type(rebuilt).__module__ == "torchvision.models.resnet"
     assert rebuilt.spec == {"_target_": "torchvision.models.resnet18", "num_classes": 10}
-    assert same_outputs(load_teacher(last), rebuilt)
+    assert same_outputs(load_teacher(last, trusted_targets=trusted), rebuilt)

@@ -29,6 +29,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from kdlight.errors import KDLightError
+from kdlight.models.registry import trust_targets
 
 #: Settings that change where or how a run writes or shows things, never its numbers.
 NOT_RESULTS = (
@@ -42,6 +43,7 @@ NOT_RESULTS = (
     "module.temperature", "module.alpha", "module.teacher_model", "module.num_classes",
     "distill.teacher_cache", "module.teacher_cache",  # the same logits, looked up
 )  # fmt: skip
+    "trusted_targets",  # what may be built from a file, not what is built
 #: Of the callbacks, only the choice of the "best" checkpoint can change a result.
 RESULT_CALLBACK_KEYS = ("callbacks.model_checkpoint.monitor", "callbacks.model_checkpoint.mode")
 #: Lists whose order does not matter: the cells of a fused grid.
@@ -365,7 +367,14 @@ def find_teacher(root: str | Path, model: str, num_classes: int | None = None) -
 
 def resolve_teacher(cfg: DictConfig) -> Teacher | None:
     """The teacher of a distillation ``cfg`` (None for other runs): ``distill.teacher_checkpoint``
-    when the user names one, else :func:`find_teacher` under ``paths.root``."""
+    when the user names one, else :func:`find_teacher` under ``paths.root``.
+
+    The targets in ``cfg``'s ``trusted_targets`` become the ones this process trusts
+    in a model spec read from a file (:func:`kdlight.models.registry.trust_targets`), for
+    the teacher that the run then loads (and for every run: a multirun's next job sets its
+    own)."""
+    trusted = cfg.get("trusted_targets")
+    trust_targets(OmegaConf.to_container(trusted) if OmegaConf.is_config(trusted) else trusted)
     if not is_distillation(cfg):
         return None
     named = OmegaConf.select(cfg, "distill.teacher_checkpoint", default=None)

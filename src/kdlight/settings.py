@@ -150,13 +150,18 @@ def rules() -> dict[str, Rule]:
     from lightning.pytorch.strategies import StrategyRegistry
 
     from kdlight.models import list_models
+    from kdlight.models.registry import is_dotted_name
 
     models = one_of(*list_models())
+    targets = Rule(
+        "a list of dotted names, such as [torchvision.models.resnet18]",
+        lambda v: isinstance(v, list) and all(is_dotted_name(x) for x in v),
+    )
     precisions = [p for kind in typing.get_args(_PRECISION_INPUT) for p in typing.get_args(kind)]
     accelerators = ("auto", "gpu", *sorted(AcceleratorRegistry.available_accelerators()))
     table = {
         "name": NAME, "seed": SEED, "num_classes": integer(2), "train": BOOL, "test": BOOL,
-        "test_ckpt": one_of("best", "last"), "ckpt_path": NULL | PATH,
+        "test_ckpt": one_of("best", "last"), "ckpt_path": NULL | PATH, "trusted_targets": targets,
         "scheduler": NULL, "callbacks": NULL, "logger": NULL,
         "data.source": one_of("archive", "torchvision", "synthetic"),
         "data.archive_path": NULL | PATH, "data.data_dir": PATH, "data.download": BOOL,

@@ -7,13 +7,15 @@ teacher, which ``DistillationModule.load_from_checkpoint`` would restore as well
 """
 
 import re
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from kdlight.errors import KDLightError, first_line
-from kdlight.models.registry import build_model
+from kdlight.checkpointing import load_failure
+from kdlight.errors import KDLightError
+from kdlight.models.registry import build_recorded_model
 from kdlight.runs import cell_name
 
 
@@ -24,9 +26,10 @@ def _read(path: Path) -> dict:
         # weights only: tensors and plain containers, no arbitrary code from the file
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # truncated zip, pickle errors, wrong format...
-        raise KDLightError(f"checkpoint {path} cannot be read ({first_line(err)})") from None
-    spec = checkpoint.get("kdlight", {}).get("model_spec") if isinstance(checkpoint, dict) else None
-    if not spec or "state_dict" not in checkpoint:
+        raise KDLightError(f"checkpoint {path} cannot be read ({load_failure(err)})") from None
+    record = checkpoint.get("kdlight") if isinstance(checkpoint, dict) else None
+    spec = record.get("model_spec") if isinstance(record, dict) else None
+    if not isinstance(spec, dict) or not spec or "state_dict" not in checkpoint:
         raise KDLightError(
             f"{path} is not a kdlight checkpoint (no kdlight.model_spec): it was not written "
             "by ClassifierModule, DistillationModule or DistillationGridModule"
@@ -46,13 +49,20 @@ def _cell(cell: str | tuple[float, float]) -> str:
 
 
 def load_model(
-    path: str | Path, cell: str | tuple[float, float] | None = None, best: bool = False
+    path: str | Path,
+    cell: str | tuple[float, float] | None = None,
+    best: bool = False,
+    trusted_targets: Iterable[str] = (),
 ) -> nn.Module:
     """The trained model of a kdlight checkpoint, in eval mode, without its Lightning system.
 
     It rebuilds the architecture from the checkpoint's ``kdlight.model_spec`` (a registered
     model's name and arguments, or a user model's config with ``_target_``: see
-    :func:`kdlight.models.build_model`) and loads its weights:
+    :func:`kdlight.models.build_model`) and loads its weights. A user model's ``_target_``
+    s (nested ones too) must be trusted: named in ``trusted_targets``
+    (``["torchvision.models.resnet18"]``) or trusted by the process
+    (:func:`kdlight.models.registry.trust_targets`); reading the file runs no code, but
+    building what it names would (``os.system`` as well as a model class).
 
     - a ``ClassifierModule`` checkpoint (a teacher or a student baseline): its model;
     - a ``DistillationModule`` checkpoint: the student, without reading the teacher;
@@ -68,7 +78,8 @@ def load_model(
     Raises:
         KDLightError: a missing or unreadable file, not a kdlight checkpoint, a grid
             checkpoint without ``cell`` or with one it does not hold (the message lists its
-            cells), ``cell`` or ``best`` for a checkpoint of a single model.
+            cells), ``cell`` or ``best`` for a checkpoint of a single model, a model built
+            by a ``_target_`` that is not trusted (the message names it).
     """
     path = Path(path)
     checkpoint = _read(path)
@@ -99,7 +110,7 @@ def load_model(
             prefix, state = "", record["state_dict"]
         else:
             prefix, state = f"students.{cells.index(name)}.", checkpoint["state_dict"]
-    model = build_model(stored["model_spec"])
+    model = build_recorded_model(stored["model_spec"], str(path), trusted_targets)
     weights = {k.removeprefix(prefix): v for k, v in state.items() if k.startswith(prefix)}
     try:
         model.load_state_dict(weights)

@@ -5,7 +5,7 @@ import json
 import logging
 import re
 import warnings
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 import torch
@@ -14,10 +14,11 @@ from lightning.pytorch.utilities.warnings import PossibleUserWarning
 from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy
 
+from kdlight.checkpointing import load_failure
 from kdlight.errors import KDLightError, first_line
 from kdlight.lit.base import FastForward
 from kdlight.models.published import official_names
-from kdlight.models.registry import build_model, spec_name
+from kdlight.models.registry import build_model, build_recorded_model, spec_name, spec_targets
 
 MAKE_A_TEACHER = "train one first: kdlight-train experiment=teacher"
 
@@ -35,13 +36,19 @@ def load_teacher(
     path: str | Path,
     model_name: str | Mapping | nn.Module | None = None,
     num_classes: int | None = None,
+    trusted_targets: Iterable[str] = (),
 ) -> nn.Module:
     """Build a teacher, load its weights from ``path`` and freeze it.
 
     Any of these files:
 
     - a kdlight checkpoint (``experiment=teacher``, or any kdlight system's): it records its
-      model, which is rebuilt (``model_name``, if given, must name the same one);
+      model, which is rebuilt (``model_name``, if given, must name the same one; a built
+      ``model_name`` is used as it is). A recorded model is built only when it is a
+      registered kdlight model or every target (``_target_``) it names is the user's: in
+      ``model_name``, in ``trusted_targets``, or trusted by the process
+      (:func:`kdlight.models.registry.trust_targets`). The file is read without running
+      code; building a target it names, such as ``builtins.open``, would run it;
     - with ``model_name``, a file that does not record its model: a Lightning checkpoint of
       another LightningModule (``state_dict``, its keys' prefix such as ``model.`` or
       ``net.`` found and removed), a plain state dict, or a teacher as RepDistiller and
@@ -55,10 +62,13 @@ def load_teacher(
             ``{"_target_": "torchvision.models.resnet18", "num_classes": 10}``), or a built
             ``nn.Module`` whose weights the file holds.
         num_classes: if given, the teacher must predict this many classes.
+        trusted_targets: dotted names (``"torchvision.models.resnet18"``) that the file's
+            recorded model may be built with, besides those in ``model_name``.
 
     Raises:
-        KDLightError: one line: a missing or unreadable file, or a file that does not fit,
-            saying what was expected and what was found.
+        KDLightError: one line: a missing or unreadable file, a file that does not fit,
+            saying what was expected and what was found, or a recorded model built by a
+            ``_target_`` that is not trusted, naming it.
     """
     path = Path(path)
     if not path.is_file():
@@ -67,7 +77,7 @@ def load_teacher(
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # truncated zip, pickle errors, wrong format...
         raise KDLightError(
-            f"teacher checkpoint {path} cannot be read ({first_line(err)}): expected a file "
+            f"teacher checkpoint {path} cannot be read ({load_failure(err)}): expected a file "
             "written by torch.save (a kdlight or Lightning checkpoint, or a state dict)"
         ) from None
     if not isinstance(checkpoint, dict):
@@ -75,7 +85,7 @@ def load_teacher(
             f"teacher checkpoint {path} holds a {type(checkpoint).__name__}, not a checkpoint "
             "or a state dict"
         )
-    spec = (checkpoint.get("kdlight") or {}).get("model_spec")
+    spec = _recorded_spec(checkpoint, f"teacher checkpoint {path}")
     wanted = _as_spec(model_name, num_classes)
     predicts = (spec or wanted or {}).get("num_classes")
     if num_classes is not None and predicts is not None and predicts != num_classes:
@@ -90,7 +100,11 @@ def load_teacher(
                 f"(set distill.teacher_model={spec_name(spec)} or point "
                 f"distill.teacher_checkpoint at a {spec_name(wanted)})"
             )
-        model = build_model(spec)
+        if isinstance(model_name, nn.Module):  # the user's own: nothing is built from the file
+            model = model_name
+        else:
+            trusted = [*trusted_targets, *spec_targets(wanted or {})]
+            model = build_recorded_model(spec, f"teacher checkpoint {path}", trusted)
         weights = {
             k.removeprefix("model."): v
             for k, v in (checkpoint.get("state_dict") or {}).items()
@@ -114,6 +128,15 @@ def load_teacher(
             f"{_mismatch(err)}"
         ) from None
     return freeze(model)
+
+
+def _recorded_spec(checkpoint: dict, source: str) -> dict | None:
+    """The model a checkpoint records (``kdlight.model_spec``), None where it records none."""
+    record = checkpoint.get("kdlight")
+    spec = record.get("model_spec") if isinstance(record, dict) else None
+    if spec is not None and not isinstance(spec, dict):
+        raise KDLightError(f"{source} records a model spec that is a {type(spec).__name__}")
+    return spec
 
 
 def _as_spec(model: str | Mapping | nn.Module | None, num_classes: int | None) -> dict | None:

@@ -1,6 +1,9 @@
-"""A small model registry in the spirit of timm's ``register_model`` / ``create_model``."""
+"""A small model registry in the spirit of timm's ``register_model`` / ``create_model``, and
+the rule for a model recorded in a file: built only from a registered name or a ``_target_``
+the user trusts (:func:`build_recorded_model`)."""
 
-from collections.abc import Callable, Mapping
+import re
+from collections.abc import Callable, Iterable, Mapping
 
 from torch import nn
 
@@ -43,7 +46,10 @@ def build_model(spec: Mapping) -> nn.Module:
     :func:`create_model` records in ``model.spec``), or a config with ``_target_``, any
     importable ``nn.Module`` class or function and its arguments (a user's own class, a
     torchvision or timm model). The model carries the spec as ``model.spec``, so that
-    kdlight's checkpoints record how to rebuild it."""
+    kdlight's checkpoints record how to rebuild it.
+
+    It runs what ``_target_`` names: the spec is the user's own (a config, code). One read
+    from a file goes through :func:`build_recorded_model`."""
     spec = dict(spec)
     if "_target_" not in spec:
         return create_model(**spec)
@@ -61,6 +67,115 @@ def build_model(spec: Mapping) -> nn.Module:
     if getattr(model, "spec", None) is None:  # create_model's own spec is kept as it is
         model.spec = spec
     return model
+
+
+# ------------------------------------------------------------------ models recorded in files
+#: Targets (``_target_``) trusted in every model spec read from a file by this process, besides those
+#: a call names: ``kdlight-train``'s ``trusted_targets`` setting (:func:`trust_targets`).
+_trusted_targets: frozenset[str] = frozenset()
+#: A Python name as Hydra imports it: ``module.attribute``, dotted.
+_DOTTED_NAME = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)+")
+HOW_TO_TRUST = (
+    "if you trust the file, allow it with trusted_targets=[{target}] (kdlight-train's setting, "
+    "or load_model's and load_teacher's keyword argument)"
+)
+
+
+def trust_targets(targets: Iterable[str] | None) -> None:
+    """Trust ``targets`` (dotted names such as ``torchvision.models.resnet18``) in every model
+    spec this process reads from a file from now on, in place of those trusted before.
+    ``kdlight-train`` and ``kdlight-cache-teacher`` set them from the ``trusted_targets``
+    setting; code may pass ``trusted_targets=`` to ``load_model`` and ``load_teacher``
+    instead.
+
+    Raises:
+        KDLightError: ``targets`` is not a list of dotted names.
+    """
+    global _trusted_targets
+    _trusted_targets = frozenset(_dotted_names(targets, "trusted_targets"))
+
+
+def is_dotted_name(name) -> bool:
+    """Whether ``name`` is a Python name as Hydra imports a target: ``module.attribute``."""
+    return isinstance(name, str) and _DOTTED_NAME.fullmatch(name) is not None
+
+
+def _dotted_names(targets: Iterable[str] | None, label: str) -> list[str]:
+    if targets is None:
+        return []
+    names = [targets] if isinstance(targets, str | bytes) else list(targets)
+    if isinstance(targets, str | bytes) or not all(is_dotted_name(name) for name in names):
+        shown = ", ".join(map(str, names))
+        raise KDLightError(
+            f"{label}=[{shown}] is not allowed: a list of dotted names such as "
+            "[torchvision.models.resnet18]"
+        )
+    return names
+
+
+def spec_targets(spec) -> list[str]:
+    """Every ``_target_`` of a model spec, nested ones included (Hydra's ``instantiate``
+    builds nested configs too, in dicts and in lists such as ``_args_``), outermost first."""
+    if isinstance(spec, Mapping):
+        own = [spec["_target_"]] if "_target_" in spec else []
+        return own + [t for value in spec.values() for t in spec_targets(value)]
+    if isinstance(spec, list | tuple):
+        return [t for value in spec for t in spec_targets(value)]
+    return []
+
+
+def check_recorded_spec(spec, source: str, trusted_targets: Iterable[str] = ()) -> None:
+    """Refuse, in one line, a model spec read from ``source`` (a file) that would run code
+    the user did not choose: a ``_target_`` (at any depth) that is not in
+    ``trusted_targets`` nor in the process's (:func:`trust_targets`), or an OmegaConf
+    interpolation (``${...}``: a resolver such as ``oc.decode`` makes new configs, with
+    targets of their own, as Hydra builds the model). A spec with a registered ``name`` and
+    no ``_target_`` calls only the registered model's function and always passes.
+
+    Reading a file with ``torch.load(weights_only=True)`` runs no code; building what the
+    file names would, so ``load_teacher`` and ``load_model`` check it first.
+    """
+    if not isinstance(spec, Mapping):
+        raise KDLightError(f"{source} records a model spec that is a {type(spec).__name__}")
+    if "_target_" not in spec:
+        return
+    trusted = _trusted_targets | set(_dotted_names(trusted_targets, "trusted_targets"))
+    for target in spec_targets(spec):
+        if not isinstance(target, str) or target not in trusted:
+            raise KDLightError(
+                f"{source} records a model built by {target!s}: kdlight builds a model from a "
+                "file only as a registered kdlight model or with a _target_ you gave or "
+                f"trust; {HOW_TO_TRUST.format(target=target)}"
+            )
+    interpolation = _interpolation(spec)
+    if interpolation is not None:
+        raise KDLightError(
+            f"{source} records a model spec with the interpolation {interpolation!r}, which "
+            "kdlight does not resolve from a file"
+        )
+
+
+def _interpolation(tree) -> str | None:
+    """The first string of ``tree`` (keys and values) that OmegaConf would resolve."""
+    if isinstance(tree, str):
+        return tree if "${" in tree else None
+    if isinstance(tree, Mapping):
+        items = [*tree.keys(), *tree.values()]
+    elif isinstance(tree, list | tuple):
+        items = list(tree)
+    else:
+        return None
+    return next((found for item in items if (found := _interpolation(item))), None)
+
+
+def build_recorded_model(
+    spec: Mapping, source: str, trusted_targets: Iterable[str] = ()
+) -> nn.Module:
+    """:func:`build_model` for a spec read from ``source`` (a checkpoint's
+    ``kdlight.model_spec``), once :func:`check_recorded_spec` has found nothing in it that
+    the user did not choose."""
+    check_recorded_spec(spec, source, trusted_targets)
+    return build_model(spec)
 
 
 def spec_name(spec: Mapping | None, model: nn.Module | None = None) -> str:
