@@ -155,13 +155,43 @@ def _read_batches(files: list[Path], dataset: DatasetSpec) -> Split:
     return Split(stacked, np.concatenate(labels).astype(np.int64))
 
 
+class _ArraysOnly(pickle.Unpickler):
+    """An unpickler of what the official CIFAR files hold, and nothing that runs code: dicts,
+    lists, numbers, text and bytes (built by pickle's own opcodes) and numpy arrays (numpy's
+    functions that rebuild an array from its bytes). A pickle may name any importable
+    function to call while it is read (``os.system``, say); ``find_class`` is where it gets
+    one, and here it gets only these."""
+
+    _ALLOWED = frozenset(
+        (module, name)
+        for core in ("numpy.core", "numpy._core")  # numpy 1 wrote the first, numpy 2 the second
+        for module, name in (
+            (f"{core}.multiarray", "_reconstruct"),  # an array, protocols 2 to 4
+            (f"{core}.numeric", "_frombuffer"),  # an array, protocol 5
+        )
+    ) | {
+        ("numpy", "ndarray"),
+        ("numpy", "dtype"),
+        ("_codecs", "encode"),  # bytes, as protocol 2 writes them from Python 3
+    }
+
+    def find_class(self, module: str, name: str):
+        if (module, name) not in self._ALLOWED:
+            raise pickle.UnpicklingError(
+                f"it names {module}.{name}, which an official file does not hold (a pickle "
+                "calls what it names as it is read)"
+            )
+        return super().find_class(module, name)
+
+
 def _unpickle(file: Path, dataset: DatasetSpec) -> dict:
     """A pickled dict of the official release, its keys as text: Python 2 wrote them as byte
     strings, which ``encoding="latin1"`` reads as text (as torchvision does) and
-    ``encoding="bytes"`` copies do not."""
+    ``encoding="bytes"`` copies do not. Read by :class:`_ArraysOnly`: a planted file that
+    names anything but numpy's arrays is refused, and nothing it names is called."""
     try:
         with file.open("rb") as handle:
-            entry = pickle.load(handle, encoding="latin1")
+            entry = _ArraysOnly(handle, encoding="latin1").load()
     except Exception as err:  # a damaged pickle raises many types
         raise KDLightError(
             f"cannot read {file} ({one_line(err)}): delete {file.parent} and set "
