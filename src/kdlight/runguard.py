@@ -20,6 +20,7 @@ import logging
 import os
 import signal
 import socket
+import stat
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -221,15 +222,17 @@ def hold_run_lock(run_dir: str | Path) -> Iterator[None]:
     place, not through :mod:`kdlight.io`); its content, the holder's pid and host, is only a
     hint for the message. Where the filesystem does not lock files, the run goes on with a
     warning.
+
+    Since it is written in place, it must be the run's own file: a ``.lock`` that is a
+    symbolic link (on a shared outputs root, it may point anywhere) is not followed, and
+    one that is not a regular file or has another name elsewhere (a hard link) is not
+    written; each is one error line (:func:`open_run_lock`).
     """
     if not is_launching_process():
         yield
         return
     path = Path(run_dir) / LOCK_NAME
-    try:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    except OSError as err:
-        raise KDLightError(f"cannot open the run lock {path}: {err.strerror}") from None
+    fd = open_run_lock(path)
     try:
         locked = _lock(fd, path)
         if locked:
@@ -246,6 +249,35 @@ def hold_run_lock(run_dir: str | Path) -> Iterator[None]:
                     os.ftruncate(fd, 0)  # the holder's details go with the lock
     finally:
         os.close(fd)  # releases the lock
+
+
+def open_run_lock(path: Path) -> int:
+    """Open (or create) the lock file ``path`` for reading and writing, without following a
+    symbolic link, and only if it is a regular file with no other name: one the run may
+    truncate and write. Anything else is a :class:`KDLightError`, with nothing written."""
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+    except OSError as err:
+        if err.errno == errno.ELOOP:  # O_NOFOLLOW's answer for a symbolic link
+            target = os.readlink(path) if path.is_symlink() else "?"
+            raise KDLightError(
+                f"the run lock {path} is a symbolic link (to {target}), which kdlight does not "
+                "follow: it writes only into the run's own lock file; remove the link"
+            ) from None
+        raise KDLightError(f"cannot open the run lock {path}: {err.strerror}") from None
+    info = os.fstat(fd)
+    problem = None
+    if not stat.S_ISREG(info.st_mode):
+        problem = "is not a regular file"
+    elif info.st_nlink > 1:
+        problem = f"has {info.st_nlink - 1} other name(s) (a hard link to a file elsewhere)"
+    if problem:
+        os.close(fd)
+        raise KDLightError(
+            f"the run lock {path} {problem}: kdlight writes only into the run's own lock "
+            "file; remove it"
+        )
+    return fd
 
 
 def _lock(fd: int, path: Path) -> bool:
