@@ -401,14 +401,17 @@ def test_an_oversized_or_deeply_nested_file_is_an_unreadable_run(outputs: Path):
     (big / "metrics.json").write_text(metrics + " " * MAX_FILE_BYTES)  # valid JSON still
     deep = make_run(grid / "deep", outputs, "distill", "small_cnn", 95.0, 32.0, 0.2)
     (deep / "config.yaml").write_text("{a: " * (MAX_DEPTH + 1) + "1" + "}" * (MAX_DEPTH + 1))
+    nested = make_run(grid / "nested", outputs, "distill", "small_cnn", 95.0, 32.0, 0.3)
+    (nested / "metrics.json").write_text("[" * 100_000 + "]" * 100_000)  # past Python's stack
     runs = {Path(r["path"]).name: r for r in collect_runs([outputs])}
+    assert [runs[name]["status"] for name in ("big", "deep", "nested")] == ["failed"] * 3
     assert runs["big"]["error"] == (
         "unreadable metrics.json: it holds more than 4 MiB, more than a run's record"
     )
-    assert (
-        runs["deep"]["error"] == f"unreadable config.yaml: it nests deeper than {MAX_DEPTH} levels"
+    assert runs["deep"]["error"] == (
+        f"unreadable config.yaml: it nests deeper than {MAX_DEPTH} levels"
     )
-    assert runs["big"]["status"] == runs["deep"]["status"] == "failed"
+    assert runs["nested"]["error"] == "unreadable metrics.json: it nests too deeply to parse"
 
 
 def test_an_unwritable_out_is_one_line_and_exit_2(outputs: Path, tmp_path: Path, capsys):
