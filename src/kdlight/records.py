@@ -5,13 +5,14 @@ tells which runs may be averaged or compared.
 :func:`collect_runs` finds every run directory below the given ones (a directory holding
 ``config.yaml``, ``metrics.json``, ``error.txt`` or ``.hydra/config.yaml``) and reads one
 record per run (:func:`load_run`). A run whose files cannot be read, or whose
-``metrics.json`` holds a field of the wrong type or an impossible number (an accuracy outside
-[0, 100] %, :func:`read_metrics`), is a failed run with the reason. Run files are read only
-when they are regular files of at most :data:`MAX_FILE_BYTES` (:func:`read_run_file`: a
-FIFO or a device would block the report), and a ``config.yaml`` only without YAML anchors
-and aliases, nested at most :data:`MAX_DEPTH` deep (:func:`parse_config`: a "billion
-laughs" file expands without bound). A run's ``teacher_cache`` block (``distill.teacher_cache=true``) says whether
-it looked the teacher's logits up on disk and how often it found them there. The text forms
+``metrics.json`` holds a field of the wrong type or an impossible number (an accuracy
+outside [0, 100] %, :func:`read_metrics`), is a failed run with the reason. Run files are
+read only when they are regular files of at most :data:`MAX_FILE_BYTES`
+(:func:`read_run_file`: a FIFO or a device would block the report), and a ``config.yaml``
+only without YAML anchors and aliases, nested at most :data:`MAX_DEPTH` deep
+(:func:`parse_config`: a "billion laughs" file expands without bound). A run's
+``teacher_cache`` block (``distill.teacher_cache=true``) says whether it looked the
+teacher's logits up on disk and how often it found them there. The text forms
 of a record's values shared by the report and the plots (:func:`_fmt`, :func:`_cell`,
 :func:`_mean_std`) live here too.
 """
