@@ -380,6 +380,9 @@ def test_a_fifo_and_a_billion_laughs_are_unreadable_runs_not_a_hang(outputs: Pat
     os.mkfifo(fifo / "metrics.json")
     laughs = make_run(grid / "laughs", outputs, "distill", "small_cnn", 95.0, 32.0, 0.2)
     (laughs / "config.yaml").write_text(billion_laughs())
+    failed = make_run(grid / "failed", outputs, "distill", "small_cnn", None, 32.0, 0.3, "x")
+    (failed / "error.txt").unlink()
+    os.mkfifo(failed / "error.txt")
     out = tmp_path / "report"
     command = [sys.executable, "-m", "kdlight.report", str(outputs), "--out", str(out)]
     result = subprocess.run(command, capture_output=True, text=True, timeout=90)
@@ -387,6 +390,7 @@ def test_a_fifo_and_a_billion_laughs_are_unreadable_runs_not_a_hang(outputs: Pat
     rows = {Path(r["path"]).name: r for r in read_csv(out / "report.csv")}
     assert (rows["fifo"]["status"], rows["laughs"]["status"]) == ("failed", "failed")
     assert rows["fifo"]["error"] == "unreadable metrics.json: it is a FIFO, not a regular file"
+    assert rows["failed"]["error"] == "unreadable error.txt: it is a FIFO, not a regular file"
     assert rows["laughs"]["error"] == (
         "unreadable config.yaml: it holds YAML anchors or aliases (& and *), which kdlight "
         "never writes"
