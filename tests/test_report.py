@@ -371,6 +371,7 @@ def billion_laughs(levels: int = 9) -> str:
     return "\n".join(lines) + "\n"
 
 
+@pytest.mark.fault
 def test_a_fifo_and_a_billion_laughs_are_unreadable_runs_not_a_hang(outputs: Path, tmp_path: Path):
     """A FIFO never gets a writer and the laughs expand for hours: the report ran in a
     process of its own, with a time limit, so that a hang fails this test, not the suite."""
@@ -398,6 +399,7 @@ def test_a_fifo_and_a_billion_laughs_are_unreadable_runs_not_a_hang(outputs: Pat
     assert "Best distilled small_cnn: T=4, alpha=0.9" in (out / "report.md").read_text()
 
 
+@pytest.mark.fault
 def test_an_oversized_or_deeply_nested_file_is_an_unreadable_run(outputs: Path):
     grid = outputs / "distill" / "small_cnn"
     big = make_run(grid / "big", outputs, "distill", "small_cnn", 95.0, 32.0, 0.1)

@@ -23,6 +23,8 @@ from kdlight.train import build_trainer
 from tests.conftest import TINY, compose_config, run_cli
 from tests.test_settings import error_lines
 
+pytestmark = pytest.mark.fault
+
 #: A second process that holds an exclusive SQLite lock on argv[1] until it is killed.
 HOLD_LOCK = (
     "import sqlite3, sys, time\n"
@@ -121,6 +123,22 @@ def test_a_store_mlflow_cannot_use_is_one_line_when_first_used(tmp_path: Path):
         logger.log_hyperparams({"model.name": "small_cnn"})
     assert str(error.value) == (
         f"cannot open the MLflow store {uri}: Can't locate revision identified by 'ffffffffffff'"
+    )
+
+
+def test_an_mlflow_db_on_a_read_only_mount_is_one_line(tmp_path: Path, mount_tmpfs):
+    """A store shared read-only (a tracking_uri outside paths.root) cannot take a run."""
+    folder = mount_tmpfs(tmp_path / "shared", 1)
+    db = sqlite3.connect(folder / "mlflow.db")
+    db.execute("CREATE TABLE runs (id TEXT)")
+    db.commit()
+    db.close()
+    subprocess.run(["mount", "-o", "remount,ro", str(folder)], check=True)
+    with pytest.raises(KDLightError) as error:
+        logger = MLFlowLogger(experiment_name="train", tracking_uri=f"sqlite:///{folder}/mlflow.db")
+        logger.log_hyperparams({"model.name": "small_cnn"})
+    assert str(error.value) == (
+        f"cannot open the MLflow store {folder}/mlflow.db: Read-only file system"
     )
 
 

@@ -123,8 +123,8 @@ def check_sqlite_store(tracking_uri: str, wait: float = LOCK_WAIT_S) -> None:
         raise KDLightError(f"the MLflow store {path} is a folder, not an SQLite file: {move}")
     if not stat.S_ISREG(mode):
         raise KDLightError(f"the MLflow store {path} is not a regular file: {move}")
-    with _sqlite_lock(tracking_uri):
-        try:
+    try:
+        with _sqlite_lock(tracking_uri):
             store = sqlite3.connect(
                 f"{Path(path).resolve().as_uri()}?mode=rw", uri=True, timeout=wait
             )
@@ -134,17 +134,19 @@ def check_sqlite_store(tracking_uri: str, wait: float = LOCK_WAIT_S) -> None:
                 store.rollback()
             finally:
                 store.close()
-        except sqlite3.OperationalError as err:
-            if "locked" not in str(err) and "busy" not in str(err):
-                raise KDLightError(f"cannot open the MLflow store {path}: {err}") from err
-            raise KDLightError(
-                f"the MLflow store {path} is locked by another process (waited {wait:g} s): "
-                f"let it finish, or {ELSEWHERE}"
-            ) from err
-        except sqlite3.DatabaseError as err:
-            raise KDLightError(
-                f"the MLflow store {path} is not an SQLite database ({err}): {move}"
-            ) from err
+    except OSError as err:  # the lock file beside it cannot be made: a read-only folder
+        raise KDLightError(f"cannot open the MLflow store {path}: {err.strerror}") from err
+    except sqlite3.OperationalError as err:
+        if "locked" not in str(err) and "busy" not in str(err):
+            raise KDLightError(f"cannot open the MLflow store {path}: {err}") from err
+        raise KDLightError(
+            f"the MLflow store {path} is locked by another process (waited {wait:g} s): "
+            f"let it finish, or {ELSEWHERE}"
+        ) from err
+    except sqlite3.DatabaseError as err:
+        raise KDLightError(
+            f"the MLflow store {path} is not an SQLite database ({err}): {move}"
+        ) from err
 
 
 @contextlib.contextmanager
