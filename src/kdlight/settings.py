@@ -565,6 +565,31 @@ def check_writable(folder: str | Path, setting: str) -> None:
             f"{setting}={folder} cannot be written ({existing} {why}): launch from a writable "
             "folder or set paths.root=DIR (or KDLIGHT_OUTPUTS=DIR)"
         )
+    free = _free_bytes(existing)
+    if free is not None and free < MIN_FREE_BYTES:
+        raise KDLightError(
+            f"{setting}={folder} cannot be written: its filesystem ({existing}) is full "
+            f"({free // 1024} KiB free, a run needs at least {MIN_FREE_BYTES >> 20} MiB to "
+            "start): free space or set paths.root=DIR (or KDLIGHT_OUTPUTS=DIR)"
+        )
+
+
+#: The least free space a run starts with: Hydra's record, the config, the lock and the log
+#: take tens of kilobytes; below this the launch would fail in Hydra's own code.
+MIN_FREE_BYTES = 1 << 20
+
+
+def _free_bytes(folder: Path) -> int | None:
+    """Bytes this process may still write on ``folder``'s filesystem (none when it has no
+    free file entries left); None where the system does not say."""
+    try:
+        stats = os.statvfs(folder)
+    except OSError:
+        return None
+    if stats.f_files and not stats.f_ffree:
+        return 0
+    blocks = stats.f_bfree if os.geteuid() == 0 else stats.f_bavail  # root may use the reserve
+    return blocks * stats.f_frsize
 
 
 def _check_paths(cfg: DictConfig) -> None:

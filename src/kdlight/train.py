@@ -50,6 +50,7 @@ from kdlight.lit import DistillationGridModule
 from kdlight.loggers import log_run_settings
 from kdlight.models.registry import build_model
 from kdlight.preflight import preflight
+from kdlight.records import read_run_file
 from kdlight.runguard import (
     RunInUse,
     SaveLastOnSigterm,
@@ -99,7 +100,7 @@ def finished(files: list[Path], identity: RunIdentity) -> bool:
         if not file.exists():
             return False
         try:
-            owner = json.loads(file.read_text()).get("run", {}).get("id")
+            owner = json.loads(read_run_file(file)).get("run", {}).get("id")  # never a FIFO
         except (OSError, ValueError, AttributeError) as err:
             warning("%s cannot be read (%s): this run is not finished; going on", file, err)
             return False
@@ -243,7 +244,7 @@ def train(cfg: DictConfig) -> dict | None:
     results = metrics_files(cfg, output_dir)
     if finished(results, identity):
         info("%s exists: this run has finished already, nothing to do", results[0])
-        return json.loads(results[0].read_text()) if len(results) == 1 else None
+        return json.loads(read_run_file(results[0])) if len(results) == 1 else None
     if teacher:
         info("%s", teacher.note)
 
