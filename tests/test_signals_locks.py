@@ -250,6 +250,56 @@ def test_sigterm_outside_training_stops_at_once():
     ]
 
 
+def handles(pid: int, signum: int) -> bool:
+    """Whether process ``pid`` has a handler of its own for ``signum`` (the kernel's
+    ``SigCgt`` mask)."""
+    status = Path(f"/proc/{pid}/status").read_text()
+    caught = int(re.search(r"^SigCgt:\s*([0-9a-f]+)$", status, re.MULTILINE)[1], 16)
+    return bool(caught >> (signum - 1) & 1)
+
+
+@pytest.mark.fault
+@pytest.mark.parametrize(
+    ("signum", "command", "say"),
+    [
+        (signal.SIGTERM, "kdlight-train", "terminated by SIGTERM"),
+        (signal.SIGINT, "python -m kdlight.train", "interrupted by SIGINT (Ctrl-C)"),
+    ],
+)
+def test_a_signal_while_kdlight_train_starts_is_one_line(
+    tmp_path: Path, signum: int, command: str, say: str
+):
+    """SIGTERM or Ctrl-C in the first moments of a launch, while it still imports torch
+    (seconds): one line, status 143 or 130, nothing written. The signal is sent as soon as
+    the process handles SIGTERM, and that is checked to be before torch is loaded (the
+    handling used to come after all the imports: a SIGTERM then killed it with no word,
+    status -15; a Ctrl-C gave a traceback)."""
+    if command == "kdlight-train":
+        argv = [str(Path(sys.executable).with_name("kdlight-train"))]
+    else:
+        argv = [sys.executable, "-m", "kdlight.train"]
+    environ = {**os.environ, "KDLIGHT_OUTPUTS": str(tmp_path / "outputs")}
+    run = subprocess.Popen(
+        [*argv, *RECIPE], cwd=tmp_path, env=environ, stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    deadline = time.monotonic() + ONE_MINUTE
+    while run.poll() is None and not handles(run.pid, signal.SIGTERM):
+        assert time.monotonic() < deadline, "kdlight-train did not handle SIGTERM in a minute"
+        time.sleep(0.002)
+    assert run.poll() is None, f"it ended ({run.returncode}) before the signal"
+    torch_loaded = "libtorch" in Path(f"/proc/{run.pid}/maps").read_text()
+    run.send_signal(signum)
+    _, stderr = run.communicate(timeout=ONE_MINUTE)
+    assert not torch_loaded, "SIGTERM was handled only once torch was loaded"
+    assert run.returncode == 128 + signum, stderr[-3000:]
+    assert stderr.splitlines() == [
+        f"error: {say} while kdlight-train was starting, before any work: launch the same "
+        "command again"
+    ]
+    assert not (tmp_path / "outputs").exists()
+
+
 # ---------------------------------------------------------------------------------- lock
 @pytest.mark.slow
 def test_second_launch_of_a_running_run_says_so_and_touches_nothing(tmp_path: Path):
