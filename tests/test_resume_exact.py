@@ -11,7 +11,7 @@ import random
 import re
 import signal
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from functools import partial
 from pathlib import Path
 
@@ -186,6 +186,15 @@ def never_stopped(tmp_path_factory) -> tuple[dict, Trace]:
     return fit(tmp_path_factory.mktemp("through"), trace), trace
 
 
+@pytest.fixture
+def default_sigint() -> Iterator[None]:
+    """Ctrl-C's default handling in this process, as a terminal's command has it, wherever
+    the tests run (a shell's background job ignores SIGINT, and kdlight then leaves it so)."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
 @pytest.mark.fault
 @pytest.mark.parametrize(
     ("signum", "during", "stops_at", "say"),
@@ -198,7 +207,7 @@ def never_stopped(tmp_path_factory) -> tuple[dict, Trace]:
     ids=["sigterm-first-step", "sigint-mid-epoch", "sigterm-last-batch"],
 )
 def test_a_signal_at_any_step_resumes_exactly(
-    tmp_path: Path, never_stopped, signum: int, during: int, stops_at: int, say: str
+    tmp_path: Path, never_stopped, default_sigint, signum: int, during: int, stops_at: int, say: str
 ):
     """A real SIGTERM or SIGINT during a step, in the middle of an epoch or at its last
     batch: training stops with ``last.ckpt`` saved there (status 143 or 130), and resumed

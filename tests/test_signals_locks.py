@@ -49,7 +49,14 @@ def launch(args: list[str], cwd: Path) -> subprocess.Popen:
             env=environ,
             stdout=out,
             stderr=err,
+            preexec_fn=default_sigint,
         )
+
+
+def default_sigint() -> None:
+    """Ctrl-C's default handling in a child, as a terminal's command has it, wherever the
+    tests run: a shell's background job, and so its children, ignores SIGINT."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def stderr_of(cwd: Path) -> str:
@@ -281,7 +288,7 @@ def test_a_signal_while_kdlight_train_starts_is_one_line(
     environ = {**os.environ, "KDLIGHT_OUTPUTS": str(tmp_path / "outputs")}
     run = subprocess.Popen(
         [*argv, *RECIPE], cwd=tmp_path, env=environ, stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE, text=True,
+        stderr=subprocess.PIPE, text=True, preexec_fn=default_sigint,
     )  # fmt: skip
     deadline = time.monotonic() + ONE_MINUTE
     while run.poll() is None and not handles(run.pid, signal.SIGTERM):

@@ -97,8 +97,9 @@ class SaveLastOnSigterm(Callback):
         # before the fit at its end; a signal it has seen already stops at the first step.
         self._signalled = signal.SIGTERM if trainer.received_sigterm else 0
         if threading.current_thread() is threading.main_thread():
-            for signum in STOP_SIGNALS:
-                signal.signal(signum, self._note)
+            signal.signal(signal.SIGTERM, self._note)
+            if _run_may_take(signal.SIGINT):  # not where the launcher ignores it
+                signal.signal(signal.SIGINT, self._note)
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module, outputs, batch, batch_idx) -> None:
         if not ends_epoch(trainer):  # the epoch's end stops it, after validation
@@ -157,12 +158,12 @@ def stop_on_sigterm() -> Iterator[None]:
                 f"{STOP_SIGNALS[signum]} outside training: {RELAUNCH}", stop_status(signum)
             )
 
+    on_signal.stops_the_run = True  # what _run_may_take knows it by
     installed = {}
     if threading.current_thread() is threading.main_thread():
         for signum in STOP_SIGNALS:
-            previous = signal.getsignal(signum)
-            if has_default_handling(signum) or is_startup_handler(previous):
-                installed[signum] = previous
+            if _run_may_take(signum):
+                installed[signum] = signal.getsignal(signum)
                 signal.signal(signum, on_signal)
     try:
         yield
@@ -171,6 +172,18 @@ def stop_on_sigterm() -> Iterator[None]:
     finally:
         for signum, previous in installed.items():
             signal.signal(signum, previous)
+
+
+def _run_may_take(signum: int) -> bool:
+    """Whether the run may handle ``signum`` itself: it has its default handling or kdlight's
+    (:mod:`kdlight.startup`'s, :func:`stop_on_sigterm`'s), not one that a launcher set
+    (submitit ignores SIGTERM; a job started in the background of a script ignores SIGINT)."""
+    handler = signal.getsignal(signum)
+    return (
+        has_default_handling(signum)
+        or is_startup_handler(handler)
+        or getattr(handler, "stops_the_run", False)
+    )
 
 
 # --------------------------------------------------------------------------------- lock
