@@ -301,8 +301,7 @@ def test_a_signal_while_kdlight_train_starts_is_one_line(
     assert not torch_loaded, "SIGTERM was handled only once torch was loaded"
     assert run.returncode == 128 + signum, stderr[-3000:]
     assert stderr.splitlines() == [
-        f"error: {say} while kdlight-train was starting, before any work: launch the same "
-        "command again"
+        f"error: {say} before the run started: launch the same command again"
     ]
     assert not (tmp_path / "outputs").exists()
 

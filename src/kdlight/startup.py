@@ -5,8 +5,9 @@ script or ``python -m kdlight.train``), the process then answers SIGTERM (a job 
 as it starts) and SIGINT (Ctrl-C) with one ``error:`` line and exit status 128 + the
 signal's number, through the seconds that importing torch, Lightning and Hydra takes (about
 3 s on an idle 2-core CPU, 12 s on a busy one), where it used to die silently (status -15)
-or with a traceback. Nothing has been written then, so there is nothing to keep. Once the
-run's own handling is in place (:func:`kdlight.runguard.stop_on_sigterm`) it takes over.
+or with a traceback. Nothing of the run has been written then, so there is nothing to keep.
+Once the run's own handling is in place (:func:`kdlight.runguard.stop_on_sigterm`) it takes
+over, and between the runs of a multirun this one is back.
 
 Imported anywhere else (a test, a notebook, ``from kdlight.train import train``) it changes
 nothing. It imports only the standard library, so that it is in place within a fraction of
@@ -41,9 +42,9 @@ def has_default_handling(signum: int) -> bool:
 
 
 def _stop_while_starting(signum: int, frame: FrameType | None) -> None:
+    # also between the runs of a multirun, where the line is as true
     print(
-        f"error: {STOP_SIGNALS[signum]} while kdlight-train was starting, before any work: "
-        "launch the same command again",
+        f"error: {STOP_SIGNALS[signum]} before the run started: launch the same command again",
         file=sys.stderr,
         flush=True,
     )
