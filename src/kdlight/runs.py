@@ -42,8 +42,8 @@ NOT_RESULTS = (
     "distill.teacher_checkpoint", "module.teacher_checkpoint",  # replaced by distill.teacher
     "module.temperature", "module.alpha", "module.teacher_model", "module.num_classes",
     "distill.teacher_cache", "module.teacher_cache",  # the same logits, looked up
-)  # fmt: skip
     "trusted_targets",  # what may be built from a file, not what is built
+)  # fmt: skip
 #: Of the callbacks, only the choice of the "best" checkpoint can change a result.
 RESULT_CALLBACK_KEYS = ("callbacks.model_checkpoint.monitor", "callbacks.model_checkpoint.mode")
 #: Lists whose order does not matter: the cells of a fused grid.
