@@ -9,7 +9,9 @@ It takes the command line of the distillation runs that will read the cache, and
 cache those runs look up: the same teacher, data, augmentation and precision make the same
 key (seeds, T, alpha and the method do not change it, so leave sweeps out). Entries already
 filled are kept, so a stopped fill goes on where it stopped, and runs may read and fill the
-cache while it works. It says what it filled, in how long, and the cache's size on disk.
+cache while it works. It says what it filled, in how long, and the cache's size on disk;
+a cache that cannot be made or filled (a full disk: its space is reserved when it is made,
+a read-only folder, a damaged cache that cannot be made again) is one error line, exit 2.
 
 Filling pays only for a teacher used for more than about 162 passes over the training data
 in all (see the README's "Teacher cache"): it is 162 passes of the teacher, once.
@@ -20,7 +22,6 @@ import os
 import sys
 import time
 
-import lightning as L
 import torch
 from hydra import compose, initialize_config_dir
 from hydra.core.override_parser.overrides_parser import OverridesParser
@@ -37,6 +38,7 @@ from kdlight.lit.teacher import freeze, load_teacher
 from kdlight.runs import is_distillation, resolve_teacher
 from kdlight.settings import validate_settings
 from kdlight.teacher_cache import VARIANTS, fill_all
+from kdlight.train import build_trainer
 
 log = logging.getLogger("kdlight")
 
@@ -79,14 +81,22 @@ def cache_teacher(cfg: DictConfig) -> dict:
     data = instantiate(cfg.data, val_size=0, train_subset=None)
     data.prepare_data()
     data.setup("fit")
-    trainer = L.Trainer(
-        accelerator=cfg.trainer.accelerator,
-        devices=1,
-        precision=cfg.trainer.precision,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
+    # built as kdlight-train builds its Trainer, so that Lightning's complaints about the
+    # settings (trainer=gpu without a GPU) are the same one line
+    trainer = build_trainer(
+        OmegaConf.create(
+            {
+                "trainer": {
+                    "_target_": "lightning.pytorch.Trainer",
+                    "accelerator": cfg.trainer.accelerator,
+                    "devices": 1,
+                    "precision": cfg.trainer.precision,
+                    "enable_checkpointing": False,
+                    "enable_progress_bar": False,
+                    "enable_model_summary": False,
+                }
+            }
+        )
     )
     device = trainer.strategy.root_device
     module = cfg.module
@@ -97,7 +107,14 @@ def cache_teacher(cfg: DictConfig) -> dict:
     model = trainer.precision_plugin.convert_module(freeze(model)).to(device)
     cache = teacher_cache_for(
         model, teacher.checkpoint, data, str(trainer.precision), module.num_classes
-    )
+    )  # a full disk, a read-only folder...: one line (CacheUnavailable)
+    for note in cache.notes:
+        log.warning("%s", note)
+    if not cache.writable and not cache.filled.all():
+        raise KDLightError(
+            f"teacher cache {cache.path} cannot be filled: it is open read-only "
+            "(see the line above); runs can read its hits as it is"
+        )
     forward = FastForward(model, module.get("compile", False), module.get("channels_last", False))
     images = torch.empty_like(data.train_set.images)
     images[data.train_positions] = data.train_set.images  # row i: the split's image i
@@ -121,8 +138,9 @@ def cache_teacher(cfg: DictConfig) -> dict:
         cache.path, len(images), VARIANTS, cache.dtype, device,
     )  # fmt: skip
     report = fill_all(cache, images, teacher_answer, cfg.data.eval_batch_size, progress)
-    cache.logits.flush()
-    cache.filled.flush()
+    if cache.writable:
+        cache.logits.flush()
+        cache.filled.flush()
     on_disk = sum(
         os.stat(cache.path.with_suffix(suffix)).st_blocks * 512 for suffix in (".logits", ".filled")
     )

@@ -22,10 +22,23 @@ A variant's logits are written before its flag, so a fill killed in between leav
 flag at 0 and the variant is computed again; processes that fill one cache at once write
 the same values. It is filled lazily: a batch computes the teacher only for its misses,
 never more teacher forwards than without the cache.
+
+Faults: the files' whole space is reserved on disk when they are made
+(``posix_fallocate``), so a write into the map never meets a full disk (which would kill
+the process with SIGBUS); they are made beside their place and renamed into it, logits
+last, so a cache is never seen half made. A cache whose files have the wrong size is
+damaged and made again empty; one on a read-only folder is opened read-only (its hits
+used, nothing stored). What cannot be opened or made raises :class:`CacheUnavailable`.
+Copy-on-write filesystems (btrfs, ZFS) cannot promise reserved space for overwrites.
 """
 
+import contextlib
+import errno
+import fcntl
 import hashlib
 import json
+import os
+import stat
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -35,6 +48,8 @@ import torch
 from torch import Tensor
 
 from kdlight.data.augment import crop_flip
+from kdlight.errors import KDLightError
+from kdlight.io import TEMP_SUFFIX, atomic_open
 
 #: Crop offsets per axis (padding 4: 0..8) and flips: 9 * 9 * 2 variants of an image.
 OFFSETS, FLIPS = 9, 2
@@ -74,10 +89,79 @@ _ON_DISK = {
 }
 
 
+#: How far a cached logit may lie from the live teacher's before the cache is called
+#: damaged (:func:`agreement_tolerance`), as a fraction of the row's largest ``|logit|``.
+#: Measured on the 2-core CPU against float64 (trained resnet8 ... resnet110, wrn_40_2,
+#: vgg13, mobilenetv2): float32 lies within 1e-6 of the row's scale, float16 within 3e-3,
+#: bfloat16 within 2e-2; two computations (another batch size, another kernel, another
+#: device of the same precision) differ by up to twice that. Each tolerance leaves a
+#: margin of 3x or more over it, while garbage, zeros or another image's logits differ by
+#: about the row's scale itself.
+AGREEMENT = {
+    torch.float64: 2.0**-40,
+    torch.float32: 2.0**-14,  # 6.1e-5
+    torch.float16: 2.0**-5,  # 0.031: also TF32, float32's matmuls on a 10-bit mantissa
+    torch.bfloat16: 2.0**-3,  # 0.125
+}
+
+
+def agreement_tolerance(dtype: torch.dtype, device: torch.device | str = "cpu") -> float:
+    """The tolerance of :data:`AGREEMENT` for logits computed in ``dtype`` on ``device``:
+    float32 on a CUDA device that lets convolutions or matmuls use TF32 (PyTorch's default
+    for cuDNN convolutions) is computed on a 10-bit mantissa, float16's tolerance."""
+    if (
+        dtype == torch.float32
+        and torch.device(device).type == "cuda"
+        and (torch.backends.cudnn.allow_tf32 or torch.backends.cuda.matmul.allow_tf32)
+    ):
+        return AGREEMENT[torch.float16]
+    return AGREEMENT[dtype]
+
+
+def disagreement(cached: Tensor, live: Tensor, tolerance: float) -> tuple[int, float]:
+    """How many rows of ``cached`` lie farther from ``live`` than ``tolerance`` times the
+    row's largest ``|live|`` logit, and the largest such distance (in those units)."""
+    scale = live.abs().amax(1).clamp_min(torch.finfo(torch.float32).tiny)
+    distance = ((cached - live).abs().amax(1) / scale).nan_to_num(nan=float("inf"))
+    return int((distance > tolerance).sum()), float(distance.max()) if len(distance) else 0.0
+
+
 def cache_key(**facts) -> str:
     """A short hash of what the cached answers depend on (JSON-able values)."""
     text = json.dumps(facts, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+class CacheUnavailable(KDLightError):
+    """The cache's files cannot be opened or made here: a full disk, a read-only folder
+    without a whole cache in it, a path that is not a folder. A run goes on with the live
+    teacher (one warning); ``kdlight-cache-teacher`` stops (one error line)."""
+
+
+#: errors that say a file may be read but not written
+_READ_ONLY = {errno.EROFS, errno.EACCES, errno.EPERM}
+
+
+def _reason(error: OSError) -> str:
+    return error.strerror or type(error).__name__
+
+
+@contextlib.contextmanager
+def _folder_lock(folder: Path) -> Iterator[None]:
+    """Hold the folder's ``flock`` while the cache's files are checked or made, so that
+    processes opening one cache at once (DDP, runs launched together) do not make or
+    rebuild it twice; where the filesystem does not lock, it goes on unlocked."""
+    try:
+        fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError:
+        yield
+        return
+    try:
+        with contextlib.suppress(OSError):
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
 
 
 class TeacherCache:
@@ -92,6 +176,13 @@ class TeacherCache:
             same whatever the seed's train/validation split); None: the index is the row.
         dtype: what the logits are stored as (:func:`storage_dtype`); the key must say it,
             since the files' size depends on it.
+
+    Raises:
+        CacheUnavailable: the files cannot be opened or made (see the module docstring).
+
+    ``writable`` is False for a cache opened read-only (a read-only folder or files, or
+    files whose space cannot be reserved): :meth:`lookup` works, :meth:`store` raises.
+    ``notes`` says, in lines for the user, what opening it found (rebuilt, read-only).
     """
 
     def __init__(
@@ -103,40 +194,157 @@ class TeacherCache:
         positions: Tensor | None = None,
         dtype: torch.dtype = torch.float32,
     ) -> None:
-        folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
-        self.path = folder / key
+        self.path = Path(folder) / key
         self.num_classes, self.dtype = num_classes, dtype
         shape = (num_images, VARIANTS)
-        self.logits = self._map(".logits", _ON_DISK[dtype], (*shape, num_classes))
-        self.filled = self._map(".filled", np.uint8, shape)
+        self.layout = {
+            ".logits": (np.dtype(_ON_DISK[dtype]), (*shape, num_classes)),
+            ".filled": (np.dtype(np.uint8), shape),
+        }
+        self.notes: list[str] = []
+        self.logits, self.filled = self._open()
+        self.writable = self.logits.flags.writeable and self.filled.flags.writeable
         self.positions = positions.cpu() if positions is not None else None
-        self.lookups = self.hits = 0
+        #: lookups and hits so far; non-finite stored logits found (read as misses)
+        self.lookups = self.hits = self.non_finite = 0
 
     def _rows(self, index: Tensor) -> np.ndarray:
         index = index.cpu()
         return (self.positions[index] if self.positions is not None else index).numpy()
 
-    def _map(self, suffix: str, dtype, shape: tuple[int, ...]) -> np.memmap:
-        """The file ``<key><suffix>`` mapped as ``shape``: made at its full size (sparse,
-        zeros) when missing; a file of another size is not this cache's and is refused."""
+    def _size(self, suffix: str) -> int:
+        dtype, shape = self.layout[suffix]
+        return int(np.prod(shape)) * dtype.itemsize
+
+    def _open(self) -> tuple[np.memmap, np.memmap]:
+        """The two files mapped, read-write where they can be written, else read-only;
+        missing ones made, and a damaged pair (a file of another size, or one without
+        the other) made again, empty."""
+        folder = self.path.parent
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as err:  # a regular file in its place, a read-only parent
+            raise CacheUnavailable(f"cannot make the folder {folder}: {_reason(err)}") from None
+        with _folder_lock(folder):
+            found = {suffix: self._found(suffix) for suffix in self.layout}
+            if all(found[suffix] == self._size(suffix) for suffix in self.layout):
+                return self._map()
+            wrong = "; ".join(
+                f"{self.path.name}{suffix} "
+                + (
+                    "is missing"
+                    if size is None
+                    else f"holds {size} bytes, not {self._size(suffix)}"
+                )
+                for suffix, size in found.items()
+                if size != self._size(suffix)
+            )
+            damaged = any(size is not None for size in found.values())
+            try:
+                self._make()
+            except OSError as err:
+                what = (
+                    f"is damaged ({wrong}) and cannot be made again"
+                    if damaged
+                    else "cannot be made"
+                )
+                raise CacheUnavailable(
+                    f"teacher cache {self.path} {what} here: {_reason(err)}"
+                ) from None
+            if damaged:
+                self.notes.append(
+                    f"teacher cache {self.path} was damaged ({wrong}): made again, empty"
+                )
+            return self._map()
+
+    def _found(self, suffix: str) -> int | None:
+        """The size of the file ``<key><suffix>``, None if there is none; something that is
+        not a regular file (a folder, a FIFO) cannot be used."""
         path = self.path.with_suffix(suffix)
-        size = int(np.prod(shape)) * np.dtype(dtype).itemsize
-        with open(path, "a+b") as file:  # created if missing, never truncated
-            if file.seek(0, 2) == 0:
-                file.truncate(size)
-            elif file.tell() != size:
-                raise ValueError(f"{path} holds {file.tell()} bytes, not {size}")
-        return np.memmap(path, dtype=dtype, mode="r+", shape=shape)
+        try:
+            info = path.stat()
+        except FileNotFoundError:
+            return None
+        except OSError as err:
+            raise CacheUnavailable(f"cannot read {path}: {_reason(err)}") from None
+        if not stat.S_ISREG(info.st_mode):
+            raise CacheUnavailable(f"{path} is not a regular file")
+        return info.st_size
+
+    def _make(self) -> None:
+        """Make both files empty at their full size, their space reserved, beside their
+        place; rename ``.filled`` into place first and ``.logits`` last, so that a process
+        killed in between leaves a pair that reads as damaged, never old flags over new
+        logits. Called under the folder's lock: a temporary of this key left in the folder
+        is a killed maker's, and goes."""
+        for temporary in self.path.parent.glob(f".{self.path.name}.*{TEMP_SUFFIX}"):
+            with contextlib.suppress(OSError):
+                temporary.unlink()
+        with atomic_open(self.path.with_suffix(".logits")) as logits:
+            os.posix_fallocate(logits.fileno(), 0, self._size(".logits"))
+            with atomic_open(self.path.with_suffix(".filled")) as filled:
+                os.posix_fallocate(filled.fileno(), 0, self._size(".filled"))
+
+    def _map(self) -> tuple[np.memmap, np.memmap]:
+        """Both files mapped read-write, or both read-only where one cannot be written or
+        its space cannot be reserved (a cache made by an older kdlight is sparse)."""
+        with contextlib.ExitStack() as files:  # the maps keep their own references
+            try:
+                opened = [files.enter_context(self._open_file(s, os.O_RDWR)) for s in self.layout]
+            except OSError as err:
+                if err.errno not in _READ_ONLY:
+                    raise CacheUnavailable(f"cannot open {err.filename}: {_reason(err)}") from None
+                why = f"is read-only ({_reason(err)})"
+            else:
+                try:
+                    for suffix, file in zip(self.layout, opened, strict=True):
+                        if os.fstat(file.fileno()).st_blocks * 512 < self._size(suffix):
+                            os.posix_fallocate(file.fileno(), 0, self._size(suffix))
+                except OSError as err:
+                    why = f"cannot reserve its space on disk ({_reason(err)})"
+                else:
+                    return tuple(
+                        np.memmap(file, dtype=dtype, mode="r+", shape=shape)
+                        for file, (dtype, shape) in zip(opened, self.layout.values(), strict=True)
+                    )
+        self.notes.append(
+            f"teacher cache {self.path} {why}: its hits are used, the misses computed live "
+            "and not stored"
+        )
+        return self._map_read_only()
+
+    def _map_read_only(self) -> tuple[np.memmap, np.memmap]:
+        maps = []
+        for suffix, (dtype, shape) in self.layout.items():
+            try:
+                with self._open_file(suffix, os.O_RDONLY) as file:
+                    maps.append(np.memmap(file, dtype=dtype, mode="r", shape=shape))
+            except OSError as err:
+                raise CacheUnavailable(f"cannot read {err.filename}: {_reason(err)}") from None
+        return tuple(maps)
+
+    def _open_file(self, suffix: str, flags: int):
+        """``<key><suffix>`` opened with ``flags`` (never blocking on a FIFO put in its place)."""
+        path = self.path.with_suffix(suffix)
+        fd = os.open(path, flags | os.O_NONBLOCK | os.O_CLOEXEC)
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            os.close(fd)
+            raise CacheUnavailable(f"{path} is not a regular file")
+        return os.fdopen(fd, "r+b" if flags & os.O_RDWR else "rb")
 
     def lookup(self, index: Tensor, params: Tensor) -> tuple[Tensor, Tensor]:
-        """The cached logits of a batch (zeros where missing) and which were hits, on the CPU."""
+        """The cached logits of a batch (zeros where missing) and which were hits, on the CPU.
+        A stored entry that is not finite (NaN, inf: the file was damaged) is read as a
+        miss and counted in ``non_finite``, for the caller to report."""
         rows, variants = self._rows(index), variant_of(params.cpu()).numpy()
         hit = torch.from_numpy(self.filled[rows, variants].astype(bool))
-        stored = torch.from_numpy(self.logits[rows, variants])  # a copy (fancy indexing)
+        stored = self._decode(torch.from_numpy(self.logits[rows, variants]))  # a copy
+        finite = stored.isfinite().all(1)
+        self.non_finite += int((hit & ~finite).sum())
+        hit &= finite
         self.lookups += len(rows)
         self.hits += int(hit.sum())
-        return self._decode(stored), hit
+        return stored.where(hit.unsqueeze(1), 0.0), hit
 
     def store(self, index: Tensor, params: Tensor, logits: Tensor) -> Tensor:
         """Write the logits of these images' variants, then mark them filled; return what
@@ -145,12 +353,22 @@ class TeacherCache:
 
     def write(self, rows: np.ndarray, variants: np.ndarray, logits: Tensor) -> Tensor:
         """:meth:`store` by the cache's own rows (places in the whole training split)."""
-        encoded = logits.detach().to(self.dtype).cpu()
-        if self.dtype == torch.bfloat16:
-            encoded = encoded.view(torch.uint16)
+        if not self.writable:
+            raise ValueError(f"teacher cache {self.path} is open read-only")
+        encoded = self._encode(logits)
         self.logits[rows, variants] = encoded.numpy()
         self.filled[rows, variants] = 1
         return self._decode(encoded)
+
+    def round(self, logits: Tensor) -> Tensor:
+        """``logits`` as a hit would read them back (rounded to the cache's dtype, float32,
+        on the CPU), without storing them."""
+        return self._decode(self._encode(logits))
+
+    def _encode(self, logits: Tensor) -> Tensor:
+        """Logits -> what the file holds (bfloat16 as its uint16 bits), on the CPU."""
+        encoded = logits.detach().to(self.dtype).cpu()
+        return encoded.view(torch.uint16) if self.dtype == torch.bfloat16 else encoded
 
     def _decode(self, stored: Tensor) -> Tensor:
         """Stored logits (bfloat16 as its uint16 bits) -> float32."""
