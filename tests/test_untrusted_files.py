@@ -150,6 +150,13 @@ def test_a_trusted_target_loads(tmp_path: Path):
         resolve_teacher(cfg)
 
 
+def test_trusting_a_target_is_not_part_of_a_runs_identity(tmp_path: Path):
+    """What may be built from a file changes no number: the same run, the same folder."""
+    plain = compose_config(["experiment=teacher"], tmp_path)
+    trusting = compose_config(["experiment=teacher", "trusted_targets=[torch.nn.Linear]"], tmp_path)
+    assert identify(plain).id == identify(trusting).id
+
+
 # -------------------------------------------------------------------- planted checkpoints
 class Planted:
     """Unpickled, it runs a shell command that creates ``marker``."""
