@@ -70,8 +70,8 @@ def build_model(spec: Mapping) -> nn.Module:
 
 
 # ------------------------------------------------------------------ models recorded in files
-#: Targets (``_target_``) trusted in every model spec read from a file by this process, besides those
-#: a call names: ``kdlight-train``'s ``trusted_targets`` setting (:func:`trust_targets`).
+#: Targets (``_target_``) trusted in every model spec this process reads from a file, besides
+#: those a call names: ``kdlight-train``'s ``trusted_targets`` setting (:func:`trust_targets`).
 _trusted_targets: frozenset[str] = frozenset()
 #: A Python name as Hydra imports it: ``module.attribute``, dotted.
 _DOTTED_NAME = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)+")
@@ -128,9 +128,10 @@ def check_recorded_spec(spec, source: str, trusted_targets: Iterable[str] = ()) 
     """Refuse, in one line, a model spec read from ``source`` (a file) that would run code
     the user did not choose: a ``_target_`` (at any depth) that is not in
     ``trusted_targets`` nor in the process's (:func:`trust_targets`), or an OmegaConf
-    interpolation (``${...}``: a resolver such as ``oc.decode`` makes new configs, with
-    targets of their own, as Hydra builds the model). A spec with a registered ``name`` and
-    no ``_target_`` calls only the registered model's function and always passes.
+    interpolation (``${...}``), which Hydra would resolve as it builds the model (a resolver
+    reads the environment, ``oc.env``, or makes new configs, ``oc.decode``). A spec with a
+    registered ``name`` and no ``_target_`` calls only the registered model's function and
+    always passes.
 
     Reading a file with ``torch.load(weights_only=True)`` runs no code; building what the
     file names would, so ``load_teacher`` and ``load_model`` check it first.
