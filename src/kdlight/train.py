@@ -203,7 +203,9 @@ def keep_earlier_logs(trainer: L.Trainer) -> None:
 
 
 def checkpoint_to_evaluate(cfg: DictConfig) -> Path:
-    """``ckpt_path`` of a ``train=false`` run: required, and a file."""
+    """``ckpt_path`` of a ``train=false`` run: required, a file, and a checkpoint that reads
+    weights only (read once here, so that a truncated or unsafe file is one line before the
+    data are prepared)."""
     named = cfg.get("ckpt_path")
     if not named:
         raise KDLightError(
@@ -212,6 +214,7 @@ def checkpoint_to_evaluate(cfg: DictConfig) -> Path:
         )
     if not Path(str(named)).is_file():
         raise KDLightError(f"ckpt_path={named}: no such file")
+    read_checkpoint(Path(str(named)))
     return Path(str(named))
 
 
