@@ -24,7 +24,7 @@ from kdlight.models import create_model
 from kdlight.teacher_cache import VARIANTS, TeacherCache
 from tests.conftest import REPO, cpu_trainer, synthetic_datamodule
 
-IMAGES = 200  # the synthetic training split of the runs below (val=0)
+IMAGES = 100  # the synthetic training split of the runs below (val=0)
 
 
 def in_namespace(mounts: str, *command: str) -> subprocess.CompletedProcess:
@@ -96,15 +96,26 @@ print(f"=== kdlight-train: {status}", file=sys.stderr, flush=True)
 status = cache_teacher_main(command)
 print(f"=== kdlight-cache-teacher: {status}", file=sys.stderr, flush=True)
 print("left:", os.listdir(os.path.join(data_dir, "teacher_cache")), file=sys.stderr)
+
+# a cache an older kdlight made (sparse: its space not reserved) on the full disk
+from kdlight.teacher_cache import TeacherCache
+sparse = os.path.join(data_dir, "sparse")
+os.mkdir(sparse)
+for suffix, size in ((".logits", 64 * 162 * 10 * 4), (".filled", 64 * 162)):
+    with open(os.path.join(sparse, "key" + suffix), "wb") as file:
+        file.truncate(size)
+cache = TeacherCache(sparse, "key", 64, 10)
+print("=== sparse:", cache.writable, *cache.notes, file=sys.stderr)
 """
 
 
 def test_a_full_disk_is_one_line_not_a_sigbus(tmp_path: Path):
-    """The cache's folder on a 200 kB tmpfs, too small for its logits (1.3 MB): the files'
+    """The cache's folder on a 200 kB tmpfs, too small for its logits (650 kB): the files'
     space is reserved when they are made, so that fails at once, and kdlight-train trains
     with the live teacher after one warning; kdlight-cache-teacher says one error line.
-    Before, both died of SIGBUS (exit -7) on the first write into the map. (Both commands'
-    ``main`` in one process in the namespace: one start of Python and torch, not two.)"""
+    Before, both died of SIGBUS (exit -7) on the first write into the map. A sparse cache
+    (made by an older kdlight) there is opened read-only. (Both commands' ``main`` in one
+    process in the namespace: one start of Python and torch, not two.)"""
     data_dir = tmp_path / "data"
     data_dir.mkdir()
     (tmp_path / "script.py").write_text(FULL_DISK)
@@ -113,7 +124,7 @@ def test_a_full_disk_is_one_line_not_a_sigbus(tmp_path: Path):
     result = in_namespace(mount, sys.executable, str(tmp_path / "script.py"), str(data_dir),
                           *command)  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
-    train_log, cache_log, left = result.stderr.split("=== ")[-3:]
+    train_log, cache_log, left, sparse = result.stderr.split("=== ")[-4:]
     output = result.stdout + train_log
     assert cache_log.startswith("kdlight-train: 0"), output[-3000:]
     assert "Traceback" not in output
@@ -130,6 +141,10 @@ def test_a_full_disk_is_one_line_not_a_sigbus(tmp_path: Path):
         "cannot be made here: No space left on device"
     )
     assert left.endswith("left: []\n")  # no partial file is left in the folder
+    assert sparse == (  # read-only: no write can fault
+        f"sparse: False teacher cache {data_dir}/sparse/key cannot reserve its space on disk "
+        "(No space left on device): its hits are used, the misses computed live and not stored\n"
+    )
 
 
 # ---------------------------------------------------------------- damaged or misplaced

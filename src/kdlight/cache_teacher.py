@@ -77,12 +77,8 @@ def cache_teacher(cfg: DictConfig) -> dict:
         )
     teacher = resolve_teacher(cfg)
     log.info("%s", teacher.note)
-    # the whole training split, every row of the cache, whatever a seed holds out
-    data = instantiate(cfg.data, val_size=0, train_subset=None)
-    data.prepare_data()
-    data.setup("fit")
     # built as kdlight-train builds its Trainer, so that Lightning's complaints about the
-    # settings (trainer=gpu without a GPU) are the same one line
+    # settings (trainer=gpu without a GPU) are the same one line, before any work
     trainer = build_trainer(
         OmegaConf.create(
             {
@@ -98,6 +94,10 @@ def cache_teacher(cfg: DictConfig) -> dict:
             }
         )
     )
+    # the whole training split, every row of the cache, whatever a seed holds out
+    data = instantiate(cfg.data, val_size=0, train_subset=None)
+    data.prepare_data()
+    data.setup("fit")
     device = trainer.strategy.root_device
     module = cfg.module
     architecture = module.get("teacher_model")

@@ -207,7 +207,7 @@ class TeacherCacheMixin:
         if non_finite:
             raise KDLightError(
                 f"teacher cache {self.cache.path}.logits holds NaN or infinite logits "
-                f"({non_finite} of those read): it is damaged; {self._remedy()}"
+                f"({non_finite} of the entries read): it is damaged; {self._remedy()}"
             )
 
     def _remedy(self) -> str:
