@@ -22,6 +22,8 @@ import torch
 from lightning.pytorch.callbacks import Callback
 
 from kdlight.callbacks import ResumeRandomState, SaveLastCheckpoint
+from kdlight.data.arrays import collate_batch
+from kdlight.data.resumable import RecordedShuffle, ResumableLoader
 from kdlight.lit import ClassifierModule
 from kdlight.models import create_model
 from kdlight.runguard import RELAUNCH, SaveLastOnSigterm, Terminated, stop_on_sigterm
@@ -125,6 +127,38 @@ def test_the_random_state_is_restored_from_a_weights_only_checkpoint(tmp_path: P
 
 
 # ------------------------------------------------------------------------- in process
+def test_the_training_loader_resumes_at_the_batch_it_reached():
+    """The loader alone: its state after 2 of an epoch's 4 batches, loaded into a new loader,
+    gives the same last 2 batches, and making it takes nothing from torch's global generator
+    (where the crops and flips come from); at an epoch's end it resumes nothing."""
+    data = synthetic_datamodule(300, 100, 100, 50)
+    data.setup("fit")
+    reached = [(0, 2, 4)]
+
+    def loader() -> ResumableLoader:
+        sampler = RecordedShuffle(data.train_set)
+        return ResumableLoader(data.train_set, batch_size=50, sampler=sampler,
+                               collate_fn=collate_batch, progress=lambda: reached[0])  # fmt: skip
+
+    torch.manual_seed(0)
+    first = loader()
+    epoch = iter(first)
+    trained = [next(epoch)[1], next(epoch)[1]]
+    state = first.state_dict()
+    rest = [labels for _, labels in epoch]
+    assert len(trained + rest) == 4 and state["batches"] == 2
+
+    resumed = loader()
+    resumed.load_state_dict(state)
+    random_state = torch.get_rng_state()
+    again = [labels for _, labels in resumed]
+    assert len(again) == 2 and all(map(torch.equal, again, rest))
+    assert torch.equal(torch.get_rng_state(), random_state)
+
+    reached[0] = (0, 4, 4)  # the epoch's end: the next epoch draws a new order
+    assert first.state_dict() == {"epoch": 0, "batches": 0, "shuffle_seed": None}
+
+
 #: 200 training images in batches of 50: 4 steps an epoch.
 STEPS_PER_EPOCH = 4
 
