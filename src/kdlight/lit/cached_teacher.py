@@ -197,7 +197,7 @@ class TeacherCacheMixin:
         if apart:
             raise KDLightError(
                 f"teacher cache {self.cache.path}.logits: cached logits differ from the live "
-                f"teacher's by up to {farthest:.3g} of the row's largest logit, beyond the "
+                f"teacher's by up to {farthest:.3g} times the row's largest logit, beyond the "
                 f"{str(self.cache.dtype).removeprefix('torch.')} tolerance {tolerance:.3g} "
                 "(checked on this epoch's first batch): it is damaged, or was filled on a "
                 f"device whose answers differ; {self._remedy()}"
