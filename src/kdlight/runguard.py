@@ -115,9 +115,8 @@ class SaveLastOnSigterm(Callback):
             signalled = int(trainer.strategy.reduce(flag, reduce_op="max").item())
         if not signalled:
             return
-        status = stop_status(signalled)
-        where = f"at step {trainer.global_step} (epoch {trainer.current_epoch})"
-        where = f"{STOP_SIGNALS[signalled]} {where}"
+        status, stopped = stop_status(signalled), STOP_SIGNALS[signalled]
+        where = f"{stopped} at step {trainer.global_step} (epoch {trainer.current_epoch})"
         last = next((cb for cb in trainer.callbacks if isinstance(cb, SaveLastCheckpoint)), None)
         if last is None or trainer.fast_dev_run:
             raise Terminated(
