@@ -12,6 +12,7 @@ import re
 import signal
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from pathlib import Path
 
@@ -305,12 +306,12 @@ def test_stopped_runs_resumed_end_exactly_as_one_never_stopped(
     # alongside: the results do not depend on the timing
     through, run = launch(recipe, whole), launch(recipe, killed)
     terminated = launch(signalled_recipe, signalled)
-
-    last, epoch, step = stop_mid_epoch(terminated, signalled, signal.SIGTERM, after_step=3)
-    assert epoch == 0
-    interrupted = launch(signalled_recipe, signalled)
-
-    killed_last = wait_for_epoch_end(run, killed, 1)
+    with ThreadPoolExecutor(1) as watch:  # pauses the one to kill the moment epoch 1 is saved
+        killed_at = watch.submit(wait_for_epoch_end, run, killed, 1)
+        last, epoch, step = stop_mid_epoch(terminated, signalled, signal.SIGTERM, after_step=3)
+        assert epoch == 0
+        interrupted = launch(signalled_recipe, signalled)
+        killed_last = killed_at.result()
     run.send_signal(signal.SIGKILL)
     run.wait(timeout=60)
     killed_epoch = checkpoint_position(killed_last)[0]
