@@ -272,6 +272,7 @@ def handles(pid: int, signum: int) -> bool:
         (signal.SIGTERM, "kdlight-train", "terminated by SIGTERM"),
         (signal.SIGINT, "python -m kdlight.train", "interrupted by SIGINT (Ctrl-C)"),
     ],
+    ids=["sigterm-console-script", "sigint-python-m"],
 )
 def test_a_signal_while_kdlight_train_starts_is_one_line(
     tmp_path: Path, signum: int, command: str, say: str
