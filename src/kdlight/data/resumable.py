@@ -61,9 +61,9 @@ class ResumableLoader(DataLoader):
     :meth:`load_state_dict` before it starts the loader's first pass. The state: the epoch,
     the seed of its order (:class:`RecordedShuffle`; None under DDP, whose sampler orders
     by the run's seed and the epoch) and ``batches``, how many of its batches were trained,
-    read from the trainer through ``progress`` (Lightning's loader fetches a batch ahead,
-    so the loader's own count would be one too many). At an epoch's end ``batches`` is 0:
-    the next epoch draws a new order, as it would have.
+    read from the trainer's own count through ``progress`` (what the loader has handed out
+    need not all have been trained: a fetcher may hold batches ahead). At an epoch's end
+    ``batches`` is 0: the next epoch draws a new order, as it would have.
 
     Args:
         progress: returns ``(epoch, batches trained in it, batches per epoch)`` while
@@ -92,7 +92,7 @@ class ResumableLoader(DataLoader):
         """Start the next pass where :meth:`state_dict` says training was."""
         self._resume = dict(state_dict) if state_dict.get("batches", 0) > 0 else None
 
-    def __iter__(self):
+    def __iter__(self) -> Iterator:
         resume, self._resume = self._resume, None
         if resume is None:
             return super().__iter__()
