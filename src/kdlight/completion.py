@@ -8,6 +8,8 @@ and a non-zero exit status, keeps its ``last.ckpt``, and the same command contin
 """
 
 import math
+from collections.abc import Mapping
+from datetime import timedelta
 
 import lightning as L
 from lightning.pytorch.callbacks import EarlyStopping
@@ -16,7 +18,11 @@ from kdlight.errors import KDLightError
 
 
 class NotFinished(KDLightError):
-    """The fit ended before it trained what was asked, for no reason the user asked for."""
+    """The fit ended before it trained what was asked, for no reason the user asked for:
+    ``kdlight-train`` exits with status :attr:`exit_status`, 3, so that a script can tell
+    "launch it again" from a setting error (2)."""
+
+    exit_status = 3
 
 
 def check_training_batches(datamodule: L.LightningDataModule, world_size: int) -> None:
@@ -83,3 +89,31 @@ def check_finished(trainer: L.Trainer, stopped_by: str | None = None) -> dict | 
         f"{trainer.max_epochs} epochs), stopped by {stopped_by}; last.ckpt is kept: launch the "
         "same command again to continue"
     )
+
+
+def time_limit_seconds(max_time: object) -> float | None:
+    """``trainer.max_time`` as seconds: ``DD:HH:MM:SS`` (Lightning's spelling), a
+    ``timedelta`` or a mapping of its fields (``{hours: 2}``); None when unset.
+
+    kdlight reads it as each launch's limit, not Lightning's limit on the whole fit: a run
+    that reaches it stops at the end of the batch with a current ``last.ckpt``, is not
+    finished, and the same command continues it for another ``max_time``, so that any
+    number of time-limited jobs add up to the whole run."""
+    if max_time is None:
+        return None
+    try:
+        if isinstance(max_time, timedelta):
+            seconds = max_time.total_seconds()
+        elif isinstance(max_time, Mapping):
+            seconds = timedelta(**{k: float(v) for k, v in max_time.items()}).total_seconds()
+        else:
+            days, hours, minutes, secs = (float(part) for part in str(max_time).split(":"))
+            seconds = timedelta(days, secs, 0, 0, minutes, hours).total_seconds()
+    except (TypeError, ValueError):
+        seconds = math.nan
+    if not seconds > 0 or not math.isfinite(seconds):
+        raise KDLightError(
+            f"trainer.max_time={max_time} is not allowed: each launch's time limit, "
+            "DD:HH:MM:SS and more than 0 (e.g. 00:08:50:00), or null for none"
+        )
+    return seconds

@@ -17,11 +17,13 @@ import errno
 import fcntl
 import json
 import logging
+import math
 import os
 import signal
 import socket
 import stat
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -32,6 +34,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from kdlight.callbacks import SaveLastCheckpoint, ends_epoch
+from kdlight.completion import NotFinished
 from kdlight.errors import KDLightError, first_line
 from kdlight.startup import STOP_SIGNALS, has_default_handling, is_startup_handler, stop_status
 
@@ -44,6 +47,9 @@ TERMINATED_STATUS = stop_status(signal.SIGTERM)
 #: The exit status of a run that Ctrl-C (SIGINT) stopped.
 INTERRUPTED_STATUS = stop_status(signal.SIGINT)
 RELAUNCH = "launch the same command again to resume"
+#: What :class:`SaveLastOnSigterm` notes when ``trainer.max_time`` runs out: below every
+#: signal's number, so that under DDP a signal seen by any process wins over the clock.
+TIME_IS_UP = 1
 
 
 class Terminated(SystemExit):
@@ -84,10 +90,19 @@ class SaveLastOnSigterm(Callback):
     "Detected KeyboardInterrupt", status 1 and no checkpoint of the step reached. Lightning's
     SLURM requeue (on SIGUSR1) is not touched; Lightning puts back the handlers from before
     the fit at its end (testing keeps Lightning's own stop).
+
+    ``time_limit`` (``trainer.max_time`` in seconds, which kdlight takes from Lightning)
+    stops each launch the same way once that long has passed since its training started:
+    ``last.ckpt`` saved at the step reached and :class:`~kdlight.completion.NotFinished`
+    (exit status 3), so that the same command, launched again, continues exactly. Lightning's
+    own limit counts the whole fit over all launches, so a run it stopped could never finish
+    with the same command, and it stops at an epoch's end that resumes as a whole epoch.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, time_limit: float | None = None) -> None:
         self._signalled = 0  # the first stop signal's number; 0: none
+        self.time_limit = time_limit  # trainer.max_time in seconds: this launch's limit
+        self._deadline = math.inf
 
     def _note(self, signum: int, frame) -> None:
         self._signalled = self._signalled or signum
@@ -96,6 +111,8 @@ class SaveLastOnSigterm(Callback):
         # Lightning installed its handler as this fit began, and puts back the one from
         # before the fit at its end; a signal it has seen already stops at the first step.
         self._signalled = signal.SIGTERM if trainer.received_sigterm else 0
+        if self.time_limit is not None:
+            self._deadline = time.monotonic() + self.time_limit
         if threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGTERM, self._note)
             if _run_may_take(signal.SIGINT):  # not where the launcher ignores it
@@ -106,15 +123,20 @@ class SaveLastOnSigterm(Callback):
             self._stop_if_signalled(trainer)
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._stop_if_signalled(trainer)
+        last_epoch = trainer.current_epoch + 1 >= (trainer.max_epochs or 0) > 0
+        self._stop_if_signalled(trainer, time_counts=not last_epoch)  # done: no time to save
 
-    def _stop_if_signalled(self, trainer: L.Trainer) -> None:
+    def _stop_if_signalled(self, trainer: L.Trainer, time_counts: bool = True) -> None:
         signalled = self._signalled
-        if trainer.world_size > 1:
+        if not signalled and time_counts and time.monotonic() >= self._deadline:
+            signalled = TIME_IS_UP
+        if trainer.world_size > 1:  # all stop at one step; a signal wins over the clock
             flag = torch.tensor(signalled, device=trainer.strategy.root_device)
             signalled = int(trainer.strategy.reduce(flag, reduce_op="max").item())
         if not signalled:
             return
+        if signalled == TIME_IS_UP:
+            self._stop_for_time(trainer)
         status, stopped = stop_status(signalled), STOP_SIGNALS[signalled]
         where = f"{stopped} at step {trainer.global_step} (epoch {trainer.current_epoch})"
         last = next((cb for cb in trainer.callbacks if isinstance(cb, SaveLastCheckpoint)), None)
@@ -131,6 +153,22 @@ class SaveLastOnSigterm(Callback):
                 status,
             ) from None
         raise Terminated(f"{where}; last.ckpt is current: {RELAUNCH}", status)
+
+    def _stop_for_time(self, trainer: L.Trainer) -> None:
+        """``trainer.max_time`` ran out: save ``last.ckpt`` at this step and stop, not
+        finished (a failed save is its own one line; the one before is kept)."""
+        where = (
+            f"trainer.max_time ({self.time_limit:g} s for each launch) ran out at step "
+            f"{trainer.global_step} (epoch {trainer.current_epoch} of {trainer.max_epochs})"
+        )
+        last = next((cb for cb in trainer.callbacks if isinstance(cb, SaveLastCheckpoint)), None)
+        if last is None or trainer.fast_dev_run:
+            raise NotFinished(f"not finished: {where}; this run keeps no last.ckpt")
+        last.save(trainer)
+        raise NotFinished(
+            f"not finished: {where}; last.ckpt is current: launch the same command again "
+            "to continue"
+        )
 
 
 @contextlib.contextmanager

@@ -36,6 +36,7 @@ NOT_RESULTS = (
     "hydra", "paths", "logger", "name", "train", "test", "ckpt_path",
     "trainer.default_root_dir", "trainer.enable_progress_bar", "trainer.enable_model_summary",
     "trainer.log_every_n_steps", "trainer.plugins",  # plugins: how checkpoints are written
+    "trainer.max_time",  # a launch's time limit: a run it stops is continued, not a result
     "data.data_dir", "data.archive_path", "data.download", "data.num_workers",
     "data.eval_batch_size", "data.seed",  # data.seed is ${seed}, which is kept apart
     "module.compile", "module.channels_last",  # speed options that compute the same

@@ -43,7 +43,7 @@ from omegaconf import DictConfig, OmegaConf
 from kdlight import config_dir
 from kdlight.callbacks import RecordRunIdentity
 from kdlight.checkpointing import UnreadableCheckpoint, read_checkpoint
-from kdlight.completion import check_finished, check_training_batches
+from kdlight.completion import check_finished, check_training_batches, time_limit_seconds
 from kdlight.errors import KDLightError, find_user_error, first_line
 from kdlight.io import atomic_write
 from kdlight.lit import DistillationGridModule
@@ -116,14 +116,15 @@ def build_trainer(cfg: DictConfig, callbacks: list | None = None) -> L.Trainer:
     """The Trainer with its callbacks (the config's and ``callbacks``) and loggers;
     Lightning's complaints about the settings (no GPU for ``trainer=gpu``, say) become
     one-line errors. With ``trainer.enable_progress_bar=false`` the config's progress bar is
-    left out (Lightning refuses a progress-bar callback beside that switch)."""
+    left out (Lightning refuses a progress-bar callback beside that switch).
+    ``trainer.max_time`` is not Lightning's: it is each launch's limit, which ``train``
+    gives :class:`~kdlight.runguard.SaveLastOnSigterm`."""
     try:
         callbacks = _instantiate_all(cfg.get("callbacks")) + list(callbacks or [])
         if cfg.trainer.get("enable_progress_bar") is False:
             callbacks = [c for c in callbacks if not isinstance(c, ProgressBar)]
-        return instantiate(
-            cfg.trainer, callbacks=callbacks, logger=_instantiate_all(cfg.get("logger")) or False
-        )
+        loggers = _instantiate_all(cfg.get("logger")) or False
+        return instantiate(cfg.trainer, callbacks=callbacks, logger=loggers, max_time=None)
     except Exception as err:  # Hydra's instantiate wraps Lightning's exception
         cause = err.__cause__ if isinstance(err.__cause__, MisconfigurationException) else err
         if not isinstance(cause, MisconfigurationException):
@@ -239,6 +240,7 @@ def build_module(cfg: DictConfig, teacher: Teacher | None, world_size: int):
 def train(cfg: DictConfig) -> dict | None:
     """Train and/or test as ``cfg`` says; return what ``metrics.json`` holds."""
     validate_settings(cfg)  # every setting, before the teacher, the data or the Trainer
+    time_limit = time_limit_seconds(cfg.trainer.get("max_time"))
     output_dir = Path(cfg.paths.output_dir)
     evaluate_only = not cfg.train
     checkpoint = checkpoint_to_evaluate(cfg) if evaluate_only else None
@@ -253,7 +255,8 @@ def train(cfg: DictConfig) -> dict | None:
 
     warn_about_schedule(cfg)
     L.seed_everything(cfg.seed, workers=True)
-    trainer = build_trainer(cfg, callbacks=[RecordRunIdentity(identity), SaveLastOnSigterm()])
+    stop = SaveLastOnSigterm(time_limit=time_limit)  # signals, and each launch's time limit
+    trainer = build_trainer(cfg, callbacks=[RecordRunIdentity(identity), stop])
     datamodule, module = build_module(cfg, teacher, trainer.world_size)
     module.run_record = identity.record()
     log_run_settings(trainer.loggers, identity)  # for MLflow, W&B: compare runs by them
@@ -382,7 +385,7 @@ def report_failure(cfg: DictConfig, error: BaseException) -> None:
     if not multirun:
         # The first process reports it. Another one that exited non-zero would make its
         # launcher (Lightning's, torchrun) kill the first at once, and with it a multirun.
-        sys.exit(2 if rank_zero_only.rank == 0 else 0)
+        sys.exit(getattr(known, "exit_status", 2) if rank_zero_only.rank == 0 else 0)
     raise RunFailed(
         f"error: {output_dir} failed: {reason} (each failed run of this multirun has an "
         "error.txt; kdlight-report lists them)"
