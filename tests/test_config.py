@@ -14,6 +14,7 @@ from omegaconf import OmegaConf
 
 from kdlight import config_dir
 from kdlight.settings import rule_for, validate_settings
+from kdlight.train import build_trainer
 from tests.conftest import TINY, compose_config
 
 GROUPS = ["data", "model", "module", "optimizer", "scheduler", "trainer", "logger", "callbacks"]
@@ -59,9 +60,7 @@ def test_choice_composes_and_instantiates(
     assert model(torch.zeros(2, 3, 32, 32)).shape == (2, cfg.num_classes)
     optimizers = module.configure_optimizers()
     assert optimizers is not None
-    callbacks = [instantiate(c) for c in cfg.callbacks.values()]
-    loggers = [instantiate(c) for c in cfg.logger.values()]
-    trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    trainer = build_trainer(cfg)  # the callbacks and loggers, as kdlight-train builds them
     assert isinstance(trainer, L.Trainer) and isinstance(datamodule, L.LightningDataModule)
 
 
