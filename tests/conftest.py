@@ -218,8 +218,9 @@ def unmount(folder: Path) -> None:
 
 
 @pytest.fixture
-def mount_tmpfs(request: pytest.FixtureRequest) -> Iterator[Callable[[Path, int], Path]]:
-    """``mount(folder, megabytes)``: a fresh tmpfs of that size on ``folder``, unmounted at
+def mount_tmpfs(request: pytest.FixtureRequest) -> Iterator[Callable[[Path, int | str], Path]]:
+    """``mount(folder, megabytes)``: a fresh tmpfs of that size (or a tmpfs size such as
+    ``"64k"``) on ``folder``, unmounted at
     the end of the test whatever happens. Where this process may not mount, the whole test
     runs again in a user and mount namespace and its outcome is this test's."""
     if not mounts_here(request.node):
@@ -231,8 +232,8 @@ def mount_tmpfs(request: pytest.FixtureRequest) -> Iterator[Callable[[Path, int]
         return
     mounted: list[Path] = []
 
-    def mount_one(folder: Path, megabytes: int) -> Path:
-        mount(folder, f"size={megabytes}m")
+    def mount_one(folder: Path, megabytes: int | str) -> Path:
+        mount(folder, f"size={megabytes}m" if isinstance(megabytes, int) else f"size={megabytes}")
         mounted.append(folder)
         return folder
 

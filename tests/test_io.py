@@ -46,6 +46,7 @@ def test_a_failed_write_leaves_the_old_file_and_no_temporary(tmp_path: Path):
     assert path.read_text() == "old\n" and temporaries(tmp_path) == []
 
 
+@pytest.mark.fault
 def test_a_full_filesystem_leaves_the_old_file_and_no_temporary(tmp_path: Path, mount_tmpfs):  # noqa: F811
     folder = mount_tmpfs(tmp_path / "small", 1)
     path = folder / "report.csv"

@@ -431,24 +431,12 @@ def test_an_unwritable_out_is_one_line_and_exit_2(outputs: Path, tmp_path: Path,
     assert afile.read_text() == "not a folder\n"
 
 
-@pytest.fixture
-def small_filesystem(tmp_path: Path):
-    """A real 64 KiB tmpfs: room for the CSVs and the Markdown, not for the plots."""
-    mount = tmp_path / "small"
-    mount.mkdir()
-    made = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mount)], capture_output=True
-    )
-    if made.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {made.stderr.decode().strip()}")
-    try:
-        yield mount
-    finally:
-        subprocess.run(["umount", str(mount)], check=True)
-
-
-def test_a_full_disk_leaves_whole_files_and_says_so(outputs: Path, small_filesystem: Path, capsys):
-    out = small_filesystem / "report"
+@pytest.mark.fault
+def test_a_full_disk_leaves_whole_files_and_says_so(
+    outputs: Path, tmp_path: Path, mount_tmpfs, capsys
+):
+    # a real 64 KiB tmpfs: room for the CSVs and the Markdown, not for the plots
+    out = mount_tmpfs(tmp_path / "small", "64k") / "report"
     assert main([str(outputs), "--out", str(out)]) == 2
     captured = capsys.readouterr()
     assert captured.err == f"error: cannot write report to {out}: No space left on device\n"
