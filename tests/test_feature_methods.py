@@ -81,8 +81,9 @@ def test_default_taps_pair_the_deepest_stages():
     three = ["features.6", "features.13", "features.20"]
     assert taps["at"].slot.student_taps.names == three == taps["vid"].slot.student_taps.names
     assert taps["at"].slot.teacher_names == ["stages.3", "stages.5", "stages.7"]  # not stage 1
-    assert taps["fitnet"].slot.student_taps.names == ["features.13"]  # hint_layer 2 of 3
-    assert taps["fitnet"].slot.teacher_names == ["stages.5"]
+    # FitNet: the official hint_layer 2, each network's second stage (not a paired one)
+    assert taps["fitnet"].slot.student_taps.names == ["features.13"]
+    assert taps["fitnet"].slot.teacher_names == ["stages.3"]
     assert (taps["sp"].slot.student_taps.names, taps["sp"].slot.teacher_names) == (
         ["features.20"],
         ["stages.7"],
@@ -183,8 +184,8 @@ def test_connectors_are_saved_restored_and_not_exported(tmp_path: Path):
     trainer.test(module, datamodule=data, verbose=False)
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert metrics["distiller"] == "fitnet"
-    assert metrics["distiller_settings"] == {"weight": 100.0, "ce_weight": 1.0, "stage": -2}
-    assert metrics["taps"] == {"student": ["features.13"], "teacher": ["stages.5"]}
+    assert metrics["distiller_settings"] == {"weight": 100.0, "ce_weight": 1.0, "hint_layer": 2}
+    assert metrics["taps"] == {"student": ["features.13"], "teacher": ["stages.3"]}
 
 
 def test_a_stage_outside_the_pairs_is_one_line():
@@ -225,4 +226,4 @@ def test_a_grid_of_methods_trains_each_cell_as_its_separate_run(tmp_path: Path):
         for key, value in alone.distiller.state_dict().items():
             torch.testing.assert_close(grid.methods[index].state_dict()[key], value, msg=key)
     assert grid.names == ["kd", "fitnet", "crd"] and not grid.fused_kd
-    assert grid.teacher_taps.names == ["stages.5", "pool"]  # each read once, for all cells
+    assert grid.teacher_taps.names == ["stages.3", "pool"]  # each read once, for all cells

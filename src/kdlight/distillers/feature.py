@@ -4,8 +4,8 @@ KD (SP) and variational information distillation (VID).
 Each adds its feature term to the hard-label cross-entropy with the weights of the official
 CIFAR code (RepDistiller; mdistiller agrees): FitNet 100, AT 1000, SP 3000, VID 1, CE 1. By
 default they read the models' ``stages`` taps, the deepest stages of each network paired
-(:meth:`Distiller.pair_taps <kdlight.distillers.Distiller.pair_taps>`); FitNet reads one of
-them, SP the last.
+(:meth:`Distiller.pair_taps <kdlight.distillers.Distiller.pair_taps>`); SP reads the last of
+them; FitNet reads the official hint layer of each network (:class:`FitNet`).
 """
 
 from collections.abc import Sequence
@@ -35,11 +35,24 @@ class FitNet(FeatureDistiller):
         \mathcal{L} = w_{ce} \, \mathrm{CE} + w \, \mathrm{MSE}\big(r(f_s), f_t\big)
 
     with :math:`r` a trainable :class:`~kdlight.losses.ConvRegressor` (convolution, BN,
-    ReLU) from the student's map to the teacher's channels and size. ``stage``: which of
-    the paired stages (0 the shallowest, -1 the deepest); the default -2 is the official
-    code's ``hint_layer=2`` for the 3-stage CIFAR networks. The official code trains the
-    hint together with the task, as here (its two-stage FitNet schedule is not used).
-    Parts: ``loss``, ``ce``, ``fitnet`` (the MSE).
+    ReLU) from the student's map to the teacher's channels and size.
+
+    Which stage, as the official code counts it: ``hint_layer`` indexes each network's
+    feature list of the official CIFAR code (RepDistiller's ``train_student.py``,
+    mdistiller's ``FitNet.py``: ``feats[hint_layer]``), whose entry 0 is the stem's output
+    and entry ``k`` the ``k``-th stage's, so the tap is stage ``hint_layer`` of each
+    network's ``stages`` taps, each network counted on its own. The official default 2 is
+    the second stage of every zoo network: ``layer2`` of a ResNet or ShuffleNet, ``block2``
+    of a WRN, vgg's ``relu2`` (256x8x8 on vgg8 and vgg13) and MobileNetV2's ``blocks.2``.
+    The stem (``hint_layer=0``) is not among the default taps: name it with
+    ``student_taps``/``teacher_taps``.
+
+    ``stage``, kdlight's own count, replaces ``hint_layer`` when given: which of the paired
+    stages (the deepest stages of both networks, as many as the shallower has; 0 the
+    shallowest of them, -1 the deepest). It equals ``hint_layer = stage + 1`` when both
+    networks have as many stages. The official code trains the hint together with the task,
+    as here (its two-stage FitNet schedule is not used). Parts: ``loss``, ``ce``, ``fitnet``
+    (the MSE).
     """
 
     name = "fitnet"
@@ -49,16 +62,36 @@ class FitNet(FeatureDistiller):
         self,
         weight: float = 100.0,
         ce_weight: float = 1.0,
-        stage: int = -2,
+        stage: int | None = None,
         student_taps: Sequence[str] | None = None,
         teacher_taps: Sequence[str] | None = None,
+        hint_layer: int = 2,
     ) -> None:
+        # hint_layer comes last so that calls of an older kdlight, by position, still mean
+        # what they meant
         super().__init__(weight, ce_weight, student_taps, teacher_taps)
-        self.stage = stage
+        self.hint_layer, self.stage = hint_layer, stage
         self.regressor: nn.Module | None = None
 
     def pair_taps(self, student, teacher):
-        return _one_pair(*super().pair_taps(student, teacher), self.stage, self.name)
+        if self.stage is not None:
+            return _one_pair(*super().pair_taps(student, teacher), self.stage, self.name)
+        # taps given by name are the hint of that network as they are; the other network's
+        # default stages are indexed as the official code indexes its feature list
+        return (
+            student if self.student_taps is not None else self._hint(student, "student"),
+            teacher if self.teacher_taps is not None else self._hint(teacher, "teacher"),
+        )
+
+    def _hint(self, stages: list[str], role: str) -> list[str]:
+        """The official ``feats[hint_layer]`` among ``stages`` (``feats[1:]``)."""
+        if not 1 <= self.hint_layer <= len(stages):
+            raise KDLightError(
+                f"distiller.hint_layer={self.hint_layer}: the {role} has {len(stages)} stages, "
+                f"so it must be in [1, {len(stages)}] (0, the stem's output, is no default "
+                f"tap: name it with distiller.{role}_taps=[...])"
+            )
+        return [stages[self.hint_layer - 1]]
 
     def build(self, student_shapes: dict, teacher_shapes: dict) -> None:
         (student,), (teacher,) = student_shapes.values(), teacher_shapes.values()
@@ -68,7 +101,8 @@ class FitNet(FeatureDistiller):
         return hint_loss(self.regressor(student[0]), teacher[0])
 
     def settings(self) -> dict:
-        return super().settings() | {"stage": self.stage}
+        chosen = {"hint_layer": self.hint_layer} if self.stage is None else {"stage": self.stage}
+        return super().settings() | chosen
 
 
 class AT(FeatureDistiller):
