@@ -118,6 +118,13 @@ def test_fitnet_counts_each_network_on_its_own(tmp_path: Path):
         create_model("resnet8x4"), teacher=create_model("vgg13"), distiller=FitNet(stage=-2)
     )
     assert paired.slot.teacher_names == ["relu3"]
+    # a student tap named by hand is its hint as it is; the teacher's is still feats[2]
+    named = DistillationModule(
+        create_model("resnet8x4"),
+        teacher=create_model("vgg13"),
+        distiller=FitNet(student_taps=["layer3"]),
+    )
+    assert (named.slot.student_taps.names, named.slot.teacher_names) == (["layer3"], ["relu2"])
 
 
 @pytest.mark.parametrize("hint_layer", [0, 4])
