@@ -47,9 +47,7 @@ def test_a_launch_that_runs_out_of_time_is_not_finished_and_the_same_command_con
     once = tmp_path / "once"
     train(compose_config([*BASE, "trainer.max_epochs=4"], once))
     run_dir = tmp_path / "chunked"
-    cfg = compose_config(
-        [*BASE, "trainer.max_epochs=4", "+trainer.max_time=00:00:00:00.2"], run_dir
-    )
+    cfg = compose_config([*BASE, "trainer.max_epochs=4", "trainer.max_time=00:00:00:00.2"], run_dir)
     lines = []
     for _ in range(20):  # a launch trains at least one step, so this ends
         try:
@@ -70,7 +68,7 @@ def test_a_launch_that_runs_out_of_time_is_not_finished_and_the_same_command_con
 
 
 def test_a_time_limit_of_zero_is_refused_before_any_work(tmp_path: Path):
-    cfg = compose_config([*BASE, "+trainer.max_time=00:00:00:00"], tmp_path / "run")
+    cfg = compose_config([*BASE, "trainer.max_time=00:00:00:00"], tmp_path / "run")
     with pytest.raises(KDLightError, match=r"trainer.max_time=00:00:00:00 is not allowed"):
         train(cfg)
     assert not (tmp_path / "run").exists()
@@ -202,7 +200,7 @@ def test_a_metrics_json_that_is_a_fifo_is_not_read_and_not_finished(tmp_path: Pa
 def test_kdlight_train_out_of_time_exits_with_status_3_and_one_line(tmp_path: Path):
     from tests.conftest import run_cli
 
-    limited = [*BASE, "trainer.max_epochs=50", "+trainer.max_time=00:00:00:00.05"]
+    limited = [*BASE, "trainer.max_epochs=50", "trainer.max_time=00:00:00:00.05"]
     result = run_cli(limited, tmp_path)
     assert result.returncode == 3, result.stderr[-2000:]
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
