@@ -101,7 +101,10 @@ def train_never_stopped(root: Path) -> None:
 @pytest.mark.slow
 def test_the_zoo_stage_adds_chunks_up_to_the_runs_never_stopped(tmp_path: Path):
     chunked = tmp_path / "chunked"
-    first = zoo_stage(chunked, "1")  # 1 s of training: the teacher stops mid-way
+    # 1 s of training, and steps of at least 0.2 s (teacher: 12): the teacher stops mid-way
+    slow = "+callbacks.slow_steps={_target_:tests.slow_steps.SlowSteps,seconds:0.2}"
+    pythonpath = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
+    first = zoo_stage(chunked, "1", EXTRA=slow, PYTHONPATH=pythonpath)
     assert first.returncode == 0, first.stdout[-2000:] + first.stderr[-2000:]
     progress = (chunked / "out" / "zoo_progress.txt").read_text()
     assert re.search(r"teacher: not finished: step \d+ \(epoch \d of 2\)", progress), progress
