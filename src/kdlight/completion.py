@@ -65,11 +65,11 @@ def trained_steps(trainer: L.Trainer) -> tuple[int, int]:
     return int(done), asked
 
 
-def check_finished(trainer: L.Trainer, stopped_by: str | None = None) -> dict | None:
+def check_finished(trainer: L.Trainer) -> dict | None:
     """After ``trainer.fit``: None when it trained every step of ``max_epochs`` (or reached
     ``trainer.max_steps``), the early stop's record when an ``EarlyStopping`` callback ended
-    it; otherwise :class:`NotFinished`, whose line says how far it got and why it stopped
-    (``stopped_by``, when the caller knows)."""
+    it; otherwise :class:`NotFinished`, whose line says how far it got. (A time limit stops
+    a run earlier, in :class:`~kdlight.runguard.SaveLastOnSigterm`, with its own line.)"""
     done, asked = trained_steps(trainer)
     if asked == 0:
         raise NotFinished("no training step: the training data gives no batch")
@@ -81,8 +81,7 @@ def check_finished(trainer: L.Trainer, stopped_by: str | None = None) -> dict | 
         return None
     if done > 0 and (stopped := early_stop(trainer)) is not None:
         return stopped
-    if stopped_by is None:
-        stopped_by = "trainer.should_stop" if trainer.should_stop else "an unknown cause"
+    stopped_by = "trainer.should_stop" if trainer.should_stop else "an unknown cause"
     per_epoch = trainer.num_training_batches
     raise NotFinished(
         f"not finished: trained {done} of {asked} steps ({done // per_epoch} of "
