@@ -2,6 +2,7 @@
 size, because a session lent a GPU has minutes, not hours, to find a broken script."""
 
 import csv
+import importlib.util
 import os
 import re
 import shutil
@@ -157,3 +158,27 @@ def test_a_zoo_run_that_fails_stops_the_stage_with_its_error_line(tmp_path: Path
         "error: CHUNK=9:00 and ZOO_MARGIN=0 are not allowed: whole seconds (CHUNK also DD:HH:MM:SS)"
     )
     assert not (tmp_path / "refused" / "work" / "zoo").exists()  # refused before any work
+
+
+def test_the_published_table_covers_the_shipped_pairs_and_agrees_with_the_zoo_stage():
+    """docs/results.md's published accuracies: a row per shipped pair, a number or "not
+    published" in every column, and the numbers the zoo stage compares with are the
+    table's (resnet32x4 -> resnet8x4: teacher, KD, DKD)."""
+    text = (REPO / "docs" / "results.md").read_text()
+    text = text.split("## The shipped pairs' published accuracies")[1].split("\n## ")[0]
+    rows = dict(re.findall(r"^\| `(\w+)` \|(.*)\|$", text, re.M))
+    shipped = sorted(p.stem for p in (REPO / "conf" / "pair").glob("*.yaml"))
+    assert sorted(rows) == shipped
+    columns = ["teacher", "student", "KD", "FitNet", "AT", "SP", "VID", "RKD", "PKT", "CRD"]
+    columns.append("DKD")
+    table = {}
+    for pair, cells in rows.items():
+        values = [cell.strip() for cell in cells.split("|")]
+        assert len(values) == len(columns), pair
+        assert all(re.fullmatch(r"\d\d\.\d\d|not published", v) for v in values), values
+        table[pair] = dict(zip(columns, values, strict=True))
+    spec = importlib.util.spec_from_file_location("zoo_table", REPO / "scripts" / "zoo_table.py")
+    zoo_table = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(zoo_table)
+    for run, (published, _) in zoo_table.PUBLISHED.items():
+        assert table["resnet32x4_resnet8x4"][run] == f"{published:.2f}", run
