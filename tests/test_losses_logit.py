@@ -1,10 +1,10 @@
-"""Logit losses against the papers' formulas written out in float64 numpy: ``kd_loss`` with
-logit standardization (Sun et al., 2024) and ``dkd_loss`` (Zhao et al., 2022)."""
+"""Logit losses against the papers' formulas written out in float64 numpy: ``kd_loss``
+(Hinton et al., 2015; plain and with the logit standardization of Sun et al., 2024) and
+``dkd_loss`` (Zhao et al., 2022)."""
 
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 
 from kdlight.losses import KDLoss, kd_loss
 from kdlight.losses.dkd import dkd_loss
@@ -87,51 +87,50 @@ def assert_parts_close(parts: dict[str, torch.Tensor], expected: dict[str, float
         assert parts[key].item() == pytest.approx(value, rel=1e-4, abs=1e-6), key  # float32
 
 
-# --- kd_loss with logit standardization ----------------------------------------------------
+# --- kd_loss, plain and with logit standardization ------------------------------------
 
 
-def kd_loss_before(student_logits, teacher_logits, targets, temperature, alpha):
-    """kd_loss as it was before ``standardize`` (kept verbatim): the regression reference."""
-    with torch.autocast(device_type=student_logits.device.type, enabled=False):
-        student = student_logits.float()
-        teacher = teacher_logits.detach().float()
-        t = temperature
-        if isinstance(temperature, torch.Tensor):
-            temperature = temperature.float()
-            t = temperature.view(-1, 1, 1)
-        log_q = F.log_softmax(student / t, dim=-1)
-        log_p = F.log_softmax(teacher / t, dim=-1)
-        kl = (log_p.exp() * (log_p - log_q)).sum(dim=-1).mean(dim=-1)
-        kd = kl * temperature**2
-        ce = F.cross_entropy(
-            student.movedim(-1, 1) if student.dim() > 2 else student,
-            targets.expand(student.shape[:-1]),
-            reduction="none",
-        ).mean(dim=-1)
-        return {"loss": alpha * kd + (1.0 - alpha) * ce, "kd": kd, "ce": ce}
+def reference_kd_gradient(student, teacher, targets, T, alpha):
+    """d loss / d student logits of the KD loss, in closed form: each sample's soft term
+    alpha T^2 KL(p || q) has gradient alpha T (q - p), its CE (1 - alpha)(softmax(z_s) - y),
+    both divided by the batch size (Hinton et al., 2015, section 2.1)."""
+    grad = np.zeros((len(targets), len(student[0])))
+    for i, (s_row, t_row, y) in enumerate(zip(student, teacher, targets, strict=True)):
+        s, t = np.asarray(s_row, dtype=np.float64), np.asarray(t_row, dtype=np.float64)
+        one_hot = np.eye(len(s))[y]
+        soft = alpha * T * (np_softmax(s / T) - np_softmax(t / T))
+        grad[i] = soft + (1 - alpha) * (np_softmax(s) - one_hot)
+    return grad / len(targets)
 
 
-def test_kd_without_standardize_is_exactly_as_before():
+@pytest.mark.parametrize(("temperature", "alpha"), [(1.0, 0.5), (4.0, 0.9), (16.0, 0.1)])
+def test_kd_without_standardize_matches_the_formula_and_its_gradient(temperature, alpha):
+    """The plain (not standardized) path against the float64 formula: its parts, the alpha
+    and 1 - alpha weighting, the T^2 factor, and the gradient on the student's logits."""
+    student, teacher, targets = tensors()
+    student.requires_grad_(True)
+    parts = kd_loss(student, teacher, targets, temperature, alpha)
+    assert_parts_close(parts, reference_kd(STUDENT, TEACHER, TARGETS, temperature, alpha, False))
+    parts["loss"].backward()
+    expected = reference_kd_gradient(STUDENT, TEACHER, TARGETS, temperature, alpha)
+    np.testing.assert_allclose(student.grad.numpy(), expected, rtol=1e-4, atol=1e-7)  # float32
+
+
+def test_kd_without_standardize_for_several_students_matches_the_formula():
+    """(K, N, C) logits with a (K,) temperature and alpha: student k's parts and gradient are
+    the formula's at its own T and alpha."""
     torch.manual_seed(0)
-    student, teacher, targets = (
-        torch.randn(3, 8, 10),
-        torch.randn(8, 10),
-        torch.randint(0, 10, (8,)),
-    )
-    temperatures, alphas = torch.tensor([1.0, 4.0, 16.0]), torch.tensor([0.1, 0.5, 0.9])
-    cases = [
-        (
-            kd_loss(student[0], teacher, targets, 4.0, 0.9),
-            kd_loss_before(student[0], teacher, targets, 4.0, 0.9),
-        ),
-        (
-            kd_loss(student, teacher, targets, temperatures, alphas, standardize=False),
-            kd_loss_before(student, teacher, targets, temperatures, alphas),
-        ),
-    ]
-    for now, before in cases:
-        for key in ("loss", "kd", "ce"):
-            assert torch.equal(now[key], before[key]), key  # bit for bit
+    student = (torch.randn(3, 8, 10) * 3).requires_grad_(True)
+    teacher, targets = torch.randn(8, 10) * 3, torch.randint(0, 10, (8,))
+    temperatures, alphas = [1.0, 4.0, 16.0], [0.1, 0.5, 0.9]
+    parts = kd_loss(student, teacher, targets, torch.tensor(temperatures), torch.tensor(alphas))
+    parts["loss"].sum().backward()
+    rows = (student.detach().tolist(), teacher.tolist(), targets.tolist())
+    for k, (T, alpha) in enumerate(zip(temperatures, alphas, strict=True)):
+        expected = reference_kd(rows[0][k], rows[1], rows[2], T, alpha, False)
+        assert_parts_close({key: value[k] for key, value in parts.items()}, expected)
+        gradient = reference_kd_gradient(rows[0][k], rows[1], rows[2], T, alpha)
+        np.testing.assert_allclose(student.grad[k].numpy(), gradient, rtol=1e-4, atol=1e-7)
 
 
 @pytest.mark.parametrize(("temperature", "alpha"), [(1.0, 0.5), (2.0, 0.9), (4.0, 1.0)])
