@@ -1,5 +1,7 @@
 """The knowledge-distillation zoo's CIFAR models (RepDistiller, mdistiller): each builds,
-trains, has the zoo's exact size and feature taps, and loads the zoo's checkpoint layout."""
+trains, has the zoo's exact size and feature taps, and computes what the official network
+does (tests/official/models.py, written as the official code is) with the official weights,
+loaded from a file as the zoo publishes them, or copied across (``official_copy_of``)."""
 
 import argparse
 from pathlib import Path
@@ -19,6 +21,7 @@ from kdlight.models import (
     official_state_dict,
 )
 from kdlight.taps import FeatureTaps
+from tests.official.models import OFFICIAL_MODELS, official_copy_of, official_model, randomise_
 
 #: Parameters for (100, 10) classes, counted on RepDistiller's own definitions.
 PARAMETERS = {
@@ -59,37 +62,9 @@ PAPER_SIZES = {
     "mobilenetv2": 0.81e6,
 }
 
-#: Spot checks of the zoo's layout: a key its code produces and the tensor's shape there.
-ZOO_KEYS = [
-    ("resnet56", "layer3.0.downsample.0.weight", (64, 32, 1, 1)),
-    ("resnet8x4", "layer1.0.downsample.1.running_var", (64,)),
-    ("resnet32x4", "layer3.4.bn2.num_batches_tracked", ()),
-    ("wrn_40_2", "block1.layer.0.convShortcut.weight", (32, 16, 1, 1)),
-    ("wrn_16_1", "block2.layer.1.bn1.weight", (32,)),
-    ("vgg13", "block4.3.weight", (512, 512, 3, 3)),
-    ("vgg8", "block0.1.running_mean", (64,)),
-    ("mobilenetv2", "blocks.6.0.conv.7.running_var", (160,)),
-    ("mobilenetv2", "classifier.0.weight", (100, 1280)),
-    ("shufflev1", "layer1.0.conv3.weight", (216, 18, 1, 1)),
-    ("shufflev2", "layer3.0.conv4.weight", (232, 1, 3, 3)),
-    ("shufflev2", "linear.weight", (100, 1024)),
-]
-
 
 def _classifier(model: nn.Module) -> nn.Linear:
     return [module for module in model.modules() if isinstance(module, nn.Linear)][-1]
-
-
-def _randomise_batchnorm(model: nn.Module) -> nn.Module:
-    """Non-default BN statistics and affine terms, so that eval outputs depend on them."""
-    with torch.no_grad():
-        for module in model.modules():
-            if isinstance(module, nn.BatchNorm2d):
-                module.running_mean.uniform_(-0.2, 0.2)
-                module.running_var.uniform_(0.5, 1.5)
-                module.weight.uniform_(0.5, 1.5)
-                module.bias.uniform_(-0.2, 0.2)
-    return model
 
 
 def _save_published(path: Path, state: dict[str, Tensor], **extra) -> Path:
@@ -142,94 +117,76 @@ def test_sizes_match_the_papers(name: str, size: float):
     assert round(PARAMETERS[name][0], -4) == size
 
 
-@pytest.mark.parametrize(("name", "key", "shape"), ZOO_KEYS)
-def test_the_layout_has_the_zoo_keys(name: str, key: str, shape: tuple[int, ...]):
-    state = official_state_dict(name, create_model(name, num_classes=100))
-    assert tuple(state[key].shape) == shape
+# --- against the official architectures (tests/official/models.py, written independently) --
 
 
-@pytest.mark.parametrize("name", PUBLISHED_MODELS)
-def test_published_layout_loads_with_identical_outputs(name: str, tmp_path: Path):
-    torch.manual_seed(0)
-    model = _randomise_batchnorm(create_model(name, num_classes=100)).eval()
-    path = _save_published(tmp_path / "ckpt_epoch_240.pth", official_state_dict(name, model))
-    loaded = load_published(path, name, num_classes=100).eval()
+def _kdlight_outputs(model: nn.Module, images: Tensor) -> tuple[Tensor, list[Tensor], Tensor]:
+    """kdlight's logits, its default ``stages`` taps and its ``embedding`` tap, flattened."""
+    stages, embedding = model.feature_taps["stages"], model.feature_taps["embedding"]
+    taps = FeatureTaps(model, stages + embedding)
+    with taps.capture() as features:
+        logits = model(images)
+    taps.remove()
+    return logits, [features[tap] for tap in stages], features[embedding[0]].flatten(1)
+
+
+def _assert_same_outputs(model: nn.Module, reference: nn.Module, images: Tensor) -> None:
+    """Equal logits, and kdlight's default taps equal the official ``feats[1:-1]`` (its
+    stages, after the ReLU) and ``feats[-1]`` (the pooled feature)."""
+    logits, stages, embedding = _kdlight_outputs(model, images)
+    feats, expected = reference(images, is_feat=True)
+    assert len(stages) == len(feats) - 2
+    _assert_close(logits, expected, "logits")
+    for index, (tapped, official) in enumerate(zip(stages, feats[1:-1], strict=True), start=1):
+        _assert_close(tapped, official, f"stage {index}")
+    _assert_close(embedding, feats[-1], "embedding")
+
+
+def _assert_close(actual: Tensor, expected: Tensor, what: str) -> None:
+    """Equal to float32 rounding: relative 1e-5, and an absolute term of 1e-5 of the
+    tensor's largest value for the entries near zero (the pool sums in another order:
+    AdaptiveAvgPool2d against the official AvgPool2d(8))."""
+    atol = 1e-5 * float(expected.abs().max())
+    torch.testing.assert_close(actual, expected, rtol=1e-5, atol=atol, msg=what)
+
+
+@pytest.mark.parametrize("name", OFFICIAL_MODELS)
+def test_an_official_checkpoint_loads_with_the_official_outputs(name: str, tmp_path: Path):
+    """A file as RepDistiller saves it, from the official network with random weights and BN
+    statistics, loads through ``load_published`` into a model that computes what the
+    official one does, in eval mode (the running statistics in use)."""
+    reference = randomise_(official_model(name, num_classes=100), seed=1).eval()
+    path = _save_published(tmp_path / "ckpt_epoch_240.pth", reference.state_dict())
+    model = load_published(path, name, num_classes=100).eval()
+    with torch.no_grad():
+        _assert_same_outputs(model, reference, torch.randn(2, 3, 32, 32))
+
+
+@pytest.mark.parametrize("name", OFFICIAL_MODELS)
+def test_official_copy_of_a_zoo_model_computes_the_same(name: str):
+    """kdlight's weights in the official network (``official_copy_of``, a strict load of
+    ``official_state_dict``) give the same outputs in eval mode and in train mode (batch
+    statistics), and train mode moves both models' BN running statistics alike."""
+    model = randomise_(create_model(name, num_classes=100), seed=2).eval()
+    reference = official_copy_of(name, model)
+    assert not reference.training
     images = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
-        assert torch.equal(loaded(images), model(images))
-    if name not in ("resnet8", "resnet20"):  # the zoo's names: its files load as they are
-        model.load_state_dict(torch.load(path)["model"])
+        _assert_same_outputs(model, reference, images)
+        model.train(), reference.train()
+        _assert_same_outputs(model, reference, images)
+    ours, theirs = official_state_dict(name, model), reference.state_dict()
+    assert list(ours) == list(theirs)
+    for key, value in theirs.items():
+        _assert_close(ours[key].float(), value.float(), key)
 
 
-# --- an independent check of the key mapping: RepDistiller's resnet8, written its way ----
-
-
-class RepDistillerBlock(nn.Module):
-    def __init__(self, inplanes: int, planes: int, stride: int = 1) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(inplanes, planes, 3, stride, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(planes)
-        self.relu = nn.ReLU(inplace=True)
-        self.conv2 = nn.Conv2d(planes, planes, 3, 1, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(planes)
-        self.downsample = None
-        if stride != 1 or inplanes != planes:
-            self.downsample = nn.Sequential(
-                nn.Conv2d(inplanes, planes, 1, stride, bias=False), nn.BatchNorm2d(planes)
-            )
-
-    def forward(self, x: Tensor) -> Tensor:
-        residual = x if self.downsample is None else self.downsample(x)
-        out = self.bn2(self.conv2(self.relu(self.bn1(self.conv1(x)))))
-        out += residual
-        return F.relu(out)
-
-
-class RepDistillerResNet8(nn.Module):
-    def __init__(self, num_classes: int = 100) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(3, 16, 3, padding=1, bias=False)
-        self.bn1 = nn.BatchNorm2d(16)
-        self.relu = nn.ReLU(inplace=True)
-        self.layer1 = nn.Sequential(RepDistillerBlock(16, 16))
-        self.layer2 = nn.Sequential(RepDistillerBlock(16, 32, 2))
-        self.layer3 = nn.Sequential(RepDistillerBlock(32, 64, 2))
-        self.avgpool = nn.AvgPool2d(8)
-        self.fc = nn.Linear(64, num_classes)
-
-    def forward(self, x: Tensor) -> Tensor:
-        x = self.layer3(self.layer2(self.layer1(self.relu(self.bn1(self.conv1(x))))))
-        return self.fc(self.avgpool(x).view(x.size(0), -1))
-
-
-def test_repdistiller_resnet8_checkpoint_loads_into_kdlights_resnet8(tmp_path: Path):
-    torch.manual_seed(1)
-    reference = _randomise_batchnorm(RepDistillerResNet8(100)).eval()
-    path = tmp_path / "resnet8.pth"
-    torch.save({"model": reference.state_dict()}, path)
-    model = load_published(path, "resnet8", 100).eval()
-
-    images = torch.randn(4, 3, 32, 32)
-    stage_outputs: list[Tensor] = []
-    hooks = [
-        getattr(reference, f"layer{i}").register_forward_hook(
-            lambda module, args, out: stage_outputs.append(out)
-        )
-        for i in (1, 2, 3)
-    ]
-    taps = FeatureTaps(model, model.feature_taps["stages"])
-    with torch.no_grad(), taps.capture() as features:
-        logits = model(images)
-        expected = reference(images)
-    for hook in hooks:
-        hook.remove()
-    torch.testing.assert_close(logits, expected)
-    for tapped, reference_output in zip(features.values(), stage_outputs, strict=True):
-        torch.testing.assert_close(tapped, reference_output)
-    # and back: kdlight's model in the zoo's layout is the zoo's own state dict
-    back = official_state_dict("resnet8", model)
-    assert list(back) == list(reference.state_dict())
-    assert all(torch.equal(back[key], value) for key, value in reference.state_dict().items())
+def test_official_copy_of_holds_copies():
+    model = create_model("resnet8", num_classes=10)
+    reference = official_copy_of("resnet8", model)
+    with torch.no_grad():
+        reference.fc.weight.add_(1.0)
+    assert not torch.equal(reference.fc.weight, model.fc.weight)
 
 
 # --- what a file may look like ------------------------------------------------------------
@@ -237,8 +194,8 @@ def test_repdistiller_resnet8_checkpoint_loads_into_kdlights_resnet8(tmp_path: P
 
 @pytest.fixture
 def resnet20_state() -> dict[str, Tensor]:
-    torch.manual_seed(2)
-    return official_state_dict("resnet20", create_model("resnet20", num_classes=100))
+    """The official resnet20's weights, as a published file holds them."""
+    return randomise_(official_model("resnet20", num_classes=100), seed=3).state_dict()
 
 
 def _assert_same_weights(model: nn.Module, state: dict[str, Tensor]) -> None:
