@@ -182,6 +182,19 @@ def test_official_copy_of_a_zoo_model_computes_the_same(name: str):
         _assert_close(ours[key].float(), value.float(), key)
 
 
+@pytest.mark.parametrize("name", PUBLISHED_MODELS)
+def test_a_fresh_zoo_model_is_the_official_initialisation(name: str):
+    """Under the same seed, kdlight builds the very weights the official code draws (the
+    same modules created in the same order, the same initialisation in the same order), so
+    a student starts where the official one would."""
+    torch.manual_seed(0)
+    ours = official_state_dict(name, create_model(name, num_classes=100))
+    torch.manual_seed(0)
+    theirs = official_model(name, num_classes=100).state_dict()
+    assert list(ours) == list(theirs)
+    assert [key for key in theirs if not torch.equal(ours[key], theirs[key])] == []
+
+
 def test_official_copy_of_holds_copies():
     model = create_model("resnet8", num_classes=10)
     reference = official_copy_of("resnet8", model)
