@@ -192,6 +192,7 @@ def rules() -> dict[str, Rule]:
         "distiller.dim": integer(1), "distiller.num_negatives": integer(1),
         "distiller.nce_temperature": POSITIVE, "distiller.momentum": FRACTION,
         "distiller.student_taps": TAPS, "distiller.teacher_taps": TAPS,
+        "distiller.pairing": one_of("deepest", "shallowest"),
         "optimizer.lr": POSITIVE, "optimizer.momentum": number(0, 1, below=True),
         "optimizer.dampening": number(0, 1, below=True), "optimizer.weight_decay": number(0),
         "optimizer.betas": list_of(number(0, 1, below=True), "two numbers in [0, 1)", 2),

@@ -2,10 +2,13 @@
 KD (SP) and variational information distillation (VID).
 
 Each adds its feature term to the hard-label cross-entropy with the weights of the official
-CIFAR code (RepDistiller; mdistiller agrees): FitNet 100, AT 1000, SP 3000, VID 1, CE 1. By
-default they read the models' ``stages`` taps, the deepest stages of each network paired
-(:meth:`Distiller.pair_taps <kdlight.distillers.Distiller.pair_taps>`); SP reads the last of
-them; FitNet reads the official hint layer of each network (:class:`FitNet`).
+CIFAR code (RepDistiller; mdistiller agrees): FitNet 100, AT 1000, SP 3000, VID 1, CE 1, no
+KD term. By default they read the models' ``stages`` taps (the official ``feat[1:-1]``, each
+stage's output after its ReLU): AT and VID every stage, paired as
+:meth:`Distiller.pair_taps <kdlight.distillers.Distiller.pair_taps>` says (the official pairs
+on every zoo pair); SP each network's deepest stage; FitNet the official hint layer of each
+network (:class:`FitNet`). ``tests/test_fidelity_stages.py`` checks a training step of each,
+built from the command line's config, against the official code's step on the same weights.
 """
 
 from collections.abc import Sequence
@@ -13,7 +16,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from kdlight.distillers.base import FeatureDistiller
+from kdlight.distillers.base import FeatureDistiller, check_pairing
 from kdlight.errors import KDLightError
 from kdlight.losses import ConvRegressor, VIDRegressor, at_loss, hint_loss, sp_loss
 
@@ -109,7 +112,15 @@ class AT(FeatureDistiller):
     r"""Attention transfer (Zagoruyko and Komodakis, 2017) at every paired stage:
     :math:`\mathcal{L} = w_{ce} \, \mathrm{CE} + w \sum_l \mathrm{AT}_l` with
     :func:`kdlight.losses.at_loss` (attention maps of :math:`|f|^p`). Parts: ``loss``,
-    ``ce``, ``at``."""
+    ``ce``, ``at``.
+
+    As the official CIFAR code (RepDistiller ``distiller_zoo/AT.py`` with ``-b 1000``,
+    mdistiller ``distillers/AT.py``): every stage output, after its ReLU, of both networks
+    (``feat[1:-1]``), paired in order; where two paired maps differ in size, the larger is
+    average-pooled to the smaller. ``pairing`` matters only for networks of different
+    depths (:meth:`~kdlight.distillers.Distiller.pair_taps`): ``"deepest"`` (the default)
+    or ``"shallowest"``, the official ``zip``.
+    """
 
     name = "at"
     features = "stages"
@@ -121,15 +132,16 @@ class AT(FeatureDistiller):
         p: float = 2.0,
         student_taps: Sequence[str] | None = None,
         teacher_taps: Sequence[str] | None = None,
+        pairing: str = "deepest",
     ) -> None:
         super().__init__(weight, ce_weight, student_taps, teacher_taps)
-        self.p = p
+        self.p, self.pairing = p, check_pairing(pairing)
 
     def feature_loss(self, student: list[Tensor], teacher: list[Tensor], **batch) -> Tensor:
         return at_loss(student, teacher, p=self.p)
 
     def settings(self) -> dict:
-        return super().settings() | {"p": self.p}
+        return super().settings() | {"p": self.p, "pairing": self.pairing}
 
 
 class SP(FeatureDistiller):
@@ -167,6 +179,18 @@ class VID(FeatureDistiller):
     with a trainable :class:`~kdlight.losses.VIDRegressor` per stage (the mean
     :math:`\mu_l`, three 1x1 convolutions, and a per-channel variance
     :math:`\sigma_l^2` starting at ``init_pred_var``). Parts: ``loss``, ``ce``, ``vid``.
+
+    As RepDistiller's CIFAR code (``distiller_zoo/VID.py``, ``train_student.py`` with
+    ``-b 1``): every stage output of both networks (``feat[1:-1]``), paired in order, the
+    larger of two maps average-pooled to the smaller; ``pairing`` as for :class:`AT`.
+
+    The variances are trained: each regressor's ``log_scale`` is a parameter of this
+    method, so it is in the optimizer with the student, as in RepDistiller (its
+    ``VIDLoss`` is in ``trainable_list``) and in the paper, which learns the variance.
+    mdistiller differs here: it keeps its ``log_scales`` in a plain Python list, outside its
+    modules and its optimizer, so its variances stay at ``init_pred_var`` for the whole run.
+    kdlight follows RepDistiller, whose code produced the published VID numbers (CRD's
+    tables, which both official READMEs report).
     """
 
     name = "vid"
@@ -179,9 +203,10 @@ class VID(FeatureDistiller):
         init_pred_var: float = 5.0,
         student_taps: Sequence[str] | None = None,
         teacher_taps: Sequence[str] | None = None,
+        pairing: str = "deepest",
     ) -> None:
         super().__init__(weight, ce_weight, student_taps, teacher_taps)
-        self.init_pred_var = init_pred_var
+        self.init_pred_var, self.pairing = init_pred_var, check_pairing(pairing)
         self.regressors = nn.ModuleList()
 
     def build(self, student_shapes: dict, teacher_shapes: dict) -> None:
@@ -200,4 +225,7 @@ class VID(FeatureDistiller):
         return torch.stack(losses).sum()
 
     def settings(self) -> dict:
-        return super().settings() | {"init_pred_var": self.init_pred_var}
+        return super().settings() | {
+            "init_pred_var": self.init_pred_var,
+            "pairing": self.pairing,
+        }

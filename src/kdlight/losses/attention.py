@@ -52,9 +52,11 @@ def at_loss(
 
     For each stage ``l`` the larger of the two maps is first average-pooled
     (``adaptive_avg_pool2d``) to the smaller one's ``H_l x W_l`` (height and width each to
-    the smaller of the two), then each map's attention :math:`Q` is taken: the channel mean
-    of :math:`|f|^p`, flattened and L2-normalised per sample, so the channel counts of
-    student and teacher need not agree. The squared difference is averaged over batch and
+    the smaller of the two; the official code, RepDistiller's and mdistiller's ``AT.py``,
+    pools to ``(H, H)``, the same on square maps), then each map's attention :math:`Q` is
+    taken: the channel mean of :math:`|f|^p`, flattened and L2-normalised per sample, so the
+    channel counts of student and teacher need not agree. The official code takes
+    :math:`f^p` without the absolute value: the same for its ``p = 2`` (any even ``p``). The squared difference is averaged over batch and
     positions (the official code's ``(at(f_s) - at(f_t)).pow(2).mean()``) and the stages are
     summed. The method scales this loss by its weight, 1000 in the official CIFAR setting
     (no weight is applied here). The teacher's maps carry no gradient; everything is

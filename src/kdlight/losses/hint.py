@@ -145,6 +145,11 @@ class VIDRegressor(nn.Module):
     ``init_pred_var``. As RepDistiller's ``VIDLoss``, which the official CIFAR code builds
     with ``num_mid_channel`` equal to the teacher's channels.
 
+    ``log_scale`` is a parameter, trained with the regressor as RepDistiller trains it and
+    as the paper learns the variance; mdistiller's ``VID.py`` keeps its ``log_scales`` out
+    of its optimizer (in a plain Python list), so there the variance never leaves
+    ``init_pred_var``.
+
     Args:
         student_channels: ``C_s``.
         teacher_channels: ``C_t``.
