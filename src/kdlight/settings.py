@@ -191,6 +191,7 @@ def rules() -> dict[str, Rule]:
         "distiller.distance_weight": number(0), "distiller.angle_weight": number(0),
         "distiller.dim": integer(1), "distiller.num_negatives": integer(1),
         "distiller.nce_temperature": POSITIVE, "distiller.momentum": FRACTION,
+        "distiller.replacement": BOOL,
         "distiller.student_taps": TAPS, "distiller.teacher_taps": TAPS,
         "distiller.pairing": one_of("deepest", "shallowest"),
         "optimizer.lr": POSITIVE, "optimizer.momentum": number(0, 1, below=True),

@@ -1,7 +1,11 @@
 """Methods that read the pooled feature (the embedding the classifier sees): probabilistic
 knowledge transfer (PKT), relational KD (RKD) and contrastive representation distillation
 (CRD), with the weights of the official CIFAR code (RepDistiller; mdistiller agrees):
-PKT 30000, RKD 1 (distance 25, angle 50), CRD 0.8, CE 1."""
+PKT 30000, RKD 1 (distance 25, angle 50), CRD 0.8, CE 1.
+
+Each reads each network's pooled feature (the official ``feat[-1]``), and a training step
+of each equals the official code's (its loss parts, the total and the student's gradients)
+on the shipped pairs resnet56_resnet20 and vgg13_vgg8 (tests/test_fidelity_embedding.py)."""
 
 import math
 from collections.abc import Sequence
@@ -17,7 +21,11 @@ from kdlight.losses import ContrastMemory, Embed, NegativeSampler, crd_loss, pkt
 class PKT(FeatureDistiller):
     r"""Probabilistic knowledge transfer (Passalis and Tefas, 2018) on the embeddings:
     :math:`\mathcal{L} = w_{ce} \, \mathrm{CE} + w \, \mathrm{PKT}` with
-    :func:`kdlight.losses.pkt_loss`. Parts: ``loss``, ``ce``, ``pkt``."""
+    :func:`kdlight.losses.pkt_loss` of the pooled features. Parts: ``loss``, ``ce``,
+    ``pkt``.
+
+    Equal to the official code (RepDistiller ``distiller_zoo/PKT.py``, weight 30000, CE 1,
+    no KD term) on resnet56_resnet20 and vgg13_vgg8 (tests/test_fidelity_embedding.py)."""
 
     name = "pkt"
     features = "embedding"
@@ -39,7 +47,11 @@ class RKD(FeatureDistiller):
     r"""Relational KD (Park et al., 2019) on the embeddings:
     :math:`\mathcal{L} = w_{ce} \, \mathrm{CE} + w \, (w_D \, \mathrm{distance} + w_A \,
     \mathrm{angle})` with :func:`kdlight.losses.rkd_loss`. Parts: ``loss``, ``ce``,
-    ``distance`` and ``angle`` (before :math:`w_D`, :math:`w_A` and ``weight``)."""
+    ``distance`` and ``angle`` (before :math:`w_D`, :math:`w_A` and ``weight``).
+
+    Equal to the official code (RepDistiller ``distiller_zoo/RKD.py``: distance 25, angle
+    50, weight 1, CE 1, no KD term) on resnet56_resnet20 and vgg13_vgg8
+    (tests/test_fidelity_embedding.py)."""
 
     name = "rkd"
     features = "embedding"
@@ -79,7 +91,23 @@ class CRD(FeatureDistiller):
     embedding per training image, updated with ``momentum``) at its own image (the
     positive) and ``num_negatives`` images of other classes, at ``nce_temperature``, by
     :func:`kdlight.losses.crd_loss`. Defaults: the official CIFAR code's (128 dimensions,
-    16384 negatives, 0.07, 0.5, weight 0.8).
+    16384 negatives, 0.07, 0.5, weight 0.8, CE 1, no KD term: RepDistiller's ``-a 0 -b
+    0.8``).
+
+    The negatives are drawn as the official "exact" mode draws them
+    (:class:`~kdlight.losses.NegativeSampler`): each anchor's ``num_negatives`` are distinct
+    images of other classes, with replacement only for an anchor whose class has fewer
+    other images than that. ``replacement=True`` draws every row with replacement (what
+    kdlight did before: 14.8% of a row repeated at 16384 of CIFAR-100's 49500; not the
+    official draw). They are drawn on the batch's device from a generator of their own,
+    seeded from the run's seed and kept in checkpoints, so a resumed run draws what an
+    uninterrupted one would.
+
+    Equal to the official code (RepDistiller ``crd/criterion.py``, ``crd/memory.py``;
+    mdistiller ``distillers/CRD.py``) on resnet56_resnet20 and vgg13_vgg8, given the same
+    negatives: the loss parts, the total, the student's and both embeddings' gradients,
+    the normalising constants and the memory banks after the update
+    (tests/test_fidelity_embedding.py).
 
     It needs each training image's index (``needs_index``) and the training set's labels
     (``attach_data``, called at the start of fitting). The memory banks are this process's:
@@ -99,12 +127,14 @@ class CRD(FeatureDistiller):
         num_negatives: int = 16384,
         nce_temperature: float = 0.07,
         momentum: float = 0.5,
+        replacement: bool = False,
         student_taps: Sequence[str] | None = None,
         teacher_taps: Sequence[str] | None = None,
     ) -> None:
         super().__init__(weight, ce_weight, student_taps, teacher_taps)
         self.dim, self.num_negatives = dim, num_negatives
         self.nce_temperature, self.momentum = nce_temperature, momentum
+        self.replacement = replacement
         self.memory: ContrastMemory | None = None
         self.sampler: NegativeSampler | None = None
         self._negatives: torch.Generator | None = None
@@ -129,7 +159,7 @@ class CRD(FeatureDistiller):
                 self.dim, len(labels), momentum=self.momentum, temperature=self.nce_temperature
             )
         self.register_buffer("labels", labels)  # in checkpoints: the banks' training set
-        self.sampler = NegativeSampler(labels, self.num_negatives)
+        self.sampler = NegativeSampler(labels, self.num_negatives, self.replacement)
 
     def _generator(self, device: torch.device) -> torch.Generator:
         """The negatives' own random stream, on ``device``: seeded from the run's seed,
@@ -181,4 +211,5 @@ class CRD(FeatureDistiller):
             "num_negatives": self.num_negatives,
             "nce_temperature": self.nce_temperature,
             "momentum": self.momentum,
+            "replacement": self.replacement,
         }
