@@ -432,8 +432,8 @@ def test_where_depths_differ_the_deepest_stages_line_up_and_the_official_zip_poo
 
     for pairing in ("deepest", "shallowest"):
         for method in ("at", "vid"):
-            choice = [f"+distiller.pairing={pairing}"] if pairing == "shallowest" else []
-            cfg = compose_config(["experiment=distill", f"distiller={method}", *choice], tmp_path)
+            choice = f"distiller.pairing={pairing}"
+            cfg = compose_config(["experiment=distill", f"distiller={method}", choice], tmp_path)
             validate_settings(cfg)
             module = instantiate(cfg.module, _convert_="partial", model=student, teacher=teacher)
             assert module.distiller.settings()["pairing"] == pairing
@@ -459,7 +459,7 @@ def test_where_depths_differ_the_deepest_stages_line_up_and_the_official_zip_poo
 
 def test_a_pairing_that_is_not_one_is_one_line(tmp_path: Path):
     cfg = compose_config(
-        ["experiment=distill", "distiller=vid", "+distiller.pairing=middle"], tmp_path
+        ["experiment=distill", "distiller=vid", "distiller.pairing=middle"], tmp_path
     )
     message = "distiller.pairing=middle is not allowed: one of deepest, shallowest"
     with pytest.raises(KDLightError, match=f"^{message}$"):
