@@ -20,10 +20,12 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from torch import Tensor, nn
 
+from kdlight.errors import KDLightError
 from kdlight.losses import NegativeSampler, sample_contrast_indices
 from kdlight.models import create_model
 from kdlight.models.published import official_names
 from kdlight.models.registry import build_model
+from kdlight.settings import validate_settings
 from tests.conftest import compose_config
 from tests.official.models import official_copy_of
 
@@ -516,3 +518,16 @@ def test_replacement_true_is_the_former_draw():
     )
     assert torch.equal(first, again)
     assert all(row[1:].unique().numel() < 1000 for row in first)
+
+
+def test_the_setting_is_a_bool_and_false_by_default(tmp_path):
+    """``distiller.replacement`` composes as the official draw and is checked before any
+    work: a value that is not a bool is one line."""
+    cfg = compose_config(["experiment=zoo_distill", "pair=vgg13_vgg8", "distiller=crd"], tmp_path)
+    assert cfg.distiller.replacement is False
+    assert instantiate(cfg.distiller).settings()["replacement"] is False
+    wrong = compose_config(
+        ["experiment=zoo_distill", "distiller=crd", "distiller.replacement=maybe"], tmp_path
+    )
+    with pytest.raises(KDLightError, match=r"^distiller.replacement=maybe is not allowed: true"):
+        validate_settings(wrong)
