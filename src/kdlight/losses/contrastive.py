@@ -209,10 +209,11 @@ class NegativeSampler(nn.Module):
       fewer than ``K`` negatives (``N - n_c < K``) gets them with replacement, as the
       official ``replace`` rule says. One vectorised draw for the batch, on the device: a
       uniform key per (anchor, training image), the anchor's own class keyed above every
-      uniform, and the ``K`` smallest keys of each row (``topk``). It costs ``B x N`` keys:
-      36 ms per draw at ``N`` = 50000, ``K`` = 16384, ``B`` = 64 on the 2-core development
-      CPU, little beside the step on a GPU (``B x N`` floats: 12.8 MB there; 1.3 GB for
-      ImageNet's 1.28M images at ``B`` = 256).
+      uniform, and the ``K`` smallest keys of each row (``topk``). It costs ``B x N`` keys
+      (12.8 MB at ``N`` = 50000, ``B`` = 64; 1.3 GB for ImageNet's 1.28M images at ``B`` =
+      256) and, at ``N`` = 50000, ``K`` = 16384, ``B`` = 64 on the 2-core development CPU,
+      36 ms for the keys and the ``topk`` on an idle machine, 70 to 110 ms for the whole
+      draw under other load, about twice the draw with replacement (not measured on a GPU).
     - **with replacement** (``replacement=True``, kdlight's draw before it followed the
       official code): ``K`` independent uniform draws from the other classes' images, which
       repeats 14.8% of a row's negatives at ``K`` = 16384 of CIFAR-100's 49500. The images
