@@ -390,7 +390,8 @@ def test_the_step_test_catches_a_teacher_in_train_mode(tmp_path: Path):
 #: ShuffleNetv2.py:155-159, mobilenetv2.py:157-158 (mdistiller's ``feats[1:]``, the same).
 OFFICIAL_STAGES = {"resnet": 3, "vgg": 4, "wrn": 3, "shufflev1": 3, "shufflev2": 3}
 OFFICIAL_STAGES["mobilenetv2"] = 4
-SHIPPED_PAIRS = sorted(p.stem for p in (Path(__file__).parents[1] / "conf" / "pair").glob("*.yaml"))
+PAIR_CONFIGS = Path(__file__).parents[1] / "conf" / "pair"
+SHIPPED_PAIRS = sorted(path.stem for path in PAIR_CONFIGS.glob("*.yaml"))
 
 
 def official_stage_count(name: str) -> int:

@@ -56,11 +56,12 @@ def at_loss(
     pools to ``(H, H)``, the same on square maps), then each map's attention :math:`Q` is
     taken: the channel mean of :math:`|f|^p`, flattened and L2-normalised per sample, so the
     channel counts of student and teacher need not agree. The official code takes
-    :math:`f^p` without the absolute value: the same for its ``p = 2`` (any even ``p``). The squared difference is averaged over batch and
-    positions (the official code's ``(at(f_s) - at(f_t)).pow(2).mean()``) and the stages are
-    summed. The method scales this loss by its weight, 1000 in the official CIFAR setting
-    (no weight is applied here). The teacher's maps carry no gradient; everything is
-    computed in float32, also under mixed precision.
+    :math:`f^p` without the absolute value: the same for its ``p = 2`` (any even ``p``).
+    The squared difference is averaged over batch and positions (the official code's
+    ``(at(f_s) - at(f_t)).pow(2).mean()``) and the stages are summed. The method scales this
+    loss by its weight, 1000 in the official CIFAR setting (no weight is applied here). The
+    teacher's maps carry no gradient; everything is computed in float32, also under mixed
+    precision.
 
     Args:
         student_features: one ``(B, C_s, H_s, W_s)`` map per stage.
