@@ -400,8 +400,10 @@ def test_crd_step_equals_the_official_code(pair: str, tmp_path):
     # crd/criterion.py:31-48 (CRDLoss.forward) on helper/loops.py:130-133's pooled features
     f_s, f_t = embed_s(feat_s[-1]), embed_t(feat_t[-1])
     out_s, out_t = contrast(f_s, f_t, index, contrast_idx)
-    # The official sum of 8 x 16385 logarithms, evaluated in float64: in float32 its
-    # rounding alone is about 1e-4 of it (7e-5 to 1.3e-4 seen), the tolerance itself.
+    # The official sum of 8 x 16385 logarithms of quotients near 1, evaluated in float64
+    # on the official float32 scores: in float32 its rounding alone is about 1e-4 of it
+    # (7e-5 from float64 on random scores; 1.3e-4 from kdlight's float32 value here before
+    # kdlight took log1p), the tolerance itself.
     loss_kd = official_contrast_loss(out_s.double(), NUM_DATA) + official_contrast_loss(
         out_t.double(), NUM_DATA
     )
