@@ -18,6 +18,11 @@ class KD(Distiller):
     ``standardize=True`` z-scores both logits inside the soft term first (logit
     standardization, Sun et al., CVPR 2024). Parts: ``loss``, ``kd`` (:math:`T^2`
     KL), ``ce``.
+
+    Equal to the official code (mdistiller ``distillers/KD.py``: CE weight 0.1, KD weight
+    0.9, T 4, which ``experiment=zoo_distill`` sets) on resnet56_resnet20 and vgg13_vgg8:
+    each part, the total and the student's gradients of a step, and every step of a short
+    run with the official loop's learning rate and momentum (tests/test_fidelity_logit.py).
     """
 
     name = "kd"
@@ -57,8 +62,15 @@ class DKD(Distiller):
     with :func:`kdlight.losses.dkd_loss` for the two KL terms, :math:`e` the epoch counted
     from 0 (mdistiller counts from 1: the weight reaches 1 at the same epoch) and
     :math:`E_w` = ``warmup_epochs``. Defaults: mdistiller's CIFAR-100 settings (T 4, alpha 1,
-    beta 8, CE weight 1, 20 warm-up epochs). Parts: ``loss``, ``ce``, ``tckd``, ``nckd``
-    (the last two before their weights and the warm-up).
+    beta 8, CE weight 1, 20 warm-up epochs); a zoo pair whose official beta is another sets
+    it in ``conf/pair/<pair>/dkd.yaml``. Parts: ``loss``, ``ce``, ``tckd``, ``nckd`` (the
+    last two before their weights and the warm-up).
+
+    Equal to the official code (mdistiller ``distillers/DKD.py``, with the pair's beta: 2
+    for resnet56 -> resnet20, 6 for vgg13 -> vgg8) on resnet56_resnet20 and vgg13_vgg8: each
+    part, the total and the student's gradients of a step at the start, the middle and the
+    end of the warm-up, and every step of a short run across two epoch boundaries
+    (tests/test_fidelity_logit.py).
     """
 
     name = "dkd"

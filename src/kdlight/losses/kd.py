@@ -68,6 +68,8 @@ def kd_loss(
     (``batchmean``), as is the cross-entropy. The :math:`T^2` factor keeps the soft term's
     gradient on the same scale whatever the temperature (its gradient scales as
     :math:`1/T^2` otherwise). Everything is computed in float32, also under mixed precision.
+    With ``alpha=0.9`` and ``T=4`` it is mdistiller's KD loss, ``0.1 * CE + 0.9 * kd_loss``
+    (``distillers/KD.py``), to float32 rounding (tests/test_fidelity_logit.py).
 
     With ``standardize=True`` (logit standardization, Sun et al., CVPR 2024) both
     :math:`z_s` and :math:`z_t` in the soft term are replaced by their z-scores over the
