@@ -211,9 +211,9 @@ class NegativeSampler(nn.Module):
       uniform key per (anchor, training image), the anchor's own class keyed above every
       uniform, and the ``K`` smallest keys of each row (``topk``). It costs ``B x N`` keys
       (12.8 MB at ``N`` = 50000, ``B`` = 64; 1.3 GB for ImageNet's 1.28M images at ``B`` =
-      256) and, at ``N`` = 50000, ``K`` = 16384, ``B`` = 64 on the 2-core development CPU,
-      36 ms for the keys and the ``topk`` on an idle machine, 70 to 110 ms for the whole
-      draw under other load, about twice the draw with replacement (not measured on a GPU).
+      256). At ``N`` = 50000, ``K`` = 16384, ``B`` = 64 on the 2-core development CPU a
+      draw took 34 ms on two threads and 53 ms on one (the draw with replacement: 13 and
+      15 ms), 70 to 110 ms while other processes loaded the cores; not measured on a GPU.
     - **with replacement** (``replacement=True``, kdlight's draw before it followed the
       official code): ``K`` independent uniform draws from the other classes' images, which
       repeats 14.8% of a row's negatives at ``K`` = 16384 of CIFAR-100's 49500. The images
