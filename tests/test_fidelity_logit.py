@@ -47,6 +47,18 @@ BATCH = 8
 RTOL = 1e-4
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """One CPU thread, as tests/test_fidelity_stages.py measured: batch-8 steps gain little
+    from a second, and where other processes share the 2 cores a second OpenMP thread spins
+    waiting for the first (this file under a load of about 4: 62 s on two threads, 16 s on
+    one). The suite's setting is put back after each test."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 # ------------------------------------------------------------------ the official code
 # mdistiller mdistiller/engine/cfg.py:61-64 (KD) and :162-167 (DKD): the defaults its
 # CIFAR-100 configs keep (configs/cifar100/kd.yaml and dkd/*.yaml set only DKD.BETA).
