@@ -80,9 +80,9 @@ def official_kd_loss(logits_student: Tensor, logits_teacher: Tensor, temperature
 def official_dkd_parts(
     logits_student: Tensor, logits_teacher: Tensor, target: Tensor, temperature: float
 ) -> tuple[Tensor, Tensor]:
-    """TCKD and NCKD of mdistiller distillers/DKD.py:8-52 (``dkd_loss`` returns ``alpha *
-    tckd_loss + beta * nckd_loss``, line 32). ``size_average=False`` there is the
-    deprecated spelling of ``reduction="sum"``."""
+    """TCKD and NCKD of mdistiller distillers/DKD.py:8-32 with its masks, lines 35-51
+    (``dkd_loss`` returns ``alpha * tckd_loss + beta * nckd_loss``, line 32).
+    ``size_average=False`` there is the deprecated spelling of ``reduction="sum"``."""
     gt_mask = torch.zeros_like(logits_student).scatter_(1, target.unsqueeze(1), 1).bool()
     other_mask = torch.ones_like(logits_student).scatter_(1, target.unsqueeze(1), 0).bool()
     pred_student = F.softmax(logits_student / temperature, dim=1)
@@ -113,7 +113,7 @@ def official_dkd_parts(
 def official_forward_train(
     method: str, logits_student: Tensor, logits_teacher: Tensor, target: Tensor, **settings
 ) -> dict[str, Tensor]:
-    """``losses_dict`` of mdistiller's ``forward_train`` (KD.py:25-39, DKD.py:104-123), with
+    """``losses_dict`` of mdistiller's ``forward_train`` (KD.py:25-39, DKD.py:65-84), with
     the parts before their weights beside it. ``epoch`` is mdistiller's, counted from 1
     (engine/trainer.py:78-87); ``beta`` DKD's for the pair."""
     ce = F.cross_entropy(logits_student, target)
@@ -357,7 +357,7 @@ def resnet56_teacher(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 class OfficialTraining:
     """mdistiller's training loop (engine/trainer.py:77-110 and 153-169), one step at a
-    time: SGD on the student's parameters (trainer.py:38-48, _base.py:27-29), the learning
+    time: SGD on the student's parameters (trainer.py:38-48, _base.py:22-24), the learning
     rate set at each epoch's start (trainer.py:93, utils.py:72-79), epochs counted from 1
     (trainer.py:78), the teacher in eval mode (_base.py:12-20)."""
 
