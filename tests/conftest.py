@@ -15,6 +15,7 @@ from pathlib import Path
 
 import lightning as L
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
@@ -83,6 +84,19 @@ def run_cli(
         text=True,
         timeout=600,
     )
+
+
+@pytest.fixture
+def one_thread() -> Iterator[None]:
+    """The test runs torch on one CPU thread, the suite's setting put back after it: a
+    test of small steps (batch 8) gains little from a second thread, and where other
+    processes share the 2 cores a second OpenMP thread spins waiting for the first
+    (tests/test_fidelity_stages.py, measured under a load of about 3.5: 65 s on two
+    threads, 12 s on one). Use it with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(autouse=True, scope="session")

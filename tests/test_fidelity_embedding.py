@@ -47,15 +47,7 @@ OFFICIAL_ALPHA = 0.0  # -a: the KD term's weight (no KD term in these methods)
 OFFICIAL_KD_T = 4  # train_student.py's --kd_T default, for the (zero-weighted) KD term
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One CPU thread, as tests/test_fidelity_stages.py measured: batch-8 steps gain little
-    from a second, which spins waiting for the first where other processes share the 2
-    cores. The suite's setting is put back after each test."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def assert_close_to(value: Tensor, official: Tensor, what: str, relative: float = RELATIVE):

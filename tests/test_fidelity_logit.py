@@ -47,16 +47,7 @@ BATCH = 8
 RTOL = 1e-4
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One CPU thread, as tests/test_fidelity_stages.py measured: batch-8 steps gain little
-    from a second, and where other processes share the 2 cores a second OpenMP thread spins
-    waiting for the first (this file under a load of about 4: 62 s on two threads, 16 s on
-    one). The suite's setting is put back after each test."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ------------------------------------------------------------------ the official code

@@ -44,16 +44,7 @@ from tests.official.models import official_copy_of, randomise_
 RTOL = 1e-4
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """These steps run on one CPU thread: batch-8 convolutions gain little from a second,
-    and where other processes share the 2 cores a second OpenMP thread spins waiting for
-    the first (this file, measured under a load of about 3.5: 65 s on two threads, 12 s on
-    one). The suite's setting is put back after each test."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ------------------------------------------------------------------- the official wiring
