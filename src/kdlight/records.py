@@ -29,7 +29,7 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 
 from kdlight.runs import group_key, is_debug, settings
-from kdlight.stats import Comparison, Estimate, compare_runs, is_cell_key
+from kdlight.stats import BASELINE_ROLES, Comparison, Estimate, compare_runs, is_cell_key
 
 RUN_MARKERS = ("config.yaml", "metrics.json", "error.txt", ".hydra/config.yaml")
 DISTILLATION = ("DistillationModule", "DistillationGridModule")  # one row per (T, alpha) cell
@@ -342,16 +342,17 @@ def _collect(dirs: list[Path]) -> tuple[list[dict], list[Comparison]]:
 def _referenced(runs: list[dict]) -> list[dict]:
     """The runs that distillation ``runs`` compare with but ``dirs`` did not hold: their
     teachers (the run of ``teacher_checkpoint``) and the student baselines of their model
-    under ``<paths.root>/student_baseline/<model>``."""
+    under ``<paths.root>/<role>/<model>`` for each of :data:`BASELINE_ROLES`."""
     folders = set()
     for run in (r for r in runs if r["role"] == "distill" and r["status"] == "finished"):
         if run["teacher_checkpoint"]:
             folders.add(Path(run["teacher_checkpoint"]).resolve().parents[1])
         if run["root"] and run["model"]:
-            baselines = run["root"] / "student_baseline" / run["model"]
-            folders.update(
-                d.resolve() for d in (_run_dirs(baselines) if baselines.is_dir() else [])
-            )
+            for role in BASELINE_ROLES:
+                baselines = run["root"] / role / run["model"]
+                folders.update(
+                    d.resolve() for d in (_run_dirs(baselines) if baselines.is_dir() else [])
+                )
     known = {r["path"] for r in runs}
     return [load_run(f) for f in sorted(folders - known) if (f / "metrics.json").exists()]
 

@@ -1,6 +1,6 @@
 """``kdlight-report``: tables, statistics over seeds and plots of a study's runs.
 
-    kdlight-report outputs/distill outputs/distill_grid [--out report/]
+    kdlight-report outputs/distill outputs/distill_grid [--out report/] [--reference dkd]
 
 :func:`collect_runs` (:mod:`kdlight.records`) reads one record per run directory below the
 given ones; a run that cannot be read is a failed run with the reason, the rest is reported.
@@ -10,10 +10,13 @@ Finished runs whose settings differ only in the seed form a group (:mod:`kdlight
 differ only in T and alpha into one comparison, with its teacher and the comparable student
 baseline: the same model, test images, epochs and data. Runs that differ in any of these are
 never averaged together nor put in one table. Debug runs (``run.debug``) are in
-``report.csv`` only.
+``report.csv`` only. Each table has a reference row (:func:`kdlight.stats.set_reference`):
+KD at the settings the other methods ran with, else the baseline, or the method
+``--reference`` names; every row gets its Δ against the baseline and against the reference.
 
 :func:`build_report` writes, each file whole or not at all: ``report.csv`` (every run),
-``groups.csv`` (every group: n, mean, std, 95% CI, difference from the baseline),
+``groups.csv`` (every group: n, mean, std, 95% CI, difference from the baseline and from
+the reference row; both CSVs name each row's method and its settings),
 ``report.md`` (one table per comparison, and whether its runs used the teacher cache),
 ``heatmap.png`` (group means over T x alpha of the main comparison; the others in
 ``heatmap_<model>[_<id>].png``) and ``per_class.png`` (teacher, baseline and best cell of
@@ -25,6 +28,7 @@ import argparse
 import csv
 import dataclasses
 import io
+import json
 import sys
 from collections import Counter
 from pathlib import Path
@@ -44,12 +48,17 @@ from kdlight.records import (
     read_metrics,
 )
 from kdlight.stats import (
+    BASELINE,
     Comparison,
     Estimate,
     Group,
+    choose_best,
     differences,
     groups_of,
+    method_of,
     noise_verdict,
+    references,
+    set_reference,
 )
 
 # collect_runs, load_run and read_metrics moved to kdlight.records, the plots to kdlight.plots;
@@ -66,8 +75,10 @@ INTRO = (
     "± standard deviation over seeds (n), with the 95% confidence interval of the mean "
     "(Student's t). Δ is the difference from the comparable student baseline (same model, "
     "test images, epochs and data) in percentage points, with its 95% interval: paired by "
-    "seed when the baseline has the same seeds, else Welch's. A seed run more than once counts "
-    "once, as the mean of its runs."
+    "seed when the baseline has the same seeds, else Welch's. Each table's reference row "
+    "(KD at the settings the other methods ran with, else the baseline, or `--reference`) "
+    "gives every other row a second Δ, against it, computed the same way. A seed run more "
+    "than once counts once, as the mean of its runs."
 )
 
 
@@ -78,9 +89,29 @@ def _csv(header: list[str], rows: list[list]) -> str:
     return text.getvalue()
 
 
+def _setting(value) -> str:
+    """A setting's value as ``method_settings`` writes it: ``4`` for 4.0, ``false``, ``[1,2]``."""
+    if isinstance(value, bool) or value is None:
+        return json.dumps(value)
+    if isinstance(value, float):
+        return format(value, "g") if float(format(value, "g")) == value else repr(value)
+    return value if isinstance(value, str) else json.dumps(value, separators=(",", ":"))
+
+
+def method_settings(run: dict) -> str:
+    """``temperature=4;alpha=1;beta=8;...``: the settings ``metrics.json`` records for the
+    run's method (``distiller_settings``); for a KD run from before they were recorded, its
+    T and alpha; empty for a run trained without a teacher."""
+    found = run.get("method_settings") or {}
+    if not found and method_of(run):
+        found = {"temperature": run["temperature"], "alpha": run["alpha"]}
+    return ";".join(f"{k}={_setting(v)}" for k, v in found.items() if v is not None)
+
+
 def write_csv(runs: list[dict], path: Path) -> Path:
     """``report.csv``: one row per run, debug runs and failures included. Newer columns
-    follow the older ones of their kind (the teacher cache's last of the facts)."""
+    follow the older ones of their kind (the teacher cache's last of the facts); the method
+    and its settings come last, after ``path``, so that no older column moves."""
     classes = list(dict.fromkeys(c for run in runs for c in run["per_class"]))
     head = ["status", "model", "temperature", "alpha", *CSV_NUMBERS, *CSV_FACTS]
     head += ["teacher_cache_hit_rate"]
@@ -90,10 +121,11 @@ def write_csv(runs: list[dict], path: Path) -> Path:
         + ["" if r[key] is None else str(r[key]).lower() for key in CSV_FACTS]
         + [_fmt(r["teacher_cache_hit_rate"], ".4f")]
         + [_fmt(r["per_class"].get(c), ".4f") for c in classes]
-        + [r["error"] or "", str(r["path"])]
+        + [r["error"] or "", str(r["path"]), method_of(r) or "", method_settings(r)]
         for r in runs
     ]
-    return atomic_write(path, _csv([*head, *(f"acc_{c}" for c in classes), "error", "path"], rows))
+    head += [*(f"acc_{c}" for c in classes), "error", "path", "method", "method_settings"]
+    return atomic_write(path, _csv(head, rows))
 
 
 def _alone(runs: list[dict], comparisons: list[Comparison]) -> list[Group]:
@@ -104,16 +136,23 @@ def _alone(runs: list[dict], comparisons: list[Comparison]) -> list[Group]:
 
 
 def write_groups_csv(runs: list[dict], comparisons: list[Comparison], path: Path) -> Path:
-    """``groups.csv``: one row per group with the statistics ``report.md`` shows."""
+    """``groups.csv``: one row per group with the statistics ``report.md`` shows. The
+    method, its settings and the Δ against the reference row follow the older columns
+    (``reference``: the reference's method or ``baseline``; the reference row itself has
+    no Δ and its own group as ``reference_group``)."""
     head = ["role", "model", "temperature", "alpha", "n", "seeds", "test_acc_mean", "test_acc_std"]
     head += ["test_acc_ci_low", "test_acc_ci_high", "val_acc_best_mean", "validation"]
     head += ["delta_mean", "delta_ci_low", "delta_ci_high", "delta_method", "baseline_group"]
-    head += ["epochs", "test_images", "test_set", "group"]
+    head += ["epochs", "test_images", "test_set", "group", "method", "method_settings"]
+    head += ["reference", "reference_delta_mean", "reference_delta_ci_low"]
+    head += ["reference_delta_ci_high", "reference_delta_method", "reference_group"]
     rows = []
     pairs = [(g, c) for c in comparisons for g in c.groups]
     for group, c in pairs + [(g, None) for g in _alone(runs, comparisons)]:
         run, acc, val = group.first, group.summary(), group.summary("val_acc_best")
         delta = c.deltas[group.key] if c else None
+        versus = c.reference_deltas.get(group.key) if c else None
+        reference = c.reference if c else None
         rows.append(
             [run["role"], run["model"], _fmt(run["temperature"], "g"), _fmt(run["alpha"], "g")]
             + [acc.n, " ".join("?" if s is None else str(s) for s in group.seeds)]
@@ -122,6 +161,9 @@ def write_groups_csv(runs: list[dict], comparisons: list[Comparison], path: Path
             + [_fmt(getattr(delta, k, None), ".4f") for k in ("mean", "low", "high")]
             + [delta.method if delta else "", c.baseline.key if c and c.baseline else ""]
             + [run["epochs"], run["test_images"], run["test_set"], group.key]
+            + [method_of(run) or "", method_settings(run), c.reference_method if c else ""]
+            + [_fmt(getattr(versus, k, None), ".4f") for k in ("mean", "low", "high")]
+            + [versus.method if versus else "", reference.key if reference else ""]
         )
     return atomic_write(path, _csv(head, rows))
 
@@ -162,14 +204,15 @@ VAL_NOTES = {
 }
 
 
-def _table(head: list[str], groups: list[Group], first_cells, delta_cells=None) -> list[str]:
+def _table(
+    head: list[str], groups: list[Group], first_cells, delta_cells=None, delta_heads=()
+) -> list[str]:
     """A Markdown table of ``groups``: ``first_cells(group)``, test accuracy and its interval,
-    ``delta_cells(group)``, the best validation accuracy (labelled by its split), seeds,
-    epochs, test images and group id; then the footnotes it needs."""
+    ``delta_cells(group)`` (under ``delta_heads``), the best validation accuracy (labelled by
+    its split), seeds, epochs, test images and group id; then the footnotes it needs."""
     kinds = {_validation(g) for g in groups}
     uniform = next(iter(kinds)) if len(kinds) == 1 else "held_out"
-    head = [*head, "test acc (%): mean ± std (n)", "95% CI"]
-    head += ["Δ baseline (pp)", "Δ 95% CI"] if delta_cells else []
+    head = [*head, "test acc (%): mean ± std (n)", "95% CI", *delta_heads]
     head += [VAL_HEADS[uniform], "seeds", "epochs", "test images", "group"]
     lines = ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
     for g in groups:
@@ -260,27 +303,64 @@ def _comparison_lines(c: Comparison) -> list[str]:
         best = f"{_cell(c.best.first)}, {_describe(c.best)}{gain}"
         lines.append(f"- Best distilled {c.model}: {best}; chosen on {basis}.")
         lines.append(f"- {noise_verdict(delta)}")
+    lines += _reference_lines(c)
+
+    reference = c.reference if c.reference_method != BASELINE else None
+    heads = ["Δ baseline (pp)", "Δ baseline 95% CI"]
+    heads += [f"Δ {c.reference_method} (pp)", f"Δ {c.reference_method} 95% CI"] if reference else []
 
     def delta_cells(group: Group) -> list[str]:
-        delta = c.deltas[group.key]
-        how = (
-            {"paired": " paired", "welch": " Welch"}[delta.method]
-            if delta and delta.has_interval
-            else ""
+        cells = _delta_cells(c.deltas[group.key])
+        if reference is None:
+            return cells
+        return cells + (
+            ["reference", "—"]
+            if group is reference
+            else _delta_cells(c.reference_deltas[group.key])
         )
-        return [_fmt(delta and delta.mean, "+.2f") or "—", _interval(delta, "+.2f") + how]
 
-    if not is_t_alpha_grid(c):  # methods compared: each row's method and settings name it
-        return [
-            *lines,
-            "",
-            *_table(["method"], c.groups, lambda g: [_method(g.first)], delta_cells),
-        ]
-
-    def cell(group: Group) -> list[str]:
+    def first_cells(group: Group) -> list[str]:
+        if not grid:  # methods compared: each row's method and settings name it
+            return [_method(group.first)]
         return [_fmt(group.first["temperature"], "g"), _fmt(group.first["alpha"], "g")]
 
-    return [*lines, "", *_table(["T", "alpha"], c.groups, cell, delta_cells)]
+    grid = is_t_alpha_grid(c)
+    head = ["T", "alpha"] if grid else ["method"]
+    return [*lines, "", *_table(head, c.groups, first_cells, delta_cells, heads)]
+
+
+def _delta_cells(delta: Estimate | None) -> list[str]:
+    """A difference's two cells: ``+0.63`` and ``[+0.01, +1.26] paired`` (or Welch)."""
+    how = (
+        {"paired": " paired", "welch": " Welch"}[delta.method]
+        if delta and delta.has_interval
+        else ""
+    )
+    return [_fmt(delta and delta.mean, "+.2f") or "—", _interval(delta, "+.2f") + how]
+
+
+def _reference_lines(c: Comparison) -> list[str]:
+    """The reference row, how it was chosen, and the noise verdict of the best row against
+    it (of the best other row when the best is the reference itself)."""
+    if c.reference_method == BASELINE:
+        found = "every Δ is against it" if c.baseline else "not found, no Δ computed"
+        return [f"- Reference row: the student baseline ({c.reference_why}); {found}."]
+    name = _method(c.reference.first)
+    lines = [
+        f"- Reference row: {name} ({c.reference_why}): {_describe(c.reference)}. Δ baseline is "
+        f"each row against the student baseline, Δ {c.reference_method} against this row."
+    ]
+    others = [g for g in c.groups if g is not c.reference]
+    if not others or c.best is None:
+        return lines
+    if c.best is not c.reference:
+        best, subject, first = c.best, "the best row", ""
+    else:  # the next best, chosen on the same basis
+        best = choose_best(others)[0]
+        subject = f"the next best row ({_method(best.first)})"
+        first = "the best row is the reference itself; "
+    verdict = noise_verdict(c.reference_deltas[best.key], against=name, subject=subject)
+    return [*lines, f"- Against the reference: {first}{verdict[:1].lower()}{verdict[1:]}"]
 
 
 def write_markdown(runs: list[dict], comparisons: list[Comparison], path: Path, base: Path) -> Path:
@@ -317,10 +397,31 @@ def write_markdown(runs: list[dict], comparisons: list[Comparison], path: Path, 
     return atomic_write(path, "\n".join(lines) + "\n")
 
 
-def build_report(dirs: list[Path], out_dir: Path) -> dict[str, Path]:
-    """Write the CSVs, the Markdown report and the plots for the runs below ``dirs``. A
-    report that cannot be written raises KDLightError ``cannot write report to <out_dir>``."""
+def check_reference(comparisons: list[Comparison], reference: str) -> str:
+    """``reference`` (``--reference``) in lower case, when some table has it; else
+    KDLightError naming those there: ``--reference crd: no crd runs in these tables; the
+    references there are baseline, dkd, kd``."""
+    wanted, there = reference.strip().lower(), references(comparisons)
+    if wanted not in there:
+        offered = ", ".join(there) or "none (no distilled students)"
+        raise KDLightError(
+            f"--reference {reference}: no {wanted} runs in these tables; the references "
+            f"there are {offered}"
+        )
+    return wanted
+
+
+def build_report(dirs: list[Path], out_dir: Path, reference: str | None = None) -> dict[str, Path]:
+    """Write the CSVs, the Markdown report and the plots for the runs below ``dirs``, each
+    table's reference row the method ``reference`` names (or ``baseline``; default: KD at
+    the runs' settings, else the baseline). A reference that no table has raises
+    KDLightError naming those there, before anything is written; a report that cannot be
+    written raises KDLightError ``cannot write report to <out_dir>``."""
     runs, comparisons = _collect(dirs)
+    if reference is not None:
+        wanted = check_reference(comparisons, reference)
+        for comparison in comparisons:
+            set_reference(comparison, wanted)
     out_dir = Path(out_dir)
     try:
         if out_dir.exists() and not out_dir.is_dir():
@@ -347,6 +448,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="kdlight-report", description=__doc__.splitlines()[0])
     parser.add_argument("dirs", nargs="+", type=Path, metavar="DIR", help="runs or their parents")
     parser.add_argument("--out", type=Path, help="where the report goes (default: the first DIR)")
+    parser.add_argument(
+        "--reference",
+        metavar="METHOD",
+        help="the row every other is compared with: a method (kd, dkd, ...) or baseline "
+        "(default: KD at the runs' settings, else the baseline)",
+    )
     args = parser.parse_args(argv)
     for d in args.dirs:
         if not d.is_dir():
@@ -358,7 +465,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {message}", file=sys.stderr)
         return 2
     try:
-        written = build_report(args.dirs, args.out or args.dirs[0])
+        written = build_report(args.dirs, args.out or args.dirs[0], args.reference)
     except KDLightError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

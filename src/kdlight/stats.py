@@ -11,7 +11,10 @@ by the difference of their means, paired by seed when both have the same seeds
 seed-to-seed noise can only be measured from two seeds or more.
 
 A :class:`Comparison` holds the distillation groups of one student model that differ only
-in T and alpha, with their teacher and the comparable baseline. The runs are the records of
+in their method and its settings (KD's T and alpha among them), with their teacher, the
+comparable baseline and a reference row (:func:`set_reference`): by default KD at the
+settings the other methods ran with, else the baseline; every other group's difference from
+it is computed as from the baseline. The runs are the records of
 :func:`kdlight.report.load_run`.
 """
 
@@ -184,27 +187,33 @@ def _pp(value: float) -> str:
     return f"{value:+.2f}"
 
 
-def noise_verdict(delta: Estimate | None) -> str:
-    """One sentence: is the best cell's difference from the baseline within the seed-to-seed
-    noise? Judged by whether its 95% interval holds 0."""
+def noise_verdict(
+    delta: Estimate | None, against: str = "the baseline", subject: str = "the best cell"
+) -> str:
+    """One sentence: is ``subject``'s difference ``delta`` from ``against`` (the baseline, or
+    a reference row such as ``kd: T=4, alpha=0.9``) within the seed-to-seed noise? Judged
+    by whether its 95% interval holds 0."""
     if delta is None:
-        return "Without a comparable student baseline the best cell's gain cannot be judged."
+        against = "student baseline" if against == "the baseline" else against
+        return f"Without a comparable {against} {subject}'s gain cannot be judged."
+    subject = subject[:1].upper() + subject[1:]  # it starts the sentence
     how = "paired by seed" if delta.method == "paired" else "Welch"
     if not delta.has_interval:
+        sides = "the cell or of the baseline" if against == "the baseline" else "either row"
         return (
-            f"The best cell's gain over the baseline, {_pp(delta.mean)} pp, cannot be told apart "
-            "from seed-to-seed noise: a single seed of the cell or of the baseline gives no "
+            f"{subject}'s gain over {against}, {_pp(delta.mean)} pp, cannot be told apart "
+            f"from seed-to-seed noise: a single seed of {sides} gives no "
             "measure of that noise (run more seeds, e.g. `seed=0,1,2`)."
         )
     interval = f"95% CI [{_pp(delta.low)}, {_pp(delta.high)}] pp, {how}, n={delta.n}"
     if delta.low <= 0 <= delta.high:
         return (
-            f"The best cell's gain over the baseline, {_pp(delta.mean)} pp ({interval}), is "
+            f"{subject}'s gain over {against}, {_pp(delta.mean)} pp ({interval}), is "
             "within the seed-to-seed noise: its interval includes 0."
         )
     kind = "gain over" if delta.mean > 0 else "loss against"
     return (
-        f"The best cell's {kind} the baseline, {_pp(delta.mean)} pp ({interval}), is "
+        f"{subject}'s {kind} {against}, {_pp(delta.mean)} pp ({interval}), is "
         "larger than the seed-to-seed noise: its interval excludes 0."
     )
 
@@ -215,6 +224,13 @@ def noise_verdict(delta: Estimate | None) -> str:
 DATA_KEYS = ("data.source", "data.train_subset", "data.eval_subset", "data.val_size")
 DATA_KEYS += ("data.synthetic_train_size", "data.synthetic_test_size")
 CELL_KEYS = ("distill.temperature", "distill.alpha")
+#: The runs of a student trained alone that are its baseline, by experiment name: with
+#: the reference recipe, and with the CIFAR-100 zoo's (``experiment=zoo_student``).
+BASELINE_ROLES = ("student_baseline", "zoo_student")
+#: The name of the student baseline as a reference (``kdlight-report --reference baseline``).
+BASELINE = "baseline"
+#: The default reference: KD, the method every other is usually measured against.
+DEFAULT_REFERENCE = "kd"
 
 
 def is_cell_key(key: str) -> bool:
@@ -225,8 +241,9 @@ def is_cell_key(key: str) -> bool:
 
 @dataclass
 class Comparison:
-    """The distillation groups of one student model whose settings differ only in T and
-    alpha (one table and one heatmap), with what they are compared with."""
+    """The distillation groups of one student model whose settings differ only in the
+    method and its settings (one table, and one heatmap of its KD cells), with what they are
+    compared with: the baseline, and the reference row (:func:`set_reference`)."""
 
     model: str
     groups: list[Group]  # by (T, alpha)
@@ -239,6 +256,12 @@ class Comparison:
     name: str = "heatmap"  # the heatmap's file name, without .png
     differs: str = ""  # the settings that set it apart from the model's other comparisons
     pending: list[dict] = field(default_factory=list)  # its model's failed or unfinished cells
+    #: The row every other is compared with: one of ``groups``, or the baseline (which may
+    #: be None) when ``reference_method`` is ``baseline``; see :func:`set_reference`.
+    reference: Group | None = None
+    reference_method: str = BASELINE
+    reference_deltas: dict[str, Estimate | None] = field(default_factory=dict)  # key -> Δ
+    reference_why: str = ""  # how the reference was chosen, for the report
 
 
 def groups_of(runs: list[dict]) -> dict[str, Group]:
@@ -257,14 +280,15 @@ def comparable(run: dict) -> dict:
 
 
 def find_baseline(student: dict, candidates: list[dict]) -> tuple[Group | None, str]:
-    """The ``student_baseline`` group among ``candidates`` comparable with the distilled
-    ``student`` run (same model, test images, epochs and data); of several, the one that
-    shares most other settings, then has most seeds. Else ``(None, why)``."""
-    wanted = ("ClassifierModule", student["model"], "student_baseline")
+    """The baseline group (a run of :data:`BASELINE_ROLES`) among ``candidates`` comparable
+    with the distilled ``student`` run (same model, test images, epochs and data); of
+    several, the one that shares most other settings, then has most seeds. Else
+    ``(None, why)``."""
     found = [
         r
         for r in candidates
-        if (r["system"], r["model"], r["role"]) == wanted
+        if (r["system"], r["model"]) == ("ClassifierModule", student["model"])
+        and r["role"] in BASELINE_ROLES
         and "eval.checkpoint" not in (r["settings"] or {})  # a test of a named checkpoint
     ]
     groups = list(groups_of(found).values())
@@ -314,9 +338,11 @@ def compare_runs(runs: list[dict], referenced: list[dict] = ()) -> list[Comparis
         best, chosen_on = choose_best(groups)
         deltas = {g.key: baseline and difference(g, baseline) for g in groups}
         teacher = find_teacher(student, candidates)
-        comparisons.append(
-            Comparison(student["model"], groups, teacher, baseline, note, best, chosen_on, deltas)
+        comparison = Comparison(
+            student["model"], groups, teacher, baseline, note, best, chosen_on, deltas
         )
+        set_reference(comparison)
+        comparisons.append(comparison)
         mean = baseline.summary().mean if baseline else None
         for run in (r for g in groups for r in g.runs):
             run["delta_vs_baseline"] = None if mean is None else run["accuracy"] - mean
@@ -336,6 +362,80 @@ def compare_runs(runs: list[dict], referenced: list[dict] = ()) -> list[Comparis
         if run["status"] != "finished" and run["role"] == "distill" and main:
             main.pending.append(run)
     return comparisons
+
+
+def method_of(run: dict) -> str | None:
+    """A distilled run's method (``kd``, ``dkd``, ...) as its ``metrics.json`` names it; a
+    run from before it was named, with a temperature and an alpha, is KD; None for a run
+    trained without a teacher."""
+    if run.get("method"):
+        return run["method"]
+    return DEFAULT_REFERENCE if run.get("temperature") is not None else None
+
+
+def references(comparisons: list[Comparison]) -> list[str]:
+    """The references ``comparisons`` offer: their methods, and ``baseline`` where one has
+    a baseline; sorted."""
+    found = {method_of(g.first) for c in comparisons for g in c.groups} - {None}
+    return sorted(found | ({BASELINE} if any(c.baseline for c in comparisons) else set()))
+
+
+def _nearest(candidates: list[Group], others: list[Group]) -> Group:
+    """Of ``candidates`` (groups of one method), the one run at the settings the ``others``
+    ran with: the most of their row settings (``distill.temperature``, ``distill.alpha``,
+    ``distiller.standardize``...) equal, then the most seeds, then the first."""
+    missing = object()
+
+    def shared(group: Group) -> int:
+        mine = group.first["settings"] or {}
+        return sum(
+            mine.get(key, missing) == value
+            for other in others
+            for key, value in (other.first["settings"] or {}).items()
+            if is_cell_key(key)
+        )
+
+    return max(candidates, key=lambda g: (shared(g), len(g.values()), -candidates.index(g)))
+
+
+def set_reference(c: Comparison, wanted: str | None = None) -> None:
+    """Set ``c``'s reference row and every group's difference from it (paired by seed where
+    the seeds match, else Welch's, as from the baseline). ``wanted`` is a method name or
+    ``baseline``; None asks for the default: KD at the settings the table's other methods
+    ran with (a table of KD cells alone has no such settings: its reference is the baseline),
+    else the baseline. Of several groups of the method, the one nearest the others'
+    settings (:func:`_nearest`). A table without the wanted method keeps its default and
+    says so in ``reference_why``."""
+    name = wanted or DEFAULT_REFERENCE
+    methods = {g.key: method_of(g.first) for g in c.groups}
+    candidates = [g for g in c.groups if methods[g.key] == name]
+    others = [g for g in c.groups if methods[g.key] != name]
+    if wanted is None and not others:
+        candidates = []  # a table of KD cells alone: no one of them is "the runs' settings"
+    if name == BASELINE and wanted:
+        why = "chosen with `--reference`"
+    elif candidates:
+        reference = _nearest(candidates, others)
+        c.reference, c.reference_method = reference, name
+        c.reference_deltas = {
+            g.key: None if g is reference else difference(g, reference) for g in c.groups
+        }
+        c.reference_why = (
+            "chosen with `--reference`"
+            if wanted
+            else "KD at the settings the other methods ran with; `--reference` picks another"
+        )
+        return
+    elif wanted:
+        set_reference(c)
+        c.reference_why = f"no {wanted} row in this table; {c.reference_why}"
+        return
+    elif not others:
+        why = "every row is KD; `--reference kd` compares them with one of them"
+    else:
+        why = "no KD row in this table"
+    c.reference, c.reference_method, c.reference_deltas = c.baseline, BASELINE, c.deltas
+    c.reference_why = why
 
 
 def differences(run: dict, others: list[dict]) -> str:
