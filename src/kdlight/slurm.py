@@ -15,12 +15,13 @@ from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.utils import filter_overrides
 from hydra.errors import HydraException
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from kdlight import config_dir
 from kdlight.errors import KDLightError, first_line
 from kdlight.preflight import check_command_line
+from kdlight.runs import is_distillation, resolve_teacher
 
 USAGE = """usage: python -m kdlight.slurm [-h] [OVERRIDE ...]
 
@@ -80,8 +81,31 @@ def dry_run(args: list[str]) -> str:
     launcher = OmegaConf.to_container(cfg.hydra.launcher, resolve=True)
     lines = [sbatch_script(launcher, len(runs)), ""]
     lines += [f"# run {n}: {' '.join(filter_overrides(run))}" for n, run in enumerate(runs)]
+    if warning := missing_teacher(cfg):
+        lines.append(warning)
     lines.append(f"# dry run: {len(runs)} run(s), nothing submitted")
     return "\n".join(lines)
+
+
+def missing_teacher(cfg: DictConfig) -> str | None:
+    """One line when ``cfg`` distils from a teacher that does not exist yet: each of these
+    jobs would stop at its start. kdlight-study submits the teacher first, then the students
+    as an array that waits for it."""
+    if not is_distillation(cfg):
+        return None
+    try:
+        resolve_teacher(cfg)
+    except KDLightError:
+        model = OmegaConf.select(cfg, "distill.teacher_model")
+        folder = f"{cfg.paths.root}/teacher/{model}"
+        pair = OmegaConf.select(cfg, "hydra.runtime.choices.pair", default=None)
+        study = f"kdlight-study pair={pair}" if pair else "kdlight-study pair=PAIR (a zoo pair)"
+        return (
+            f"# no finished {model} teacher under {folder} yet: each run would stop at its "
+            f"start; {study} distiller=... seed=... --slurm submits the teacher first and "
+            "these runs after it"
+        )
+    return None
 
 
 def main(argv: list[str] | None = None) -> None:
