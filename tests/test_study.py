@@ -190,3 +190,18 @@ def test_the_slurm_dry_run_says_the_teacher_does_not_exist_yet(tmp_path: Path):
     (line,) = [line for line in text.splitlines() if "teacher" in line]
     assert f"no finished resnet32x4 teacher under {tmp_path}/teacher/resnet32x4" in line
     assert "kdlight-study pair=resnet32x4_resnet8x4" in line
+
+
+def test_a_teacher_stopped_by_its_time_limit_is_not_finished_and_no_student_starts(
+    tmp_path: Path,
+):
+    # steps of at least 0.6 s against a 1 s limit: the teacher stops inside its one epoch
+    slow = "+callbacks.slow_steps={_target_:tests.slow_steps.SlowSteps,seconds:0.6}"
+    args = [*STUDY, "trainer.max_time=00:00:00:01", slow, f"paths.root={tmp_path}"]
+    status, out, err = launch(args)
+    assert status == 1, out[-2000:] + err[-2000:]
+    assert re.findall(r"^running (.+?):", out, re.M) == ["teacher resnet8"]
+    assert re.search(r"^error: teacher resnet8: .*trainer\.max_time", err, re.M), err
+    assert "no student can start without its teacher" in err
+    assert not (tmp_path / "zoo_distill").exists() and not (tmp_path / "study").exists()
+    assert (tmp_path / "teacher").exists() and not list(tmp_path.rglob("metrics.json"))

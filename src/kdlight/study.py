@@ -400,7 +400,7 @@ def run_here(teacher: Planned | None, students: list[Planned], out: Path) -> int
         _say(f"running {run.job.label}: {folder}")
         failure = run_job(run.job, run.cfg, folder)
         if failure or not run.state()[1]:  # a run that did not train it all is not finished
-            _say(f"error: {run.job.label} did not finish: {failure or 'it stopped before its last epoch'}")  # fmt: skip
+            _say(f"error: {run.job.label}: {failure or 'not finished: it stopped before its last epoch'}")  # fmt: skip
             failed.append(run.job.label)
             if run is teacher:
                 _say("error: no student can start without its teacher; launch the same command again to continue it")  # fmt: skip
