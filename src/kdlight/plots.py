@@ -12,14 +12,32 @@ from kdlight.io import atomic_write
 from kdlight.records import _cell, _mean_std
 from kdlight.stats import Comparison, Group
 
+#: The pixels per inch of every PNG: figure sizes below are in inches.
+DPI = 120
+#: The widest a per-class plot gets: a screen's width (1600 pixels at :data:`DPI`).
+MAX_WIDTH_IN = 1600 / DPI
+#: Class rows per panel below which the per-class plot is one panel; beyond, up to
+#: :data:`MAX_PANELS` panels side by side, each as tall as its share of the classes.
+ROWS_PER_PANEL = 25
+MAX_PANELS = 4
+#: A class name longer than this is shortened (with "…") on the per-class plot's axis.
+MAX_LABEL_CHARS = 18
+TITLE_POINTS = 11
+
 
 def _save(fig, path: Path) -> Path:
-    return atomic_write(path, lambda file: fig.savefig(file, format="png", dpi=120))
+    return atomic_write(path, lambda file: fig.savefig(file, format="png", dpi=DPI))
 
 
-def plot_heatmap(c: Comparison, path: Path) -> Path:
-    """Mean test accuracy of ``c``'s groups over temperature (x) and alpha (y), with n and
-    the difference from the baseline; cells without a result show why."""
+def _wrap_to(fig, lines: list[str], points: float = TITLE_POINTS) -> str:
+    """``lines`` wrapped to the figure's width: a character of a ``points`` font is at most
+    about 0.6 of its height wide, so this many fit between the figure's edges."""
+    width = max(20, int(fig.get_figwidth() * 72 / (0.6 * points)) - 4)
+    return "\n".join(part for line in lines for part in textwrap.wrap(line, width) or [""])
+
+
+def heatmap_figure(c: Comparison):
+    """The figure of :func:`plot_heatmap`, not yet saved (its title fits the figure)."""
     from matplotlib.figure import Figure  # no pyplot: renders with Agg, leaves the backend alone
     from matplotlib.patches import Rectangle
 
@@ -35,7 +53,11 @@ def plot_heatmap(c: Comparison, path: Path) -> Path:
     low, high = min(means), max(means)
     low, high = (low - 1, high + 1) if high - low < 1e-9 else (low, high)
 
-    fig = Figure(figsize=(max(6.5, 1.6 * len(temps) + 3), max(4.5, 1.1 * len(alphas) + 2.5)))
+    # constrained layout keeps room for the (wrapped) title and the colorbar's label
+    fig = Figure(
+        figsize=(max(6.5, 1.6 * len(temps) + 3), max(4.5, 1.1 * len(alphas) + 2.5)),
+        layout="constrained",
+    )
     ax = fig.add_subplot()
     values = [[g.summary().mean if isinstance(g, Group) else math.nan for g in row] for row in grid]
     image = ax.imshow(values, cmap="viridis", vmin=low, vmax=high, origin="lower", aspect="auto")
@@ -63,15 +85,33 @@ def plot_heatmap(c: Comparison, path: Path) -> Path:
     else:
         notes.append("no comparable baseline")
     notes.append(f"bold: best on {'val' if c.chosen_on == 'validation' else 'test'} acc")
-    title = [f"Distilled {c.model}: mean test accuracy over seeds", *textwrap.wrap(c.differs, 70)]
-    ax.set_title("\n".join([*title, ", ".join(notes)]))
+    # the figure's title, centred on the figure rather than on the axes beside the colorbar,
+    # and wrapped to its width: one long line was cut at both edges
+    title = [f"Distilled {c.model}: mean test accuracy over seeds", c.differs, ", ".join(notes)]
+    fig.suptitle(_wrap_to(fig, [line for line in title if line]), fontsize=TITLE_POINTS)
     fig.colorbar(image, ax=ax, label="mean test accuracy (%)")
-    fig.tight_layout()
-    return _save(fig, path)
+    return fig
 
 
-def plot_per_class(c: Comparison, path: Path) -> Path:
-    """Per-class accuracy of the teacher, the baseline and the best cell (means over seeds)."""
+def plot_heatmap(c: Comparison, path: Path) -> Path:
+    """Mean test accuracy of ``c``'s groups over temperature (x) and alpha (y), with n and
+    the difference from the baseline; cells without a result show why."""
+    return _save(heatmap_figure(c), path)
+
+
+def _short(name: str) -> str:
+    return name if len(name) <= MAX_LABEL_CHARS else name[: MAX_LABEL_CHARS - 1] + "…"
+
+
+def per_class_figure(c: Comparison):
+    """The figure of :func:`plot_per_class`, not yet saved.
+
+    One row per class, a marker per model (a dot plot: three bars a class made 100 classes
+    11,040 pixels wide), the classes sorted by the best cell's accuracy, worst first, so
+    that the classes distillation helps least are together. Beyond
+    :data:`ROWS_PER_PANEL` classes the rows go into up to :data:`MAX_PANELS` panels side
+    by side; the figure is never wider than :data:`MAX_WIDTH_IN` and grows only in height,
+    a row a class name's height apart."""
     from matplotlib.figure import Figure
 
     series = []
@@ -82,23 +122,43 @@ def plot_per_class(c: Comparison, path: Path) -> Path:
     if c.baseline:
         label = f"student baseline {c.model} ({_mean_std(c.baseline.summary(), '%')})"
         series.append((label, c.baseline.per_class()))
+    best = c.best.per_class()
     label = f"best distilled {c.model}, {_cell(c.best.first)} ({_mean_std(c.best.summary(), '%')})"
-    series.append((label, c.best.per_class()))
+    series.append((label, best))
     classes = list(dict.fromkeys(name for _, accs in series for name in accs))
-    width = 0.8 / len(series)
-    fig = Figure(figsize=(max(9, 0.9 * len(classes) + 2), 5.5))
-    ax = fig.add_subplot()
-    for k, (label, accs) in enumerate(series):
-        xs = [i + (k - (len(series) - 1) / 2) * width for i in range(len(classes))]
-        ys = [math.nan if accs.get(name) is None else accs[name] for name in classes]
-        ax.bar(xs, ys, width, label=label)
-    ax.set_xticks(range(len(classes)), classes, rotation=30, ha="right")
-    ax.set(
-        ylim=(0, 105),
-        ylabel="test accuracy (%)",
-        title="Per-class test accuracy (means over seeds)",
+    # worst first; a class without a result of the best cell last
+    classes.sort(key=lambda name: (best.get(name) is None, best.get(name) or 0.0))
+
+    panels = min(MAX_PANELS, math.ceil(len(classes) / ROWS_PER_PANEL))
+    rows = math.ceil(len(classes) / panels)
+    width = min(MAX_WIDTH_IN, max(8.0, 1.2 + 3.1 * panels))
+    header = 0.8 + 0.22 * len(series)  # the title and the legend, one line per model
+    fig = Figure(figsize=(width, header + 0.6 + 0.26 * max(rows, 4)), layout="constrained")
+    axes = fig.subplots(1, panels, sharex=True, squeeze=False)[0]
+    markers = ["s", "o", "D"][-len(series) :]
+    for p, ax in enumerate(axes):
+        names = classes[p * rows : (p + 1) * rows]
+        ys = range(len(names))
+        for (label, accs), marker in zip(series, markers, strict=True):
+            xs = [math.nan if accs.get(name) is None else accs[name] for name in names]
+            ax.scatter(xs, ys, s=18, marker=marker, label=label if p == 0 else None, zorder=3)
+        ax.set_yticks(ys, [_short(name) for name in names], fontsize=8)
+        ax.set_ylim(rows - 0.5, -0.5)  # worst at the top; every panel on one row scale
+        ax.set_xlim(0, 102)
+        ax.tick_params(axis="x", labelsize=8)
+        ax.set_xlabel("test accuracy (%)", fontsize=8)
+        ax.grid(axis="both", alpha=0.3)
+    fig.suptitle(
+        _wrap_to(
+            fig, ["Per-class test accuracy (means over seeds), worst class of the best first"]
+        ),
+        fontsize=TITLE_POINTS,
     )
-    ax.grid(axis="y", alpha=0.3)
-    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.22), ncol=min(3, len(series)), fontsize=9)
-    fig.tight_layout()
-    return _save(fig, path)
+    fig.legend(loc="outside lower center", ncol=1, fontsize=8, frameon=False)
+    return fig
+
+
+def plot_per_class(c: Comparison, path: Path) -> Path:
+    """Per-class accuracy of the teacher, the baseline and the best cell (means over seeds),
+    readable at any class count (:func:`per_class_figure`)."""
+    return _save(per_class_figure(c), path)
