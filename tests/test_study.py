@@ -7,10 +7,13 @@ import csv
 import io
 import os
 import re
+import signal
 import stat
 from pathlib import Path
 
 import pytest
+import torch
+from lightning.pytorch.callbacks import Callback
 
 from kdlight import study
 from kdlight.slurm import dry_run
@@ -25,6 +28,9 @@ TINY = [
     "trainer.enable_progress_bar=false", "~callbacks.progress_bar",
 ]  # fmt: skip
 STUDY = ["pair=resnet32x4_resnet8x4", "distiller=kd,dkd", "seed=0,1", *TINY]
+# Steps of batch 16 gain nothing from a second thread, which spins where the 2 cores are
+# shared (tests/conftest.py, one_thread).
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def launch(args: list[str]) -> tuple[int, str, str]:
@@ -44,9 +50,14 @@ def finished_study(tmp_path_factory: pytest.TempPathFactory) -> dict:
     """The tiny study run once, then launched again: both outputs, the report's folder."""
     root = tmp_path_factory.mktemp("study") / "outputs"
     args = [*STUDY, f"paths.root={root}"]
-    first = launch(args)
-    stamps = {p: p.stat().st_mtime_ns for p in root.rglob("metrics.json")}
-    again = launch(args)
+    threads = torch.get_num_threads()  # one_thread's setting, for this module-wide fixture
+    torch.set_num_threads(1)
+    try:
+        first = launch(args)
+        stamps = {p: p.stat().st_mtime_ns for p in root.rglob("metrics.json")}
+        again = launch(args)
+    finally:
+        torch.set_num_threads(threads)
     return {
         "root": root,
         "first": first,
@@ -195,8 +206,9 @@ def test_the_slurm_dry_run_says_the_teacher_does_not_exist_yet(tmp_path: Path):
 def test_a_teacher_stopped_by_its_time_limit_is_not_finished_and_no_student_starts(
     tmp_path: Path,
 ):
-    # steps of at least 0.6 s against a 1 s limit: the teacher stops inside its one epoch
-    slow = "+callbacks.slow_steps={_target_:tests.slow_steps.SlowSteps,seconds:0.6}"
+    # a first step of over 1.5 s against a 1 s limit: the teacher stops after the first of
+    # its 2 steps, however fast or loaded the machine
+    slow = "+callbacks.slow_steps={_target_:tests.slow_steps.SlowSteps,seconds:1.5}"
     args = [*STUDY, "trainer.max_time=00:00:00:01", slow, f"paths.root={tmp_path}"]
     status, out, err = launch(args)
     assert status == 1, out[-2000:] + err[-2000:]
@@ -205,3 +217,23 @@ def test_a_teacher_stopped_by_its_time_limit_is_not_finished_and_no_student_star
     assert "no student can start without its teacher" in err
     assert not (tmp_path / "zoo_distill").exists() and not (tmp_path / "study").exists()
     assert (tmp_path / "teacher").exists() and not list(tmp_path.rglob("metrics.json"))
+
+
+class SigtermAtFirstStep(Callback):
+    """SIGTERM to this very process after the first training step: a job cancelled."""
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+def test_sigterm_stops_the_study_with_one_line_and_the_run_kept(tmp_path: Path):
+    stop = "+callbacks.stop={_target_:tests.test_study.SigtermAtFirstStep}"
+    status, out, err = launch([*STUDY, stop, f"paths.root={tmp_path}"])
+    assert status == 143, out[-2000:] + err[-2000:]
+    assert re.findall(r"^running (.+?):", out, re.M) == ["teacher resnet8"]
+    (line,) = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert line.startswith("error: teacher resnet8: ") and "SIGTERM" in line
+    (run,) = (tmp_path / "teacher" / "resnet8").iterdir()
+    assert (run / "checkpoints" / "last.ckpt").is_file()  # the same command continues it
+    assert (run / "error.txt").read_text().strip() == line.removeprefix("error: teacher resnet8: ")
+    assert not (tmp_path / "zoo_distill").exists()

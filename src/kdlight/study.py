@@ -249,7 +249,9 @@ def run_job(job: Job, cfg: DictConfig, folder: Path) -> str | None:
     try:
         with hold_run_lock(folder), stop_on_sigterm():
             train(cfg)
-    except Terminated:
+    except Terminated as stop:  # the machine or the user stops the study, not only this run
+        write_error(folder, first_line(stop))
+        _say(f"error: {job.label}: {first_line(stop)}")
         raise
     except Exception as error:
         known = find_user_error(error)
