@@ -30,3 +30,16 @@ def test_the_zoo_student_alone_is_the_baseline_of_its_distilled_students(pair: s
     assert differ and all(k.startswith(DISTILLATION_ONLY) for k in differ), differ
     assert all(mine.get(k) == theirs.get(k) for k in DATA_KEYS)
     assert alone.data._target_.endswith("CIFAR100DataModule") and alone.num_classes == 100
+
+
+def test_the_recipe_is_a_group_choice_of_any_experiment(tmp_path: Path):
+    """``recipe=cifar_kd`` without ``+`` on an experiment that picks no recipe gives the
+    zoo's recipe; the choice itself is no setting of the run: the reference teacher with the
+    recipe is the same run as ``experiment=zoo_teacher model=resnet18_half``."""
+    cfg = compose_config(["experiment=student_baseline", "recipe=cifar_kd"], tmp_path)
+    assert cfg.data._target_.endswith("CIFAR100DataModule") and cfg.optimizer.lr == 0.05
+    assert list(cfg.scheduler.milestones) == [150, 180, 210] and cfg.trainer.max_epochs == 240
+    assert cfg.data.batch_size == 64 and cfg.model.name == "small_cnn"
+    teacher = compose_config(["experiment=teacher", "recipe=cifar_kd"], tmp_path)
+    zoo = compose_config(["experiment=zoo_teacher", "model=resnet18_half"], tmp_path)
+    assert settings(teacher) == settings(zoo)
