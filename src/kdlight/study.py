@@ -195,6 +195,7 @@ def parse_study(args: list[str]) -> Study:
 
 # ------------------------------------------------------------------------------ the runs
 def compose_job(job: Job) -> DictConfig:
+    """The config ``kdlight-train`` composes for ``job`` (Hydra's own settings left out)."""
     with initialize_config_dir(version_base="1.3", config_dir=str(config_dir())):
         return compose("train", overrides=list(job.overrides))
 
