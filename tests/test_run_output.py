@@ -4,6 +4,8 @@ test report's lines, the run's log (no Lightning noise, the run directory at its
 end) and what a tracker is told of a run."""
 
 import json
+import re
+import subprocess
 from itertools import pairwise
 from pathlib import Path
 
@@ -11,9 +13,11 @@ import pytest
 from matplotlib.text import Text
 from PIL import Image
 
+from kdlight.lit.results import format_report
 from kdlight.plots import heatmap_figure, per_class_figure, plot_per_class
 from kdlight.records import collect_runs
 from kdlight.stats import compare_runs
+from tests.conftest import run_cli
 from tests.test_report import make_run
 
 GRID = {(1.0, 0.5): 41.0, (1.0, 0.9): 42.5, (4.0, 0.5): 43.25, (4.0, 0.9): 43.88}
@@ -109,3 +113,82 @@ def test_heatmap_title_lies_inside_the_figure(tmp_path: Path):
     renderer = drawn(fig)
     (title,) = [t for t in fig.findobj(Text) if "teacher 43.88%" in t.get_text()]
     assert inside(title.get_window_extent(renderer), fig.bbox)
+
+
+# ------------------------------------------------------------------------ what a run prints
+CIFAR10_REPORT = """\
+Accuracy of the network on the 1000 test images: 43.880000 %
+Accuracy of airplane : 50 %
+Accuracy of automobile : 0 %
+Accuracy of  bird : n/a (no test images)"""
+
+
+def test_a_report_of_up_to_10_classes_keeps_the_reference_format():
+    summary = {
+        "test_images": 1000,
+        "accuracy": 43.88,
+        "per_class_accuracy": {"airplane": 50.0, "automobile": 0.0, "bird": None},
+    }
+    assert format_report(summary, "run/metrics.json") == CIFAR10_REPORT
+
+
+def test_a_report_of_100_classes_is_a_summary_that_says_where_the_full_list_is():
+    per_class = {f"c{i}": float(i) for i in range(98)} | {"empty1": None, "empty2": None}
+    summary = {"test_images": 9800, "accuracy": 48.5, "per_class_accuracy": per_class}
+    assert format_report(summary, "run/metrics.json").splitlines() == [
+        "Accuracy of the network on the 9800 test images: 48.500000 %",
+        "Worst 5 of 100 classes: c0 0 %, c1 1 %, c2 2 %, c3 3 %, c4 4 %",
+        "Best 5 of 100 classes: c97 97 %, c96 96 %, c95 95 %, c94 94 %, c93 93 %",
+        "2 classes without test images",
+        "Accuracy of each of the 100 classes: per_class_accuracy in run/metrics.json",
+    ]
+
+
+@pytest.fixture(scope="module")
+def cifar100_run(tmp_path_factory: pytest.TempPathFactory) -> subprocess.CompletedProcess:
+    """One tiny CIFAR-100 run of ``kdlight-train`` (synthetic data, 1 epoch of 2 batches),
+    as a user launches it: what the process prints is what is tested."""
+    cwd = tmp_path_factory.mktemp("cifar100_run")
+    args = ["trainer=cpu", "data=cifar100", "data.source=synthetic", "model=small_cnn"]
+    args += ["model.width=0.25", "data.synthetic_train_size=64", "data.synthetic_test_size=200"]
+    args += ["data.val_size=32", "data.batch_size=16", "data.eval_batch_size=100"]
+    args += ["trainer.max_epochs=1", "trainer.enable_progress_bar=false"]
+    result = run_cli([*args, "trainer.limit_train_batches=2"], cwd)
+    assert result.returncode == 0, result.stderr[-3000:]
+    (metrics,) = (cwd / "outputs").rglob("metrics.json")
+    result.run_dir = metrics.parent.resolve()  # the directory the test expects to be named
+    return result
+
+
+def test_a_run_prints_no_lightning_noise_but_its_warnings(cifar100_run):
+    printed = cifar100_run.stdout + cifar100_run.stderr
+    assert "litlogger" not in printed
+    assert "_batches=1.0)` was configured" not in printed  # the defaults, said each run
+    assert "LeafSpec" not in printed  # torch to Lightning's code, on every first step
+    # Lightning's other lines stay: a warning that matters, what it ran on
+    assert "GPU available: False" in printed
+    assert "smaller than the logging interval" in printed
+
+
+def test_a_run_names_its_directory_at_its_start_and_end(cifar100_run):
+    run_dir = cifar100_run.run_dir
+    lines = [line for line in cifar100_run.stdout.splitlines() if "run directory:" in line]
+    assert len(lines) == 2
+    assert lines[0].endswith(f"run directory: {run_dir}")
+    assert lines[1].endswith(f"run directory: {run_dir} (done)")
+    printed = cifar100_run.stdout.splitlines()
+    assert printed.index(lines[0]) < 3 and printed[-1] == lines[1]  # first and last
+
+
+def test_a_100_class_test_prints_a_summary_not_200_lines(cifar100_run):
+    printed = cifar100_run.stdout
+    run_dir = cifar100_run.run_dir
+    assert not re.search(r"^Accuracy of \w+ +: ", printed, re.MULTILINE)  # no class line
+    assert "Test metric" not in printed and "test/acc_apple" not in printed  # no table
+    assert re.search(r"^Worst 5 of 100 classes: (\w+ \d+ %, ){4}\w+ \d+ %$", printed, re.M)
+    assert re.search(r"^Best 5 of 100 classes: ", printed, re.MULTILINE)
+    where = f"Accuracy of each of the 100 classes: per_class_accuracy in {run_dir}/metrics.json"
+    assert where in printed
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert len(metrics["per_class_accuracy"]) == 100 and "apple" in metrics["per_class_accuracy"]
+    assert len(printed.splitlines()) < 45, printed

@@ -21,7 +21,9 @@ import kdlight.startup  # noqa: F401  # isort: skip
 import json
 import logging
 import os
+import re
 import sys
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -47,6 +49,7 @@ from kdlight.completion import check_finished, check_training_batches, time_limi
 from kdlight.errors import KDLightError, find_user_error, first_line
 from kdlight.io import atomic_write
 from kdlight.lit import DistillationGridModule
+from kdlight.lit.results import FULL_REPORT_CLASSES
 from kdlight.loggers import log_run_settings
 from kdlight.models.registry import build_model
 from kdlight.preflight import preflight
@@ -72,6 +75,35 @@ from kdlight.settings import validate_settings
 log = logging.getLogger("kdlight")
 # Said once, not by every DDP process or SLURM task of a run.
 info, warning = rank_zero_only(log.info), rank_zero_only(log.warning)
+
+
+#: Lines Lightning prints on every run that say nothing about it: the litlogger
+#: advertisement, and that the default ``limit_*_batches=1.0`` uses every batch. Lightning
+#: says them through this logger (``rank_zero_info``); every other line of it is kept.
+LIGHTNING_INFO = "lightning.pytorch.utilities.rank_zero"
+LIGHTNING_NOISE = re.compile(
+    r"^💡 Tip: .*litlogger|^`Trainer\(limit_(train|val|test|predict)_batches=1\.0\)` was configured"
+)
+#: A warning of torch to Lightning's own code (its ``LeafSpec``), on every run's first
+#: step: nothing a user can act on.
+TORCH_TO_LIGHTNING = r"`isinstance\(treespec, LeafSpec\)` is deprecated"
+
+
+class _DropLightningNoise(logging.Filter):
+    """Drops :data:`LIGHTNING_NOISE` lines."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not LIGHTNING_NOISE.search(record.getMessage())
+
+
+def quiet_lightning() -> None:
+    """Silence what every run printed and no run needs (:data:`LIGHTNING_NOISE`,
+    :data:`TORCH_TO_LIGHTNING`); Lightning's other lines and warnings stay (a logging
+    interval longer than the epoch, a GPU left unused). Once per process."""
+    logger = logging.getLogger(LIGHTNING_INFO)
+    if not any(isinstance(f, _DropLightningNoise) for f in logger.filters):
+        logger.addFilter(_DropLightningNoise())
+    warnings.filterwarnings("ignore", message=TORCH_TO_LIGHTNING, category=FutureWarning)
 
 
 def _instantiate_all(group: DictConfig | None) -> list:
@@ -238,6 +270,20 @@ def build_module(cfg: DictConfig, teacher: Teacher | None, world_size: int):
 
 
 def train(cfg: DictConfig) -> dict | None:
+    """Train and/or test as ``cfg`` says (:func:`_train`); return what ``metrics.json`` holds.
+
+    The run's directory is said when it starts and when it has finished, one line each, so
+    that the output of a run, of a sweep's job or of a study's says where its results are;
+    Lightning's lines that every run printed are silenced (:func:`quiet_lightning`)."""
+    quiet_lightning()
+    output_dir = Path(cfg.paths.output_dir).resolve()
+    info("run directory: %s", output_dir)
+    result = _train(cfg)
+    info("run directory: %s (done)", output_dir)
+    return result
+
+
+def _train(cfg: DictConfig) -> dict | None:
     """Train and/or test as ``cfg`` says; return what ``metrics.json`` holds."""
     validate_settings(cfg)  # every setting, before the teacher, the data or the Trainer
     time_limit = time_limit_seconds(cfg.trainer.get("max_time"))
@@ -292,7 +338,16 @@ def train(cfg: DictConfig) -> dict | None:
         elif cfg.train and cfg.test_ckpt == "best" and best and not trainer.fast_dev_run:
             ckpt_path = best.best_model_path or None
         try:
-            trainer.test(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
+            # Lightning's table of the test metrics repeats the report's per-class lines, a
+            # hundred rows for CIFAR-100: shown only where the report shows every class
+            verbose = len(datamodule.classes) <= FULL_REPORT_CLASSES
+            trainer.test(
+                module,
+                datamodule=datamodule,
+                ckpt_path=ckpt_path,
+                weights_only=True,
+                verbose=verbose,
+            )
         except RuntimeError as err:
             if checkpoint is None or "state_dict" not in str(err):
                 raise

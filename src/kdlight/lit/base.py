@@ -215,7 +215,7 @@ class ClassificationSystem(TrainingLog, L.LightningModule):
                 self.log(f"test/acc_{name}", accuracy / 100.0, sync_dist=True)
         self.test_summary = summary
         if self.trainer.is_global_zero:
-            print(format_report(summary), flush=True)
+            print(format_report(summary, self.metrics_path), flush=True)
             write_metrics(self.metrics_path, self.metrics_record(summary), self.run_record)
 
     @property

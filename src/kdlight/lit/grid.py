@@ -312,9 +312,10 @@ class DistillationGridModule(TeacherCacheMixin, FrozenTeacherMixin, TrainingLog,
                 self.log(f"test/acc_{name}", summary["accuracy"] / 100.0, sync_dist=True)
             self.test_summaries[name] = summary
             if self.trainer.is_global_zero:
-                print(f"[{name}] {format_report(summary)}", flush=True)
+                metrics = Path(self.trainer.default_root_dir) / name / "metrics.json"
+                print(f"[{name}] {format_report(summary, metrics)}", flush=True)
                 write_metrics(
-                    Path(self.trainer.default_root_dir) / name / "metrics.json",
+                    metrics,
                     self._record(name, slot, summary, best),
                     self.run_record,
                 )

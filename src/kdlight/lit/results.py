@@ -42,16 +42,42 @@ def _percent(value: float | None, spec: str) -> str:
     return "n/a (no test images)" if value is None else f"{value:{spec}} %"
 
 
-def format_report(summary: dict) -> str:
-    """The reference study's report: overall accuracy, then one line per class."""
+#: Up to this many classes the test report prints every class, as the reference study did
+#: for CIFAR-10; beyond, a summary (:func:`format_report`).
+FULL_REPORT_CLASSES = 10
+#: How many of the worst and of the best classes the summary of a larger report names.
+SHOWN_CLASSES = 5
+
+
+def format_report(summary: dict, full_list: str | Path | None = None) -> str:
+    """The reference study's report: overall accuracy, then one line per class, for up to
+    :data:`FULL_REPORT_CLASSES` classes. Beyond, one line each for the
+    :data:`SHOWN_CLASSES` worst and best classes and one for where every class's accuracy
+    is (``full_list``, the run's ``metrics.json``): 100 lines a CIFAR-100 test were read by
+    nobody."""
     lines = [
         f"Accuracy of the network on the {summary['test_images']} test images: "
         + _percent(summary["accuracy"], "f")
     ]
-    lines += [
-        f"Accuracy of {name:>5s} : {_percent(acc, '.0f')}"
-        for name, acc in summary["per_class_accuracy"].items()
-    ]
+    per_class = summary["per_class_accuracy"]
+    if len(per_class) <= FULL_REPORT_CLASSES:
+        lines += [
+            f"Accuracy of {name:>5s} : {_percent(acc, '.0f')}" for name, acc in per_class.items()
+        ]
+        return "\n".join(lines)
+    measured = sorted((acc, name) for name, acc in per_class.items() if acc is not None)
+    shown = min(SHOWN_CLASSES, len(measured) // 2)
+
+    def listed(part: list[tuple[float, str]]) -> str:
+        return ", ".join(f"{name} {acc:.0f} %" for acc, name in part)
+
+    if shown:
+        lines.append(f"Worst {shown} of {len(per_class)} classes: {listed(measured[:shown])}")
+        lines.append(f"Best {shown} of {len(per_class)} classes: {listed(measured[::-1][:shown])}")
+    if len(measured) < len(per_class):
+        lines.append(f"{len(per_class) - len(measured)} classes without test images")
+    where = f" in {full_list}" if full_list is not None else " in the run's metrics.json"
+    lines.append(f"Accuracy of each of the {len(per_class)} classes: per_class_accuracy{where}")
     return "\n".join(lines)
 
 
