@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from kdlight.runs import settings
+from kdlight.runs import identify, settings
 from kdlight.stats import BASELINE_ROLES, DATA_KEYS
 from tests.conftest import compose_config
 
@@ -43,3 +43,22 @@ def test_the_recipe_is_a_group_choice_of_any_experiment(tmp_path: Path):
     teacher = compose_config(["experiment=teacher", "recipe=cifar_kd"], tmp_path)
     zoo = compose_config(["experiment=zoo_teacher", "model=resnet18_half"], tmp_path)
     assert settings(teacher) == settings(zoo)
+
+
+@pytest.mark.parametrize(
+    "pair", ["resnet32x4_resnet8x4", "vgg13_mobilenetv2", "wrn_40_2_shufflev1"]
+)
+def test_the_zoo_teacher_of_a_pair_is_the_run_its_students_find(pair: str, tmp_path: Path):
+    """``experiment=zoo_teacher pair=X`` trains X's teacher (``distill.teacher_model``) with
+    the recipe's lr, not a lightweight student's, and is the very run of
+    ``experiment=zoo_teacher model=<teacher>``: same identity and folder, under
+    ``teacher/<teacher>/`` where ``experiment=zoo_distill pair=X`` looks."""
+    by_pair = compose_config(["experiment=zoo_teacher", f"pair={pair}"], tmp_path)
+    student = compose_config(["experiment=zoo_distill", f"pair={pair}"], tmp_path)
+    teacher = student.distill.teacher_model
+    by_model = compose_config(["experiment=zoo_teacher", f"model={teacher}"], tmp_path)
+    assert by_pair.model.name == teacher and by_pair.optimizer.lr == 0.05
+    assert by_pair.module._target_.endswith("ClassifierModule") and by_pair.num_classes == 100
+    assert identify(by_pair).id == identify(by_model).id
+    assert identify(by_pair).folder.startswith(f"{teacher}/seed0-") and by_pair.name == "teacher"
+    assert settings(by_pair)["data._target_"] == settings(student)["data._target_"]

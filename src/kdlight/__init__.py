@@ -75,6 +75,17 @@ OmegaConf.register_new_resolver("kdlight.run_folder", _run_folder, replace=True)
 importlib.import_module("kdlight.data")
 
 
+def _pair_teacher(pair: str) -> str:
+    """The teacher model of a CIFAR-100 zoo pair: ``distill.teacher_model`` of
+    ``conf/pair/<pair>.yaml`` (a file of kdlight's, read as data)."""
+    return str(OmegaConf.load(config_dir() / "pair" / f"{pair}.yaml").distill.teacher_model)
+
+
+# conf/experiment/zoo_teacher.yaml: `override /model: ${kdlight.pair_teacher:${pair}}`, the
+# pair's teacher as the model choice (a Hydra defaults list sees choices, not settings)
+OmegaConf.register_new_resolver("kdlight.pair_teacher", _pair_teacher, replace=True)
+
+
 def config_dir() -> Path:
     """The directory that holds kdlight's Hydra configs.
 

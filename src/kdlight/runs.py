@@ -185,6 +185,8 @@ def settings(cfg: DictConfig, teacher: str | None = None) -> dict:
             flat[key] = sorted(flat[key])
     if is_distillation(cfg):
         flat["distill.teacher"] = teacher
+    else:  # a model trained alone reads no distill.* (a zoo pair's teacher_model, say)
+        flat = {k: v for k, v in flat.items() if not k.startswith("distill.")}
     return dict(sorted(flat.items()))
 
 
