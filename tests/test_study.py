@@ -114,7 +114,10 @@ def test_the_slurm_dry_run_shows_the_teacher_the_dependent_array_and_the_report(
         ("kdlight-students", "after kdlight-teacher (afterok:<kdlight-teacher job id>)"),
         ("kdlight-report", "after kdlight-students (afterany:<kdlight-students job id>)"),
     ]
-    assert "#SBATCH --array=0-5" in out and "experiment=zoo_teacher model=resnet8" in out
+    assert (
+        "#SBATCH --array=0-5" in out
+        and "experiment=zoo_teacher pair=resnet32x4_resnet8x4 model=resnet8" in out
+    )
     tasks = re.findall(r"^  (\d)\) srun .* -m kdlight\.train (.*) ;;$", out, re.M)
     assert [n for n, _ in tasks] == list("012345")
     assert "experiment=zoo_student" in tasks[0][1] and "distiller=dkd" in tasks[5][1]

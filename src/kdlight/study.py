@@ -89,7 +89,11 @@ class Study:
     launcher_overrides: list[str] = field(default_factory=list)  # hydra.launcher.*
 
     def teacher_job(self, teacher_model: str) -> Job:
-        overrides = ["experiment=zoo_teacher", f"model={teacher_model}", *self.shared_overrides]
+        """The pair's teacher, ``teacher_model``: named only where the students' overrides
+        changed it (``distill.teacher_model=``), else the pair's choice."""
+        changed = any(_key(o) == "distill.teacher_model" for o in self.student_overrides)
+        model = [f"model={teacher_model}"] if changed else []
+        overrides = ["experiment=zoo_teacher", f"pair={self.pair}", *model, *self.shared_overrides]
         return Job("teacher", f"teacher {teacher_model}", tuple(overrides))
 
     def student_jobs(self) -> list[Job]:
