@@ -13,7 +13,7 @@ from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from omegaconf import OmegaConf
 
 from kdlight.errors import KDLightError
-from kdlight.loggers import MLFlowLogger, WandbLogger
+from kdlight.loggers import MLFlowLogger, WandbLogger, log_run_settings
 from kdlight.runs import identify
 from kdlight.settings import check_extras, validate_settings
 from kdlight.train import build_trainer
@@ -145,3 +145,55 @@ def test_a_multirun_logs_each_run_to_mlflow_wandb_and_csv(tmp_path: Path):
         assert b"val/acc" in uploaded and b"model.name" in uploaded
         header = (run_dir / "csv" / "metrics.csv").read_text().splitlines()[0].split(",")
         assert {"val/acc", "test/acc"} <= set(header)
+
+
+def test_each_mlflow_run_is_tagged_to_be_found_and_grouped(tmp_path: Path):
+    """The tags a researcher filters by (``tags.method = 'dkd'``) and groups seeds by,
+    read back from the real SQLite store with MLflow's client, and with
+    ``mlflow.search_runs`` (a pandas DataFrame) as the README does: the ``mlflow`` extra
+    brings pandas."""
+    import mlflow
+    from mlflow import MlflowClient
+
+    zoo = ["experiment=zoo_distill", "pair=resnet32x4_resnet8x4", "distiller=dkd"]
+    launches = {
+        "dkd0": [*zoo, "seed=0"],
+        "dkd1": [*zoo, "seed=1"],
+        "baseline": ["experiment=student_baseline", "name=baseline"],
+    }
+    for key, overrides in launches.items():
+        cfg = compose_config(
+            [*TINY, *overrides, "logger=mlflow", f"paths.root={tmp_path}"], tmp_path / key
+        )
+        trainer = build_trainer(cfg)
+        log_run_settings(trainer.loggers, identify(cfg))
+        trainer.loggers[1].finalize("success")
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    found = client.search_runs(experiments, filter_string="tags.method = 'dkd'")
+    assert len(found) == 2
+    tags = {run.data.tags["seed"]: run.data.tags for run in found}
+    for seed, tag in tags.items():
+        assert {k: tag[k] for k in ("method", "model", "teacher", "pair", "seed")} == {
+            "method": "dkd",
+            "model": "resnet8x4",
+            "teacher": "resnet32x4",
+            "pair": "resnet32x4_resnet8x4",
+            "seed": seed,
+        }
+        assert tag["accuracy_unit"].startswith("fraction")
+    assert tags["0"]["group"] == tags["1"]["group"]  # the seeds the report averages
+    assert tags["0"]["run_id"] != tags["1"]["run_id"]
+    (baseline,) = client.search_runs(experiments, filter_string="tags.method = 'none'")
+    assert baseline.data.tags["teacher"] == baseline.data.tags["pair"] == "none"
+    assert baseline.data.tags["model"] == "small_cnn"
+    assert baseline.data.tags["group"] != tags["0"]["group"]
+    pyproject = (Path(__file__).parents[1] / "pyproject.toml").read_text()
+    assert '"pandas>=2"]' in pyproject.split("\nmlflow = [", 1)[1].split("\n", 1)[0]
+    previous = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mlflow.db")
+    try:
+        runs = mlflow.search_runs(search_all_experiments=True, filter_string="tags.pair != 'none'")
+    finally:
+        mlflow.set_tracking_uri(previous)
+    assert sorted(runs["tags.seed"]) == ["0", "1"] and set(runs["tags.method"]) == {"dkd"}

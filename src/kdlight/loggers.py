@@ -8,7 +8,8 @@
 - :class:`WandbLogger` gives each run of a multirun a W&B run of its own; an online run that
   cannot start (no network, no login) is one error line before training.
 - :func:`log_run_settings` gives the trackers the run's settings (model, method, T, alpha,
-  seed...), so that runs can be compared and filtered by them.
+  seed...) and its tags (:func:`run_tags`: method, model, teacher, pair, seed, group), so
+  that runs can be compared, filtered and grouped by them.
 
 Their packages are optional (``pip install 'kdlight[mlflow]'``, ``'kdlight[wandb]'``):
 :func:`kdlight.settings.check_extras` names a missing one before any work.
@@ -30,8 +31,9 @@ from lightning.pytorch.loggers import WandbLogger as _WandbLogger
 from lightning.pytorch.loggers.logger import rank_zero_experiment
 from lightning.pytorch.utilities import rank_zero_only
 
+from kdlight import config_dir
 from kdlight.errors import KDLightError, first_line
-from kdlight.runs import RunIdentity
+from kdlight.runs import RunIdentity, group_key
 
 SQLITE = "sqlite:///"
 #: How long the check of a local MLflow store waits for another process's lock on it
@@ -209,14 +211,66 @@ class WandbLogger(_WandbLogger):
 #: The loggers that are given the run's settings: trackers, where runs are compared by them
 #: (the CSV log has its own ``hparams.yaml``; the run's settings are in its ``config.yaml``).
 TRACKERS = (_MLFlowLogger, _WandbLogger)
+#: What trackers are told of the unit of the accuracies they get: Lightning logs
+#: ``val/acc``, ``test/acc`` and ``test/acc_<class>`` as fractions, where ``metrics.json``
+#: and ``kdlight-report`` give percentages.
+ACCURACY_UNIT = "fraction (0-1); metrics.json and kdlight-report: percent"
+NONE = "none"
+
+
+def _method(settings: dict) -> str:
+    """The run's method as the report names it: the distiller's class in lower case
+    (``kd``, ``dkd``), a method grid's methods joined by ``+``, ``none`` without a teacher."""
+    system = str(settings.get("module._target_", "")).rsplit(".", 1)[-1]
+    if system == "ClassifierModule" or "distill.teacher_model" not in settings:
+        return NONE
+    grid = sorted({key.split(".")[1] for key in settings if key.startswith("methods.")})
+    if grid:
+        return "+".join(grid)
+    return (
+        str(settings.get("distiller._target_", "kdlight.distillers.KD")).rsplit(".", 1)[-1].lower()
+    )
+
+
+def run_tags(identity: RunIdentity) -> dict[str, str]:
+    """The tags a tracker's run gets, to find and group runs by (in MLflow,
+    ``mlflow.search_runs(filter_string="tags.method = 'dkd'")``): ``method``, ``model``,
+    ``teacher`` (the teacher's model, ``none`` without one), ``pair`` (the zoo pair
+    ``<teacher>_<student>`` where ``conf/pair/`` ships it, else ``none``), ``seed``,
+    ``group`` (:func:`kdlight.runs.group_key` of the settings: the same for runs that
+    differ only in their seed, the runs the report averages) and ``run_id``, and
+    ``accuracy_unit`` (:data:`ACCURACY_UNIT`)."""
+    settings = identity.settings
+    model = str(settings.get("model.name", NONE))
+    teacher = settings.get("distill.teacher_model")
+    teacher = NONE if teacher is None or _method(settings) == NONE else str(teacher)
+    pair = f"{teacher}_{model}"
+    shipped = teacher != NONE and (config_dir() / "pair" / f"{pair}.yaml").is_file()
+    return {
+        "method": _method(settings),
+        "model": model,
+        "teacher": teacher,
+        "pair": pair if shipped else NONE,
+        "seed": str(identity.seed),
+        "group": group_key(settings),
+        "run_id": identity.id,
+        "accuracy_unit": ACCURACY_UNIT,
+    }
 
 
 def log_run_settings(loggers: Iterable[Logger], identity: RunIdentity) -> None:
     """Give each tracker among ``loggers`` the run's id, seed and every setting that
     changes its results (:func:`kdlight.runs.settings`: ``model.name``, ``optimizer.lr``,
     ``distill.temperature``, ...) as hyperparameters, the way ``metrics.json`` records
-    them. Lightning adds the module's and the data's own hyperparameters at fit."""
+    them, and its :func:`run_tags` (as MLflow tags; as ``tag.<name>`` settings for W&B,
+    whose tags are bare words). Lightning adds the module's and the data's own
+    hyperparameters at fit."""
+    tags = run_tags(identity)
     params = {"run.id": identity.id, "run.seed": identity.seed, **identity.settings}
     for logger in loggers:
-        if isinstance(logger, TRACKERS):
-            logger.log_hyperparams(params)
+        if isinstance(logger, _MLFlowLogger):
+            logger.log_hyperparams(params)  # makes the run: its id is known from here
+            for name, value in tags.items():
+                logger.experiment.set_tag(logger.run_id, name, value)
+        elif isinstance(logger, TRACKERS):
+            logger.log_hyperparams({**params, **{f"tag.{k}": v for k, v in tags.items()}})
