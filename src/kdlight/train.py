@@ -151,6 +151,7 @@ def build_trainer(cfg: DictConfig, callbacks: list | None = None) -> L.Trainer:
     left out (Lightning refuses a progress-bar callback beside that switch).
     ``trainer.max_time`` is not Lightning's: it is each launch's limit, which ``train``
     gives :class:`~kdlight.runguard.SaveLastOnSigterm`."""
+    quiet_lightning()  # the Trainer says its litlogger tip as it is made
     try:
         callbacks = _instantiate_all(cfg.get("callbacks")) + list(callbacks or [])
         if cfg.trainer.get("enable_progress_bar") is False:
