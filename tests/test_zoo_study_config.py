@@ -6,8 +6,13 @@ group choice of any experiment."""
 from pathlib import Path
 
 import pytest
+import torch
 
-from kdlight.runs import identify, settings
+from kdlight.errors import KDLightError
+from kdlight.lit import load_teacher
+from kdlight.models import create_model, official_state_dict
+from kdlight.preflight import check_command_line
+from kdlight.runs import identify, resolve_teacher, settings
 from kdlight.stats import BASELINE_ROLES, DATA_KEYS
 from tests.conftest import compose_config
 
@@ -62,3 +67,50 @@ def test_the_zoo_teacher_of_a_pair_is_the_run_its_students_find(pair: str, tmp_p
     assert identify(by_pair).id == identify(by_model).id
     assert identify(by_pair).folder.startswith(f"{teacher}/seed0-") and by_pair.name == "teacher"
     assert settings(by_pair)["data._target_"] == settings(student)["data._target_"]
+
+
+def test_a_missing_zoo_teacher_names_the_command_that_trains_it(tmp_path: Path):
+    """No finished teacher: the line names ``experiment=zoo_teacher pair=X`` for a zoo
+    pair, ``experiment=zoo_teacher model=M`` for another CIFAR-100 student, and the
+    reference ``experiment=teacher`` (a 10-class teacher) for a CIFAR-10 one."""
+
+    def missing(*overrides: str) -> str:
+        cfg = compose_config([*overrides, f"paths.root={tmp_path}"], tmp_path)
+        with pytest.raises(KDLightError) as caught:
+            resolve_teacher(cfg)
+        return str(caught.value)
+
+    assert missing("experiment=zoo_distill", "pair=vgg13_mobilenetv2").endswith(
+        "train it first (kdlight-train experiment=zoo_teacher pair=vgg13_mobilenetv2, "
+        "same paths.root)"
+    )
+    other = missing("experiment=zoo_distill", "model=resnet8", "distill.teacher_model=resnet20")
+    assert "(kdlight-train experiment=zoo_teacher model=resnet20 with the same data" in other
+    assert "(kdlight-train experiment=teacher model=resnet18_half," in missing("experiment=distill")
+
+
+def test_a_cifar100_teacher_file_on_cifar10_data_says_to_add_data_cifar100(tmp_path: Path):
+    """A published ``ckpt_epoch_240.pth`` of 100 classes read for a 10-class student: the
+    line says which data the file's teacher was trained for."""
+    torch.manual_seed(0)
+    published = official_state_dict("resnet8", create_model("resnet8", num_classes=100))
+    torch.save({"model": published, "epoch": 240}, tmp_path / "ckpt_epoch_240.pth")
+    with pytest.raises(KDLightError) as caught:
+        load_teacher(tmp_path / "ckpt_epoch_240.pth", "resnet8", num_classes=10)
+    assert str(caught.value).endswith(
+        "(the file's teacher predicts 100 classes, this data 10: add data=cifar100)"
+    )
+
+
+@pytest.mark.parametrize("experiment", ["student_baseline", "teacher"])
+def test_a_group_choice_the_experiment_does_not_pick_says_so(experiment: str, tmp_path: Path):
+    """``pair=`` on an experiment without a pair: one line that it is a config group, which
+    experiments pick it, and the ``+`` that adds it (Hydra's own words were "unknown
+    setting 'pair' (did you mean 'pair'?)")."""
+    with pytest.raises(KDLightError) as caught:
+        check_command_line([f"experiment={experiment}", "pair=vgg13_vgg8", "--cfg", "job"])
+    assert str(caught.value) == (
+        "pair is a config group this config does not pick (it comes with "
+        "experiment=zoo_distill, experiment=zoo_student, experiment=zoo_teacher: pick one of "
+        "those), or add it: +pair=vgg13_vgg8"
+    )

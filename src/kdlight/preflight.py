@@ -211,6 +211,15 @@ def _unknown_setting(key: str, name: str, overrides: list[str]) -> str:
         here = set()
     providers = _providers()
     message = f"unknown setting '{key}'"
+    if (config_dir() / key).is_dir():  # a config group this config's defaults do not list
+        given = next((o for o in overrides if o.lstrip("+~").split("=")[0] == key), key)
+        choice = given.split("=", 1)[-1] if "=" in given else "CHOICE"
+        listed = ", ".join(providers.get(key, [])[:4])
+        with_it = f" (it comes with {listed}: pick one of those)" if listed else ""
+        return (
+            f"{key} is a config group this config does not pick{with_it}, "
+            f"or add it: +{key}={choice}"
+        )
     if providers.get(key):
         return f"{message} in this config (it comes with {', '.join(providers[key][:4])})"
     about_hydra = key.startswith("hydra")  # Hydra's own settings are suggested for those only
@@ -244,8 +253,10 @@ def _providers() -> dict[str, list[str]]:
     root, found, picks = config_dir(), {}, {}
     files = [(f, f.parent.relative_to(root).as_posix()) for f in sorted(root.rglob("*.yaml"))]
     for file, group in files:  # "override /module: distillation" in experiment/distill.yaml
-        for entry in OmegaConf.load(file).get("defaults") or []:
-            for target, choice in entry.items() if isinstance(entry, DictConfig) else []:
+        # unresolved: a choice may be an interpolation (zoo_teacher's ${kdlight.pair_teacher:...})
+        defaults = OmegaConf.to_container(OmegaConf.load(file), resolve=False).get("defaults")
+        for entry in defaults or []:
+            for target, choice in entry.items() if isinstance(entry, dict) else []:
                 picked = f"{str(target).split()[-1].strip('/')}={choice}"
                 picks.setdefault(picked, []).append(f"{group}={file.stem}")
     for file, group in files:
@@ -253,7 +264,9 @@ def _providers() -> dict[str, list[str]]:
             continue
         choice = f"{group}={file.stem}"
         experiments = [p for p in picks.get(choice, []) if p.startswith("experiment=")]
-        found.setdefault(group, [])
+        # a group itself comes with the experiments that pick one of its choices
+        picking = [e for p, by in picks.items() if p.startswith(f"{group}=") for e in by]
+        found.setdefault(group, [e for e in picking if e.startswith("experiment=")])
         in_global = "@package _global_" in file.read_text().split("\n", 1)[0]
         prefix = "" if in_global else group.replace("/", ".") + "."
         for key in _dotted_keys(OmegaConf.load(file), prefix):

@@ -28,6 +28,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
+from kdlight import config_dir
 from kdlight.errors import KDLightError
 from kdlight.models.registry import trust_targets
 
@@ -318,7 +319,9 @@ def _classes_of(metrics: dict | None) -> int | None:
     return len(per_class) if isinstance(per_class, dict) and per_class else None
 
 
-def find_teacher(root: str | Path, model: str, num_classes: int | None = None) -> Teacher:
+def find_teacher(
+    root: str | Path, model: str, num_classes: int | None = None, make: str | None = None
+) -> Teacher:
     """The finished teacher run of ``model`` under ``<root>/teacher/<model>/``.
 
     Finished means a readable ``metrics.json`` that is not a debug run's, and a
@@ -326,8 +329,11 @@ def find_teacher(root: str | Path, model: str, num_classes: int | None = None) -
     that many classes (a CIFAR-100 student never gets a CIFAR-10 teacher). With several,
     the most recently finished one is used and the log names it and the others. With none,
     one line says why: no teacher run at all, or only unfinished ones (which are used only
-    when named with ``distill.teacher_checkpoint``).
+    when named with ``distill.teacher_checkpoint``). ``make`` is the command that trains the
+    teacher, said in that line (default: ``experiment=teacher model=<model>``, the reference
+    study's; :func:`resolve_teacher` names a zoo pair's).
     """
+    make = make or f"kdlight-train experiment=teacher model={model}"
     folder = Path(root) / "teacher" / model
     runs = sorted(
         last.parent.parent
@@ -346,10 +352,10 @@ def find_teacher(root: str | Path, model: str, num_classes: int | None = None) -
             raise KDLightError(
                 f"no teacher of model {model} for {num_classes} classes under {folder} (the "
                 f"finished ones predict {_classes_of(_read_metrics(other[0] / 'metrics.json'))}): "
-                f"train it first (kdlight-train experiment=teacher model={model} with this data)"
+                f"train it first ({make} with this data)"
             )
     if not finished:
-        hint = f"train it first (kdlight-train experiment=teacher model={model}, same paths.root)"
+        hint = f"train it first ({make}, same paths.root)"
         if runs:
             listed = ", ".join(str(r) for r in runs)
             raise KDLightError(
@@ -392,7 +398,21 @@ def resolve_teacher(cfg: DictConfig) -> Teacher | None:
             "distill.teacher_model is a model config: name its weights with "
             "distill.teacher_checkpoint=PATH (a state dict or a Lightning checkpoint)"
         )
-    return find_teacher(cfg.paths.root, model, OmegaConf.select(cfg, "num_classes", default=None))
+    classes = OmegaConf.select(cfg, "num_classes", default=None)
+    return find_teacher(cfg.paths.root, model, classes, teacher_command(cfg, model))
+
+
+def teacher_command(cfg: DictConfig, model: str) -> str:
+    """The command that trains the teacher ``model`` a distillation ``cfg`` looks for: a
+    CIFAR-100 zoo pair's with ``experiment=zoo_teacher pair=<pair>`` (the pair of the
+    teacher and the student: the zoo's recipe and data), another CIFAR-100 teacher with
+    ``experiment=zoo_teacher model=<model>``, else the reference ``experiment=teacher``."""
+    if OmegaConf.select(cfg, "num_classes", default=None) != 100:
+        return f"kdlight-train experiment=teacher model={model}"
+    pair = f"{model}_{OmegaConf.select(cfg, 'model.name', default=None)}"
+    if (config_dir() / "pair" / f"{pair}.yaml").is_file():
+        return f"kdlight-train experiment=zoo_teacher pair={pair}"
+    return f"kdlight-train experiment=zoo_teacher model={model} with the same data and recipe"
 
 
 def run_folder(*, _root_: DictConfig) -> str:

@@ -125,9 +125,29 @@ def load_teacher(
     except RuntimeError as err:
         raise KDLightError(
             f"teacher checkpoint {path} does not fit {spec_name(spec or wanted, model)}: "
-            f"{_mismatch(err)}"
+            f"{_mismatch(err)}{_classes_hint(weights, model)}"
         ) from None
     return freeze(model)
+
+
+#: The data choice of each class count the shipped datasets have.
+DATA_OF_CLASSES = {10: "data=cifar10", 100: "data=cifar100"}
+
+
+def _classes_hint(weights: dict, model: nn.Module) -> str:
+    """Where the file's classifier predicts another number of classes than the model built
+    for the data (a published CIFAR-100 ``ckpt_epoch_240.pth`` on CIFAR-10, say), what to
+    add to the command line: the data of the file's classes. Empty otherwise."""
+    last = [name for name, module in model.named_modules() if isinstance(module, nn.Linear)]
+    key = f"{last[-1]}.weight" if last else None
+    found = weights.get(key) if key else None
+    if not isinstance(found, torch.Tensor) or found.ndim != 2:
+        return ""
+    theirs, ours = found.shape[0], model.get_submodule(last[-1]).out_features
+    if theirs == ours:
+        return ""
+    data = DATA_OF_CLASSES.get(theirs, f"data of {theirs} classes")
+    return f" (the file's teacher predicts {theirs} classes, this data {ours}: add {data})"
 
 
 def _recorded_spec(checkpoint: dict, source: str) -> dict | None:
