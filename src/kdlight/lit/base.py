@@ -17,6 +17,7 @@ from torch import Tensor, nn
 from torchmetrics import MaxMetric
 from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix
 
+from kdlight.errors import KDLightError
 from kdlight.lit.results import (
     default_class_names,
     format_report,
@@ -135,6 +136,54 @@ class TrainingLog:
         self._training_sums = None
 
 
+def classes_predicted(
+    model: nn.Module, input_shape: tuple[int, ...], num_classes: int | None, what: str
+) -> int:
+    """How many classes ``model`` predicts: the width of its output on one image of
+    ``input_shape`` (in eval mode and without gradients, so no statistic, parameter or random
+    stream changes). ``num_classes``, when given, must agree with it, and is the answer where
+    the model cannot be run on such an image; else the ``out_features`` of its last
+    ``nn.Linear`` is (registered last, which is not always the one run last: so it only
+    answers, never contradicts). ``what`` names the model in the error line."""
+    predicted = probe_classes(model, input_shape)
+    if num_classes is not None and predicted is not None and predicted != num_classes:
+        raise KDLightError(
+            f"num_classes={num_classes} does not fit {what} ({type(model).__name__}), which "
+            f"predicts {predicted} classes: leave num_classes out or make the model for "
+            f"{num_classes} classes"
+        )
+    if predicted is None and num_classes is None:
+        linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+        predicted = linears[-1].out_features if linears else None
+    if predicted is None and num_classes is None:
+        raise KDLightError(
+            f"cannot tell how many classes {what} ({type(model).__name__}) predicts: its "
+            f"output on one image of shape {tuple(input_shape)} is not (1, classes) and it "
+            "has no nn.Linear; pass num_classes="
+        )
+    return num_classes if num_classes is not None else predicted
+
+
+def probe_classes(model: nn.Module, input_shape: tuple[int, ...]) -> int | None:
+    """The width of ``model``'s (1, classes) output on a zero image; None when it cannot be
+    run on one (another input shape, parameters on the meta device) or gives another shape."""
+    parameter = next(model.parameters(), None)
+    if parameter is not None and parameter.is_meta:
+        return None
+    device = parameter.device if parameter is not None else torch.device("cpu")
+    training = model.training
+    try:
+        with torch.no_grad():
+            output = model.eval()(torch.zeros(1, *input_shape, device=device))
+    except Exception:  # a model for other images: its last Linear is asked instead
+        return None
+    finally:
+        model.train(training)
+    if isinstance(output, Tensor) and output.dim() == 2 and output.shape[0] == 1:
+        return int(output.shape[1])
+    return None
+
+
 class ClassificationSystem(TrainingLog, L.LightningModule):
     """Base for systems that train ``self.model``, a classifier, and evaluate it.
 
@@ -154,18 +203,21 @@ class ClassificationSystem(TrainingLog, L.LightningModule):
         model: nn.Module,
         optimizer: OptimizerFactory | None = None,
         scheduler: SchedulerFactory | None = None,
-        num_classes: int = 10,
+        num_classes: int | None = None,
         class_names: tuple[str, ...] | list[str] | None = None,
         compile: bool = False,
         channels_last: bool = False,
+        input_shape: tuple[int, ...] = (3, 32, 32),
     ) -> None:
         super().__init__()
+        num_classes = classes_predicted(model, input_shape, num_classes, "the model")
         self.model = model
         self.fast_model = FastForward(model, compile, channels_last)
         self.optimizer_factory = optimizer or reference_sgd
         self.scheduler_factory = scheduler
         self.num_classes = num_classes
         self.class_names = default_class_names(num_classes, class_names)
+        self._class_names_given = class_names is not None
         # no argument checks per training step: they read the labels back from the GPU
         self.train_acc = MulticlassAccuracy(num_classes, average="micro", validate_args=False)
         self.val_acc = MulticlassAccuracy(num_classes, average="micro")
@@ -174,6 +226,25 @@ class ClassificationSystem(TrainingLog, L.LightningModule):
         self.test_acc = MulticlassAccuracy(num_classes, average="micro")
         self.test_confusion = MulticlassConfusionMatrix(num_classes)
         self.test_summary: dict | None = None
+
+    def setup(self, stage: str) -> None:
+        """The data's classes: their names for the report (unless ``class_names`` was
+        given), and their number, which must be the model's."""
+        super().setup(stage)
+        datamodule = getattr(self.trainer, "datamodule", None)
+        classes = getattr(datamodule, "num_classes", None)
+        if classes is None:  # plain dataloaders: nothing says how many classes they hold
+            return
+        if classes != self.num_classes:
+            raise KDLightError(
+                f"the model predicts {self.num_classes} classes and the data "
+                f"({type(datamodule).__name__}) has {classes}: use a model made for "
+                f"{classes} classes (create_model(name, num_classes={classes})) or data "
+                f"of {self.num_classes} classes"
+            )
+        names = getattr(datamodule, "classes", None)
+        if not self._class_names_given and names is not None and len(names) == classes:
+            self.class_names = tuple(str(name) for name in names)
 
     def forward(self, images: Tensor) -> Tensor:
         """Logits, as evaluation computes them (training steps use ``self.fast_model``)."""

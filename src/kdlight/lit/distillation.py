@@ -6,7 +6,13 @@ from collections.abc import Callable, Mapping
 from torch import Tensor, nn
 
 from kdlight.distillers import KD
-from kdlight.lit.base import ClassificationSystem, OptimizerFactory, SchedulerFactory
+from kdlight.errors import KDLightError
+from kdlight.lit.base import (
+    ClassificationSystem,
+    OptimizerFactory,
+    SchedulerFactory,
+    probe_classes,
+)
 from kdlight.lit.cached_teacher import TeacherCacheMixin
 from kdlight.lit.methods import MethodSlot, attach_training_data, teacher_taps
 from kdlight.lit.teacher import FrozenTeacherMixin, built_teacher_model
@@ -42,14 +48,16 @@ class DistillationModule(TeacherCacheMixin, FrozenTeacherMixin, ClassificationSy
             :mod:`kdlight.distillers.base` (e.g. ``DKD()``, ``FitNet()`` or a user's own); an
             ``nn.Module`` method's own parameters (connectors) are trained with the student
             and saved in its checkpoints. ``None``: KD at ``temperature`` and ``alpha``.
-        input_shape: one image's shape, for the forward pass that measures the tapped
-            features' shapes (feature methods only).
+        input_shape: one image's shape, for the forward passes that measure the tapped
+            features' shapes (feature methods only) and how many classes the student and
+            the teacher predict (which must be one number, and the data's).
         teacher_cache: look the teacher's logits up in a cache on disk, by training image
             and augmentation, and run the teacher only for the misses
             (:mod:`kdlight.teacher_cache`); methods that read the teacher's features keep
             running it live.
         optimizer, scheduler, num_classes, class_names, compile, channels_last: as for
-            ``ClassifierModule`` (compile and channels_last apply to the teacher too).
+            ``ClassifierModule`` (compile and channels_last apply to the teacher too;
+            ``num_classes``, measured from the student when not given, is the teacher's too).
     """
 
     def __init__(
@@ -63,7 +71,7 @@ class DistillationModule(TeacherCacheMixin, FrozenTeacherMixin, ClassificationSy
         distiller: Callable[..., dict[str, Tensor]] | None = None,
         optimizer: OptimizerFactory | None = None,
         scheduler: SchedulerFactory | None = None,
-        num_classes: int = 10,
+        num_classes: int | None = None,
         class_names: list[str] | None = None,
         compile: bool = False,
         channels_last: bool = False,
@@ -71,8 +79,10 @@ class DistillationModule(TeacherCacheMixin, FrozenTeacherMixin, ClassificationSy
         teacher_cache: bool = False,
     ) -> None:
         super().__init__(
-            model, optimizer, scheduler, num_classes, class_names, compile, channels_last
-        )
+            model, optimizer, scheduler, num_classes, class_names, compile, channels_last,
+            input_shape,
+        )  # fmt: skip
+        num_classes = self.num_classes  # measured from the student when not given
         if distiller is None:
             distiller = KD(temperature, alpha)
         self.save_hyperparameters(
@@ -88,6 +98,13 @@ class DistillationModule(TeacherCacheMixin, FrozenTeacherMixin, ClassificationSy
         self.attach_teacher(
             teacher, teacher_checkpoint, teacher_model, num_classes, compile, channels_last
         )
+        teacher_classes = probe_classes(self.teacher, input_shape)
+        if teacher_classes not in (None, num_classes):
+            raise KDLightError(
+                f"the teacher ({type(self.teacher).__name__}) predicts {teacher_classes} "
+                f"classes and the student ({type(model).__name__}) {num_classes}: distil "
+                "between models made for the same classes"
+            )
         self.slot = MethodSlot(distiller, model, self.teacher, input_shape)
         self.teacher_taps = teacher_taps(self.teacher, [self.slot])
         self.distiller = distiller  # an nn.Module one is a child: trained, saved, restored
