@@ -13,7 +13,9 @@ The settings' own types and ranges are checked by :func:`kdlight.settings.valida
 import contextlib
 import difflib
 import importlib.util
+import inspect
 import io
+import math
 import os
 import re
 import sys
@@ -22,10 +24,13 @@ from functools import cache
 from pathlib import Path
 
 from hydra import compose, initialize_config_dir
-from hydra._internal.utils import get_args_parser  # the parser of Hydra's own main
+from hydra._internal.utils import (
+    _locate,  # hydra.utils.get_object, without logging errors
+    get_args_parser,  # the parser of Hydra's own main
+)
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.override_parser.overrides_parser import OverridesParser
-from hydra.core.override_parser.types import Override
+from hydra.core.override_parser.types import Override, OverrideType
 from hydra.errors import HydraException, MissingConfigException
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException, ValidationError
@@ -55,6 +60,59 @@ def preflight(argv: list[str]) -> None:
             raise
         print(f"error: {err}", file=sys.stderr, flush=True)
         sys.exit(2)
+
+
+def own_method_overrides(argv: list[str]) -> list[str]:
+    """``argv`` with a user's own method given whole: ``distiller={_target_: my.METHOD,
+    beta: 2}`` becomes ``~distiller +distiller={...}``, so that the method is built from
+    exactly what was written, and not merged with the keys of the default
+    ``conf/distiller/kd.yaml`` (Hydra merges a dict into the node it overrides: KD's
+    ``alpha`` would be passed to the user's class). The method's other arguments with a
+    default are written in too, so that ``distiller.gamma=3`` sets any of them later, as for
+    a shipped method, and the run records them. A dict without ``_target_`` (``distiller={beta: 2}``) changes the chosen
+    method's settings, as Hydra does. The ``_target_`` is the user's own, from the command
+    line, so it may run; one read from a file never is (:mod:`kdlight.models.registry`)."""
+    parser = OverridesParser.create()
+    rewritten: list[str] = []
+    for line in argv:
+        try:
+            override = parser.parse_overrides([line])[0]
+        except HydraException:  # a flag (-m), or a line preflight will explain
+            rewritten.append(line)
+            continue
+        value = None if override.is_sweep_override() else override.value()
+        whole = override.key_or_group == "distiller" and override.package is None
+        given = isinstance(value, dict) and "_target_" in value
+        if whole and given and override.type == OverrideType.CHANGE:
+            defaults = _written_defaults(str(value["_target_"]))
+            rewritten += ["~distiller", f"+{line}"]
+            rewritten += [f"+distiller.{k}={v}" for k, v in defaults.items() if k not in value]
+        else:
+            rewritten.append(line)
+    return rewritten
+
+
+def _written_defaults(target: str) -> dict[str, str]:
+    """The arguments of ``target`` with a default that the command line can write (a
+    number, a bool, null or a plain word), as override values: in the config, each is set
+    as ``distiller.beta=3`` is for a shipped method, and recorded with the run. Nothing
+    where ``target`` cannot be imported (the settings' check says so in one line)."""
+    try:
+        parameters = inspect.signature(_locate(target)).parameters.values()
+    except (ImportError, AttributeError, ValueError, TypeError):
+        return {}
+    written = {}
+    for parameter in parameters:
+        value = parameter.default
+        if parameter.kind not in (parameter.POSITIONAL_OR_KEYWORD, parameter.KEYWORD_ONLY):
+            continue
+        if value is None or isinstance(value, bool):
+            written[parameter.name] = show(value)
+        elif isinstance(value, int | float) and math.isfinite(value):
+            written[parameter.name] = repr(value)
+        elif isinstance(value, str) and re.fullmatch(r"[A-Za-z_][\w.-]*", value):
+            written[parameter.name] = f"'{value}'"
+    return written
 
 
 def check_command_line(argv: list[str]) -> None:

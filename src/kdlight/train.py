@@ -52,7 +52,7 @@ from kdlight.lit import DistillationGridModule
 from kdlight.lit.results import FULL_REPORT_CLASSES
 from kdlight.loggers import log_run_settings
 from kdlight.models.registry import build_model
-from kdlight.preflight import preflight
+from kdlight.preflight import own_method_overrides, preflight
 from kdlight.records import read_run_file
 from kdlight.runguard import (
     RunInUse,
@@ -469,7 +469,9 @@ def hydra_main(cfg: DictConfig) -> None:
 
 def main() -> None:
     """``kdlight-train``: the command line is checked (settings, typos, extras) before Hydra
-    composes it, so a bad one is one ``error:`` line and exit status 2."""
+    composes it, so a bad one is one ``error:`` line and exit status 2. A user's own method
+    (``'distiller={_target_: my.METHOD}'``) replaces the default one whole."""
+    sys.argv[1:] = own_method_overrides(sys.argv[1:])  # Hydra's main reads sys.argv
     preflight(sys.argv[1:])
     hydra_main()
 
