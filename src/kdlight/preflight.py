@@ -69,9 +69,10 @@ def own_method_overrides(argv: list[str]) -> list[str]:
     ``conf/distiller/kd.yaml`` (Hydra merges a dict into the node it overrides: KD's
     ``alpha`` would be passed to the user's class). The method's other arguments with a
     default are written in too, so that ``distiller.gamma=3`` sets any of them later, as for
-    a shipped method, and the run records them. A dict without ``_target_`` (``distiller={beta: 2}``) changes the chosen
-    method's settings, as Hydra does. The ``_target_`` is the user's own, from the command
-    line, so it may run; one read from a file never is (:mod:`kdlight.models.registry`)."""
+    a shipped method, and the run records them. A dict without ``_target_``
+    (``distiller={beta: 2}``) changes the chosen method's settings, as Hydra does. The
+    ``_target_`` is the user's own, from the command line, so it may run; one read from a
+    file never is (:mod:`kdlight.models.registry`)."""
     parser = OverridesParser.create()
     rewritten: list[str] = []
     for line in argv:
