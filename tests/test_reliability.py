@@ -276,7 +276,7 @@ def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path: Pat
 
 
 class NaNTeacher(nn.Module):
-    """A teacher whose logits turn NaN from its ``nan_from``-th call on a batch on."""
+    """A teacher whose logits turn NaN from its ``nan_from``-th batch on."""
 
     def __init__(self, nan_from: int) -> None:
         super().__init__()
