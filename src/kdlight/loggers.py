@@ -31,9 +31,8 @@ from lightning.pytorch.loggers import WandbLogger as _WandbLogger
 from lightning.pytorch.loggers.logger import rank_zero_experiment
 from lightning.pytorch.utilities import rank_zero_only
 
-from kdlight import config_dir
 from kdlight.errors import KDLightError, first_line
-from kdlight.runs import RunIdentity, group_key
+from kdlight.runs import RunIdentity, group_key, shipped_pair
 
 SQLITE = "sqlite:///"
 #: How long the check of a local MLflow store waits for another process's lock on it
@@ -244,13 +243,12 @@ def run_tags(identity: RunIdentity) -> dict[str, str]:
     model = str(settings.get("model.name", NONE))
     teacher = settings.get("distill.teacher_model")
     teacher = NONE if teacher is None or _method(settings) == NONE else str(teacher)
-    pair = f"{teacher}_{model}"
-    shipped = teacher != NONE and (config_dir() / "pair" / f"{pair}.yaml").is_file()
+    pair = shipped_pair(teacher, model) if teacher != NONE else None
     return {
         "method": _method(settings),
         "model": model,
         "teacher": teacher,
-        "pair": pair if shipped else NONE,
+        "pair": pair or NONE,
         "seed": str(identity.seed),
         "group": group_key(settings),
         "run_id": identity.id,

@@ -402,6 +402,12 @@ def resolve_teacher(cfg: DictConfig) -> Teacher | None:
     return find_teacher(cfg.paths.root, model, classes, teacher_command(cfg, model))
 
 
+def shipped_pair(teacher: str, student: str) -> str | None:
+    """The zoo pair ``<teacher>_<student>`` when ``conf/pair/`` ships it, else None."""
+    pair = f"{teacher}_{student}"
+    return pair if (config_dir() / "pair" / f"{pair}.yaml").is_file() else None
+
+
 def teacher_command(cfg: DictConfig, model: str) -> str:
     """The command that trains the teacher ``model`` a distillation ``cfg`` looks for: a
     CIFAR-100 zoo pair's with ``experiment=zoo_teacher pair=<pair>`` (the pair of the
@@ -409,8 +415,8 @@ def teacher_command(cfg: DictConfig, model: str) -> str:
     ``experiment=zoo_teacher model=<model>``, else the reference ``experiment=teacher``."""
     if OmegaConf.select(cfg, "num_classes", default=None) != 100:
         return f"kdlight-train experiment=teacher model={model}"
-    pair = f"{model}_{OmegaConf.select(cfg, 'model.name', default=None)}"
-    if (config_dir() / "pair" / f"{pair}.yaml").is_file():
+    pair = shipped_pair(model, str(OmegaConf.select(cfg, "model.name", default=None)))
+    if pair is not None:
         return f"kdlight-train experiment=zoo_teacher pair={pair}"
     return f"kdlight-train experiment=zoo_teacher model={model} with the same data and recipe"
 
