@@ -45,7 +45,7 @@ reproduce: venv ## The reference study on one GPU: teacher, baseline, 5x3 T x al
 	$(VENV)/bin/kdlight-report outputs/teacher outputs/student_baseline outputs/distill --out outputs/report
 
 bench: venv ## Throughput of the fast path against a plain PyTorch loop (CPU or GPU); writes bench.json
-	$(PY) -m kdlight.bench --out bench.json
+	$(PY) -m kdlight.cli.bench --out bench.json
 
 gpu-study: ## On one GPU: the benchmark and the whole reference study, fast path (scripts/gpu_study.sh)
 	ARCHIVE=$(ARCHIVE) scripts/gpu_study.sh

@@ -11,7 +11,7 @@
 #                                             # run it again until it says "zoo: done"
 #
 # Stages: 1. install kdlight next to the machine's torch (wheels from .whl/ when the
-# machine is offline); 2. python -m kdlight.bench; 2b. its teacher-cache rows (the KD step
+# machine is offline); 2. python -m kdlight.cli.bench; 2b. its teacher-cache rows (the KD step
 # and the grid live, filling and warm; a stage of its own, so that each fits one device
 # command); 3. teacher (200 epochs) and student baseline (200 epochs) side by side on the
 # one GPU, then the fused 12-cell T x alpha grid (200 epochs), then kdlight-report;
@@ -55,12 +55,12 @@ trap 'trap - ERR; tail -n 5 "$WORK"/*.log >"$OUT/log_ends.txt"; { echo "gpu_stud
 # 2. the benchmark
 if [[ " $STAGES " == *" bench "* ]]; then
   stamp bench_start
-  $PYTHON -m kdlight.bench --no-cache --out "$OUT/bench.json" 2>&1 | tee "$WORK/bench.log" | grep -v Warning
+  $PYTHON -m kdlight.cli.bench --no-cache --out "$OUT/bench.json" 2>&1 | tee "$WORK/bench.log" | grep -v Warning
   stamp bench_end
 fi
 if [[ " $STAGES " == *" cache "* ]]; then
   stamp cache_start
-  $PYTHON -m kdlight.bench --no-methods --no-zoo --no-overhead --out "$OUT/bench_cache.json" 2>&1 \
+  $PYTHON -m kdlight.cli.bench --no-methods --no-zoo --no-overhead --out "$OUT/bench_cache.json" 2>&1 \
     | tee "$WORK/bench_cache.log" | grep -v Warning
   stamp cache_end
 fi
@@ -154,7 +154,7 @@ if [[ " $STAGES " == *" zoo "* ]]; then
     fi
   done
   stamp zoo_end
-  $PYTHON -m kdlight.report "$zoo_root" --out "$WORK/zoo_report" >"$WORK/zoo_report.log" 2>&1
+  $PYTHON -m kdlight.cli.report "$zoo_root" --out "$WORK/zoo_report" >"$WORK/zoo_report.log" 2>&1
   cp "$WORK/zoo_report/report.md" "$OUT/zoo_report.md"
   $PYTHON scripts/zoo_table.py "$zoo_root" --teacher "$ZOO_TEACHER" --student "$ZOO_STUDENT" \
     --out "$OUT/zoo_table.md"
@@ -176,6 +176,6 @@ wait $teacher
 stamp teacher_and_baseline_end
 train experiment=distill_grid "distill.temperature=[1,2,4,8]" "distill.alpha=[0.1,0.5,0.9]" >"$WORK/grid.log" 2>&1
 stamp study_end
-$PYTHON -m kdlight.report "$WORK/study" --out "$WORK/report" | tee "$WORK/report.log"
+$PYTHON -m kdlight.cli.report "$WORK/study" --out "$WORK/report" | tee "$WORK/report.log"
 cp "$WORK"/report/{report.md,report.csv,groups.csv,heatmap.png} "$OUT/"
 awk '{t[$1]=$2} END {printf "bench %ds, teacher+baseline %ds, grid %ds, study %ds\n", t["bench_end"]-t["bench_start"], t["teacher_and_baseline_end"]-t["study_start"], t["study_end"]-t["teacher_and_baseline_end"], t["study_end"]-t["study_start"]}' "$OUT/timings.txt" | tee -a "$OUT/timings.txt"

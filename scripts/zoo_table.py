@@ -15,7 +15,7 @@ import json
 import sys
 from pathlib import Path
 
-from kdlight.io import atomic_write
+from kdlight.runs.files import atomic_write
 
 #: The published top-1 (%) on CIFAR-100 and where each is printed. The teacher's is in
 #: RepDistiller's README (mdistiller reuses its teachers, and its README prints no teacher

@@ -22,11 +22,15 @@ import torch
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
-from kdlight.callbacks import NonFiniteLossError, SaveLastCheckpoint, StopOnNonFiniteLoss
-from kdlight.checkpointing import AtomicCheckpointIO, CheckpointWriteError, non_finite_tensors
 from kdlight.errors import KDLightError
 from kdlight.lit import ClassifierModule
 from kdlight.models import create_model
+from kdlight.trainer.callbacks import NonFiniteLossError, SaveLastCheckpoint, StopOnNonFiniteLoss
+from kdlight.trainer.checkpointing import (
+    AtomicCheckpointIO,
+    CheckpointWriteError,
+    non_finite_tensors,
+)
 from tests.conftest import (  # noqa: F401  (mount_tmpfs: a fixture, for tests.test_io too)
     REPO,
     TINY,
@@ -38,7 +42,7 @@ from tests.conftest import (  # noqa: F401  (mount_tmpfs: a fixture, for tests.t
 
 
 def temporaries(folder: Path) -> list[str]:
-    """What kdlight.io's writers leave when they are stopped half-way: ``.<name>.*.tmp``."""
+    """What kdlight.runs.files's writers leave when they are stopped half-way: ``.<name>.*.tmp``."""
     return sorted(p.name for p in folder.iterdir() if p.name.startswith(".") and p.suffix == ".tmp")
 
 
@@ -154,8 +158,8 @@ DDP_FULL_DISK = """
 import sys
 from pathlib import Path
 from lightning.pytorch.callbacks import ModelCheckpoint
-from kdlight.callbacks import SaveLastCheckpoint
-from kdlight.checkpointing import CheckpointWriteError
+from kdlight.trainer.callbacks import SaveLastCheckpoint
+from kdlight.trainer.checkpointing import CheckpointWriteError
 from tests.conftest import synthetic_datamodule
 from tests.test_atomic import FillTheDisk, quiet_trainer, small_module
 
@@ -203,7 +207,7 @@ def test_full_disk_under_ddp_stops_every_process(tmp_path: Path, mount_tmpfs):  
 #: Saves checkpoints of 8 MB in a loop, each holding its number n in every weight.
 SAVE_FOREVER = """
 import itertools, sys, torch
-from kdlight.checkpointing import AtomicCheckpointIO
+from kdlight.trainer.checkpointing import AtomicCheckpointIO
 writer = AtomicCheckpointIO()
 for n in itertools.count():
     writer.save_checkpoint({"n": n, "weights": torch.full((2_000_000,), float(n))}, sys.argv[1])

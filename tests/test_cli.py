@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from kdlight.report import collect_runs
+from kdlight.cli.report import collect_runs
 from tests.conftest import run_cli
 
 
@@ -117,7 +117,7 @@ def test_teacher_then_sweep_then_report(tmp_path: Path):
 
     grid = tmp_path / "outputs/distill/small_cnn"
     report = run_cli(
-        [str(grid), "--out", str(tmp_path / "report")], tmp_path, entry="kdlight.report"
+        [str(grid), "--out", str(tmp_path / "report")], tmp_path, entry="kdlight.cli.report"
     )
     assert report.returncode == 0, report.stderr[-3000:]
     with open(tmp_path / "report" / "report.csv") as f:
@@ -188,7 +188,9 @@ def test_seeds_are_runs_a_changed_command_is_a_new_run_and_evaluation_touches_no
         r["run"]["id"] == p.parent.name.split("-")[1] for r, p in zip(records, runs, strict=True)
     )
 
-    report = run_cli([str(outputs), "--out", str(tmp_path / "report")], tmp_path, "kdlight.report")
+    report = run_cli(
+        [str(outputs), "--out", str(tmp_path / "report")], tmp_path, "kdlight.cli.report"
+    )
     assert report.returncode == 0, report.stderr[-3000:]
     mean = sum(r["accuracy"] for r in records) / 2
     std = (sum((r["accuracy"] - mean) ** 2 for r in records) / (2 - 1)) ** 0.5

@@ -9,12 +9,12 @@ import pytest
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import ProgressBar
 
+from kdlight.config.preflight import check_command_line
+from kdlight.config.settings import validate_settings
 from kdlight.errors import KDLightError
 from kdlight.lit import DistillationModule
 from kdlight.models import create_model
 from kdlight.models.width import TooNarrow
-from kdlight.preflight import check_command_line
-from kdlight.settings import validate_settings
 from kdlight.train import build_module, build_trainer
 from tests.conftest import TINY, compose_config
 

@@ -13,7 +13,7 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from kdlight import config_dir
-from kdlight.settings import rule_for, validate_settings
+from kdlight.config.settings import rule_for, validate_settings
 from kdlight.train import build_trainer
 from tests.conftest import TINY, compose_config
 
@@ -74,11 +74,13 @@ def leaf_keys(tree: dict, prefix: str = ""):
 
 @pytest.mark.parametrize("group", GROUPS)
 def test_every_setting_has_a_rule(group: str, tmp_path: Path):
-    """A setting in conf/ that kdlight.settings has no rule for would go unchecked."""
+    """A setting in conf/ that kdlight.config.settings has no rule for would go unchecked."""
     for choice in choices(group):
         cfg = OmegaConf.to_container(compose_config([f"{group}={choice}"], tmp_path))
         unchecked = [key for key in leaf_keys(cfg) if rule_for(key) is None]
-        assert not unchecked, f"{group}={choice}: no rule in kdlight.settings for {unchecked}"
+        assert not unchecked, (
+            f"{group}={choice}: no rule in kdlight.config.settings for {unchecked}"
+        )
 
 
 #: The command lines of the README, the Makefile and the configs' comments.

@@ -20,7 +20,7 @@ import pytest
 from kdlight.data import CIFAR10DataModule, Split, default_data_dir, load_archive, sources
 from kdlight.data.cache import STALE_AFTER_S, cache_file
 from kdlight.errors import KDLightError
-from kdlight.io import TEMP_SUFFIX
+from kdlight.runs.files import TEMP_SUFFIX
 from tests.conftest import TINY, can_unshare, compose_config
 from tests.test_data import (
     TEST_PER_CLASS,

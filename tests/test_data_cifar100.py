@@ -14,6 +14,7 @@ import torchvision
 from hydra.utils import instantiate
 from PIL import Image
 
+from kdlight.config.settings import validate_settings
 from kdlight.data import (
     CIFAR10_CLASSES,
     CIFAR100_CLASSES,
@@ -33,7 +34,6 @@ from kdlight.data.cache import cache_file
 from kdlight.data.image_folder import channel_stats
 from kdlight.data.sources import CIFAR100_SPEC
 from kdlight.errors import KDLightError, find_user_error
-from kdlight.settings import validate_settings
 from tests.conftest import compose_config
 
 TRAIN_PER_CLASS, TEST_PER_CLASS = 3, 1

@@ -17,7 +17,7 @@ from kdlight.errors import KDLightError
 from kdlight.lit import DistillationGridModule, DistillationModule
 from kdlight.losses import dkd_loss, kd_loss
 from kdlight.models import create_model
-from kdlight.runs import identify, method_cell
+from kdlight.runs.identity import identify, method_cell
 from tests.conftest import compose_config, cpu_trainer, synthetic_datamodule
 
 

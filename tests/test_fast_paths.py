@@ -11,12 +11,12 @@ import pytest
 import torch
 from lightning.pytorch.utilities import move_data_to_device
 
-from kdlight import hardware
 from kdlight.data import CIFAR10DataModule
 from kdlight.data.datamodule import IndexBatch
 from kdlight.lit import ClassifierModule, DistillationGridModule, DistillationModule, freeze
 from kdlight.lit.base import FastForward
 from kdlight.models import create_model
+from kdlight.trainer import hardware
 from tests.conftest import TINY, compose_config, cpu_trainer, synthetic_datamodule
 
 
@@ -226,7 +226,7 @@ def test_grid_writes_one_run_directory_per_cell(tmp_path: Path):
 
 def test_bench_runs_and_writes_its_table(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     """The benchmark's plumbing on CPU at toy sizes (its numbers are not asserted)."""
-    from kdlight import bench
+    from kdlight.cli import bench
 
     out = tmp_path / "bench.json"
     temporary = tmp_path / "tmp"  # where the teacher cache's data folder is made
@@ -283,7 +283,7 @@ def test_lazy_fill_hit_rates_count_the_augmentations_draws():
     """The simulated lazy fill of the teacher cache against a count made here of the
     augmentation's draws for full-size images from the same generator: which (image, dy,
     dx, flip) each epoch looks up, which of them an earlier epoch had filled."""
-    from kdlight.bench import lazy_fill_hit_rates
+    from kdlight.cli.bench import lazy_fill_hit_rates
     from kdlight.data.augment import random_crop_flip
 
     images, seed = 300, 3

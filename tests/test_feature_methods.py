@@ -1,4 +1,4 @@
-"""Feature methods through DistillationModule: taps by module name (kdlight.taps), each
+"""Feature methods through DistillationModule: taps by module name (kdlight.models.taps), each
 method's wiring to its loss, connectors trained and saved but not exported, and a frozen
 teacher (weights and BatchNorm statistics) under every method."""
 
@@ -16,7 +16,7 @@ from kdlight.errors import KDLightError
 from kdlight.lit import DistillationGridModule, DistillationModule
 from kdlight.losses import at_loss, hint_loss, pkt_loss, rkd_loss, sp_loss
 from kdlight.models import create_model
-from kdlight.taps import FeatureTaps, probe_shapes
+from kdlight.models.taps import FeatureTaps, probe_shapes
 from tests.conftest import cpu_trainer, synthetic_datamodule
 
 METHODS = {"fitnet": FitNet, "at": AT, "sp": SP, "vid": VID, "pkt": PKT, "rkd": RKD, "crd": CRD}

@@ -20,12 +20,12 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from torch import Tensor, nn
 
+from kdlight.config.settings import validate_settings
 from kdlight.errors import KDLightError
 from kdlight.losses import NegativeSampler, sample_contrast_indices
 from kdlight.models import create_model
 from kdlight.models.published import official_names
 from kdlight.models.registry import build_model
-from kdlight.settings import validate_settings
 from tests.conftest import compose_config
 from tests.official.models import official_copy_of
 

@@ -26,13 +26,13 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from torch import Tensor, nn
 
+from kdlight.config.settings import validate_settings
 from kdlight.distillers import AT, VID, resolve_taps
 from kdlight.errors import KDLightError
 from kdlight.lit import DistillationModule
 from kdlight.models import build_model, create_model
 from kdlight.models.published import official_names
-from kdlight.settings import validate_settings
-from kdlight.taps import FeatureTaps, default_taps
+from kdlight.models.taps import FeatureTaps, default_taps
 from tests.conftest import compose_config
 from tests.official.models import official_copy_of, randomise_
 

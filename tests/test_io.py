@@ -1,4 +1,4 @@
-"""kdlight.io: files written whole or not at all, with the permissions a plain write gives,
+"""kdlight.runs.files: files written whole or not at all, with the permissions a plain write gives,
 strict JSON, and the clean-up of what a killed writer left."""
 
 import errno
@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from kdlight.io import atomic_open, atomic_write, remove_stale_temporaries, write_json
+from kdlight.runs.files import atomic_open, atomic_write, remove_stale_temporaries, write_json
 from tests.test_atomic import mount_tmpfs, temporaries  # noqa: F401  (a fixture)
 
 

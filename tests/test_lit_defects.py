@@ -17,7 +17,6 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from torch import nn
 
 import kdlight
-from kdlight.callbacks import SaveLastCheckpoint
 from kdlight.data import CIFAR10DataModule
 from kdlight.errors import KDLightError
 from kdlight.lit import (
@@ -28,6 +27,7 @@ from kdlight.lit import (
     load_model,
 )
 from kdlight.models import create_model
+from kdlight.trainer.callbacks import SaveLastCheckpoint
 from tests.conftest import cpu_trainer, synthetic_datamodule
 
 

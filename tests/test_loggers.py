@@ -12,11 +12,11 @@ import pytest
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from omegaconf import OmegaConf
 
+from kdlight.config.settings import check_extras, validate_settings
 from kdlight.errors import KDLightError
-from kdlight.loggers import MLFlowLogger, WandbLogger, log_run_settings
-from kdlight.runs import identify
-from kdlight.settings import check_extras, validate_settings
+from kdlight.runs.identity import identify
 from kdlight.train import build_trainer
+from kdlight.trainer.loggers import MLFlowLogger, WandbLogger, log_run_settings
 from tests.conftest import TINY, compose_config, run_cli
 from tests.test_settings import error_lines, run_without
 
@@ -90,7 +90,7 @@ def test_runs_that_start_together_share_a_new_store(tmp_path: Path):
     (``duplicate column name``) unless they take turns."""
     uri = f"sqlite:///{tmp_path}/outputs/mlflow.db"
     script = (
-        "import sys\nfrom kdlight.loggers import MLFlowLogger\n"
+        "import sys\nfrom kdlight.trainer.loggers import MLFlowLogger\n"
         f"logger = MLFlowLogger(experiment_name='together', tracking_uri={uri!r})\n"
         "logger.log_metrics({'val/acc': float(sys.argv[1])})\n"
     )

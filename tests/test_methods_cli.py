@@ -52,7 +52,7 @@ def test_every_method_trains_from_the_cli_and_the_report_compares_them(teacher: 
     report = run_cli(
         [str(teacher / "outputs" / "distill"), "--out", str(teacher / "report")],
         teacher,
-        "kdlight.report",
+        "kdlight.cli.report",
     )
     assert report.returncode == 0, report.stderr[-3000:]
     text = (teacher / "report" / "report.md").read_text()

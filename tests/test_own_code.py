@@ -16,9 +16,9 @@ from kdlight import (
     DistillationModule,
     create_model,
 )
+from kdlight.config.preflight import own_method_overrides
+from kdlight.config.settings import validate_settings
 from kdlight.errors import KDLightError
-from kdlight.preflight import own_method_overrides
-from kdlight.settings import validate_settings
 from tests.conftest import compose_config, cpu_trainer, run_cli
 
 #: A user's method, as a researcher writes one (DIST, Huang et al. 2022, reduced to what

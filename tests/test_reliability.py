@@ -16,12 +16,12 @@ from lightning.pytorch.callbacks import Callback
 from torch import nn
 
 from kdlight import config_dir
-from kdlight.callbacks import NonFiniteLossError, SaveLastCheckpoint, StopOnNonFiniteLoss
+from kdlight.cli.report import collect_runs
 from kdlight.data import CIFAR10DataModule
 from kdlight.lit import DistillationGridModule, DistillationModule
 from kdlight.models import create_model
-from kdlight.report import collect_runs
 from kdlight.train import train
+from kdlight.trainer.callbacks import NonFiniteLossError, SaveLastCheckpoint, StopOnNonFiniteLoss
 from tests.conftest import REPO, compose_config, run_cli
 
 #: A tiny CPU run (the trainer choice left out): 500 training images in batches of 50 (10
@@ -391,7 +391,7 @@ def test_slurm_dry_run_prints_the_job_it_would_submit(tmp_path: Path):
         "hydra.launcher.partition=gpu",
         "seed=0,1",
     ]
-    result = run_cli(args, tmp_path, entry="kdlight.slurm")
+    result = run_cli(args, tmp_path, entry="kdlight.cli.slurm")
     assert result.returncode == 0, result.stderr[-2000:]
     script = result.stdout
     assert script.startswith("#!/bin/bash")

@@ -1,4 +1,4 @@
-"""``kdlight.report`` on fake run directories: records, CSV, Markdown, plots and the CLI,
+"""``kdlight.cli.report`` on fake run directories: records, CSV, Markdown, plots and the CLI,
 odd run files, and a report that cannot be written."""
 
 import csv
@@ -12,8 +12,8 @@ import pytest
 from omegaconf import OmegaConf
 from PIL import Image
 
-from kdlight.records import MAX_DEPTH, MAX_FILE_BYTES
-from kdlight.report import build_report, collect_runs, main
+from kdlight.analysis.records import MAX_DEPTH, MAX_FILE_BYTES
+from kdlight.cli.report import build_report, collect_runs, main
 
 CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 GRID = {(1.0, 0.5): 81.0, (1.0, 0.9): 82.5, (4.0, 0.5): 83.25, (4.0, 0.9): 85.5}
@@ -385,7 +385,7 @@ def test_a_fifo_and_a_billion_laughs_are_unreadable_runs_not_a_hang(outputs: Pat
     (failed / "error.txt").unlink()
     os.mkfifo(failed / "error.txt")
     out = tmp_path / "report"
-    command = [sys.executable, "-m", "kdlight.report", str(outputs), "--out", str(out)]
+    command = [sys.executable, "-m", "kdlight.cli.report", str(outputs), "--out", str(out)]
     result = subprocess.run(command, capture_output=True, text=True, timeout=90)
     assert result.returncode == 0, result.stderr[-3000:]
     rows = {Path(r["path"]).name: r for r in read_csv(out / "report.csv")}

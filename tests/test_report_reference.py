@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from kdlight.report import build_report, main
-from kdlight.stats import Estimate, noise_verdict
+from kdlight.analysis.stats import Estimate, noise_verdict
+from kdlight.cli.report import build_report, main
 
 T_975_DF2 = 4.302653  # Student's t, 0.975 quantile, 2 degrees of freedom (t tables)
 STUDENT, TEACHER = "resnet8x4", "resnet32x4"

@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from kdlight.report import build_report, collect_runs
-from kdlight.stats import Group, paired_difference, summarize, welch_difference
+from kdlight.analysis.stats import Group, paired_difference, summarize, welch_difference
+from kdlight.cli.report import build_report, collect_runs
 
 #: Student's t, 0.975 quantile, by degrees of freedom (as printed in t tables).
 T_975 = {1: 12.706205, 2: 4.302653, 3: 3.182446, 4: 2.776445}

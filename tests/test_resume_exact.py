@@ -1,6 +1,6 @@
 """A run killed, terminated or interrupted and launched again ends exactly as the same run
 never stopped, for real (real signals, through the CLI and in process): the random state is
-kept in every checkpoint and restored on a resume (:class:`kdlight.callbacks.ResumeRandomState`,
+kept in every checkpoint and restored on a resume (:class:`kdlight.trainer.callbacks.ResumeRandomState`,
 and the data module's own generators), and a checkpoint saved in the middle of an epoch
 resumes at the batch it reached, with the rest of that epoch's order
 (:class:`kdlight.data.resumable.ResumableLoader`)."""
@@ -22,13 +22,13 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import Callback
 
-from kdlight.callbacks import ResumeRandomState, SaveLastCheckpoint
+from kdlight.cli.startup import STOP_SIGNALS
 from kdlight.data.arrays import collate_batch
 from kdlight.data.resumable import RecordedShuffle, ResumableLoader
 from kdlight.lit import ClassifierModule
 from kdlight.models import create_model
-from kdlight.runguard import RELAUNCH, SaveLastOnSigterm, Terminated, stop_on_sigterm
-from kdlight.startup import STOP_SIGNALS
+from kdlight.runs.guard import RELAUNCH, SaveLastOnSigterm, Terminated, stop_on_sigterm
+from kdlight.trainer.callbacks import ResumeRandomState, SaveLastCheckpoint
 from tests.conftest import TINY, cpu_trainer, synthetic_datamodule
 from tests.test_signals_locks import (
     checkpoint_position,

@@ -13,10 +13,10 @@ import pytest
 from matplotlib.text import Text
 from PIL import Image
 
+from kdlight.analysis.plots import heatmap_figure, per_class_figure, plot_per_class
+from kdlight.analysis.records import collect_runs
+from kdlight.analysis.stats import compare_runs
 from kdlight.lit.results import format_report
-from kdlight.plots import heatmap_figure, per_class_figure, plot_per_class
-from kdlight.records import collect_runs
-from kdlight.stats import compare_runs
 from tests.conftest import run_cli
 from tests.test_report import make_run
 

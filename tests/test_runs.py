@@ -1,4 +1,4 @@
-"""A run is its config (kdlight.runs): directories named by every result-changing setting,
+"""A run is its config (kdlight.runs.identity): directories named by every result-changing setting,
 seeds as a sweep axis, checkpoints resumed only by their own run, teachers found by model."""
 
 import json
@@ -10,9 +10,8 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from kdlight.callbacks import RecordRunIdentity
 from kdlight.errors import KDLightError
-from kdlight.runs import (
+from kdlight.runs.identity import (
     check_checkpoint_owner,
     find_teacher,
     group_key,
@@ -20,6 +19,7 @@ from kdlight.runs import (
     is_debug,
     settings,
 )
+from kdlight.trainer.callbacks import RecordRunIdentity
 from tests.conftest import compose_config
 
 

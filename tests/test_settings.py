@@ -1,4 +1,4 @@
-"""Every setting is checked before any work (kdlight.settings): a bad one stops the run with
+"""Every setting is checked before any work (kdlight.config.settings): a bad one stops the run with
 one ``error:`` line that names the setting, its value and what is allowed, and status 2.
 
 Most tests call ``validate_settings`` and ``preflight`` directly; the ``test_cli_*`` ones run
@@ -17,11 +17,11 @@ from hydra import initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 
 from kdlight import config_dir
+from kdlight.cli.slurm import main as slurm_main
+from kdlight.config.preflight import preflight
+from kdlight.config.settings import validate_settings
 from kdlight.errors import KDLightError
 from kdlight.models import list_models
-from kdlight.preflight import preflight
-from kdlight.settings import validate_settings
-from kdlight.slurm import main as slurm_main
 from tests.conftest import TINY, compose_config, mount, mounts_here, run_cli, unmount
 
 REPO = Path(__file__).resolve().parents[1]
@@ -391,7 +391,7 @@ def run_without(
         "    sys.modules[name] = None\n"
         "entry = sys.argv.pop(1)\n"
         "if entry == 'preflight':\n"
-        "    from kdlight.preflight import preflight\n"
+        "    from kdlight.config.preflight import preflight\n"
         "    preflight(sys.argv[1:])\n"
         "else:\n"
         "    runpy.run_module(entry, run_name='__main__', alter_sys=True)\n"
@@ -419,7 +419,7 @@ def test_missing_extras_are_named(tmp_path: Path):
     assert tensorboard.returncode == 2 and error_lines(tensorboard) == [TENSORBOARD_MISSING]
     slurm = run_without(NO_SLURM, "preflight", ["-m", "hydra/launcher=slurm"], tmp_path)
     assert slurm.returncode == 2 and error_lines(slurm) == [SLURM_MISSING]
-    dry_run = run_without(NO_SLURM, "kdlight.slurm", ["trainer.devices=4"], tmp_path)
+    dry_run = run_without(NO_SLURM, "kdlight.cli.slurm", ["trainer.devices=4"], tmp_path)
     assert dry_run.returncode == 2 and error_lines(dry_run) == [SLURM_MISSING]
     assert "Traceback" not in tensorboard.stderr + slurm.stderr + dry_run.stderr
 
@@ -437,7 +437,7 @@ def test_the_extras_exist_and_dev_installs_them():
 def test_slurm_dry_run_help(capsys: pytest.CaptureFixture):
     slurm_main(["--help"])
     out = capsys.readouterr().out
-    assert out.startswith("usage: python -m kdlight.slurm [-h] [OVERRIDE ...]\n")
+    assert out.startswith("usage: python -m kdlight.cli.slurm [-h] [OVERRIDE ...]\n")
     assert "kdlight-train -m hydra/launcher=slurm" in out
 
 

@@ -18,16 +18,16 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import Callback
 
-from kdlight.callbacks import SaveLastCheckpoint
 from kdlight.lit import ClassifierModule
 from kdlight.models import create_model
-from kdlight.runguard import (
+from kdlight.runs.guard import (
     RunInUse,
     SaveLastOnSigterm,
     Terminated,
     hold_run_lock,
     stop_on_sigterm,
 )
+from kdlight.trainer.callbacks import SaveLastCheckpoint
 from tests.conftest import TINY, cpu_trainer, run_cli, synthetic_datamodule
 
 #: A CPU run of 8 epochs of 10 steps (500 training images in batches of 50): long enough to
@@ -240,7 +240,7 @@ def test_sigterm_outside_training_stops_at_once():
     default action (death by the signal, status -15 here) is back after the block."""
     script = """if True:
         import os, signal, time
-        from kdlight.runguard import Terminated, stop_on_sigterm
+        from kdlight.runs.guard import Terminated, stop_on_sigterm
         try:
             with stop_on_sigterm():
                 os.kill(os.getpid(), signal.SIGTERM)
@@ -369,7 +369,7 @@ def test_run_lock_is_exclusive_names_its_holder_and_is_released(tmp_path: Path):
 
 TRY_LOCK = """if True:
     import sys
-    from kdlight.runguard import RunInUse, hold_run_lock
+    from kdlight.runs.guard import RunInUse, hold_run_lock
     try:
         with hold_run_lock(sys.argv[1]):
             print("ran")
@@ -399,7 +399,7 @@ def test_lock_goes_with_its_process_not_with_a_forked_child(tmp_path: Path):
     does not keep the run locked."""
     script = """if True:
         import os, sys, time
-        from kdlight.runguard import hold_run_lock
+        from kdlight.runs.guard import hold_run_lock
         with hold_run_lock(sys.argv[1]):
             child = os.fork()
             if child == 0:

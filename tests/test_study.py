@@ -15,8 +15,8 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import Callback
 
-from kdlight import study
-from kdlight.slurm import dry_run
+from kdlight.cli import study
+from kdlight.cli.slurm import dry_run
 
 # The pair's recipe at toy size: resnet8 for teacher and student, 48 synthetic CIFAR-100
 # training images, one epoch. Not limit_*_batches: a debug run never counts as finished, so its
@@ -155,7 +155,7 @@ def test_a_submission_makes_the_array_wait_for_the_teacher(
     students = (scripts / "kdlight-students.sbatch").read_text()
     assert "#SBATCH --partition=gpu" in students and "#SBATCH --array=0-5" in students
     assert (
-        "kdlight.study pair=resnet32x4_resnet8x4 distiller=kd,dkd seed=0,1"
+        "kdlight.cli.study pair=resnet32x4_resnet8x4 distiller=kd,dkd seed=0,1"
         in (scripts / "kdlight-report.sbatch").read_text()
     )
     assert "submitted kdlight-students (job 1002)" in out

@@ -1,4 +1,4 @@
-"""The teacher-output cache (kdlight.teacher_cache): a hit is the live teacher's answer
+"""The teacher-output cache (kdlight.teacher.cache): a hit is the live teacher's answer
 for the same augmented image, a cached KD run equals the same run without the cache, the
 key follows the teacher, the data and the precision, and a killed or concurrent fill
 leaves a correct cache (real processes)."""
@@ -16,12 +16,12 @@ import lightning as L
 import torch
 from hydra.utils import instantiate
 
-from kdlight.cache_teacher import main as cache_teacher_main
+from kdlight.cli.cache_teacher import main as cache_teacher_main
 from kdlight.data.augment import crop_flip, random_crop_flip
 from kdlight.distillers import DKD, FitNet
 from kdlight.lit import DistillationGridModule, DistillationModule
 from kdlight.models import create_model
-from kdlight.teacher_cache import VARIANTS, TeacherCache, params_of, variant_of
+from kdlight.teacher.cache import VARIANTS, TeacherCache, params_of, variant_of
 from kdlight.train import train
 from tests.conftest import REPO, compose_config, cpu_trainer, synthetic_datamodule
 

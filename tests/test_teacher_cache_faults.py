@@ -17,11 +17,11 @@ import numpy as np
 import pytest
 import torch
 
-from kdlight.cache_teacher import main as cache_teacher_main
+from kdlight.cli.cache_teacher import main as cache_teacher_main
 from kdlight.errors import KDLightError
 from kdlight.lit import DistillationModule
 from kdlight.models import create_model
-from kdlight.teacher_cache import VARIANTS, TeacherCache
+from kdlight.teacher.cache import VARIANTS, TeacherCache
 from tests.conftest import REPO, cpu_trainer, synthetic_datamodule
 
 IMAGES = 100  # the synthetic training split of the runs below (val=0)
@@ -82,7 +82,7 @@ def command_line(tmp_path: Path, data_dir: Path) -> list[str]:
 
 FULL_DISK = """
 import os, sys
-from kdlight.cache_teacher import main as cache_teacher_main
+from kdlight.cli.cache_teacher import main as cache_teacher_main
 from kdlight.train import main as train_main
 
 data_dir, command = sys.argv[1], sys.argv[2:]
@@ -98,7 +98,7 @@ print(f"=== kdlight-cache-teacher: {status}", file=sys.stderr, flush=True)
 print("left:", os.listdir(os.path.join(data_dir, "teacher_cache")), file=sys.stderr)
 
 # a cache an older kdlight made (sparse: its space not reserved) on the full disk
-from kdlight.teacher_cache import TeacherCache
+from kdlight.teacher.cache import TeacherCache
 sparse = os.path.join(data_dir, "sparse")
 os.mkdir(sparse)
 for suffix, size in ((".logits", 64 * 162 * 10 * 4), (".filled", 64 * 162)):
@@ -199,7 +199,7 @@ READ_ONLY_RUNS = """
 import json, logging, sys
 from pathlib import Path
 import torch
-from kdlight.cache_teacher import main as cache_teacher_main
+from kdlight.cli.cache_teacher import main as cache_teacher_main
 from kdlight.models import create_model
 from tests.test_teacher_cache_faults import distill
 

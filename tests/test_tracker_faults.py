@@ -18,8 +18,8 @@ import pytest
 from omegaconf import OmegaConf
 
 from kdlight.errors import KDLightError, find_user_error
-from kdlight.loggers import ELSEWHERE, LOCK_WAIT_S, MLFlowLogger, check_sqlite_store
 from kdlight.train import build_trainer
+from kdlight.trainer.loggers import ELSEWHERE, LOCK_WAIT_S, MLFlowLogger, check_sqlite_store
 from tests.conftest import TINY, compose_config, run_cli
 from tests.test_settings import error_lines
 

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from kdlight.completion import NotFinished
 from kdlight.errors import KDLightError
+from kdlight.runs.completion import NotFinished
 from kdlight.train import train
 from tests.conftest import REPO, compose_config
 
@@ -79,7 +79,7 @@ def test_a_fit_that_ends_short_for_no_asked_reason_is_not_finished(tmp_path: Pat
     Lightning's own Timer does) is not a result."""
     from lightning.pytorch.callbacks import Callback
 
-    from kdlight.completion import check_finished
+    from kdlight.runs.completion import check_finished
     from tests.conftest import cpu_trainer, synthetic_datamodule
 
     class StopAfterTwoSteps(Callback):
@@ -188,7 +188,7 @@ def test_a_full_disk_before_the_launch_is_one_line(tmp_path: Path):
 
 def test_a_metrics_json_that_is_a_fifo_is_not_read_and_not_finished(tmp_path: Path):
     """A FIFO would block the reader until something writes into it."""
-    from kdlight.runs import identify
+    from kdlight.runs.identity import identify
     from kdlight.train import finished
 
     cfg = compose_config(BASE, tmp_path / "run")

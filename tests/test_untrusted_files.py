@@ -16,15 +16,15 @@ import pytest
 import torch
 from torch import nn
 
-from kdlight.checkpointing import AtomicCheckpointIO, UnreadableCheckpoint
 from kdlight.data.sources import CIFAR100_SPEC, load_torchvision
 from kdlight.errors import KDLightError, find_user_error
 from kdlight.lit import load_teacher
 from kdlight.lit.loading import load_model
 from kdlight.models.registry import check_recorded_spec, trust_targets
-from kdlight.runguard import hold_run_lock
-from kdlight.runs import identify, resolve_teacher
+from kdlight.runs.guard import hold_run_lock
+from kdlight.runs.identity import identify, resolve_teacher
 from kdlight.train import resume_checkpoint, train
+from kdlight.trainer.checkpointing import AtomicCheckpointIO, UnreadableCheckpoint
 from tests.conftest import TINY, compose_config, run_cli
 from tests.test_data_cifar100 import write_official
 

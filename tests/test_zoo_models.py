@@ -20,7 +20,7 @@ from kdlight.models import (
     load_published,
     official_state_dict,
 )
-from kdlight.taps import FeatureTaps
+from kdlight.models.taps import FeatureTaps
 from tests.official.models import OFFICIAL_MODELS, official_copy_of, official_model, randomise_
 
 #: Parameters for (100, 10) classes, counted on RepDistiller's own definitions.

@@ -8,12 +8,12 @@ from pathlib import Path
 import pytest
 import torch
 
+from kdlight.analysis.stats import BASELINE_ROLES, DATA_KEYS
+from kdlight.config.preflight import check_command_line
 from kdlight.errors import KDLightError
 from kdlight.lit import load_teacher
 from kdlight.models import create_model, official_state_dict
-from kdlight.preflight import check_command_line
-from kdlight.runs import identify, resolve_teacher, settings
-from kdlight.stats import BASELINE_ROLES, DATA_KEYS
+from kdlight.runs.identity import identify, resolve_teacher, settings
 from tests.conftest import compose_config
 
 PAIRS = sorted(p.stem for p in (Path(__file__).parents[1] / "conf" / "pair").glob("*.yaml"))

@@ -2,9 +2,9 @@
 
 Rooms: ``kdlight.data`` (the DataModules), ``kdlight.models`` (architectures, the KD zoo's
 among them, and the ``create_model`` registry), ``kdlight.losses`` (each method's loss and
-connectors), ``kdlight.distillers`` (the methods as components), ``kdlight.taps`` (features
+connectors), ``kdlight.distillers`` (the methods as components), ``kdlight.models.taps`` (features
 by module name), ``kdlight.lit`` (the Lightning systems), ``kdlight.train`` (the Hydra entry
-point) and ``kdlight.report`` (tables with seed statistics).
+point) and ``kdlight.cli.report`` (tables with seed statistics).
 
 The public API is here too, imported on first use (``import kdlight`` alone stays light:
 Hydra's config resolver below needs no torch)::
@@ -54,7 +54,7 @@ def __dir__() -> list[str]:
 
 
 def _fast_cpu_precision() -> str:
-    from kdlight.hardware import fast_cpu_precision  # torch is imported only when resolved
+    from kdlight.trainer.hardware import fast_cpu_precision  # torch is imported only when resolved
 
     return fast_cpu_precision()
 
@@ -64,12 +64,12 @@ OmegaConf.register_new_resolver("kdlight.fast_cpu_precision", _fast_cpu_precisio
 
 
 def _run_folder(*, _root_):
-    from kdlight.runs import run_folder  # Lightning is imported only when resolved
+    from kdlight.runs.identity import run_folder  # Lightning is imported only when resolved
 
     return run_folder(_root_=_root_)
 
 
-# conf/hydra/default.yaml: each run's directory, named by its settings (kdlight.runs)
+# conf/hydra/default.yaml: each run's directory, named by its settings (kdlight.runs.identity)
 OmegaConf.register_new_resolver("kdlight.run_folder", _run_folder, replace=True)
 # conf/paths/default.yaml: `data_dir: ${kdlight.data_cache:}`; kdlight.data registers it (no torch)
 importlib.import_module("kdlight.data")

@@ -1,6 +1,6 @@
 """``kdlight-train``: the Hydra entry point. It only composes and wires; the work is in
 ``kdlight.data``, ``kdlight.models`` and ``kdlight.lit``, and what a run *is* (its directory,
-id and teacher) in ``kdlight.runs``.
+id and teacher) in ``kdlight.runs.identity``.
 
     kdlight-train experiment=teacher
     kdlight-train -m experiment=student_baseline seed=0,1,2
@@ -16,8 +16,8 @@ every time and never count as finished.
 """
 
 # First: launched as kdlight-train, SIGTERM and Ctrl-C are one line from here on, through
-# the seconds that the imports below take (kdlight.startup).
-import kdlight.startup  # noqa: F401  # isort: skip
+# the seconds that the imports below take (kdlight.cli.startup).
+import kdlight.cli.startup  # noqa: F401  # isort: skip
 import json
 import logging
 import os
@@ -43,25 +43,23 @@ from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
 from kdlight import config_dir
-from kdlight.callbacks import RecordRunIdentity
-from kdlight.checkpointing import UnreadableCheckpoint, read_checkpoint
-from kdlight.completion import check_finished, check_training_batches, time_limit_seconds
+from kdlight.analysis.records import read_run_file
+from kdlight.config.preflight import own_method_overrides, preflight
+from kdlight.config.settings import validate_settings
 from kdlight.errors import KDLightError, find_user_error, first_line
-from kdlight.io import atomic_write
 from kdlight.lit import DistillationGridModule
 from kdlight.lit.results import FULL_REPORT_CLASSES
-from kdlight.loggers import log_run_settings
 from kdlight.models.registry import build_model
-from kdlight.preflight import own_method_overrides, preflight
-from kdlight.records import read_run_file
-from kdlight.runguard import (
+from kdlight.runs.completion import check_finished, check_training_batches, time_limit_seconds
+from kdlight.runs.files import atomic_write
+from kdlight.runs.guard import (
     RunInUse,
     SaveLastOnSigterm,
     Terminated,
     hold_run_lock,
     stop_on_sigterm,
 )
-from kdlight.runs import (
+from kdlight.runs.identity import (
     RunIdentity,
     Teacher,
     check_checkpoint_owner,
@@ -70,7 +68,9 @@ from kdlight.runs import (
     is_grid,
     resolve_teacher,
 )
-from kdlight.settings import validate_settings
+from kdlight.trainer.callbacks import RecordRunIdentity
+from kdlight.trainer.checkpointing import UnreadableCheckpoint, read_checkpoint
+from kdlight.trainer.loggers import log_run_settings
 
 log = logging.getLogger("kdlight")
 # Said once, not by every DDP process or SLURM task of a run.
@@ -150,7 +150,7 @@ def build_trainer(cfg: DictConfig, callbacks: list | None = None) -> L.Trainer:
     one-line errors. With ``trainer.enable_progress_bar=false`` the config's progress bar is
     left out (Lightning refuses a progress-bar callback beside that switch).
     ``trainer.max_time`` is not Lightning's: it is each launch's limit, which ``train``
-    gives :class:`~kdlight.runguard.SaveLastOnSigterm`."""
+    gives :class:`~kdlight.runs.guard.SaveLastOnSigterm`."""
     quiet_lightning()  # the Trainer says its litlogger tip as it is made
     try:
         callbacks = _instantiate_all(cfg.get("callbacks")) + list(callbacks or [])
@@ -321,7 +321,7 @@ def _train(cfg: DictConfig) -> dict | None:
             keep_earlier_logs(trainer)
 
     if not evaluate_only:
-        # weights only: a last.ckpt planted in the run folder runs no code (kdlight.checkpointing)
+        # weights only: a last.ckpt planted in the run folder runs no code (kdlight.trainer.checkpointing)
         trainer.fit(module, datamodule=datamodule, ckpt_path=resume_from, weights_only=True)
         stopped_early = check_finished(trainer)
         if stopped_early:  # a stop the user asked for: a result, which says so
@@ -419,9 +419,9 @@ def report_failure(cfg: DictConfig, error: BaseException) -> None:
     ``HYDRA_FULL_ERROR=1``) and record it in the run's ``error.txt`` for ``kdlight-report``.
     A single run exits with status 2; in a multirun the other runs go on.
 
-    A run that SIGTERM stopped (:class:`~kdlight.runguard.Terminated`) exits with status 143,
+    A run that SIGTERM stopped (:class:`~kdlight.runs.guard.Terminated`) exits with status 143,
     and in a multirun records the line and launches no further run: the machine is going
-    away. A launch refused because its run is in use (:class:`~kdlight.runguard.RunInUse`)
+    away. A launch refused because its run is in use (:class:`~kdlight.runs.guard.RunInUse`)
     writes nothing into that run's directory."""
     terminated = isinstance(error, Terminated)
     known = error if terminated else find_user_error(error)  # one line says it all

@@ -8,7 +8,7 @@ cache must never be trusted further than it can be checked:
   archive gets a new cache instead of the old arrays.
 - A cache that cannot be read, or holds anything but a whole decoded archive, is decoded
   again and replaced, after one warning that names it.
-- It is written through :func:`kdlight.io.atomic_open`, so readers see it whole or not at
+- It is written through :func:`kdlight.runs.files.atomic_open`, so readers see it whole or not at
   all; the temporary files of writers killed mid-write are removed by the next load once
   they are :data:`STALE_AFTER_S` old (a younger one may belong to a live writer).
 - A folder that cannot be written (read-only, full) costs the cache, not the run: the
@@ -24,7 +24,7 @@ from typing import TypeVar
 import numpy as np
 from lightning_utilities.core.rank_zero import rank_zero_only
 
-from kdlight.io import atomic_open, remove_stale_temporaries
+from kdlight.runs.files import atomic_open, remove_stale_temporaries
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")

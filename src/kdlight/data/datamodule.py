@@ -308,7 +308,7 @@ class ImageDataModule(L.LightningDataModule):
         """The crop-and-flip generators of the DDP processes other than the first, by
         ``"<rank>/<device>"``, so that a resumed run draws what the run never stopped would
         have (the first process draws from the global generator, which
-        :class:`kdlight.callbacks.ResumeRandomState` keeps). Every process takes part in
+        :class:`kdlight.trainer.callbacks.ResumeRandomState` keeps). Every process takes part in
         writing a checkpoint (Lightning's rule), so they exchange their states here, and the
         first writes them all."""
         states = {

@@ -7,7 +7,7 @@ more it would draw a new order and see other images. :class:`ResumableLoader` ke
 every checkpoint (as a Lightning stateful loader), the seed the epoch's order was drawn
 with and how many of its batches were trained; resumed, it draws the same order and starts
 at the next batch, without touching the random state that the checkpoint restored
-(:class:`kdlight.callbacks.ResumeRandomState`), so the run goes on exactly as the run never
+(:class:`kdlight.trainer.callbacks.ResumeRandomState`), so the run goes on exactly as the run never
 stopped.
 """
 

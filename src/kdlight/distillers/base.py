@@ -16,7 +16,7 @@ Optional attributes, all read once when the method is given to a ``DistillationM
 - ``name``: a short name for directories and reports (by default the class name in lower
   case); ``settings()``: a dict of its settings for ``metrics.json``;
 - ``student_taps``, ``teacher_taps``: the module names whose outputs it reads
-  (:mod:`kdlight.taps`), in ``Outputs.features`` by name in that order; or ``features``,
+  (:mod:`kdlight.models.taps`), in ``Outputs.features`` by name in that order; or ``features``,
   the kind of default taps the models name (``"stages"`` or ``"embedding"``), which
   ``pair_taps(student_names, teacher_names)`` may narrow;
 - ``build(student_shapes, teacher_shapes)``: called with each tap's output shape for one
@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from kdlight.errors import KDLightError
-from kdlight.taps import check_tap_names, default_taps
+from kdlight.models.taps import check_tap_names, default_taps
 
 #: The pairings of :meth:`Distiller.pair_taps`: the deepest stages of each network, or the
 #: shallowest (the official code's ``zip``).

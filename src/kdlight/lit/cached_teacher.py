@@ -4,7 +4,7 @@ cache a run reads (:func:`teacher_cache_for`), and :class:`TeacherCacheMixin`, w
 training batch, from the cache or live, the hit rate counted over every process, and the
 ``teacher_cache`` block of ``metrics.json``, and the checks that a damaged cache stops the
 run in one line rather than teach the student garbage. The storage is
-:mod:`kdlight.teacher_cache`."""
+:mod:`kdlight.teacher.cache`."""
 
 import hashlib
 import logging
@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from kdlight.data import default_data_dir
 from kdlight.distillers import Outputs, method_name
 from kdlight.errors import KDLightError
-from kdlight.teacher_cache import (
+from kdlight.teacher.cache import (
     CacheUnavailable,
     TeacherCache,
     agreement_tolerance,
@@ -33,7 +33,7 @@ log = logging.getLogger("kdlight")
 def teacher_identity(teacher: nn.Module, checkpoint: str | Path | None) -> str:
     """What names the teacher in a cache's key: its checkpoint file's content, or, for a
     teacher given as a module, its weights'."""
-    from kdlight.runs import file_identity
+    from kdlight.runs.identity import file_identity
 
     if checkpoint:
         return file_identity(checkpoint)
@@ -97,7 +97,7 @@ class TeacherCacheMixin:
     A damaged cache stops the run with one line naming its files: the hits of each epoch's
     first batch are checked against the live teacher on the same images (one teacher
     forward of at most a batch per epoch), within the precision's tolerance
-    (:func:`~kdlight.teacher_cache.agreement_tolerance`: 2^-3 of the row's largest logit
+    (:func:`~kdlight.teacher.cache.agreement_tolerance`: 2^-3 of the row's largest logit
     for bfloat16, 2^-5 for float16 and TF32, 2^-14 for float32), which also stops a cache
     filled on a device whose answers differ by more; and a NaN or infinite cached logit
     (read as a miss, so the student never sees it) stops the run at that batch's check or

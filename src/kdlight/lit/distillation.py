@@ -24,7 +24,7 @@ class DistillationModule(TeacherCacheMixin, FrozenTeacherMixin, ClassificationSy
     ``alpha`` unless another ``distiller`` is given.
 
     A method that reads features gets them from forward hooks on the student's and the
-    teacher's modules (:mod:`kdlight.taps`), its connectors are built from their shapes here,
+    teacher's modules (:mod:`kdlight.models.taps`), its connectors are built from their shapes here,
     and a method that needs each image's index gets it from the data module (its training
     batches are then ``(images, labels, indices)``).
 
@@ -53,7 +53,7 @@ class DistillationModule(TeacherCacheMixin, FrozenTeacherMixin, ClassificationSy
             the teacher predict (which must be one number, and the data's).
         teacher_cache: look the teacher's logits up in a cache on disk, by training image
             and augmentation, and run the teacher only for the misses
-            (:mod:`kdlight.teacher_cache`); methods that read the teacher's features keep
+            (:mod:`kdlight.teacher.cache`); methods that read the teacher's features keep
             running it live.
         optimizer, scheduler, num_classes, class_names, compile, channels_last: as for
             ``ClassifierModule`` (compile and channels_last apply to the teacher too;

@@ -45,7 +45,7 @@ from kdlight.lit.results import (
 )
 from kdlight.lit.teacher import FrozenTeacherMixin, built_teacher_model
 from kdlight.losses import kd_loss
-from kdlight.runs import cell_name
+from kdlight.runs.identity import cell_name
 
 
 def _as_list(values: float | Sequence[float]) -> list[float]:

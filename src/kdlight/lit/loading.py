@@ -13,10 +13,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from kdlight.checkpointing import load_failure
 from kdlight.errors import KDLightError
 from kdlight.models.registry import build_recorded_model
-from kdlight.runs import cell_name
+from kdlight.runs.identity import cell_name
+from kdlight.trainer.checkpointing import load_failure
 
 
 def _read(path: Path) -> dict:

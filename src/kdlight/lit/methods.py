@@ -13,7 +13,7 @@ from kdlight.distillers import KD, Outputs, method_name, method_settings, resolv
 from kdlight.distillers.base import own_random_stream
 from kdlight.errors import KDLightError
 from kdlight.lit.base import FastForward
-from kdlight.taps import FeatureTaps, probe_shapes
+from kdlight.models.taps import FeatureTaps, probe_shapes
 
 
 def check_distillation_settings(temperature: float, alpha: float) -> None:

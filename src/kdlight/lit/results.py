@@ -1,7 +1,7 @@
 """The test report: the reference study's printed format and ``metrics.json``.
 
 ``metrics.json`` is strict JSON (a class without test images is ``null``, never ``NaN``),
-written atomically through :func:`kdlight.io.write_json`. Besides the accuracies it says
+written atomically through :func:`kdlight.runs.files.write_json`. Besides the accuracies it says
 what the numbers were measured on: ``validation`` (``held_out`` training images, or the
 ``test_set`` itself when ``data.val_size=0``, so that ``val_acc_best`` is then the best test
 accuracy over the epochs), ``test_set`` (the datamodule's ``test_set_id``) and
@@ -17,8 +17,8 @@ from torchmetrics import MaxMetric
 
 from kdlight.data.sources import CIFAR10_CLASSES
 from kdlight.errors import KDLightError
-from kdlight.io import write_json
 from kdlight.models.registry import spec_name
+from kdlight.runs.files import write_json
 
 
 def summarize_confusion(confusion: Tensor, classes: tuple[str, ...]) -> dict:

@@ -14,11 +14,11 @@ from lightning.pytorch.utilities.warnings import PossibleUserWarning
 from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy
 
-from kdlight.checkpointing import load_failure
 from kdlight.errors import KDLightError, first_line
 from kdlight.lit.base import FastForward
 from kdlight.models.published import official_names
 from kdlight.models.registry import build_model, build_recorded_model, spec_name, spec_targets
+from kdlight.trainer.checkpointing import load_failure
 
 MAKE_A_TEACHER = "train one first: kdlight-train experiment=teacher"
 

@@ -67,7 +67,7 @@ class ResNet(nn.Module):
         self.stages = nn.Sequential(*stages)
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(in_channels, num_classes)
-        #: the feature methods' default taps (kdlight.taps): each stage's last block, the pool
+        #: the feature methods' default taps (kdlight.models.taps): each stage's last block, the pool
         self.feature_taps = {"stages": stage_ends, "embedding": ["pool"]}
         for module in self.modules():
             if isinstance(module, nn.Conv2d):

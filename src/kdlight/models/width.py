@@ -9,7 +9,7 @@ from kdlight.errors import KDLightError
 
 class TooNarrow(KDLightError):
     """``width`` leaves a layer of ``model`` without a channel; ``allowed`` says the widths
-    that do not, for :func:`kdlight.settings.validate_settings` to name the setting."""
+    that do not, for :func:`kdlight.config.settings.validate_settings` to name the setting."""
 
     def __init__(self, model: str, width: float, allowed: str) -> None:
         self.model, self.width, self.allowed = model, width, allowed

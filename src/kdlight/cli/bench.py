@@ -1,4 +1,4 @@
-"""``python -m kdlight.bench`` (``make bench``): training throughput, kdlight's fast path
+"""``python -m kdlight.cli.bench`` (``make bench``): training throughput, kdlight's fast path
 against the plain PyTorch loop a user would write, in one process on one device.
 
 The plain loop is written here on purpose, as a fixed point of comparison: torchvision
@@ -26,7 +26,7 @@ loop, logging, augmentation, the optimizer's Python), against a bare PyTorch loo
 step cannot take less than that, so for small models it is what bounds throughput.
 
 Two tables on the teacher cache (``--cache``, on by default; ``distill.teacher_cache=true``,
-:mod:`kdlight.teacher_cache`): the KD step of the bench's teacher and student on the fast
+:mod:`kdlight.teacher.cache`): the KD step of the bench's teacher and student on the fast
 path with the teacher live, filling an empty cache and with the cache warm (every lookup a
 hit), and against the live step (:func:`cache_steps`); and the hit rate of a cache filled
 lazily by training itself after 1, 10, 100 and 200 epochs, simulated from the
@@ -53,11 +53,11 @@ from kdlight import distillers
 from kdlight.data import CIFAR10DataModule, CIFAR100DataModule
 from kdlight.data.augment import CIFAR10_MEAN, CIFAR10_STD, random_crop_flip
 from kdlight.data.sources import make_synthetic
-from kdlight.hardware import fast_cpu_precision
 from kdlight.lit import ClassifierModule, DistillationGridModule, DistillationModule, freeze
 from kdlight.losses import kd_loss
 from kdlight.models import create_model
-from kdlight.teacher_cache import VARIANTS, variant_of
+from kdlight.teacher.cache import VARIANTS, variant_of
+from kdlight.trainer.hardware import fast_cpu_precision
 
 # ------------------------------------------------------------------------ the plain loop
 

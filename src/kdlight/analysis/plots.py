@@ -8,9 +8,9 @@ import math
 import textwrap
 from pathlib import Path
 
-from kdlight.io import atomic_write
-from kdlight.records import _cell, _mean_std
-from kdlight.stats import Comparison, Group
+from kdlight.analysis.records import _cell, _mean_std
+from kdlight.analysis.stats import Comparison, Group
+from kdlight.runs.files import atomic_write
 
 #: The pixels per inch of every PNG: figure sizes below are in inches.
 DPI = 120

@@ -2,7 +2,7 @@
 
     kdlight-train -m hydra/launcher=slurm ARGS
 
-would submit, printed by ``python -m kdlight.slurm ARGS``, which submits nothing. The script
+would submit, printed by ``python -m kdlight.cli.slurm ARGS``, which submits nothing. The script
 is rendered by submitit's own template from the composed launcher settings, so it is what
 ``sbatch`` would receive. Needs hydra-submitit-launcher (``pip install 'kdlight[slurm]'``).
 """
@@ -19,19 +19,19 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from kdlight import config_dir
+from kdlight.config.preflight import check_command_line
 from kdlight.errors import KDLightError, first_line
-from kdlight.preflight import check_command_line
-from kdlight.runs import is_distillation, resolve_teacher
+from kdlight.runs.identity import is_distillation, resolve_teacher
 
-USAGE = """usage: python -m kdlight.slurm [-h] [OVERRIDE ...]
+USAGE = """usage: python -m kdlight.cli.slurm [-h] [OVERRIDE ...]
 
 Print what `kdlight-train -m hydra/launcher=slurm OVERRIDE ...` would submit: the sbatch
 script (submitit's own template) and one line per run. Submits nothing, writes nothing.
 The overrides are kdlight-train's; trainer.devices and trainer.num_nodes must be numbers.
 
-  python -m kdlight.slurm experiment=teacher trainer=ddp trainer.devices=4 \\
+  python -m kdlight.cli.slurm experiment=teacher trainer=ddp trainer.devices=4 \\
     trainer.num_nodes=2 hydra.launcher.partition=gpu
-  python -m kdlight.slurm experiment=distill sweep=reference_grid hydra.launcher.partition=gpu
+  python -m kdlight.cli.slurm experiment=distill sweep=reference_grid hydra.launcher.partition=gpu
 """
 
 #: Launcher settings for submitit itself or for Hydra, not for the sbatch script.
@@ -65,7 +65,7 @@ def dry_run(args: list[str]) -> str:
         a for a in args if a not in ("-m", "--multirun") and not a.startswith("hydra/launcher=")
     ]
     if flags := [a for a in args if a.startswith("-")]:
-        raise KDLightError(f"unknown option {flags[0]} (python -m kdlight.slurm --help)")
+        raise KDLightError(f"unknown option {flags[0]} (python -m kdlight.cli.slurm --help)")
     check_command_line(["-m", *args, "hydra/launcher=slurm"])
     parser = OverridesParser.create()
     fixed = [o.input_line for o in parser.parse_overrides(args) if not o.is_sweep_override()]

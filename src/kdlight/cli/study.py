@@ -9,7 +9,7 @@ A study is the pair's teacher (``experiment=zoo_teacher``), then its student alo
 (``experiment=zoo_student``) and each method (``experiment=zoo_distill distiller=M``) at
 each seed, then ``kdlight-report`` of those runs into one folder. Each job is the
 ``kdlight-train`` run its overrides name, so its directory, identity and finished state are
-that run's (:mod:`kdlight.runs`): a job that has finished is skipped (and said so), and
+that run's (:mod:`kdlight.runs.identity`): a job that has finished is skipped (and said so), and
 launching the study again continues it. Locally the jobs run one after another in this
 process (a job whose trainer runs several processes runs as ``kdlight-train``). On SLURM the
 teacher is one job, the students one job array that starts after the teacher finished
@@ -34,10 +34,10 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from kdlight import config_dir
+from kdlight.config.preflight import check_command_line
 from kdlight.errors import KDLightError, find_user_error, first_line
-from kdlight.io import atomic_write
-from kdlight.preflight import check_command_line
-from kdlight.runs import identify, resolve_teacher
+from kdlight.runs.files import atomic_write
+from kdlight.runs.identity import identify, resolve_teacher
 
 log = logging.getLogger("kdlight")
 
@@ -212,7 +212,9 @@ def run_directory(cfg: DictConfig) -> tuple[Path, bool]:
     root = Path(str(cfg.paths.root)).resolve() / str(cfg.name)
     try:
         teacher = resolve_teacher(cfg)
-    except KDLightError:  # named as kdlight.runs.run_folder names it: its teacher "missing"
+    except (
+        KDLightError
+    ):  # named as kdlight.runs.identity.run_folder names it: its teacher "missing"
         return root / identify(cfg, "missing").folder, False
     identity = identify(cfg, teacher.identity if teacher else None)
     folder = root / identity.folder
@@ -242,7 +244,7 @@ def run_job(job: Job, cfg: DictConfig, folder: Path) -> str | None:
     A one-process job runs here, in this process (no start-up of seconds per run); one whose
     trainer starts several processes (DDP) runs as ``python -m kdlight.train`` so that
     Lightning restarts that command, not the study, in each of them."""
-    from kdlight.runguard import RunInUse, Terminated, hold_run_lock, stop_on_sigterm
+    from kdlight.runs.guard import RunInUse, Terminated, hold_run_lock, stop_on_sigterm
     from kdlight.train import train, write_error
 
     if not _one_process(cfg):
@@ -386,7 +388,7 @@ def plan(study: Study) -> tuple[Planned | None, list[Planned]]:
 
 def report(runs: list[Planned | None], out: Path) -> int:
     """``kdlight-report`` of the study's runs (those that exist) into ``out``."""
-    from kdlight.report import main as report_main
+    from kdlight.cli.report import main as report_main
 
     dirs = [folder for run in runs if run and (folder := run.state()[0]).is_dir()]
     if not dirs:
@@ -448,7 +450,7 @@ def slurm_jobs(study: Study, todo: list[Job], settings: dict, root: Path, out: P
     words = [f"pair={study.pair}", f"distiller={','.join(study.distillers)}"]
     words += [f"seed={','.join(map(str, study.seeds))}", *study.student_overrides]
     words += [*study.shared_overrides, f"paths.root={root}", "--report", "--out", str(out)]
-    command = shlex.join([sys.executable, "-m", "kdlight.study", *words])
+    command = shlex.join([sys.executable, "-m", "kdlight.cli.study", *words])
     light = {**settings, **REPORT_RESOURCES, "nodes": 1, "tasks_per_node": 1, "gpus_per_node": None}  # fmt: skip
     after = jobs[-1].name if jobs else None
     script = sbatch_script("kdlight-report", light, [command], log_dir, waits=bool(after))

@@ -15,7 +15,7 @@ in their method and its settings (KD's T and alpha among them), with their teach
 comparable baseline and a reference row (:func:`set_reference`): by default KD at the
 settings the other methods ran with, else the baseline; every other group's difference from
 it is computed as from the baseline. The runs are the records of
-:func:`kdlight.report.load_run`.
+:func:`kdlight.cli.report.load_run`.
 """
 
 import json
@@ -108,7 +108,7 @@ def welch_difference(values: list[float], baseline: list[float]) -> Estimate:
 
 @dataclass
 class Group:
-    """Finished runs (records of :func:`kdlight.report.load_run`) whose settings differ only
+    """Finished runs (records of :func:`kdlight.cli.report.load_run`) whose settings differ only
     in the seed. Several runs of one seed are repeats of one run: they count once, as their
     mean. Runs whose seed is unknown count once each."""
 

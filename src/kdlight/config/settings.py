@@ -7,7 +7,7 @@ reads data, so a bad setting is reported before any hardware error and before an
 
     error: optimizer.lr=-1 is not allowed: a finite number > 0
 
-The command line itself is checked earlier, before Hydra runs, by :mod:`kdlight.preflight`.
+The command line itself is checked earlier, before Hydra runs, by :mod:`kdlight.config.preflight`.
 """
 
 import contextlib
@@ -362,7 +362,7 @@ def _check_data(cfg: DictConfig) -> None:
 
 def _check_distillation(cfg: DictConfig) -> None:
     """A list of values only for the fused grid, and each cell once: 2 and 2.0 are one
-    cell, ``T2`` (its folder and metrics, see :func:`kdlight.runs.cell_name`)."""
+    cell, ``T2`` (its folder and metrics, see :func:`kdlight.runs.identity.cell_name`)."""
     grid = str(value_of(cfg, "module._target_")).endswith("GridModule")
     for key, prefix in (("distill.temperature", "T"), ("distill.alpha", "alpha")):
         values = value_of(cfg, key)

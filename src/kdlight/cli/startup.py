@@ -6,7 +6,7 @@ as it starts) and SIGINT (Ctrl-C) with one ``error:`` line and exit status 128 +
 signal's number, through the seconds that importing torch, Lightning and Hydra takes (about
 3 s on an idle 2-core CPU, 12 s on a busy one), where it used to die silently (status -15)
 or with a traceback. Nothing of the run has been written then, so there is nothing to keep.
-Once the run's own handling is in place (:func:`kdlight.runguard.stop_on_sigterm`) it takes
+Once the run's own handling is in place (:func:`kdlight.runs.guard.stop_on_sigterm`) it takes
 over, and between the runs of a multirun this one is back.
 
 Imported anywhere else (a test, a notebook, ``from kdlight.train import train``) it changes

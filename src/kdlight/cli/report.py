@@ -2,15 +2,15 @@
 
     kdlight-report outputs/distill outputs/distill_grid [--out report/] [--reference dkd]
 
-:func:`collect_runs` (:mod:`kdlight.records`) reads one record per run directory below the
+:func:`collect_runs` (:mod:`kdlight.analysis.records`) reads one record per run directory below the
 given ones; a run that cannot be read is a failed run with the reason, the rest is reported.
 
-Finished runs whose settings differ only in the seed form a group (:mod:`kdlight.stats`).
+Finished runs whose settings differ only in the seed form a group (:mod:`kdlight.analysis.stats`).
 :func:`compare_runs` puts the distillation groups of one student model whose settings
 differ only in T and alpha into one comparison, with its teacher and the comparable student
 baseline: the same model, test images, epochs and data. Runs that differ in any of these are
 never averaged together nor put in one table. Debug runs (``run.debug``) are in
-``report.csv`` only. Each table has a reference row (:func:`kdlight.stats.set_reference`):
+``report.csv`` only. Each table has a reference row (:func:`kdlight.analysis.stats.set_reference`):
 KD at the settings the other methods ran with, else the baseline, or the method
 ``--reference`` names; every row gets its Δ against the baseline and against the reference.
 
@@ -20,7 +20,7 @@ the reference row; both CSVs name each row's method and its settings),
 ``report.md`` (one table per comparison, and whether its runs used the teacher cache),
 ``heatmap.png`` (group means over T x alpha of the main comparison; the others in
 ``heatmap_<model>[_<id>].png``) and ``per_class.png`` (teacher, baseline and best cell of
-the main comparison; both plots in :mod:`kdlight.plots`).
+the main comparison; both plots in :mod:`kdlight.analysis.plots`).
 This module holds the command and the CSV and Markdown writers.
 """
 
@@ -33,10 +33,8 @@ import sys
 from collections import Counter
 from pathlib import Path
 
-from kdlight.errors import KDLightError
-from kdlight.io import atomic_write
-from kdlight.plots import plot_heatmap, plot_per_class
-from kdlight.records import (
+from kdlight.analysis.plots import plot_heatmap, plot_per_class
+from kdlight.analysis.records import (
     _cell,
     _collect,
     _fmt,
@@ -47,7 +45,7 @@ from kdlight.records import (
     load_run,
     read_metrics,
 )
-from kdlight.stats import (
+from kdlight.analysis.stats import (
     BASELINE,
     Comparison,
     Estimate,
@@ -60,8 +58,10 @@ from kdlight.stats import (
     references,
     set_reference,
 )
+from kdlight.errors import KDLightError
+from kdlight.runs.files import atomic_write
 
-# collect_runs, load_run and read_metrics moved to kdlight.records, the plots to kdlight.plots;
+# collect_runs, load_run and read_metrics moved to kdlight.analysis.records, the plots to kdlight.analysis.plots;
 # importing them from here still works.
 __all__ = ["build_report", "collect_runs", "load_run", "main", "plot_heatmap", "plot_per_class"]
 __all__ += ["read_metrics", "write_csv", "write_groups_csv", "write_markdown"]

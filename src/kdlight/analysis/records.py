@@ -28,8 +28,8 @@ from pathlib import Path
 import yaml
 from omegaconf import DictConfig, OmegaConf
 
-from kdlight.runs import group_key, is_debug, settings
-from kdlight.stats import BASELINE_ROLES, Comparison, Estimate, compare_runs, is_cell_key
+from kdlight.analysis.stats import BASELINE_ROLES, Comparison, Estimate, compare_runs, is_cell_key
+from kdlight.runs.identity import group_key, is_debug, settings
 
 RUN_MARKERS = ("config.yaml", "metrics.json", "error.txt", ".hydra/config.yaml")
 DISTILLATION = ("DistillationModule", "DistillationGridModule")  # one row per (T, alpha) cell

@@ -13,9 +13,9 @@ import numpy as np
 import torch
 from lightning.pytorch.callbacks import Callback, Checkpoint
 
-from kdlight.checkpointing import non_finite_tensors, raise_failed_writes
 from kdlight.errors import KDLightError
-from kdlight.runs import RunIdentity
+from kdlight.runs.identity import RunIdentity
+from kdlight.trainer.checkpointing import non_finite_tensors, raise_failed_writes
 
 log = logging.getLogger("kdlight")
 
@@ -29,7 +29,7 @@ class SaveLastCheckpoint(Checkpoint):
     of an epoch loses at most ``every_n_train_steps`` steps, and what a finished teacher
     leaves for distillation: its final weights. (Lightning's ``save_last`` only follows the
     saves of the top-k checkpoints, so it can lag behind.) The file is replaced atomically
-    (by :class:`kdlight.checkpointing.AtomicCheckpointIO`, the Trainer's plugin in kdlight's
+    (by :class:`kdlight.trainer.checkpointing.AtomicCheckpointIO`, the Trainer's plugin in kdlight's
     configs). Under DDP, after each of its saves and after validation (where Lightning's
     ``ModelCheckpoint`` saves ``best.ckpt``), the processes learn together whether the first
     one failed to write, and stop together if it did.
@@ -294,7 +294,7 @@ def _describe(parts: dict[str, torch.Tensor]) -> str:
 
 class RecordRunIdentity(Callback):
     """Write the run's identity into every checkpoint, so that a checkpoint is only ever
-    resumed by the run it belongs to (:func:`kdlight.runs.check_checkpoint_owner`)."""
+    resumed by the run it belongs to (:func:`kdlight.runs.identity.check_checkpoint_owner`)."""
 
     def __init__(self, identity: RunIdentity) -> None:
         self.identity = identity

@@ -12,7 +12,7 @@
   that runs can be compared, filtered and grouped by them.
 
 Their packages are optional (``pip install 'kdlight[mlflow]'``, ``'kdlight[wandb]'``):
-:func:`kdlight.settings.check_extras` names a missing one before any work.
+:func:`kdlight.config.settings.check_extras` names a missing one before any work.
 """
 
 import contextlib
@@ -32,7 +32,7 @@ from lightning.pytorch.loggers.logger import rank_zero_experiment
 from lightning.pytorch.utilities import rank_zero_only
 
 from kdlight.errors import KDLightError, first_line
-from kdlight.runs import RunIdentity, group_key, shipped_pair
+from kdlight.runs.identity import RunIdentity, group_key, shipped_pair
 
 SQLITE = "sqlite:///"
 #: How long the check of a local MLflow store waits for another process's lock on it
@@ -236,7 +236,7 @@ def run_tags(identity: RunIdentity) -> dict[str, str]:
     ``mlflow.search_runs(filter_string="tags.method = 'dkd'")``): ``method``, ``model``,
     ``teacher`` (the teacher's model, ``none`` without one), ``pair`` (the zoo pair
     ``<teacher>_<student>`` where ``conf/pair/`` ships it, else ``none``), ``seed``,
-    ``group`` (:func:`kdlight.runs.group_key` of the settings: the same for runs that
+    ``group`` (:func:`kdlight.runs.identity.group_key` of the settings: the same for runs that
     differ only in their seed, the runs the report averages) and ``run_id``, and
     ``accuracy_unit`` (:data:`ACCURACY_UNIT`)."""
     settings = identity.settings
@@ -258,7 +258,7 @@ def run_tags(identity: RunIdentity) -> dict[str, str]:
 
 def log_run_settings(loggers: Iterable[Logger], identity: RunIdentity) -> None:
     """Give each tracker among ``loggers`` the run's id, seed and every setting that
-    changes its results (:func:`kdlight.runs.settings`: ``model.name``, ``optimizer.lr``,
+    changes its results (:func:`kdlight.runs.identity.settings`: ``model.name``, ``optimizer.lr``,
     ``distill.temperature``, ...) as hyperparameters, the way ``metrics.json`` records
     them, and its :func:`run_tags` (as MLflow tags; as ``tag.<name>`` settings for W&B,
     whose tags are bare words). Lightning adds the module's and the data's own

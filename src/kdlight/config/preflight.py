@@ -7,7 +7,7 @@ run folder. A problem ends in one line and exit status 2::
 
     error: unknown setting 'distil.temperature' (did you mean 'distill.temperature'?)
 
-The settings' own types and ranges are checked by :func:`kdlight.settings.validate_settings`.
+The settings' own types and ranges are checked by :func:`kdlight.config.settings.validate_settings`.
 """
 
 import contextlib
@@ -36,8 +36,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException, ValidationError
 
 from kdlight import config_dir
-from kdlight.errors import KDLightError, first_line
-from kdlight.settings import (
+from kdlight.config.settings import (
     RUN_FILES,
     check_extras,
     check_path_length,
@@ -47,6 +46,7 @@ from kdlight.settings import (
     show,
     value_of,
 )
+from kdlight.errors import KDLightError, first_line
 
 
 def preflight(argv: list[str]) -> None:

@@ -49,7 +49,7 @@ from torch import Tensor
 
 from kdlight.data.augment import crop_flip
 from kdlight.errors import KDLightError
-from kdlight.io import TEMP_SUFFIX, atomic_open
+from kdlight.runs.files import TEMP_SUFFIX, atomic_open
 
 #: Crop offsets per axis (padding 4: 0..8) and flips: 9 * 9 * 2 variants of an image.
 OFFSETS, FLIPS = 9, 2

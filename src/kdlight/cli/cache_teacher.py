@@ -1,4 +1,4 @@
-"""``kdlight-cache-teacher``: fill the teacher cache (:mod:`kdlight.teacher_cache`) for all
+"""``kdlight-cache-teacher``: fill the teacher cache (:mod:`kdlight.teacher.cache`) for all
 162 augmentation variants of every training image at once, for a teacher that many studies
 will distil from.
 
@@ -31,13 +31,13 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from kdlight import config_dir
+from kdlight.config.settings import validate_settings
 from kdlight.errors import KDLightError, first_line
 from kdlight.lit.base import FastForward
 from kdlight.lit.cached_teacher import teacher_cache_for
 from kdlight.lit.teacher import freeze, load_teacher
-from kdlight.runs import is_distillation, resolve_teacher
-from kdlight.settings import validate_settings
-from kdlight.teacher_cache import VARIANTS, fill_all
+from kdlight.runs.identity import is_distillation, resolve_teacher
+from kdlight.teacher.cache import VARIANTS, fill_all
 from kdlight.train import build_trainer
 
 log = logging.getLogger("kdlight")

@@ -69,7 +69,7 @@ def check_finished(trainer: L.Trainer) -> dict | None:
     """After ``trainer.fit``: None when it trained every step of ``max_epochs`` (or reached
     ``trainer.max_steps``), the early stop's record when an ``EarlyStopping`` callback ended
     it; otherwise :class:`NotFinished`, whose line says how far it got. (A time limit stops
-    a run earlier, in :class:`~kdlight.runguard.SaveLastOnSigterm`, with its own line.)"""
+    a run earlier, in :class:`~kdlight.runs.guard.SaveLastOnSigterm`, with its own line.)"""
     done, asked = trained_steps(trainer)
     if asked == 0:
         raise NotFinished("no training step: the training data gives no batch")

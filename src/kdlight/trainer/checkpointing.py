@@ -5,19 +5,19 @@ temporary folder and then moves it into place. Where the run directory is on ano
 filesystem (a cluster's shared storage, a tmpfs, a bind mount) that move is a copy over the
 old file: a kill or a full disk during it leaves a truncated ``last.ckpt`` where the good one
 was, and a checkpoint-sized orphan in ``$TMPDIR``. :class:`AtomicCheckpointIO` writes through
-:mod:`kdlight.io` instead: beside the destination, synced, then renamed into place.
+:mod:`kdlight.runs.files` instead: beside the destination, synced, then renamed into place.
 ``conf/trainer/default.yaml`` sets it as the Trainer's plugin, so every checkpoint of every
 run (``last.ckpt``, ``best.ckpt``) is written this way.
 
 :func:`non_finite_tensors` finds the tensors of a checkpoint that hold a NaN or an infinity;
-:class:`kdlight.callbacks.StopOnNonFiniteLoss` refuses to save such a checkpoint.
+:class:`kdlight.trainer.callbacks.StopOnNonFiniteLoss` refuses to save such a checkpoint.
 
 Every checkpoint is read by :func:`read_checkpoint`, with ``torch.load(weights_only=True)``:
 a pickle planted in a run folder's ``last.ckpt`` or named by ``ckpt_path=`` is refused in one
 line, and nothing in it runs. kdlight's own checkpoints hold only what that reader accepts
 (tensors, numbers, text, dicts, lists, tuples, and the ``collections.Counter`` of a
 ``MultiStepLR``'s milestones): the systems' hyperparameters are plain containers, the random
-states tensors and tuples (:class:`kdlight.callbacks.ResumeRandomState`), so no global has to
+states tensors and tuples (:class:`kdlight.trainer.callbacks.ResumeRandomState`), so no global has to
 be allowed beyond PyTorch's own list.
 """
 
@@ -32,7 +32,7 @@ import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 
 from kdlight.errors import KDLightError, first_line
-from kdlight.io import atomic_write, remove_stale_temporaries
+from kdlight.runs.files import atomic_write, remove_stale_temporaries
 
 
 class CheckpointWriteError(KDLightError):
@@ -80,7 +80,7 @@ def load_failure(error: BaseException) -> str:
 
 class AtomicCheckpointIO(TorchCheckpointIO):
     """Lightning's checkpoint writer, with every local checkpoint written by
-    :func:`kdlight.io.atomic_write`: a reader or a relaunched run finds the old whole file or
+    :func:`kdlight.runs.files.atomic_write`: a reader or a relaunched run finds the old whole file or
     the new whole file, never a part of one, and nothing in ``$TMPDIR``.
 
     A write that fails raises :class:`CheckpointWriteError`, one line that names the file

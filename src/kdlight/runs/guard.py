@@ -6,7 +6,7 @@
   Ctrl-C (SIGINT) likewise, with status 130. During training :class:`SaveLastOnSigterm`
   stops at the end of the current batch and saves ``last.ckpt`` there; at other times
   :func:`stop_on_sigterm` stops the run at once (and before it, while ``kdlight-train``
-  starts, :mod:`kdlight.startup`). Relaunching the same command resumes, exactly.
+  starts, :mod:`kdlight.cli.startup`). Relaunching the same command resumes, exactly.
 * :func:`hold_run_lock` keeps a second launch of the same run out of its directory while
   the first runs. The lock is the kernel's (``flock``): it goes with the process that holds
   it, so a killed run never leaves a lock that blocks.
@@ -33,10 +33,10 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from kdlight.callbacks import SaveLastCheckpoint, ends_epoch
-from kdlight.completion import NotFinished
+from kdlight.cli.startup import STOP_SIGNALS, has_default_handling, is_startup_handler, stop_status
 from kdlight.errors import KDLightError, first_line
-from kdlight.startup import STOP_SIGNALS, has_default_handling, is_startup_handler, stop_status
+from kdlight.runs.completion import NotFinished
+from kdlight.trainer.callbacks import SaveLastCheckpoint, ends_epoch
 
 log = logging.getLogger("kdlight")
 
@@ -68,7 +68,7 @@ class Terminated(SystemExit):
 class SaveLastOnSigterm(Callback):
     """While training, a SIGTERM or a Ctrl-C (SIGINT) stops the run at the end of the current
     batch (or epoch, after its validation), with ``last.ckpt`` (the path of the Trainer's
-    :class:`~kdlight.callbacks.SaveLastCheckpoint`) saved at that step, by raising
+    :class:`~kdlight.trainer.callbacks.SaveLastCheckpoint`) saved at that step, by raising
     :class:`Terminated` (status 143 for SIGTERM, 130 for SIGINT). A run resumed from it
     ends exactly as the run never stopped: the training loader goes on at the next batch of
     the same order (:class:`kdlight.data.resumable.ResumableLoader`).
@@ -93,7 +93,7 @@ class SaveLastOnSigterm(Callback):
 
     ``time_limit`` (``trainer.max_time`` in seconds, which kdlight takes from Lightning)
     stops each launch the same way once that long has passed since its training started:
-    ``last.ckpt`` saved at the step reached and :class:`~kdlight.completion.NotFinished`
+    ``last.ckpt`` saved at the step reached and :class:`~kdlight.runs.completion.NotFinished`
     (exit status 3), so that the same command, launched again, continues exactly. Lightning's
     own limit counts the whole fit over all launches, so a run it stopped could never finish
     with the same command, and it stops at an epoch's end that resumes as a whole epoch.
@@ -181,7 +181,7 @@ def stop_on_sigterm() -> Iterator[None]:
     installed here raises :class:`Terminated` at once; Lightning calls it too while its own
     is in place, and then it leaves the stop to Lightning. SIGINT, which Lightning leaves
     alone, stops at once outside training too. Each is installed only where the signal still
-    has its default handling (or :mod:`kdlight.startup`'s, which it replaces): a launcher
+    has its default handling (or :mod:`kdlight.cli.startup`'s, which it replaces): a launcher
     that handles SIGTERM itself (submitit's, which ignores it and requeues on its own
     signal) keeps it.
     """
@@ -213,7 +213,7 @@ def stop_on_sigterm() -> Iterator[None]:
 
 def _run_may_take(signum: int) -> bool:
     """Whether the run may handle ``signum`` itself: it has its default handling or kdlight's
-    (:mod:`kdlight.startup`'s, :func:`stop_on_sigterm`'s), not one that a launcher set
+    (:mod:`kdlight.cli.startup`'s, :func:`stop_on_sigterm`'s), not one that a launcher set
     (submitit ignores SIGTERM; a job started in the background of a script ignores SIGINT)."""
     handler = signal.getsignal(signum)
     return (
@@ -269,7 +269,7 @@ def hold_run_lock(run_dir: str | Path) -> Iterator[None]:
 
     Only the launching process (:func:`is_launching_process`) takes it. The lock file keeps
     its inode for good (a file renamed into place would be another lock, so it is written in
-    place, not through :mod:`kdlight.io`); its content, the holder's pid and host, is only a
+    place, not through :mod:`kdlight.runs.files`); its content, the holder's pid and host, is only a
     hint for the message. Where the filesystem does not lock files, the run goes on with a
     warning.
 
