@@ -7,25 +7,28 @@ standard deviation and a 95% confidence interval for the mean from Student's t
 distribution (:func:`summarize`). A distilled group is compared with the student baseline
 by the difference of their means, paired by seed when both have the same seeds
 (:func:`paired_difference`), else with Welch's interval for two groups of unequal variance
-(:func:`welch_difference`). One run per setting gives a number but no interval: the
-seed-to-seed noise can only be measured from two seeds or more.
+(:func:`welch_difference`); each interval is that of scipy.stats' t-test. One run per
+setting gives a number but no interval: the seed-to-seed noise can only be measured from
+two seeds or more.
 
 A :class:`Comparison` holds the distillation groups of one student model that differ only
 in their method and its settings (KD's T and alpha among them), with their teacher, the
 comparable baseline and a reference row (:func:`set_reference`): by default KD at the
 settings the other methods ran with, else the baseline; every other group's difference from
 it is computed as from the baseline. The runs are the records of
-:func:`kdlight.cli.report.load_run`.
+:func:`kdlight.analysis.records.load_run`.
 """
 
 import json
 import math
+import statistics
+import warnings
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from scipy.stats import t as student_t
+from scipy.stats import ttest_1samp, ttest_ind, ttest_rel
 
 CONFIDENCE = 0.95
 
@@ -48,69 +51,69 @@ class Estimate:
         return self.low is not None and self.high is not None
 
 
-def t_interval(mean: float, se: float, df: float) -> tuple[float, float]:
-    """``mean -+ t(1 - (1 - CONFIDENCE) / 2, df) * se``: the two-sided interval for a mean
-    with standard error ``se`` and ``df`` degrees of freedom (a point when ``se`` is 0)."""
-    if se == 0:
-        return mean, mean
-    quantile = float(student_t.ppf(0.5 + CONFIDENCE / 2, df))
-    return mean - quantile * se, mean + quantile * se
+def with_interval(estimate: Estimate, t_test: Callable) -> Estimate:
+    """``estimate`` with the ``CONFIDENCE`` interval of ``t_test()``, a scipy.stats t-test
+    of the same mean; a point when ``estimate.std`` is 0 (every value equal: no spread to
+    divide by)."""
+    if estimate.std == 0:
+        return replace(estimate, low=estimate.mean, high=estimate.mean)
+    with warnings.catch_warnings():  # scipy's "precision loss" for values equal to a few ulp
+        warnings.simplefilter("ignore", RuntimeWarning)
+        low, high = t_test().confidence_interval(CONFIDENCE)
+    return replace(estimate, low=float(low), high=float(high))
 
 
 def summarize(values: list[float]) -> Estimate | None:
     """Mean ``m = sum(x) / n``, sample standard deviation
     ``s = sqrt(sum((x - m)^2) / (n - 1))`` and the interval ``m -+ t(0.975, n - 1) * s / sqrt(n)``
-    of ``values``; None for no values."""
-    n = len(values)
-    if n == 0:
+    of ``values`` (``scipy.stats.ttest_1samp``); None for no values."""
+    if not values:
         return None
-    mean = math.fsum(values) / n
-    if n == 1:
-        return Estimate(1, mean)
-    std = math.sqrt(math.fsum((x - mean) ** 2 for x in values) / (n - 1))
-    low, high = t_interval(mean, std / math.sqrt(n), n - 1)
-    return Estimate(n, mean, std, low, high)
+    if len(values) == 1:
+        return Estimate(1, float(values[0]))
+    estimate = Estimate(len(values), statistics.fmean(values), statistics.stdev(values))
+    return with_interval(estimate, lambda: ttest_1samp(values, 0.0))
 
 
 def paired_difference(values: dict, baseline: dict) -> Estimate:
     """The mean of the per-seed differences ``d_s = values[s] - baseline[s]`` over the seeds
-    both hold, with the interval ``mean(d) -+ t(0.975, n - 1) * std(d) / sqrt(n)``. Pairing
-    removes what one seed does to both runs (initialisation, data order), so it is tighter
-    than comparing two means when the seeds match."""
+    both hold, with the interval ``mean(d) -+ t(0.975, n - 1) * std(d) / sqrt(n)``
+    (``scipy.stats.ttest_rel``). Pairing removes what one seed does to both runs
+    (initialisation, data order), so it is tighter than comparing two means when the seeds
+    match."""
     seeds = sorted(set(values) & set(baseline))
-    estimate = summarize([values[s] - baseline[s] for s in seeds])
-    if estimate is None:
+    if not seeds:
         raise ValueError("paired_difference needs at least one seed in common")
-    return replace(estimate, method="paired")
+    estimate = replace(summarize([values[s] - baseline[s] for s in seeds]), method="paired")
+    if estimate.n == 1:
+        return estimate
+    pairs = [values[s] for s in seeds], [baseline[s] for s in seeds]
+    return with_interval(estimate, lambda: ttest_rel(*pairs))
 
 
 def welch_difference(values: list[float], baseline: list[float]) -> Estimate:
     """``d = mean(a) - mean(b)`` with Welch's interval ``d -+ t(0.975, nu) * se``, where
     ``se = sqrt(s_a^2 / n_a + s_b^2 / n_b)`` and
     ``nu = se^4 / ((s_a^2 / n_a)^2 / (n_a - 1) + (s_b^2 / n_b)^2 / (n_b - 1))``
-    (Welch-Satterthwaite). It assumes neither equal variances nor matching seeds; it needs
-    two values on each side for an interval. ``std`` is ``se``, the difference's standard
-    error, and ``n`` the smaller of the two counts."""
+    (Welch-Satterthwaite; ``scipy.stats.ttest_ind(equal_var=False)``). It assumes neither
+    equal variances nor matching seeds; it needs two values on each side for an interval.
+    ``std`` is ``se``, the difference's standard error, and ``n`` the smaller of the two
+    counts."""
     a, b = summarize(values), summarize(baseline)
     if a is None or b is None:
         raise ValueError("welch_difference needs values on both sides")
-    mean = a.mean - b.mean
+    estimate = Estimate(min(a.n, b.n), a.mean - b.mean, method="welch")
     if a.std is None or b.std is None:
-        return Estimate(min(a.n, b.n), mean, method="welch")
-    share_a, share_b = a.std**2 / a.n, b.std**2 / b.n
-    se = math.sqrt(share_a + share_b)
-    if se == 0:
-        return Estimate(min(a.n, b.n), mean, 0.0, mean, mean, "welch")
-    df = se**4 / (share_a**2 / (a.n - 1) + share_b**2 / (b.n - 1))
-    low, high = t_interval(mean, se, df)
-    return Estimate(min(a.n, b.n), mean, se, low, high, "welch")
+        return estimate
+    estimate = replace(estimate, std=math.sqrt(a.std**2 / a.n + b.std**2 / b.n))
+    return with_interval(estimate, lambda: ttest_ind(values, baseline, equal_var=False))
 
 
 @dataclass
 class Group:
-    """Finished runs (records of :func:`kdlight.cli.report.load_run`) whose settings differ only
-    in the seed. Several runs of one seed are repeats of one run: they count once, as their
-    mean. Runs whose seed is unknown count once each."""
+    """Finished runs (records of :func:`kdlight.analysis.records.load_run`) whose settings
+    differ only in the seed. Several runs of one seed are repeats of one run: they count
+    once, as their mean. Runs whose seed is unknown count once each."""
 
     key: str
     runs: list[dict]
@@ -263,6 +266,11 @@ class Comparison:
     reference_deltas: dict[str, Estimate | None] = field(default_factory=dict)  # key -> Δ
     reference_why: str = ""  # how the reference was chosen, for the report
 
+    @property
+    def kd_cells(self) -> list[Group]:
+        """The KD cells of its groups (a temperature and an alpha): its T x alpha heatmap."""
+        return [g for g in self.groups if None not in (g.first["temperature"], g.first["alpha"])]
+
 
 def groups_of(runs: list[dict]) -> dict[str, Group]:
     """The finished, non-debug runs by group, in the order of ``runs``."""
@@ -310,7 +318,7 @@ def find_baseline(student: dict, candidates: list[dict]) -> tuple[Group | None, 
     return max(matching, key=lambda g: (shared(g), len(g.values()))), ""
 
 
-def find_teacher(student: dict, candidates: list[dict]) -> dict | None:
+def find_teacher_run(student: dict, candidates: list[dict]) -> dict | None:
     """The finished teacher run of ``student``: the run whose ``checkpoints/`` folder holds
     its ``teacher_checkpoint``."""
     if not student["teacher_checkpoint"]:
@@ -337,7 +345,7 @@ def compare_runs(runs: list[dict], referenced: list[dict] = ()) -> list[Comparis
         baseline, note = find_baseline(student, candidates)
         best, chosen_on = choose_best(groups)
         deltas = {g.key: baseline and difference(g, baseline) for g in groups}
-        teacher = find_teacher(student, candidates)
+        teacher = find_teacher_run(student, candidates)
         comparison = Comparison(
             student["model"], groups, teacher, baseline, note, best, chosen_on, deltas
         )
