@@ -8,7 +8,7 @@ import math
 import textwrap
 from pathlib import Path
 
-from kdlight.analysis.records import _cell, _mean_std
+from kdlight.analysis.records import cell_name, mean_std
 from kdlight.analysis.stats import Comparison, Group
 from kdlight.runs.files import atomic_write
 
@@ -81,7 +81,7 @@ def heatmap_figure(c: Comparison):
     ax.set(xlabel="temperature T", ylabel="alpha (weight of the teacher's soft targets)")
     notes = [f"teacher {c.teacher['accuracy']:.2f}%"] if c.teacher else []
     if c.baseline:
-        notes.append(f"baseline {_mean_std(c.baseline.summary(), '%')} (Δ in pp)")
+        notes.append(f"baseline {mean_std(c.baseline.summary(), '%')} (Δ in pp)")
     else:
         notes.append("no comparable baseline")
     notes.append(f"bold: best on {'val' if c.chosen_on == 'validation' else 'test'} acc")
@@ -120,10 +120,12 @@ def per_class_figure(c: Comparison):
             (f"teacher {c.teacher['model']} ({c.teacher['accuracy']:.2f}%)", c.teacher["per_class"])
         )
     if c.baseline:
-        label = f"student baseline {c.model} ({_mean_std(c.baseline.summary(), '%')})"
+        label = f"student baseline {c.model} ({mean_std(c.baseline.summary(), '%')})"
         series.append((label, c.baseline.per_class()))
     best = c.best.per_class()
-    label = f"best distilled {c.model}, {_cell(c.best.first)} ({_mean_std(c.best.summary(), '%')})"
+    label = (
+        f"best distilled {c.model}, {cell_name(c.best.first)} ({mean_std(c.best.summary(), '%')})"
+    )
     series.append((label, best))
     classes = list(dict.fromkeys(name for _, accs in series for name in accs))
     # worst first; a class without a result of the best cell last

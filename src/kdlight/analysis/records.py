@@ -13,8 +13,8 @@ only without YAML anchors and aliases, nested at most :data:`MAX_DEPTH` deep
 (:func:`parse_config`: a "billion laughs" file expands without bound). A run's
 ``teacher_cache`` block (``distill.teacher_cache=true``) says whether it looked the
 teacher's logits up on disk and how often it found them there. The text forms
-of a record's values shared by the report and the plots (:func:`_fmt`, :func:`_cell`,
-:func:`_mean_std`) live here too.
+of a record's values shared by the report and the plots (:func:`fmt`, :func:`cell_name`,
+:func:`mean_std`) live here too.
 """
 
 import hashlib
@@ -315,7 +315,7 @@ def _short(record: list) -> str:
     return hashlib.sha256(json.dumps(record, default=str).encode()).hexdigest()[:8]
 
 
-def _run_dirs(top: Path) -> list[Path]:
+def run_dirs(top: Path) -> list[Path]:
     """Run directories at or below ``top``. A directory with neither ``metrics.json`` nor
     ``error.txt`` above other runs groups them (a fused grid) and is not a run itself."""
     found = []
@@ -327,8 +327,11 @@ def _run_dirs(top: Path) -> list[Path]:
     return [d for d in found if d in ended or not any(d in other.parents for other in found)]
 
 
-def _collect(dirs: list[Path]) -> tuple[list[dict], list[Comparison]]:
-    paths = {p.resolve() for top in dirs for p in _run_dirs(Path(top))}
+def collect_comparisons(dirs: list[Path]) -> tuple[list[dict], list[Comparison]]:
+    """Every run below ``dirs`` (:func:`collect_runs`) and their comparisons
+    (:func:`~kdlight.analysis.stats.compare_runs`, with the teachers and baselines they
+    reference from elsewhere)."""
+    paths = {p.resolve() for top in dirs for p in run_dirs(Path(top))}
     runs = [load_run(p) for p in paths]
 
     def order(run: dict) -> tuple:
@@ -351,7 +354,7 @@ def _referenced(runs: list[dict]) -> list[dict]:
             for role in BASELINE_ROLES:
                 baselines = run["root"] / role / run["model"]
                 folders.update(
-                    d.resolve() for d in (_run_dirs(baselines) if baselines.is_dir() else [])
+                    d.resolve() for d in (run_dirs(baselines) if baselines.is_dir() else [])
                 )
     known = {r["path"] for r in runs}
     return [load_run(f) for f in sorted(folders - known) if (f / "metrics.json").exists()]
@@ -361,33 +364,27 @@ def collect_runs(dirs: list[Path]) -> list[dict]:
     """Every run below ``dirs``, sorted by (model, temperature, alpha, path), each finished
     distillation run with ``delta_vs_baseline``: its accuracy minus the mean of the comparable
     baseline (percentage points), when there is one."""
-    return _collect(dirs)[0]
+    return collect_comparisons(dirs)[0]
 
 
 # ---------------------------------------------------------------------------- text forms
-def _fmt(value, spec: str = ".2f") -> str:
+def fmt(value, spec: str = ".2f") -> str:
+    """``value`` formatted by ``spec``; empty for None or NaN (a cell without a value)."""
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return ""
     return format(value, spec)
 
 
-def _cell(run: dict) -> str:
+def cell_name(run: dict) -> str:
     """A distillation cell as text: ``T=4, alpha=0.9`` (KD), else the method and its
     settings (``dkd: temperature=4, alpha=1, beta=8, ...``)."""
     if run["temperature"] is not None and run["alpha"] is not None:
-        return f"T={_fmt(run['temperature'], 'g')}, alpha={_fmt(run['alpha'], 'g')}"
+        return f"T={fmt(run['temperature'], 'g')}, alpha={fmt(run['alpha'], 'g')}"
     shown = ", ".join(f"{k}={v}" for k, v in (run.get("method_settings") or {}).items())
     return f"{run.get('method') or 'method'}: {shown}" if shown else str(run.get("method"))
 
 
-def is_t_alpha_grid(c: Comparison) -> bool:
-    """Whether ``c``'s groups are KD cells with a temperature and an alpha (a heatmap)."""
-    return all(
-        g.first["temperature"] is not None and g.first["alpha"] is not None for g in c.groups
-    )
-
-
-def _mean_std(estimate: Estimate, unit: str = "") -> str:
+def mean_std(estimate: Estimate, unit: str = "") -> str:
     """``84.12 ± 0.31 (n=3)``; one value has no spread: ``84.12 (n=1)``."""
     spread = f" ± {estimate.std:.2f}" if estimate.std is not None else ""
     return f"{estimate.mean:.2f}{spread}{unit} (n={estimate.n})"

@@ -35,15 +35,12 @@ from pathlib import Path
 
 from kdlight.analysis.plots import plot_heatmap, plot_per_class
 from kdlight.analysis.records import (
-    _cell,
-    _collect,
-    _fmt,
-    _mean_std,
-    _run_dirs,
+    cell_name,
+    collect_comparisons,
     collect_runs,
-    is_t_alpha_grid,
-    load_run,
-    read_metrics,
+    fmt,
+    mean_std,
+    run_dirs,
 )
 from kdlight.analysis.stats import (
     BASELINE,
@@ -61,10 +58,9 @@ from kdlight.analysis.stats import (
 from kdlight.errors import KDLightError
 from kdlight.runs.files import atomic_write
 
-# collect_runs, load_run and read_metrics moved to kdlight.analysis.records, the plots to kdlight.analysis.plots;
-# importing them from here still works.
-__all__ = ["build_report", "collect_runs", "load_run", "main", "plot_heatmap", "plot_per_class"]
-__all__ += ["read_metrics", "write_csv", "write_groups_csv", "write_markdown"]
+# collect_runs (kdlight.analysis.records) can be imported from here too
+__all__ = ["build_report", "collect_runs", "main", "write_csv", "write_groups_csv"]
+__all__ += ["write_markdown"]
 
 CSV_NUMBERS = {"test_acc": "accuracy", "val_acc_best": "val_acc_best"}
 CSV_NUMBERS |= {"delta_vs_baseline": "delta_vs_baseline", "teacher_acc": "teacher_accuracy"}
@@ -116,11 +112,11 @@ def write_csv(runs: list[dict], path: Path) -> Path:
     head = ["status", "model", "temperature", "alpha", *CSV_NUMBERS, *CSV_FACTS]
     head += ["teacher_cache_hit_rate"]
     rows = [
-        [r["status"], r["model"] or "", _fmt(r["temperature"], "g"), _fmt(r["alpha"], "g")]
-        + [_fmt(r[key], ".4f") for key in CSV_NUMBERS.values()]
+        [r["status"], r["model"] or "", fmt(r["temperature"], "g"), fmt(r["alpha"], "g")]
+        + [fmt(r[key], ".4f") for key in CSV_NUMBERS.values()]
         + ["" if r[key] is None else str(r[key]).lower() for key in CSV_FACTS]
-        + [_fmt(r["teacher_cache_hit_rate"], ".4f")]
-        + [_fmt(r["per_class"].get(c), ".4f") for c in classes]
+        + [fmt(r["teacher_cache_hit_rate"], ".4f")]
+        + [fmt(r["per_class"].get(c), ".4f") for c in classes]
         + [r["error"] or "", str(r["path"]), method_of(r) or "", method_settings(r)]
         for r in runs
     ]
@@ -154,15 +150,15 @@ def write_groups_csv(runs: list[dict], comparisons: list[Comparison], path: Path
         versus = c.reference_deltas.get(group.key) if c else None
         reference = c.reference if c else None
         rows.append(
-            [run["role"], run["model"], _fmt(run["temperature"], "g"), _fmt(run["alpha"], "g")]
+            [run["role"], run["model"], fmt(run["temperature"], "g"), fmt(run["alpha"], "g")]
             + [acc.n, " ".join("?" if s is None else str(s) for s in group.seeds)]
-            + [_fmt(x, ".4f") for x in (acc.mean, acc.std, acc.low, acc.high, val and val.mean)]
+            + [fmt(x, ".4f") for x in (acc.mean, acc.std, acc.low, acc.high, val and val.mean)]
             + [_validation(group) or ""]
-            + [_fmt(getattr(delta, k, None), ".4f") for k in ("mean", "low", "high")]
+            + [fmt(getattr(delta, k, None), ".4f") for k in ("mean", "low", "high")]
             + [delta.method if delta else "", c.baseline.key if c and c.baseline else ""]
             + [run["epochs"], run["test_images"], run["test_set"], group.key]
             + [method_of(run) or "", method_settings(run), c.reference_method if c else ""]
-            + [_fmt(getattr(versus, k, None), ".4f") for k in ("mean", "low", "high")]
+            + [fmt(getattr(versus, k, None), ".4f") for k in ("mean", "low", "high")]
             + [versus.method if versus else "", reference.key if reference else ""]
         )
     return atomic_write(path, _csv(head, rows))
@@ -220,12 +216,12 @@ def _table(
         mark = "" if len(kinds) == 1 else VAL_MARKS.get(_validation(g), "")
         cells = [
             *first_cells(g),
-            _mean_std(acc),
+            mean_std(acc),
             _interval(acc),
             *(delta_cells(g) if delta_cells else []),
         ]
-        cells += [(_fmt(val and val.mean) + mark) or "—", _seeds(g)]
-        cells += [_fmt(g.first["epochs"], "d"), _fmt(g.first["test_images"], "d"), f"`{g.key}`"]
+        cells += [(fmt(val and val.mean) + mark) or "—", _seeds(g)]
+        cells += [fmt(g.first["epochs"], "d"), fmt(g.first["test_images"], "d"), f"`{g.key}`"]
         lines.append("| " + " | ".join(cells) + " |")
     if len(kinds) > 1:
         notes = [f"{VAL_MARKS[k]} {VAL_NOTES[k]}" for k in kinds if k in VAL_MARKS]
@@ -236,14 +232,9 @@ def _table(
     return lines + (["", *notes] if notes else [])
 
 
-def kd_groups(c: Comparison) -> list[Group]:
-    """The KD cells (a temperature and an alpha) of ``c``: its T x alpha heatmap."""
-    return [g for g in c.groups if None not in (g.first["temperature"], g.first["alpha"])]
-
-
 def _method(run: dict) -> str:
     """A row of a table of methods: ``kd: T=4, alpha=0.9`` or ``dkd: temperature=4, ...``."""
-    cell = _cell(run)
+    cell = cell_name(run)
     return f"{run.get('method') or 'kd'}: {cell}" if run["temperature"] is not None else cell
 
 
@@ -274,7 +265,7 @@ def _teacher_cache_line(c: Comparison) -> str | None:
 
 def _comparison_lines(c: Comparison) -> list[str]:
     lines = [f"## Distilled {c.model}" + (f": {c.differs}" if c.differs else ""), ""]
-    if kd_groups(c):
+    if c.kd_cells:
         lines += [f"Heatmap (the KD cells): `{c.name}.png`.", ""]
     if c.teacher:
         lines.append(
@@ -300,7 +291,7 @@ def _comparison_lines(c: Comparison) -> list[str]:
             )
             basis = f"the highest mean test accuracy ({why}, so this pick is optimistic)"
         gain = f", {delta.mean:+.2f} pp vs baseline" if delta else ""
-        best = f"{_cell(c.best.first)}, {_describe(c.best)}{gain}"
+        best = f"{cell_name(c.best.first)}, {_describe(c.best)}{gain}"
         lines.append(f"- Best distilled {c.model}: {best}; chosen on {basis}.")
         lines.append(f"- {noise_verdict(delta)}")
     lines += _reference_lines(c)
@@ -322,9 +313,9 @@ def _comparison_lines(c: Comparison) -> list[str]:
     def first_cells(group: Group) -> list[str]:
         if not grid:  # methods compared: each row's method and settings name it
             return [_method(group.first)]
-        return [_fmt(group.first["temperature"], "g"), _fmt(group.first["alpha"], "g")]
+        return [fmt(group.first["temperature"], "g"), fmt(group.first["alpha"], "g")]
 
-    grid = is_t_alpha_grid(c)
+    grid = len(c.kd_cells) == len(c.groups)
     head = ["T", "alpha"] if grid else ["method"]
     return [*lines, "", *_table(head, c.groups, first_cells, delta_cells, heads)]
 
@@ -336,7 +327,7 @@ def _delta_cells(delta: Estimate | None) -> list[str]:
         if delta and delta.has_interval
         else ""
     )
-    return [_fmt(delta and delta.mean, "+.2f") or "—", _interval(delta, "+.2f") + how]
+    return [fmt(delta and delta.mean, "+.2f") or "—", _interval(delta, "+.2f") + how]
 
 
 def _reference_lines(c: Comparison) -> list[str]:
@@ -417,7 +408,7 @@ def build_report(dirs: list[Path], out_dir: Path, reference: str | None = None) 
     the runs' settings, else the baseline). A reference that no table has raises
     KDLightError naming those there, before anything is written; a report that cannot be
     written raises KDLightError ``cannot write report to <out_dir>``."""
-    runs, comparisons = _collect(dirs)
+    runs, comparisons = collect_comparisons(dirs)
     if reference is not None:
         wanted = check_reference(comparisons, reference)
         for comparison in comparisons:
@@ -434,8 +425,8 @@ def build_report(dirs: list[Path], out_dir: Path, reference: str | None = None) 
                 runs, comparisons, out_dir / "report.md", Path(dirs[0]).resolve()
             ),
         }
-        for comparison in (c for c in comparisons if kd_groups(c)):
-            kd_cells = dataclasses.replace(comparison, groups=kd_groups(comparison))
+        for comparison in (c for c in comparisons if c.kd_cells):
+            kd_cells = dataclasses.replace(comparison, groups=comparison.kd_cells)
             written[comparison.name] = plot_heatmap(kd_cells, out_dir / f"{comparison.name}.png")
         if comparisons:
             written["per_class"] = plot_per_class(comparisons[0], out_dir / "per_class.png")
@@ -459,7 +450,7 @@ def main(argv: list[str] | None = None) -> int:
         if not d.is_dir():
             print(f"error: {d} is not a directory", file=sys.stderr)
             return 2
-    if not any(_run_dirs(d) for d in args.dirs):
+    if not any(run_dirs(d) for d in args.dirs):
         names = ", ".join(map(str, args.dirs))
         message = f"no run directories (config.yaml or metrics.json) under {names}"
         print(f"error: {message}", file=sys.stderr)
