@@ -32,9 +32,34 @@ from kdlight import config_dir
 from kdlight.errors import KDLightError
 from kdlight.models.registry import trust_targets
 
+#: Trainer settings that make a run a quick check rather than a result.
+DEBUG_KEYS = ("fast_dev_run", "limit_train_batches", "limit_val_batches", "limit_test_batches")
+
+# Every key of a shipped config is declared on one side, alone or in a group all of whose
+# keys are on that side; tests/test_identity_declared.py composes them all and names a key
+# declared on neither. Such a key (a user's ``+data.extra=1``, say) counts as a result: a
+# new run, never two runs that share a folder. A plain copy (``${distill.alpha}``) is the
+# setting it copies.
+
+#: Settings that change a run's numbers (the seed is the id's own part, beside them).
+RESULTS = (
+    "seed", "num_classes", "test_ckpt",
+    "model", "optimizer", "scheduler", "distiller", "methods",  # built from all their keys
+    "data._target_", "data.source", "data.root", "data.mean", "data.std",  # which images
+    "data.synthetic_train_size", "data.synthetic_test_size", "data.val_size",
+    "data.train_subset", "data.eval_subset", "data.batch_size", "data.augment",
+    "data.drop_last", "data.on_device",  # on_device: augmented there, with its random stream
+    "trainer._target_", "trainer.accelerator", "trainer.devices", "trainer.num_nodes",
+    "trainer.strategy", "trainer.sync_batchnorm", "trainer.precision", "trainer.deterministic",
+    "trainer.max_epochs", "trainer.check_val_every_n_epoch", *(f"trainer.{k}" for k in DEBUG_KEYS),
+    "module._target_", "module.distiller", "module.methods",
+    "distill.teacher_model", "distill.temperature", "distill.alpha",
+    "callbacks.model_checkpoint.monitor", "callbacks.model_checkpoint.mode",  # which is "best"
+)  # fmt: skip
 #: Settings that change where or how a run writes or shows things, never its numbers.
 NOT_RESULTS = (
     "hydra", "paths", "logger", "name", "train", "test", "ckpt_path",
+    "callbacks",  # checkpoint intervals, the progress bar...: all but "best" (RESULTS)
     "trainer.default_root_dir", "trainer.enable_progress_bar", "trainer.enable_model_summary",
     "trainer.log_every_n_steps", "trainer.plugins",  # plugins: how checkpoints are written
     "trainer.max_time",  # a launch's time limit: a run it stops is continued, not a result
@@ -46,12 +71,8 @@ NOT_RESULTS = (
     "distill.teacher_cache", "module.teacher_cache",  # the same logits, looked up
     "trusted_targets",  # what may be built from a file, not what is built
 )  # fmt: skip
-#: Of the callbacks, only the choice of the "best" checkpoint can change a result.
-RESULT_CALLBACK_KEYS = ("callbacks.model_checkpoint.monitor", "callbacks.model_checkpoint.mode")
 #: Lists whose order does not matter: the cells of a fused grid.
 UNORDERED = ("distill.temperature", "distill.alpha")
-#: Trainer settings that make a run a quick check rather than a result.
-DEBUG_KEYS = ("fast_dev_run", "limit_train_batches", "limit_val_batches", "limit_test_batches")
 ID_LENGTH = 8
 KD_KEYS = ("temperature", "alpha")
 
@@ -166,8 +187,9 @@ def settings(cfg: DictConfig, teacher: str | None = None) -> dict:
     ``{"dotted.key": value}`` dict with numbers spelled one way. ``teacher`` is the
     teacher's identity (:attr:`Teacher.identity`), stored as ``distill.teacher``."""
     tree = OmegaConf.to_container(cfg, resolve=False)  # resolved below, once trimmed
-    keep = {k: OmegaConf.select(cfg, k, default=None) for k in RESULT_CALLBACK_KEYS}
-    tree.pop("callbacks", None)
+    # a result inside a group that is not one: the callbacks' choice of the best checkpoint
+    inside = [k for k in RESULTS if any(_within(k, group) for group in NOT_RESULTS)]
+    keep = {k: OmegaConf.select(cfg, k, default=None) for k in inside}
     for dotted in NOT_RESULTS:
         *parents, leaf = dotted.split(".")
         node = tree
@@ -189,6 +211,18 @@ def settings(cfg: DictConfig, teacher: str | None = None) -> dict:
     else:  # a model trained alone reads no distill.* (a zoo pair's teacher_model, say)
         flat = {k: v for k, v in flat.items() if not k.startswith("distill.")}
     return dict(sorted(flat.items()))
+
+
+def undeclared(cfg: DictConfig) -> list[str]:
+    """The keys of ``cfg`` declared neither in :data:`RESULTS` nor in :data:`NOT_RESULTS`
+    (a plain copy of another setting needs neither: it is that one)."""
+    declared = (*RESULTS, *NOT_RESULTS)
+    flat = _flatten(OmegaConf.to_container(cfg, resolve=False))
+    return [
+        key
+        for key, raw in flat.items()
+        if not _is_reference(raw) and not any(_within(key, group) for group in declared)
+    ]
 
 
 def _is_reference(raw) -> bool:
