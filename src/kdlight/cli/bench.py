@@ -39,6 +39,7 @@ import platform
 import tempfile
 import time
 from collections.abc import Iterable
+from functools import partial
 from pathlib import Path
 
 import lightning as L
@@ -161,6 +162,11 @@ def fast_path(
     return meter.images_per_second
 
 
+def say(line: str) -> None:
+    """A line of progress, shown as soon as it is said."""
+    print(line, flush=True)
+
+
 def _sync(device: torch.device | str) -> None:
     if torch.device(device).type == "cuda":
         torch.cuda.synchronize()
@@ -186,10 +192,7 @@ def step_overhead(
     bare = plain_loop(tiny(), None, in_memory, device, warmup, steps)  # the one batch, again
     rows = [{"module": "bare PyTorch loop", "ms_per_step": 1e3 * batch / bare}]
 
-    datamodule = CIFAR10DataModule(
-        source="synthetic", synthetic_train_size=batch * (warmup + steps), synthetic_test_size=batch,
-        val_size=0, batch_size=batch, on_device=device.type == "cuda",
-    )  # fmt: skip
+    datamodule = synthetic_data(batch, warmup + steps, device.type == "cuda")
     settings = argparse.Namespace(device=args.device, precision="32-true")
     temperatures, alphas = grid_axes(cells)
     modules = {
@@ -203,21 +206,30 @@ def step_overhead(
         rate = fast_path(module(), datamodule, settings, warmup, steps)
         rows.append({"module": name, "ms_per_step": 1e3 * batch / rate})
     for row in rows:
-        print(f"{row['module']:<36} {row['ms_per_step']:6.2f} ms/step (trivial model)", flush=True)
+        say(f"{row['module']:<36} {row['ms_per_step']:6.2f} ms/step (trivial model)")
     return rows
 
 
 # ------------------------------------------------------------------------ teacher cache
 
 
-def step_data(args: argparse.Namespace, data_dir: str | None = None) -> CIFAR10DataModule:
-    """The synthetic CIFAR-10 the step workloads train on: ``warmup + steps`` batches, one
-    epoch, in ``data_dir`` (where a teacher cache is made; None: the per-user data folder)."""
-    return CIFAR10DataModule(
-        source="synthetic", synthetic_train_size=args.batch_size * (args.warmup + args.steps),
-        synthetic_test_size=args.batch_size, val_size=0, batch_size=args.batch_size,
-        on_device=args.device == "gpu", data_dir=data_dir,
+def synthetic_data(
+    batch: int, batches: int, on_device: bool, classes: int = 10, data_dir: str | None = None
+) -> CIFAR10DataModule:
+    """Synthetic CIFAR-10 (or CIFAR-100) of ``batches`` training batches of ``batch``
+    images, one epoch, in ``data_dir`` (where a teacher cache is made; None: the per-user
+    data folder)."""
+    return (CIFAR100DataModule if classes == 100 else CIFAR10DataModule)(
+        source="synthetic", synthetic_train_size=batch * batches, synthetic_test_size=batch,
+        val_size=0, batch_size=batch, on_device=on_device, data_dir=data_dir,
     )  # fmt: skip
+
+
+def step_data(args: argparse.Namespace, data_dir: str | None = None) -> CIFAR10DataModule:
+    """The synthetic CIFAR-10 the step workloads train on: ``warmup + steps`` batches."""
+    return synthetic_data(
+        args.batch_size, args.warmup + args.steps, args.device == "gpu", 10, data_dir
+    )
 
 
 #: The runs of :func:`cache_steps` for each system, in order: (what the run does, with the
@@ -241,43 +253,31 @@ def cache_steps(args, teacher, student, speed) -> list[dict]:
     ``hit_rate``, 1.0; None without the cache). ``vs_live``: the run's images/s against the
     live run before it (None for a live run). Timing on a CPU is noisy, hence two pairs."""
     temperatures, alphas = grid_axes(args.grid)
+    grid = {"temperature": temperatures, "alpha": alphas}
     systems = {
-        "KD step": (
-            CACHE_RUNS,
-            lambda cached: DistillationModule(
-                student(), teacher=teacher, teacher_cache=cached, **speed
-            ),
-        ),
+        "KD step": (CACHE_RUNS, DistillationModule, {}),
         f"fused grid ({len(temperatures) * len(alphas)} students)": (
-            CACHE_RUNS[:3],
-            lambda cached: DistillationGridModule(
-                student(),
-                teacher=teacher,
-                temperature=temperatures,
-                alpha=alphas,
-                teacher_cache=cached,
-                **speed,
-            ),  # fmt: skip
+            CACHE_RUNS[:3], DistillationGridModule, grid,
         ),
-    }
+    }  # fmt: skip
     rows = []
-    for system, (runs, build) in systems.items():
+    for system, (runs, system_class, cells) in systems.items():
         live = None
         with tempfile.TemporaryDirectory(prefix="kdlight-bench-") as folder:
             for what, cached in runs:
                 L.seed_everything(0, verbose=False)
-                module = build(cached)
+                module = system_class(
+                    student(), teacher=teacher, teacher_cache=cached, **cells, **speed
+                )
                 rate = fast_path(module, step_data(args, folder), args, args.warmup, args.steps)
                 hit_rate = module.cache.hit_rate if cached else None
                 live = live if cached else rate
                 vs_live = rate / live if cached else None
                 name = f"{system}, {what}"
-                rows.append(
-                    {"run": name, "images_per_second": rate, "hit_rate": hit_rate,
-                     "vs_live": vs_live}
-                )  # fmt: skip
+                row = {"run": name, "images_per_second": rate, "hit_rate": hit_rate}
+                rows.append(row | {"vs_live": vs_live})
                 against = f"  hit rate {hit_rate:.1%}  x{vs_live:.2f} vs live" if cached else ""
-                print(f"{name:<40} {rate:9.0f} img/s{against}", flush=True)
+                say(f"{name:<40} {rate:9.0f} img/s{against}")
     return rows
 
 
@@ -351,38 +351,22 @@ def run(args: argparse.Namespace) -> dict:
         torch.manual_seed(0)
         return create_model(args.student)
 
-    workloads = {
-        "teacher training": (
-            lambda: plain_loop(
-                create_model(args.teacher), None, loader, device, args.warmup, args.steps
-            ),
-            lambda: ClassifierModule(create_model(args.teacher), **speed),
-        ),
-        "student training": (
-            lambda: plain_loop(student(), None, loader, device, args.warmup, args.steps),
-            lambda: ClassifierModule(student(), **speed),
-        ),
-        "distillation step": (
-            lambda: plain_loop(student(), teacher, loader, device, args.warmup, args.steps),
-            lambda: DistillationModule(student(), teacher=teacher, **speed),
-        ),
+    def speed_of(model: nn.Module, teacher: nn.Module | None) -> L.LightningModule:
+        if teacher is None:
+            return ClassifierModule(model, **speed)
+        return DistillationModule(model, teacher=teacher, **speed)
+
+    workloads = {  # the model to train (made anew for each loop), and its teacher
+        "teacher training": (lambda: create_model(args.teacher), None),
+        "student training": (student, None),
+        "distillation step": (student, teacher),
     }
     rows = []
-    for name, (plain, fast) in workloads.items():
-        plain_rate = plain()
-        fast_rate = fast_path(fast(), datamodule, args, args.warmup, args.steps)
-        rows.append(
-            {
-                "workload": name,
-                "plain": plain_rate,
-                "fast": fast_rate,
-                "ratio": fast_rate / plain_rate,
-            }
-        )
-        print(
-            f"{name:<22} plain {plain_rate:9.0f}  fast {fast_rate:9.0f} img/s  x{fast_rate / plain_rate:.2f}",
-            flush=True,
-        )
+    for name, (model, its_teacher) in workloads.items():
+        plain = plain_loop(model(), its_teacher, loader, device, args.warmup, args.steps)
+        fast = fast_path(speed_of(model(), its_teacher), datamodule, args, args.warmup, args.steps)
+        rows.append({"workload": name, "plain": plain, "fast": fast, "ratio": fast / plain})
+        say(f"{name:<22} plain {plain:9.0f}  fast {fast:9.0f} img/s  x{fast / plain:.2f}")
     distill_plain = rows[-1]["plain"]
     temperatures, alphas = grid_axes(args.grid)
     grid = DistillationGridModule(
@@ -391,18 +375,11 @@ def run(args: argparse.Namespace) -> dict:
     cells = len(grid.cells)
     grid_rate = fast_path(grid, datamodule, args, args.warmup, args.steps)
     per_student = grid_rate * cells
-    rows.append(
-        {
-            "workload": f"fused grid ({cells} students)",
-            "plain": distill_plain,
-            "fast": per_student,
-            "ratio": per_student / distill_plain,
-        }
-    )
-    print(
-        f"{'fused grid':<22} {cells} students at {grid_rate:.0f} img/s = {per_student:.0f} student-img/s"
-        f"  x{per_student / distill_plain:.2f} vs separate plain runs",
-        flush=True,
+    grid_row = {"workload": f"fused grid ({cells} students)", "plain": distill_plain}
+    rows.append(grid_row | {"fast": per_student, "ratio": per_student / distill_plain})
+    say(
+        f"{'fused grid':<22} {cells} students at {grid_rate:.0f} img/s = {per_student:.0f} "
+        f"student-img/s  x{per_student / distill_plain:.2f} vs separate plain runs"
     )
     methods = method_steps(args, datamodule, teacher, student, speed) if args.methods else []
     zoo = zoo_steps(args, speed) if args.zoo else []
@@ -412,19 +389,14 @@ def run(args: argparse.Namespace) -> dict:
         cache["steps"] = cache_steps(args, teacher, student, speed)
         cache["fill"] = lazy_fill_hit_rates(args.cache_images, args.cache_epochs)
         for row in cache["fill"]:
-            print(
+            say(
                 f"lazy fill, epoch {row['epoch']:>4}: hit rate {row['epoch_hit_rate']:7.2%}, "
                 f"epochs 1-{row['epoch']} {row['cumulative_hit_rate']:7.2%}, "
-                f"filled {row['filled']:7.2%}",
-                flush=True,
+                f"filled {row['filled']:7.2%}"
             )
-    return {
-        "device": torch.cuda.get_device_name()
-        if device.type == "cuda"
-        else platform.processor() or "cpu",
-        "torch": torch.__version__,
-        "settings": {k: v for k, v in vars(args).items() if k != "out"},
-        "rows": rows,
+    on = torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu"
+    settings = {k: v for k, v in vars(args).items() if k != "out"}
+    return {"device": on, "torch": torch.__version__, "settings": settings, "rows": rows} | {
         "methods": methods,
         "zoo": zoo,
         "overhead": overhead,
@@ -434,15 +406,8 @@ def run(args: argparse.Namespace) -> dict:
 
 #: The methods ``make bench`` times, each with its defaults (the official CIFAR settings).
 METHODS = {
-    "kd": distillers.KD,
-    "dkd": distillers.DKD,
-    "fitnet": distillers.FitNet,
-    "at": distillers.AT,
-    "sp": distillers.SP,
-    "vid": distillers.VID,
-    "pkt": distillers.PKT,
-    "rkd": distillers.RKD,
-    "crd": distillers.CRD,
+    name.lower(): getattr(distillers, name)
+    for name in ("KD", "DKD", "FitNet", "AT", "SP", "VID", "PKT", "RKD", "CRD")
 }
 
 
@@ -463,12 +428,7 @@ def zoo_pairs() -> list[tuple[str, str]]:
 def zoo_steps(args, speed) -> list[dict]:
     """The KD distillation step (images/s on the fast path) of each zoo pair, on 100
     classes at batch 64 (the zoo's recipe)."""
-    batch = 64
-    size = batch * (args.warmup + args.zoo_steps)
-    datamodule = CIFAR100DataModule(
-        source="synthetic", synthetic_train_size=size, synthetic_test_size=batch, val_size=0,
-        batch_size=batch, on_device=args.device == "gpu",
-    )  # fmt: skip
+    datamodule = synthetic_data(64, args.warmup + args.zoo_steps, args.device == "gpu", 100)
     rows = []
     for teacher_name, student_name in zoo_pairs()[: args.zoo_pairs]:
         torch.manual_seed(0)
@@ -477,7 +437,7 @@ def zoo_steps(args, speed) -> list[dict]:
         module = DistillationModule(student, teacher=teacher, num_classes=100, **speed)
         rate = fast_path(module, datamodule, args, args.warmup, args.zoo_steps)
         rows.append({"teacher": teacher_name, "student": student_name, "images_per_second": rate})
-        print(f"zoo {teacher_name:>10} -> {student_name:<12} {rate:9.0f} img/s", flush=True)
+        say(f"zoo {teacher_name:>10} -> {student_name:<12} {rate:9.0f} img/s")
     return rows
 
 
@@ -489,7 +449,7 @@ def method_steps(args, datamodule, teacher, student, speed) -> list[dict]:
         module = DistillationModule(student(), teacher=teacher, distiller=method(), **speed)
         rate = fast_path(module, datamodule, args, args.warmup, args.steps)
         rows.append({"method": name, "images_per_second": rate})
-        print(f"method {name:<8} {rate:9.0f} img/s", flush=True)
+        say(f"method {name:<8} {rate:9.0f} img/s")
     kd = rows[0]["images_per_second"]
     return [row | {"cost_vs_kd": kd / row["images_per_second"]} for row in rows]
 
@@ -502,10 +462,11 @@ def grid_axes(cells: int) -> tuple[list[float], list[float]]:
 
 
 def markdown(result: dict) -> str:
+    settings = result["settings"]
     lines = [
-        f"Device: {result['device']}, torch {result['torch']}, batch {result['settings']['batch_size']}, "
-        f"precision {result['settings']['precision']}, compile {result['settings']['compile']}, "
-        f"channels_last {result['settings']['channels_last']}, plain loop workers {result['settings']['workers']}",
+        f"Device: {result['device']}, torch {result['torch']}, batch {settings['batch_size']}, "
+        f"precision {settings['precision']}, compile {settings['compile']}, "
+        f"channels_last {settings['channels_last']}, plain loop workers {settings['workers']}",
         "",
         "| workload | plain loop (img/s) | kdlight fast path (img/s) | ratio |",
         "|---|---:|---:|---:|",
@@ -531,7 +492,6 @@ def markdown(result: dict) -> str:
         lines += [f"| {r['module']} | {r['ms_per_step']:.2f} |" for r in result["overhead"]]
     cache = result.get("cache") or {}
     if cache.get("steps"):
-        settings = result["settings"]
         lines += [
             "",
             f"| teacher cache, {settings['teacher']} -> {settings['student']} "
@@ -543,7 +503,7 @@ def markdown(result: dict) -> str:
             ratio = "" if r["vs_live"] is None else f"{r['vs_live']:.2f}x"
             lines.append(f"| {r['run']} | {r['images_per_second']:.0f} | {hit_rate} | {ratio} |")
     if cache.get("fill"):
-        images = result["settings"]["cache_images"]
+        images = settings["cache_images"]
         lines += [
             "",
             f"| lazily filled teacher cache, {images:,} images, after E epochs | hit rate, "
@@ -563,57 +523,42 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--device", choices=["cpu", "gpu"], default="gpu" if gpu else "cpu")
-    parser.add_argument("--teacher", default="resnet18_half")
-    parser.add_argument("--student", default="small_cnn")
-    parser.add_argument("--batch-size", type=int, default=128)
-    parser.add_argument(
-        "--warmup", type=int, default=20 if gpu else 3, help="batches before timing starts"
-    )
-    parser.add_argument(
-        "--steps", type=int, default=200 if gpu else 16, help="timed batches per workload"
-    )
-    parser.add_argument(
-        "--grid", type=int, default=12 if gpu else 4, help="students in the fused grid"
-    )
-    parser.add_argument(
-        "--workers", type=int, default=12 if gpu else 2, help="DataLoader workers of the plain loop"
+    option = parser.add_argument
+    option("--device", choices=["cpu", "gpu"], default="gpu" if gpu else "cpu")
+    option("--teacher", default="resnet18_half")
+    option("--student", default="small_cnn")
+    option("--batch-size", type=int, default=128)
+    option("--warmup", type=int, default=20 if gpu else 3, help="batches before timing starts")
+    option("--steps", type=int, default=200 if gpu else 16, help="timed batches per workload")
+    option("--grid", type=int, default=12 if gpu else 4, help="students in the fused grid")
+    option(
+        "--workers", type=int, default=12 if gpu else 2, help="the plain loop's DataLoader workers"
     )
     # The fast path's defaults are the speed presets: speed=fast on a GPU, speed=fast_cpu on
     # a CPU (bf16 only where the CPU has it natively; no torch.compile, which gains little there).
-    parser.add_argument("--precision", default="bf16-mixed" if gpu else fast_cpu_precision())
-    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=gpu)
-    parser.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True)
-    parser.add_argument(
-        "--methods", action=argparse.BooleanOptionalAction, default=True,
-        help="also time the distillation step of every method against KD's",
-    )  # fmt: skip
-    parser.add_argument(
-        "--zoo", action=argparse.BooleanOptionalAction, default=True,
-        help="also time the KD step of each CIFAR-100 zoo pair (conf/pair/)",
-    )  # fmt: skip
-    parser.add_argument(
-        "--zoo-steps", type=int, default=200 if gpu else 4, help="timed batches per zoo pair"
-    )
-    parser.add_argument("--zoo-pairs", type=int, default=None, help="only the first N pairs")
-    parser.add_argument(
-        "--overhead", action=argparse.BooleanOptionalAction, default=True,
-        help="also time each module's per-step overhead with a trivial model",
-    )  # fmt: skip
-    parser.add_argument(
-        "--cache", action=argparse.BooleanOptionalAction, default=True,
+    option("--precision", default="bf16-mixed" if gpu else fast_cpu_precision())
+    switch = partial(option, action=argparse.BooleanOptionalAction, default=True)
+    switch("--compile", default=gpu)
+    switch("--channels-last")
+    switch("--methods", help="also time the distillation step of every method against KD's")
+    switch("--zoo", help="also time the KD step of each CIFAR-100 zoo pair (conf/pair/)")
+    option("--zoo-steps", type=int, default=200 if gpu else 4, help="timed batches per zoo pair")
+    option("--zoo-pairs", type=int, default=None, help="only the first N pairs")
+    switch("--overhead", help="also time each module's per-step overhead with a trivial model")
+    switch(
+        "--cache",
         help="also time the KD step with the teacher cache (live, filling, warm) and simulate "
         "a lazily filled cache's hit rate",
-    )  # fmt: skip
-    parser.add_argument(
+    )
+    option(
         "--cache-images", type=int, default=50_000,
         help="training images of the lazy-fill simulation (CIFAR-10's 50,000)",
     )  # fmt: skip
-    parser.add_argument(
+    option(
         "--cache-epochs", type=int, nargs="+", default=[1, 10, 100, 200],
         help="epochs after which the lazy fill's hit rate is reported (the largest is simulated)",
     )  # fmt: skip
-    parser.add_argument("--out", type=Path, default=Path("bench.json"))
+    option("--out", type=Path, default=Path("bench.json"))
     args = parser.parse_args(argv)
     if args.cache_images < 1 or min(args.cache_epochs) < 1:
         parser.error("--cache-images and --cache-epochs must be positive")
