@@ -80,10 +80,8 @@ def heatmap_figure(c: Comparison):
     ax.set_yticks(range(len(alphas)), [f"{a:g}" for a in alphas])
     ax.set(xlabel="temperature T", ylabel="alpha (weight of the teacher's soft targets)")
     notes = [f"teacher {c.teacher['accuracy']:.2f}%"] if c.teacher else []
-    if c.baseline:
-        notes.append(f"baseline {mean_std(c.baseline.summary(), '%')} (Δ in pp)")
-    else:
-        notes.append("no comparable baseline")
+    baseline = c.baseline and f"baseline {mean_std(c.baseline.summary(), '%')} (Δ in pp)"
+    notes.append(baseline or "no comparable baseline")
     notes.append(f"bold: best on {'val' if c.chosen_on == 'validation' else 'test'} acc")
     # the figure's title, centred on the figure rather than on the axes beside the colorbar,
     # and wrapped to its width: one long line was cut at both edges
@@ -123,10 +121,8 @@ def per_class_figure(c: Comparison):
         label = f"student baseline {c.model} ({mean_std(c.baseline.summary(), '%')})"
         series.append((label, c.baseline.per_class()))
     best = c.best.per_class()
-    label = (
-        f"best distilled {c.model}, {cell_name(c.best.first)} ({mean_std(c.best.summary(), '%')})"
-    )
-    series.append((label, best))
+    label = f"best distilled {c.model}, {cell_name(c.best.first)}"
+    series.append((f"{label} ({mean_std(c.best.summary(), '%')})", best))
     classes = list(dict.fromkeys(name for _, accs in series for name in accs))
     # worst first; a class without a result of the best cell last
     classes.sort(key=lambda name: (best.get(name) is None, best.get(name) or 0.0))
@@ -150,12 +146,8 @@ def per_class_figure(c: Comparison):
         ax.tick_params(axis="x", labelsize=8)
         ax.set_xlabel("test accuracy (%)", fontsize=8)
         ax.grid(axis="both", alpha=0.3)
-    fig.suptitle(
-        _wrap_to(
-            fig, ["Per-class test accuracy (means over seeds), worst class of the best first"]
-        ),
-        fontsize=TITLE_POINTS,
-    )
+    title = "Per-class test accuracy (means over seeds), worst class of the best first"
+    fig.suptitle(_wrap_to(fig, [title]), fontsize=TITLE_POINTS)
     fig.legend(loc="outside lower center", ncol=1, fontsize=8, frameon=False)
     return fig
 

@@ -109,6 +109,10 @@ def welch_difference(values: list[float], baseline: list[float]) -> Estimate:
     return with_interval(estimate, lambda: ttest_ind(values, baseline, equal_var=False))
 
 
+#: What :class:`Group` reads of each run: a record's key, or a function of the record.
+Field = str | Callable[[dict], float | None]
+
+
 @dataclass
 class Group:
     """Finished runs (records of :func:`kdlight.analysis.records.load_run`) whose settings
@@ -122,7 +126,7 @@ class Group:
     def first(self) -> dict:
         return self.runs[0]
 
-    def per_seed(self, field: str | Callable[[dict], float | None] = "accuracy"):
+    def per_seed(self, field: Field = "accuracy") -> tuple[dict, list[float]]:
         """``({seed: mean of field over that seed's runs}, [field of each unknown-seed run])``,
         leaving out runs where ``field`` (a record key, or a function of the record) is None."""
         read = field if callable(field) else lambda run: run.get(field)
@@ -136,13 +140,13 @@ class Group:
                 unknown.append(value)
             else:
                 known.setdefault(run["seed"], []).append(value)
-        return {seed: math.fsum(v) / len(v) for seed, v in sorted(known.items())}, unknown
+        return {seed: statistics.fmean(v) for seed, v in sorted(known.items())}, unknown
 
-    def values(self, field: str | Callable[[dict], float | None] = "accuracy") -> list[float]:
+    def values(self, field: Field = "accuracy") -> list[float]:
         known, unknown = self.per_seed(field)
         return [*known.values(), *unknown]
 
-    def summary(self, field: str | Callable[[dict], float | None] = "accuracy") -> Estimate | None:
+    def summary(self, field: Field = "accuracy") -> Estimate | None:
         return summarize(self.values(field))
 
     @property
@@ -154,11 +158,10 @@ class Group:
     def per_class(self) -> dict[str, float | None]:
         """Each class's accuracy averaged like the test accuracy (one value per seed); None
         for a class that no run has an accuracy for (no test image of it)."""
-        classes = dict.fromkeys(c for run in self.runs for c in run["per_class"])
         means = {}
-        for name in classes:
-            estimate = summarize(self.values(lambda run, name=name: run["per_class"].get(name)))
-            means[name] = None if estimate is None else estimate.mean
+        for name in dict.fromkeys(c for run in self.runs for c in run["per_class"]):
+            values = self.values(lambda run, name=name: run["per_class"].get(name))
+            means[name] = statistics.fmean(values) if values else None
         return means
 
 
