@@ -80,8 +80,7 @@ INTRO = (
 
 def _csv(header: list[str], rows: list[list]) -> str:
     text = io.StringIO()
-    writer = csv.writer(text)
-    writer.writerows([header, *rows])
+    csv.writer(text).writerows([header, *rows])
     return text.getvalue()
 
 
@@ -446,16 +445,12 @@ def main(argv: list[str] | None = None) -> int:
         "(default: KD at the runs' settings, else the baseline)",
     )
     args = parser.parse_args(argv)
-    for d in args.dirs:
-        if not d.is_dir():
-            print(f"error: {d} is not a directory", file=sys.stderr)
-            return 2
-    if not any(run_dirs(d) for d in args.dirs):
-        names = ", ".join(map(str, args.dirs))
-        message = f"no run directories (config.yaml or metrics.json) under {names}"
-        print(f"error: {message}", file=sys.stderr)
-        return 2
     try:
+        if missing := [d for d in args.dirs if not d.is_dir()]:
+            raise KDLightError(f"{missing[0]} is not a directory")
+        if not any(run_dirs(d) for d in args.dirs):
+            names = ", ".join(map(str, args.dirs))
+            raise KDLightError(f"no run directories (config.yaml or metrics.json) under {names}")
         written = build_report(args.dirs, args.out or args.dirs[0], args.reference)
     except KDLightError as err:
         print(f"error: {err}", file=sys.stderr)

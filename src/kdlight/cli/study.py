@@ -99,25 +99,17 @@ class Study:
     def student_jobs(self) -> list[Job]:
         """The student alone at each seed, then each method at each seed."""
         alone = [o for o in self.student_overrides if _key(o).split(".")[0] == "model"]
-        jobs = [
-            self._student(
-                "student", f"student alone seed {seed}", "zoo_student", *alone, f"seed={seed}"
-            )  # fmt: skip
+        pair, students = f"pair={self.pair}", self.student_overrides
+        kinds = [("student", "student alone", ["experiment=zoo_student", pair, *alone])]
+        kinds += [
+            ("distill", m, ["experiment=zoo_distill", pair, f"distiller={m}", *students])
+            for m in self.distillers
+        ]
+        return [
+            Job(role, f"{label} seed {seed}", (*words, f"seed={seed}", *self.shared_overrides))
+            for role, label, words in kinds
             for seed in self.seeds
         ]
-        for method in self.distillers:
-            distill = [f"distiller={method}", *self.student_overrides]
-            jobs += [
-                self._student(
-                    "distill", f"{method} seed {seed}", "zoo_distill", *distill, f"seed={seed}"
-                )  # fmt: skip
-                for seed in self.seeds
-            ]
-        return jobs
-
-    def _student(self, role: str, label: str, experiment: str, *overrides: str) -> Job:
-        words = (f"experiment={experiment}", f"pair={self.pair}", *overrides, *self.shared_overrides)  # fmt: skip
-        return Job(role, label, words)
 
 
 def _key(override: str) -> str:
@@ -212,9 +204,7 @@ def run_directory(cfg: DictConfig) -> tuple[Path, bool]:
     root = Path(str(cfg.paths.root)).resolve() / str(cfg.name)
     try:
         teacher = resolve_teacher(cfg)
-    except (
-        KDLightError
-    ):  # named as kdlight.runs.identity.run_folder names it: its teacher "missing"
+    except KDLightError:  # named as kdlight.runs.identity.run_folder names it: "missing"
         return root / identify(cfg, "missing").folder, False
     identity = identify(cfg, teacher.identity if teacher else None)
     folder = root / identity.folder
@@ -398,13 +388,20 @@ def report(runs: list[Planned | None], out: Path) -> int:
     return status
 
 
+def unfinished(run: Planned) -> Path | None:
+    """``run``'s directory when it has not finished, else None (and it says it skips it)."""
+    folder, done = run.state()
+    if done:
+        _say(f"skipped (finished): {run.job.label}: {folder}")
+    return None if done else folder
+
+
 def run_here(teacher: Planned | None, students: list[Planned], out: Path) -> int:
     """The study in this process: teacher, students, report. 0 when every run finished."""
     failed = []
     for run in [teacher, *students] if teacher else students:
-        folder, done = run.state()  # a student's after its teacher: the teacher is theirs
-        if done:
-            _say(f"skipped (finished): {run.job.label}: {folder}")
+        folder = unfinished(run)  # a student's after its teacher: the teacher is theirs
+        if folder is None:
             continue
         _say(f"running {run.job.label}: {folder}")
         failure = run_job(run.job, run.cfg, folder)
@@ -464,13 +461,8 @@ def run_on_slurm(
 ) -> int:
     """Submit (or with ``dry_run`` print) the teacher job, the students' array after it and
     the report after the array; finished runs are not submitted."""
-    todo = []
-    for run in [teacher, *students] if teacher else students:
-        folder, done = run.state()
-        if done:
-            _say(f"skipped (finished): {run.job.label}: {folder}")
-        else:
-            todo.append(run.job)
+    runs = [teacher, *students] if teacher else students
+    todo = [run.job for run in runs if unfinished(run)]
     root = Path(str(students[0].cfg.paths.root)).resolve()
     jobs = slurm_jobs(study, todo, launcher_settings(study, students[0].cfg), root, out)
     ids: dict[str, str] = {}
