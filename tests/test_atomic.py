@@ -19,12 +19,12 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
-from hydra.utils import instantiate
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
 from kdlight.errors import KDLightError
 from kdlight.lit import ClassifierModule
 from kdlight.models import create_model
+from kdlight.train import build_trainer
 from kdlight.trainer.callbacks import NonFiniteLossError, SaveLastCheckpoint, StopOnNonFiniteLoss
 from kdlight.trainer.checkpointing import (
     AtomicCheckpointIO,
@@ -83,7 +83,7 @@ def quiet_trainer(root: Path, epochs: int, callbacks: list, **kwargs) -> L.Train
 def test_every_trainer_config_writes_checkpoints_atomically(tmp_path: Path, trainer: list[str]):
     tiny = [override for override in TINY if not override.startswith("trainer=")]
     cfg = compose_config([*tiny, *trainer], tmp_path)
-    built = instantiate(cfg.trainer, logger=False)
+    built = build_trainer(cfg)  # as kdlight-train builds it
     assert type(built.strategy.checkpoint_io) is AtomicCheckpointIO
 
 

@@ -38,6 +38,7 @@ from hydra.utils import instantiate
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.callbacks import ProgressBar
 from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.plugins import CheckpointIO
 from lightning.pytorch.strategies.launchers import subprocess_script
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
@@ -69,7 +70,11 @@ from kdlight.runs.identity import (
     resolve_teacher,
 )
 from kdlight.trainer.callbacks import RecordRunIdentity
-from kdlight.trainer.checkpointing import UnreadableCheckpoint, read_checkpoint
+from kdlight.trainer.checkpointing import (
+    AtomicCheckpointIO,
+    UnreadableCheckpoint,
+    read_checkpoint,
+)
 from kdlight.trainer.loggers import log_run_settings
 
 log = logging.getLogger("kdlight")
@@ -145,19 +150,26 @@ def finished(files: list[Path], identity: RunIdentity) -> bool:
 
 
 def build_trainer(cfg: DictConfig, callbacks: list | None = None) -> L.Trainer:
-    """The Trainer with its callbacks (the config's and ``callbacks``) and loggers;
+    """The Trainer with its callbacks (the config's and ``callbacks``), loggers and plugins;
     Lightning's complaints about the settings (no GPU for ``trainer=gpu``, say) become
     one-line errors. With ``trainer.enable_progress_bar=false`` the config's progress bar is
     left out (Lightning refuses a progress-bar callback beside that switch).
     ``trainer.max_time`` is not Lightning's: it is each launch's limit, which ``train``
-    gives :class:`~kdlight.runs.guard.SaveLastOnSigterm`."""
+    gives :class:`~kdlight.runs.guard.SaveLastOnSigterm`. Checkpoints are written by
+    :class:`~kdlight.trainer.checkpointing.AtomicCheckpointIO` whatever ``trainer.plugins``
+    holds, unless it holds a ``CheckpointIO`` of the user's own."""
     quiet_lightning()  # the Trainer says its litlogger tip as it is made
     try:
         callbacks = _instantiate_all(cfg.get("callbacks")) + list(callbacks or [])
         if cfg.trainer.get("enable_progress_bar") is False:
             callbacks = [c for c in callbacks if not isinstance(c, ProgressBar)]
         loggers = _instantiate_all(cfg.get("logger")) or False
-        return instantiate(cfg.trainer, callbacks=callbacks, logger=loggers, max_time=None)
+        plugins = list(instantiate(cfg.trainer.get("plugins") or []))
+        if not any(isinstance(plugin, CheckpointIO) for plugin in plugins):
+            plugins.append(AtomicCheckpointIO())
+        return instantiate(
+            cfg.trainer, callbacks=callbacks, logger=loggers, plugins=plugins, max_time=None
+        )
     except Exception as err:  # Hydra's instantiate wraps Lightning's exception
         cause = err.__cause__ if isinstance(err.__cause__, MisconfigurationException) else err
         if not isinstance(cause, MisconfigurationException):
