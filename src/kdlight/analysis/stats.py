@@ -431,11 +431,8 @@ def set_reference(c: Comparison, wanted: str | None = None) -> None:
         c.reference_deltas = {
             g.key: None if g is reference else difference(g, reference) for g in c.groups
         }
-        c.reference_why = (
-            "chosen with `--reference`"
-            if wanted
-            else "KD at the settings the other methods ran with; `--reference` picks another"
-        )
+        default = "KD at the settings the other methods ran with; `--reference` picks another"
+        c.reference_why = "chosen with `--reference`" if wanted else default
         return
     elif wanted:
         set_reference(c)

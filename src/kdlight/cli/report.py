@@ -225,9 +225,7 @@ def _table(
     if len(kinds) > 1:
         notes = [f"{VAL_MARKS[k]} {VAL_NOTES[k]}" for k in kinds if k in VAL_MARKS]
     else:
-        notes = (
-            [f"{VAL_HEADS['test_set']}: {VAL_NOTES['test_set']}"] if uniform == "test_set" else []
-        )
+        notes = [f"{VAL_HEADS[uniform]}: {VAL_NOTES[uniform]}"] if uniform == "test_set" else []
     return lines + (["", *notes] if notes else [])
 
 
@@ -321,11 +319,8 @@ def _comparison_lines(c: Comparison) -> list[str]:
 
 def _delta_cells(delta: Estimate | None) -> list[str]:
     """A difference's two cells: ``+0.63`` and ``[+0.01, +1.26] paired`` (or Welch)."""
-    how = (
-        {"paired": " paired", "welch": " Welch"}[delta.method]
-        if delta and delta.has_interval
-        else ""
-    )
+    named = {"paired": " paired", "welch": " Welch"}
+    how = named[delta.method] if delta and delta.has_interval else ""
     return [fmt(delta and delta.mean, "+.2f") or "—", _interval(delta, "+.2f") + how]
 
 
