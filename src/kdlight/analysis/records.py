@@ -221,10 +221,7 @@ def _read_run(path: Path, run: dict) -> None:
     run["seed"] = get("seed") if _is_int(get("seed")) else None
     kd = str(get("distiller._target_") or "kdlight.distillers.KD").endswith(".KD")
     if run["system"] in DISTILLATION and kd:  # another method's cells are not T x alpha
-        run |= {
-            "temperature": _float(get("distill.temperature")),
-            "alpha": _float(get("distill.alpha")),
-        }
+        run |= {key: _float(get(f"distill.{key}")) for key in ("temperature", "alpha")}
     val_size = get("data.val_size")
     if _is_int(val_size):
         run["validation"] = VALIDATION[val_size == 0]
