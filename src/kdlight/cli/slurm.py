@@ -38,7 +38,7 @@ The overrides are kdlight-train's; trainer.devices and trainer.num_nodes must be
 _NOT_SBATCH = {"_target_", "submitit_folder", "max_num_timeout"}
 
 
-def sbatch_script(launcher: dict, num_runs: int) -> str:
+def submitit_script(launcher: dict, num_runs: int) -> str:
     """The sbatch script submitit writes for ``num_runs`` runs (a job array when several)."""
     from submitit.slurm.slurm import SlurmExecutor, _make_sbatch_string  # the slurm extra
 
@@ -79,7 +79,7 @@ def dry_run(args: list[str]) -> str:
     sweep = [f"{key}={value}" for key, value in (cfg.hydra.sweeper.params or {}).items()]
     runs = [run for batch in BasicSweeper.split_arguments(parser.parse_overrides([*sweep, *args]), None) for run in batch]  # fmt: skip
     launcher = OmegaConf.to_container(cfg.hydra.launcher, resolve=True)
-    lines = [sbatch_script(launcher, len(runs)), ""]
+    lines = [submitit_script(launcher, len(runs)), ""]
     lines += [f"# run {n}: {' '.join(filter_overrides(run))}" for n, run in enumerate(runs)]
     if warning := missing_teacher(cfg):
         lines.append(warning)
