@@ -14,8 +14,8 @@ from lightning.pytorch.utilities import move_data_to_device
 from kdlight.data import CIFAR10DataModule
 from kdlight.data.datamodule import IndexBatch
 from kdlight.lit import ClassifierModule, DistillationGridModule, DistillationModule, freeze
-from kdlight.lit.base import FastForward
 from kdlight.models import create_model
+from kdlight.models.fast import FastForward
 from kdlight.trainer import hardware
 from tests.conftest import TINY, compose_config, cpu_trainer, synthetic_datamodule
 

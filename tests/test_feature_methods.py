@@ -97,7 +97,7 @@ def test_default_taps_pair_the_deepest_stages():
 
 # ------------------------------------------------------------------- the methods' wiring
 def outputs(module: DistillationModule, x: Tensor) -> tuple[Outputs, Outputs]:
-    with torch.no_grad(), module.teacher_taps.capture() as features:
+    with torch.no_grad(), module.frozen.taps.capture() as features:
         t = Outputs(module.teacher(x), features)
     with module.slot.student_taps.capture() as features:
         s = Outputs(module.model(x), features)
@@ -226,4 +226,4 @@ def test_a_grid_of_methods_trains_each_cell_as_its_separate_run(tmp_path: Path):
         for key, value in alone.distiller.state_dict().items():
             torch.testing.assert_close(grid.methods[index].state_dict()[key], value, msg=key)
     assert grid.names == ["kd", "fitnet", "crd"] and not grid.fused_kd
-    assert grid.teacher_taps.names == ["stages.3", "pool"]  # each read once, for all cells
+    assert grid.frozen.taps.names == ["stages.3", "pool"]  # each read once, for all cells

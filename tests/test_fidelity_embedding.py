@@ -79,7 +79,7 @@ def kdlight_system(pair: str, method: str, tmp_path, overrides: tuple[str, ...] 
         optimizer=None,
         scheduler=None,
     )
-    return cfg, module.train()  # the teacher stays in eval mode (FrozenTeacherMixin)
+    return cfg, module.train()  # the teacher stays in eval mode (DistillationSystem.train)
 
 
 def images_of(generator: torch.Generator, count: int = BATCH) -> Tensor:
@@ -119,7 +119,7 @@ def fixed_batch(num_data: int = NUM_DATA) -> tuple[Tensor, Tensor, Tensor, Tenso
 def kdlight_step(module, images: Tensor, labels: Tensor, index: Tensor) -> dict[str, Tensor]:
     """One training step's parts, the gradients left in the student and the method: what
     ``DistillationModule.training_step`` computes, without a Trainer to log to."""
-    teacher = module.teacher_outputs(images, [index])
+    teacher = module.frozen.outputs(images, [index])
     _, parts = module.slot.step(module.fast_model, images, labels, teacher, 0, index)
     parts["loss"].backward()
     return parts

@@ -70,7 +70,7 @@ def test_a_cached_kd_run_equals_the_run_without_it(tmp_path: Path):
     for key, value in live.model.state_dict().items():
         torch.testing.assert_close(filling.model.state_dict()[key], value, msg=key)
         torch.testing.assert_close(warm.model.state_dict()[key], value, msg=key)
-    assert filling.cache.hit_rate < 0.05 and warm.cache.hit_rate == 1.0
+    assert filling.frozen.cache.hit_rate < 0.05 and warm.frozen.cache.hit_rate == 1.0
     record = json.loads((tmp_path / "warm" / "metrics.json").read_text())["teacher_cache"]
     assert record["used"] and record["hit_rate"] == 1.0
     assert Path(record["path"]).parent == tmp_path / "data" / "teacher_cache"
@@ -92,7 +92,7 @@ def test_another_teacher_data_or_precision_is_another_cache(tmp_path: Path):
                               precision=precision)  # fmt: skip
         data = synthetic_datamodule(train=train, test=50, val=0, batch=50, data_dir=tmp_path)
         trainer.fit(module, datamodule=data)
-        return module.cache.path
+        return module.frozen.cache.path
 
     torch.manual_seed(0)
     one = create_model("resnet8").eval()
@@ -119,9 +119,9 @@ def test_every_seed_shares_one_cache(tmp_path: Path):
             train=200, test=50, val=50, batch=50, data_dir=tmp_path, seed=seed
         )
         trainer.fit(module, datamodule=data)
-        paths.append(module.cache.path)
+        paths.append(module.frozen.cache.path)
     assert paths[0] == paths[1]
-    assert_entries_are_the_teachers(module.cache, teacher, tmp_path)
+    assert_entries_are_the_teachers(module.frozen.cache, teacher, tmp_path)
 
 
 def assert_entries_are_the_teachers(cache: TeacherCache, teacher, data_dir: Path) -> None:
@@ -149,7 +149,7 @@ def test_a_logit_method_reads_the_cache_a_feature_method_keeps_its_teacher_live(
     )  # fmt: skip
     fit(dkd, tmp_path / "dkd", tmp_path / "data")
     record = json.loads((tmp_path / "dkd" / "metrics.json").read_text())["teacher_cache"]
-    assert record["used"] and record["path"] == str(dkd.cache.path)
+    assert record["used"] and record["path"] == str(dkd.frozen.cache.path)
 
     module = DistillationModule(
         create_model("small_cnn", width=0.25), teacher=teacher, distiller=FitNet(),
@@ -157,7 +157,7 @@ def test_a_logit_method_reads_the_cache_a_feature_method_keeps_its_teacher_live(
     )  # fmt: skip
     with caplog.at_level("INFO", logger="kdlight"):
         fit(module, tmp_path / "fitnet", tmp_path / "data")
-    assert module.cache is None
+    assert module.frozen.cache is None
     assert (
         "distill.teacher_cache: not used: distiller=fitnet reads the teacher's features"
         in caplog.text
@@ -364,7 +364,7 @@ def test_a_fused_grid_reads_the_cache_and_trains_as_without_it(tmp_path: Path):
         return module
 
     live, filling, warm = grid("live", False), grid("filling", True), grid("warm", True)
-    assert warm.cache.path == filling.cache.path and warm.cache.hit_rate == 1.0
+    assert warm.frozen.cache.path == filling.frozen.cache.path and warm.frozen.cache.hit_rate == 1.0
     for key, value in live.students.state_dict().items():
         torch.testing.assert_close(filling.students.state_dict()[key], value, msg=key)
         torch.testing.assert_close(warm.students.state_dict()[key], value, msg=key)

@@ -59,7 +59,7 @@ def distill(teacher: torch.nn.Module, root: Path, data_dir: Path, epochs: int = 
     module = DistillationModule(student, teacher=teacher, teacher_cache=True)
     data = synthetic_datamodule(IMAGES, 50, 0, 50, data_dir=data_dir)
     cpu_trainer(root, epochs=epochs, limit_val_batches=0).fit(module, datamodule=data)
-    return module, module.teacher_cache_record()["teacher_cache"]
+    return module, module.frozen.cache_record()["teacher_cache"]
 
 
 def kdlight_warnings(caplog: pytest.LogCaptureFixture) -> list[str]:
@@ -172,12 +172,12 @@ def test_a_truncated_file_is_made_again_with_one_note(tmp_path: Path, damaged: s
 def test_a_run_on_a_damaged_cache_warns_once_and_fills_it_anew(tmp_path: Path, caplog):
     teacher = create_model("resnet8").eval()
     module, _ = distill(teacher, tmp_path / "first", tmp_path / "data")
-    logits = module.cache.path.with_suffix(".logits")
+    logits = module.frozen.cache.path.with_suffix(".logits")
     os.truncate(logits, 1000)
     with caplog.at_level(logging.INFO, logger="kdlight"):
         again, record = distill(teacher, tmp_path / "again", tmp_path / "data")
     (warning,) = kdlight_warnings(caplog)
-    assert warning.startswith(f"teacher cache {again.cache.path} was damaged (")
+    assert warning.startswith(f"teacher cache {again.frozen.cache.path} was damaged (")
     assert record["used"] and record["hit_rate"] < 0.05  # filled anew, as the first run did
     assert logits.stat().st_size == IMAGES * VARIANTS * 10 * 4
 
@@ -191,7 +191,7 @@ def test_a_regular_file_where_the_cache_folder_goes_keeps_the_teacher_live(tmp_p
     assert warning.startswith(
         f"distill.teacher_cache: not used: cannot make the folder {tmp_path / 'data'}"
     ) and warning.endswith("; the teacher runs live")
-    assert module.cache is None and record == {"used": False, "hit_rate": None, "path": None}
+    assert module.frozen.cache is None and record == {"used": False, "hit_rate": None, "path": None}
 
 
 # ------------------------------------------------------------------------ read-only
@@ -211,7 +211,7 @@ teacher.eval()
 warm, warm_record = distill(teacher, folder / "warm", folder / "data")
 live, live_record = distill(teacher, folder / "live", folder / "empty")
 print("records", json.dumps([warm_record, live_record]))
-print("filled", int(warm.cache.filled.sum()))
+print("filled", int(warm.frozen.cache.filled.sum()))
 print("status", cache_teacher_main(sys.argv[2:]))
 """
 
@@ -227,7 +227,7 @@ def test_a_read_only_cache_gives_its_hits_and_a_read_only_folder_keeps_the_teach
     teacher = create_model("resnet8")
     teacher.load_state_dict(torch.load(teacher_file, weights_only=True))
     first, _ = distill(teacher.eval(), tmp_path / "first", tmp_path / "data")
-    filled = int(first.cache.filled.sum())
+    filled = int(first.frozen.cache.filled.sum())
     (tmp_path / "empty").mkdir()
     (tmp_path / "script.py").write_text(READ_ONLY_RUNS)
     mounts = "\n".join(
@@ -249,7 +249,7 @@ def test_a_read_only_cache_gives_its_hits_and_a_read_only_folder_keeps_the_teach
     assert "Traceback" not in result.stderr
     notes = [line for line in lines if "teacher cache" in line or "teacher_cache" in line]
     assert notes[0] == (
-        f"log: teacher cache {first.cache.path} is read-only (Read-only file system): its "
+        f"log: teacher cache {first.frozen.cache.path} is read-only (Read-only file system): its "
         "hits are used, the misses computed live and not stored"
     )
     assert notes[2] == (
@@ -279,7 +279,7 @@ def test_logits_overwritten_stop_the_run_in_one_line_naming_the_cache(
     non-finite loss that did not name the cache."""
     teacher = create_model("resnet8").eval()
     module, _ = distill(teacher, tmp_path / "first", tmp_path / "data")
-    cache = module.cache
+    cache = module.frozen.cache
     filled = cache.filled.astype(bool)
     cache.logits[filled] = damage(cache.logits[filled]).astype(np.float32)
     cache.logits.flush()

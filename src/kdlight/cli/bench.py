@@ -270,7 +270,7 @@ def cache_steps(args, teacher, student, speed) -> list[dict]:
                     student(), teacher=teacher, teacher_cache=cached, **cells, **speed
                 )
                 rate = fast_path(module, step_data(args, folder), args, args.warmup, args.steps)
-                hit_rate = module.cache.hit_rate if cached else None
+                hit_rate = module.frozen.cache.hit_rate if cached else None
                 live = live if cached else rate
                 vs_live = rate / live if cached else None
                 name = f"{system}, {what}"

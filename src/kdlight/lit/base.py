@@ -1,18 +1,21 @@
-"""``ClassificationSystem``: what every kdlight LightningModule shares.
+"""``ClassificationSystem``: what every kdlight LightningModule shares, for one model or for
+a grid of them.
 
-Accuracy metrics per stage, ``val/acc_best`` (kept in checkpoints, so that a resumed run
-knows the best epoch before the interruption), per-class test accuracy over the whole test
-set (from a confusion matrix, so it is exact under DDP too), the printed report and
-``metrics.json``, and the optimizer/scheduler built from Hydra ``_partial_`` callables.
+For each model: accuracy metrics per stage, ``val/acc_best`` (kept in checkpoints, so that
+a resumed run knows the best epoch before the interruption), per-class test accuracy over
+the whole test set (from a confusion matrix, so it is exact under DDP too), the printed
+report and ``metrics.json``; for the system: the checkpoint's record of the model, and the
+optimizer/scheduler built from Hydra ``_partial_`` callables.
 """
 
-from collections.abc import Callable
+import copy
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
 import lightning as L
 import torch
-from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 from torchmetrics import MaxMetric
 from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix
@@ -26,6 +29,7 @@ from kdlight.lit.results import (
     tested_checkpoint,
     write_metrics,
 )
+from kdlight.models.fast import FastForward
 
 OptimizerFactory = Callable[..., torch.optim.Optimizer]
 SchedulerFactory = Callable[[torch.optim.Optimizer], torch.optim.lr_scheduler.LRScheduler]
@@ -46,49 +50,6 @@ def build_optimizers(
         "optimizer": built,
         "lr_scheduler": {"scheduler": scheduler(optimizer=built), "interval": "epoch"},
     }
-
-
-class FastForward:
-    """``model`` for training steps, through ``torch.compile`` when asked and in
-    channels-last memory format when asked; if compiling fails (no compiler on this
-    platform, say) warn once and run eagerly. The model itself is untouched, so state-dict
-    keys stay the same.
-
-    Evaluation goes through :meth:`eager` instead: compiled, validation (``no_grad``) and
-    testing (``inference_mode``) would each cost a compilation of their own, and at their
-    large batches on a GPU the compiled forward gains little on about a tenth of the work.
-    """
-
-    def __init__(
-        self, model: nn.Module, compile: bool = False, channels_last: bool = False
-    ) -> None:
-        self.model = model
-        self.channels_last = channels_last
-        if channels_last:
-            model.to(memory_format=torch.channels_last)
-        self.run = torch.compile(model) if compile else model
-
-    def _format(self, images: Tensor) -> Tensor:
-        if self.channels_last:
-            return images.contiguous(memory_format=torch.channels_last)
-        return images
-
-    def __call__(self, images: Tensor) -> Tensor:
-        images = self._format(images)
-        if self.run is self.model:
-            return self.model(images)
-        try:
-            return self.run(images)
-        except Exception as err:  # torch.compile compiles lazily, on the first call
-            rank_zero_warn(
-                f"torch.compile failed ({type(err).__name__}: {str(err).splitlines()[0][:200]}); running eagerly"
-            )
-            self.run = self.model
-            return self.model(images)
-
-    def eager(self, images: Tensor) -> Tensor:
-        """The model run eagerly (in channels-last format when asked), for evaluation."""
-        return self.model(self._format(images))
 
 
 class TrainingLog:
@@ -184,13 +145,40 @@ def probe_classes(model: nn.Module, input_shape: tuple[int, ...]) -> int | None:
     return None
 
 
-class ClassificationSystem(TrainingLog, L.LightningModule):
-    """Base for systems that train ``self.model``, a classifier, and evaluate it.
+@dataclass(eq=False)  # one per model, told apart by identity
+class Evaluated:
+    """One model that a system trains, and its evaluation: ``name`` is its grid cell's
+    (``None`` for the model of a system of one), which its logged names end with
+    (``val/acc_<cell>``) and its ``metrics.json`` lives under (``<run dir>/<cell>/``)."""
 
-    Subclasses implement ``training_step``: the logits of ``self.fast_model``, the loss,
-    ``self.train_acc.update`` and :meth:`log_training` of the loss (and its parts);
-    evaluation, metrics and the report live here. ``compile`` (torch.compile) and
-    ``channels_last`` are speed options that do not change what is computed.
+    name: str | None
+    model: nn.Module
+    fast: FastForward
+    val_acc: MulticlassAccuracy
+    val_acc_best: MaxMetric
+    test_confusion: MulticlassConfusionMatrix
+
+    @property
+    def suffix(self) -> str:
+        return "" if self.name is None else f"_{self.name}"
+
+
+class ClassificationSystem(TrainingLog, L.LightningModule):
+    """Base for systems that train ``self.model``, a classifier, and evaluate it; or, given
+    ``cells``, a grid of students (``self.students``, each a copy of ``model``, as separate
+    runs with the same seed would start), each evaluated as a single model is.
+
+    Subclasses implement ``training_step``: the logits of ``self.fast_model`` (a grid's
+    ``evaluated[i].fast``), the loss, ``self.train_acc.update`` and :meth:`log_training` of
+    the loss (and its parts); evaluation, metrics and the report live here. ``compile``
+    (torch.compile) and ``channels_last`` are speed options that do not change what is
+    computed.
+
+    A single model logs ``val/acc``, ``val/loss``, ``val/acc_best``, ``test/acc``,
+    ``test/loss`` and each class's ``test/acc_<class>``, and writes ``metrics.json`` in the
+    run directory; a grid's cell logs ``val/acc_<cell>``, ``val/acc_best_<cell>`` and
+    ``test/acc_<cell>`` (``val/acc`` is their mean, what checkpoints monitor), and writes
+    ``<run dir>/<cell>/metrics.json``, the layout of a multirun.
 
     ``run_record``: the run's identity (``kdlight-train`` sets it before fitting or
     testing); when set, ``metrics.json`` holds it as ``"run"``.
@@ -208,11 +196,10 @@ class ClassificationSystem(TrainingLog, L.LightningModule):
         compile: bool = False,
         channels_last: bool = False,
         input_shape: tuple[int, ...] = (3, 32, 32),
+        cells: Sequence[str] | None = None,
     ) -> None:
         super().__init__()
         num_classes = classes_predicted(model, input_shape, num_classes, "the model")
-        self.model = model
-        self.fast_model = FastForward(model, compile, channels_last)
         self.optimizer_factory = optimizer or reference_sgd
         self.scheduler_factory = scheduler
         self.num_classes = num_classes
@@ -220,12 +207,40 @@ class ClassificationSystem(TrainingLog, L.LightningModule):
         self._class_names_given = class_names is not None
         # no argument checks per training step: they read the labels back from the GPU
         self.train_acc = MulticlassAccuracy(num_classes, average="micro", validate_args=False)
-        self.val_acc = MulticlassAccuracy(num_classes, average="micro")
-        self.val_acc_best = MaxMetric()
-        self.val_acc_best.persistent(True)  # in checkpoints: a resumed run keeps its best
-        self.test_acc = MulticlassAccuracy(num_classes, average="micro")
-        self.test_confusion = MulticlassConfusionMatrix(num_classes)
-        self.test_summary: dict | None = None
+        names = [None] if cells is None else list(cells)
+        models = [model] if cells is None else [copy.deepcopy(model) for _ in names]
+        self.evaluated = [
+            Evaluated(
+                name,
+                student,
+                FastForward(student, compile, channels_last),
+                MulticlassAccuracy(num_classes, average="micro"),
+                MaxMetric(),
+                MulticlassConfusionMatrix(num_classes),
+            )
+            for name, student in zip(names, models, strict=True)
+        ]
+        # registered where the checkpoints keep them: model.*, val_acc_best.max_value for
+        # one model, students.<i>.*, val_acc_best.<i>.max_value for a grid
+        for attribute, field in (
+            ("model" if cells is None else "students", "model"),
+            ("val_acc", "val_acc"),
+            ("val_acc_best", "val_acc_best"),
+            ("test_confusion", "test_confusion"),
+        ):
+            modules = [getattr(evaluated, field) for evaluated in self.evaluated]
+            setattr(self, attribute, modules[0] if cells is None else nn.ModuleList(modules))
+        for evaluated in self.evaluated:
+            evaluated.val_acc_best.persistent(True)  # in checkpoints: a resumed run keeps it
+        if cells is None:
+            self.fast_model = self.evaluated[0].fast
+        self.test_summaries: dict[str | None, dict] = {}
+        self.tested_weights: dict[str | None, str | None] = {}
+
+    @property
+    def test_summary(self) -> dict | None:
+        """The last test's summary of a system of one model (None for a grid's)."""
+        return self.test_summaries.get(None)
 
     def setup(self, stage: str) -> None:
         """The data's classes: their names for the report (unless ``class_names`` was
@@ -247,8 +262,10 @@ class ClassificationSystem(TrainingLog, L.LightningModule):
             self.class_names = tuple(str(name) for name in names)
 
     def forward(self, images: Tensor) -> Tensor:
-        """Logits, as evaluation computes them (training steps use ``self.fast_model``)."""
-        return self.fast_model.eager(images)
+        """Logits, as evaluation computes them (training steps use the fast forward): a
+        grid's are ``(cells, N, classes)``."""
+        logits = [evaluated.fast.eager(images) for evaluated in self.evaluated]
+        return logits[0] if self.evaluated[0].name is None else torch.stack(logits)
 
     def on_train_epoch_end(self) -> None:
         super().on_train_epoch_end()  # the epoch means of the training_step's scalars
@@ -259,50 +276,67 @@ class ClassificationSystem(TrainingLog, L.LightningModule):
     # ------------------------------------------------------------------ evaluation
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
         images, labels = batch
-        logits = self(images)
-        self.val_acc(logits, labels)
-        self.log("val/loss", nn.functional.cross_entropy(logits, labels), sync_dist=True)
-        self.log("val/acc", self.val_acc, prog_bar=True)
+        for evaluated in self.evaluated:
+            logits = evaluated.fast.eager(images)
+            evaluated.val_acc(logits, labels)
+            single = evaluated.name is None
+            self.log(f"val/acc{evaluated.suffix}", evaluated.val_acc, prog_bar=single)
+            if single:  # a grid's cells log their accuracy only: one call each per batch
+                self.log("val/loss", nn.functional.cross_entropy(logits, labels), sync_dist=True)
 
     def on_validation_epoch_end(self) -> None:
+        accuracies = [evaluated.val_acc.compute() for evaluated in self.evaluated]
+        if self.evaluated[0].name is not None:  # what a grid's checkpoints monitor
+            self.log("val/acc", torch.stack(accuracies).mean(), prog_bar=True, sync_dist=True)
         if self.trainer.sanity_checking:
             return
-        self.val_acc_best(self.val_acc.compute())
-        self.log("val/acc_best", self.val_acc_best.compute(), sync_dist=True)
+        for evaluated, accuracy in zip(self.evaluated, accuracies, strict=True):
+            evaluated.val_acc_best(accuracy)
+            best = evaluated.val_acc_best.compute()
+            self.log(f"val/acc_best{evaluated.suffix}", best, sync_dist=True)
+
+    def on_test_start(self) -> None:
+        self.tested_weights = {
+            evaluated.name: tested_checkpoint(self.trainer) for evaluated in self.evaluated
+        }
 
     def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
         images, labels = batch
-        logits = self(images)
-        self.test_acc(logits, labels)
-        self.test_confusion.update(logits, labels)
-        self.log("test/loss", nn.functional.cross_entropy(logits, labels), sync_dist=True)
-        self.log("test/acc", self.test_acc)
+        for evaluated in self.evaluated:
+            logits = evaluated.fast.eager(images)
+            evaluated.test_confusion.update(logits, labels)
+            if evaluated.name is None:
+                self.log("test/loss", nn.functional.cross_entropy(logits, labels), sync_dist=True)
 
     def on_test_epoch_end(self) -> None:
-        summary = summarize_confusion(self.test_confusion.compute(), self.class_names)
-        self.test_confusion.reset()
-        for name, accuracy in summary["per_class_accuracy"].items():
-            if accuracy is not None:  # a class without test images has no accuracy
-                self.log(f"test/acc_{name}", accuracy / 100.0, sync_dist=True)
-        self.test_summary = summary
-        if self.trainer.is_global_zero:
-            print(format_report(summary, self.metrics_path), flush=True)
-            write_metrics(self.metrics_path, self.metrics_record(summary), self.run_record)
+        """Each model's test summary: logged, printed and written to its ``metrics.json``."""
+        for evaluated in self.evaluated:
+            summary = summarize_confusion(evaluated.test_confusion.compute(), self.class_names)
+            evaluated.test_confusion.reset()
+            if summary["accuracy"] is not None:
+                accuracy = summary["accuracy"] / 100.0
+                self.log(f"test/acc{evaluated.suffix}", accuracy, sync_dist=True)
+            if evaluated.name is None:  # each class's, for one model (not for every cell)
+                for name, accuracy in summary["per_class_accuracy"].items():
+                    if accuracy is not None:  # a class without test images has no accuracy
+                        self.log(f"test/acc_{name}", accuracy / 100.0, sync_dist=True)
+            self.test_summaries[evaluated.name] = summary
+            if self.trainer.is_global_zero:
+                path = Path(self.trainer.default_root_dir, evaluated.name or "", "metrics.json")
+                heading = "" if evaluated.name is None else f"[{evaluated.name}] "
+                print(heading + format_report(summary, path), flush=True)
+                record = self.metrics_record(evaluated, summary)
+                write_metrics(path, record, self.run_record)
 
-    @property
-    def metrics_path(self) -> Path:
-        """``metrics.json`` in the run directory (the Trainer's ``default_root_dir``)."""
-        return Path(self.trainer.default_root_dir) / "metrics.json"
-
-    def metrics_record(self, summary: dict) -> dict:
-        """What ``metrics.json`` holds; subclasses add their own settings."""
-        tested = tested_checkpoint(self.trainer)
-        return student_record(self, self.model, summary, self.val_acc_best, tested)
+    def metrics_record(self, evaluated: Evaluated, summary: dict) -> dict:
+        """What a model's ``metrics.json`` holds; subclasses add their own settings."""
+        tested = self.tested_weights.get(evaluated.name)
+        return student_record(self, evaluated.model, summary, evaluated.val_acc_best, tested)
 
     # ------------------------------------------------------------------ optimisation
     def trainable_parameters(self) -> list[nn.Parameter]:
         """The parameters the optimizer updates (a distillation teacher is never among them)."""
-        return list(self.model.parameters())
+        return [p for evaluated in self.evaluated for p in evaluated.model.parameters()]
 
     def configure_optimizers(self):
         return build_optimizers(
@@ -312,6 +346,6 @@ class ClassificationSystem(TrainingLog, L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         """Store the model's name and arguments so it can be rebuilt from the checkpoint alone."""
         checkpoint["kdlight"] = {
-            "model_spec": getattr(self.model, "spec", None),
+            "model_spec": getattr(self.evaluated[0].model, "spec", None),
             "class_names": list(self.class_names),
         }

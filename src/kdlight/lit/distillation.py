@@ -1,37 +1,183 @@
-"""``DistillationModule``: train a student from a frozen teacher with a distillation method
-(:mod:`kdlight.distillers`; Hinton et al.'s KD by default)."""
+"""The distillation systems: students trained from one frozen teacher with a distillation
+method (:mod:`kdlight.distillers`; Hinton et al.'s KD by default). ``DistillationSystem``
+is what one student (``DistillationModule``) and a grid of them
+(:class:`~kdlight.lit.grid.DistillationGridModule`) share; the teacher, its taps, its
+cache and its test accuracy are one object it holds (:class:`~kdlight.teacher.FrozenTeacher`)."""
 
-from collections.abc import Callable, Mapping
+import inspect
+from collections.abc import Callable, Mapping, Sequence
 
 from torch import Tensor, nn
 
-from kdlight.distillers import KD
+from kdlight.distillers import KD, method_name
 from kdlight.errors import KDLightError
 from kdlight.lit.base import (
     ClassificationSystem,
+    Evaluated,
     OptimizerFactory,
     SchedulerFactory,
     probe_classes,
 )
-from kdlight.lit.cached_teacher import TeacherCacheMixin
-from kdlight.lit.methods import MethodSlot, attach_training_data, teacher_taps
-from kdlight.lit.teacher import FrozenTeacherMixin, built_teacher_model
+from kdlight.lit.methods import MethodSlot, attach_training_data
+from kdlight.teacher import FrozenTeacher, load_teacher
 
 
-class DistillationModule(TeacherCacheMixin, FrozenTeacherMixin, ClassificationSystem):
+class DistillationSystem(ClassificationSystem):
+    """Students, each with its method (``methods``, one per student), distilled from one
+    frozen teacher: ``teacher``, or the one restored from ``teacher_checkpoint``.
+
+    Each student's method works through a :class:`~kdlight.lit.methods.MethodSlot`; the
+    teacher is held as a :class:`~kdlight.teacher.FrozenTeacher` (``self.frozen``), which
+    runs it once per batch for every student (its tapped features, its cached logits),
+    and whose hooks are called here. The teacher module itself is the child ``teacher``:
+    eval mode also after every ``train()`` call Lightning makes around validation, never
+    in the optimizer, and not written into the students' checkpoints (it lives in
+    ``teacher_checkpoint``, which ``__init__`` reads again when a checkpoint is restored).
+
+    The arguments are ``DistillationModule``'s; ``cells`` names a grid's students.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        methods: Sequence[Callable[..., dict[str, Tensor]]],
+        teacher: nn.Module | None,
+        teacher_checkpoint: str | None,
+        teacher_model: str | Mapping | nn.Module | None,
+        optimizer: OptimizerFactory | None,
+        scheduler: SchedulerFactory | None,
+        num_classes: int | None,
+        class_names: list[str] | None,
+        compile: bool,
+        channels_last: bool,
+        input_shape: tuple[int, ...],
+        teacher_cache: bool,
+        cells: Sequence[str] | None = None,
+    ) -> None:
+        super().__init__(
+            model, optimizer, scheduler, num_classes, class_names, compile, channels_last,
+            input_shape, cells,
+        )  # fmt: skip
+        # the hyperparameters: the arguments of the concrete system, whose __init__ calls this
+        ignored = ["model", "teacher", "optimizer", "scheduler", "distiller", "methods"]
+        # a built teacher_model (Hydra instantiates a model config with _target_) too
+        built_model = ["teacher_model"] if isinstance(teacher_model, nn.Module) else []
+        self.save_hyperparameters(ignore=ignored + built_model, frame=inspect.currentframe().f_back)
+        num_classes = self.num_classes  # measured from the student when not given
+        if teacher is None:
+            if not teacher_checkpoint:
+                raise KDLightError(
+                    f"{type(self).__name__} needs a teacher or distill.teacher_checkpoint=PATH"
+                )
+            teacher = load_teacher(teacher_checkpoint, teacher_model, num_classes)
+        teacher_classes = probe_classes(teacher, input_shape)
+        if teacher_classes not in (None, num_classes):
+            raise KDLightError(
+                f"the teacher ({type(teacher).__name__}) predicts {teacher_classes} "
+                f"classes and the student ({type(model).__name__}) {num_classes}: distil "
+                "between models made for the same classes"
+            )
+        self.teacher = teacher
+        self.slots = [
+            MethodSlot(method, evaluated.model, teacher, input_shape)
+            for method, evaluated in zip(methods, self.evaluated, strict=True)
+        ]
+        taps = [name for slot in self.slots for name in slot.teacher_names]
+        self.frozen = FrozenTeacher(
+            teacher, teacher_checkpoint, num_classes, taps, compile, channels_last
+        )
+        self.teacher_cache = teacher_cache
+
+    def train(self, mode: bool = True):
+        """Switch the students' mode; the teacher always stays in eval mode."""
+        super().train(mode)
+        self.teacher.eval()
+        return self
+
+    def setup(self, stage: str) -> None:
+        super().setup(stage)
+        if stage == "fit":
+            attach_training_data(self.trainer, self.slots)
+            if self.teacher_cache:
+                reading = [slot for slot in self.slots if slot.teacher_names]
+                self.frozen.open_cache(
+                    self.trainer, method_name(reading[0].method) if reading else None
+                )
+
+    # ------------------------------------------------------------------ training
+    def on_fit_start(self) -> None:
+        self.frozen.announce(self)
+
+    def on_train_start(self) -> None:
+        self.frozen.end_quiet()  # Lightning's eval-mode check has run, just before this hook
+
+    def on_fit_end(self) -> None:
+        self.frozen.end_quiet()  # a fit that never reached on_train_start
+
+    def on_train_epoch_start(self) -> None:
+        self.frozen.start_epoch()
+
+    def on_train_epoch_end(self) -> None:
+        super().on_train_epoch_end()
+        hit_rate = self.frozen.end_epoch()
+        if hit_rate is not None:
+            self.log("train/teacher_cache_hit_rate", hit_rate, rank_zero_only=True)
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        """The students' parameters, then their methods' own (connectors'), never the teacher's."""
+        return [*super().trainable_parameters(), *(p for s in self.slots for p in s.parameters())]
+
+    # ------------------------------------------------------------------ testing
+    def on_test_start(self) -> None:
+        super().on_test_start()
+        self.frozen.start_test(self.trainer)
+
+    def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+        super().test_step(batch, batch_idx)
+        self.frozen.test(*batch)
+
+    def on_test_epoch_end(self) -> None:
+        accuracy = self.frozen.end_test(self.trainer)
+        self.log("test/teacher_acc", accuracy / 100.0, sync_dist=True)
+        super().on_test_epoch_end()
+
+    def metrics_record(self, evaluated: Evaluated, summary: dict) -> dict:
+        """A student's: the method, its settings and taps (KD's T and alpha also at the
+        top), and the teacher's and its cache's parts."""
+        slot = self.slots[self.evaluated.index(evaluated)]
+        record = super().metrics_record(evaluated, summary) | slot.record()
+        return record | self.frozen.record() | self.frozen.cache_record()
+
+    # ------------------------------------------------------------------ checkpoints
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        """Keep student checkpoints student-sized: the teacher has its own checkpoint."""
+        super().on_save_checkpoint(checkpoint)
+        state = checkpoint["state_dict"]
+        for key in [k for k in state if k.startswith("teacher.")]:
+            del state[key]
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        """Restore with the teacher already read from ``teacher_checkpoint`` in ``__init__``."""
+        super().on_load_checkpoint(checkpoint)
+        checkpoint["state_dict"].update(
+            {f"teacher.{k}": v for k, v in self.teacher.state_dict().items()}
+        )
+
+
+class DistillationModule(DistillationSystem):
     """Distil a frozen teacher into ``model`` (the student) with a distillation method:
     :class:`kdlight.distillers.KD` (:func:`kdlight.losses.kd_loss`) at ``temperature`` and
     ``alpha`` unless another ``distiller`` is given.
 
     A method that reads features gets them from forward hooks on the student's and the
-    teacher's modules (:mod:`kdlight.models.taps`), its connectors are built from their shapes here,
-    and a method that needs each image's index gets it from the data module (its training
-    batches are then ``(images, labels, indices)``).
+    teacher's modules (:mod:`kdlight.models.taps`), its connectors are built from their
+    shapes here, and a method that needs each image's index gets it from the data module
+    (its training batches are then ``(images, labels, indices)``).
 
     The teacher is frozen for good, and kept out of the student's checkpoints (see
-    :class:`~kdlight.lit.teacher.FrozenTeacherMixin`). ``load_from_checkpoint`` restores the
-    whole system, teacher included (read again from ``teacher_checkpoint``); to evaluate or
-    reuse the trained student alone, ``kdlight.load_model(checkpoint)`` rebuilds it from the
+    :class:`DistillationSystem`). ``load_from_checkpoint`` restores the whole system,
+    teacher included (read again from ``teacher_checkpoint``); to evaluate or reuse the
+    trained student alone, ``kdlight.load_model(checkpoint)`` rebuilds it from the
     checkpoint without any teacher.
 
     Args:
@@ -78,36 +224,15 @@ class DistillationModule(TeacherCacheMixin, FrozenTeacherMixin, ClassificationSy
         input_shape: tuple[int, ...] = (3, 32, 32),
         teacher_cache: bool = False,
     ) -> None:
-        super().__init__(
-            model, optimizer, scheduler, num_classes, class_names, compile, channels_last,
-            input_shape,
-        )  # fmt: skip
-        num_classes = self.num_classes  # measured from the student when not given
         if distiller is None:
             distiller = KD(temperature, alpha)
-        self.save_hyperparameters(
-            ignore=[
-                "model",
-                "teacher",
-                "optimizer",
-                "scheduler",
-                "distiller",
-                *built_teacher_model(teacher_model),
-            ]
-        )
-        self.attach_teacher(
-            teacher, teacher_checkpoint, teacher_model, num_classes, compile, channels_last
-        )
-        teacher_classes = probe_classes(self.teacher, input_shape)
-        if teacher_classes not in (None, num_classes):
-            raise KDLightError(
-                f"the teacher ({type(self.teacher).__name__}) predicts {teacher_classes} "
-                f"classes and the student ({type(model).__name__}) {num_classes}: distil "
-                "between models made for the same classes"
-            )
-        self.slot = MethodSlot(distiller, model, self.teacher, input_shape)
-        self.teacher_taps = teacher_taps(self.teacher, [self.slot])
+        super().__init__(
+            model, [distiller], teacher, teacher_checkpoint, teacher_model, optimizer,
+            scheduler, num_classes, class_names, compile, channels_last, input_shape,
+            teacher_cache,
+        )  # fmt: skip
         self.distiller = distiller  # an nn.Module one is a child: trained, saved, restored
+        (self.slot,) = self.slots
 
     @property
     def student(self) -> nn.Module:
@@ -123,33 +248,13 @@ class DistillationModule(TeacherCacheMixin, FrozenTeacherMixin, ClassificationSy
         """The method's alpha (KD's weight of the soft term; None for a method without one)."""
         return getattr(self.distiller, "alpha", None)
 
-    def setup(self, stage: str) -> None:
-        super().setup(stage)
-        if stage == "fit":
-            attach_training_data(self.trainer, [self.slot])
-            if self.hparams.teacher_cache:
-                self.open_teacher_cache([self.slot])
-
     def training_step(self, batch: tuple[Tensor, ...], batch_idx: int) -> dict[str, Tensor]:
         images, labels, *extra = batch
         index = extra[0] if extra else None  # (indices, augmentation) when asked for
-        teacher = self.teacher_outputs(images, extra)
+        teacher = self.frozen.outputs(images, extra)
         logits, parts = self.slot.step(
             self.fast_model, images, labels, teacher, self.current_epoch, index
         )
         self.train_acc.update(logits, labels)
         self.log_training(parts, len(labels))
         return parts  # the parts too, so that a non-finite loss can be reported with them
-
-    def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
-        super().test_step(batch, batch_idx)
-        self.test_teacher(*batch)
-
-    def trainable_parameters(self) -> list[nn.Parameter]:
-        """The student's parameters and the method's own (a connector's), never the teacher's."""
-        return [*self.model.parameters(), *self.slot.parameters()]
-
-    def metrics_record(self, summary: dict) -> dict:
-        """The method, its settings and taps; KD's T and alpha also at the top."""
-        record = super().metrics_record(summary) | self.slot.record() | self.teacher_record()
-        return record | self.teacher_cache_record()

@@ -12,7 +12,7 @@ from torch import Tensor, nn
 from kdlight.distillers import KD, Outputs, method_name, method_settings, resolve_taps
 from kdlight.distillers.base import own_random_stream
 from kdlight.errors import KDLightError
-from kdlight.lit.base import FastForward
+from kdlight.models.fast import FastForward
 from kdlight.models.taps import FeatureTaps, probe_shapes
 
 
@@ -100,12 +100,6 @@ class MethodSlot:
         if self.student_taps.names or self.teacher_names:
             record["taps"] = {"student": self.student_taps.names, "teacher": self.teacher_names}
         return record
-
-
-def teacher_taps(teacher: nn.Module, slots: Sequence[MethodSlot]) -> FeatureTaps:
-    """One set of hooks on the teacher for the modules any of ``slots`` reads, each once."""
-    names = list(dict.fromkeys(name for slot in slots for name in slot.teacher_names))
-    return FeatureTaps(teacher, names, "teacher")
 
 
 def attach_training_data(trainer: L.Trainer, slots: Sequence[MethodSlot]) -> None:

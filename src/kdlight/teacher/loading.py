@@ -1,28 +1,20 @@
-"""The frozen teacher: restored from a ``ClassifierModule`` checkpoint, and the behaviour
-every distillation system shares (:class:`FrozenTeacherMixin`)."""
+"""A teacher read back from a file as a frozen ``nn.Module``: a kdlight checkpoint, which
+records its model, or a file that does not (another Lightning checkpoint, a state dict, a
+published RepDistiller/mdistiller teacher), its keys mapped to the model's."""
 
-import json
-import logging
 import re
-import warnings
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 import torch
-from lightning.pytorch.utilities import rank_zero_only
-from lightning.pytorch.utilities.warnings import PossibleUserWarning
 from torch import Tensor, nn
-from torchmetrics.classification import MulticlassAccuracy
 
 from kdlight.errors import KDLightError, first_line
-from kdlight.lit.base import FastForward
 from kdlight.models.published import official_names
 from kdlight.models.registry import build_model, build_recorded_model, spec_name, spec_targets
 from kdlight.trainer.checkpointing import load_failure
 
 MAKE_A_TEACHER = "train one first: kdlight-train experiment=teacher"
-
-log = logging.getLogger("kdlight")
 
 
 def freeze(model: nn.Module) -> nn.Module:
@@ -225,184 +217,3 @@ def _mismatch(err: RuntimeError) -> str:
     if shape:
         parts.append(f"{shape[1]} is {shape[2]} in the file, {shape[3]} in the model")
     return "; ".join(parts) or first_line(err)
-
-
-def recorded_teacher_accuracy(
-    teacher_checkpoint: str | Path | None, test_set: str | None, model_name: str | None = None
-) -> tuple[float, Path] | None:
-    """The teacher's own test accuracy, when its run already measured what a distillation
-    test would measure again; ``None`` otherwise.
-
-    A teacher checkpoint ``<run>/checkpoints/last.ckpt`` has its run's test result in
-    ``<run>/metrics.json``. It is reused (with that file's path) when that test saw the same
-    images (its ``test_set`` equals ``test_set``, and neither is ``None``) and the weights of
-    this very checkpoint: ``tested_weights`` is ``last``, the model is ``model_name`` when
-    given, and the file was written after the checkpoint. Testing a teacher again costs a
-    whole pass over the test set (about 30 s for 10,000 images on a CPU) in every
-    distillation run.
-    """
-    if teacher_checkpoint is None or test_set is None:
-        return None
-    checkpoint = Path(teacher_checkpoint)
-    if checkpoint.name != "last.ckpt" or checkpoint.parent.name != "checkpoints":
-        return None
-    path = checkpoint.parent.parent / "metrics.json"
-    try:
-        metrics = json.loads(path.read_text())
-        written_after = path.stat().st_mtime >= checkpoint.stat().st_mtime
-    except (OSError, ValueError):  # no such run, or a file that is not JSON
-        return None
-    if not isinstance(metrics, dict) or not written_after:
-        return None
-    accuracy = metrics.get("accuracy")
-    same = (
-        metrics.get("test_set") == test_set
-        and metrics.get("tested_weights") == "last"
-        and (model_name is None or metrics.get("model") == model_name)
-    )
-    if not same or not isinstance(accuracy, int | float) or isinstance(accuracy, bool):
-        return None
-    return float(accuracy), path.resolve()
-
-
-def built_teacher_model(teacher_model) -> list[str]:
-    """``["teacher_model"]`` when it is a built ``nn.Module`` (Hydra instantiates a model
-    config with ``_target_``): the systems keep it out of their hyperparameters."""
-    return ["teacher_model"] if isinstance(teacher_model, nn.Module) else []
-
-
-class FrozenTeacherMixin:
-    """What a LightningModule that distils from ``self.teacher`` shares with the others.
-
-    The teacher is frozen for good: eval mode (also after every ``train()`` call Lightning
-    makes around validation), ``requires_grad=False``, and, in the systems, run under
-    ``no_grad`` and kept out of the optimizer. Its weights are not written into the
-    students' checkpoints: they live in ``teacher_checkpoint``, which ``__init__`` reads
-    again when a student checkpoint is restored.
-
-    Its test accuracy is measured alongside the students' (:meth:`test_teacher`), unless
-    its own run already measured it on the same images (:func:`recorded_teacher_accuracy`);
-    ``metrics.json`` says which in ``teacher_accuracy_from``.
-    """
-
-    teacher: nn.Module
-    #: the teacher's test accuracy (percent) and the metrics.json it comes from, if reused
-    teacher_result: tuple[float, Path] | None = None
-
-    def attach_teacher(
-        self,
-        teacher: nn.Module | None,
-        teacher_checkpoint: str | None,
-        teacher_model: str | Mapping | nn.Module | None,
-        num_classes: int,
-        compile: bool = False,
-        channels_last: bool = False,
-    ) -> None:
-        """Freeze ``teacher``, or the one restored from ``teacher_checkpoint``."""
-        if teacher is None:
-            if not teacher_checkpoint:
-                raise KDLightError(
-                    f"{type(self).__name__} needs a teacher or distill.teacher_checkpoint=PATH"
-                )
-            teacher = load_teacher(teacher_checkpoint, teacher_model, num_classes)
-        self.teacher = freeze(teacher)
-        self.fast_teacher = FastForward(self.teacher, compile, channels_last)
-        self.teacher_test_acc = MulticlassAccuracy(num_classes, average="micro")
-
-    def train(self, mode: bool = True):
-        """Switch the students' mode; the teacher always stays in eval mode."""
-        super().train(mode)
-        self.teacher.eval()
-        return self
-
-    # ------------------------------------------------------------------ eval-mode notice
-    def on_fit_start(self) -> None:
-        """Say once that the teacher is frozen, instead of Lightning's warning about modules
-        in eval mode at the start of training, which the teacher sets off on purpose.
-
-        Lightning's warning is silenced only for this fit's own check, and only when the
-        teacher's modules are all that it would count: a student module left in eval mode
-        is still warned about (then with the teacher's modules in the count).
-        """
-        super().on_fit_start()
-        self._restore_warnings()  # left over from a fit that failed before training
-        in_eval = [name for name, module in self.named_modules() if not module.training]
-        teacher = [name for name in in_eval if name == "teacher" or name.startswith("teacher.")]
-        rank_zero_only(log.info)(
-            "teacher frozen: %d modules in eval mode, no gradients", len(teacher)
-        )
-        if in_eval and len(teacher) == len(in_eval):
-            self._eval_mode_notice = warnings.catch_warnings()
-            self._eval_mode_notice.__enter__()
-            warnings.filterwarnings(
-                "ignore",
-                message=re.escape(f"Found {len(in_eval)} module(s) in eval mode at the start"),
-                category=PossibleUserWarning,
-            )
-
-    def on_train_start(self) -> None:
-        """Lightning's eval-mode check has run (just before this hook): undo the filter."""
-        super().on_train_start()
-        self._restore_warnings()
-
-    def on_fit_end(self) -> None:
-        super().on_fit_end()
-        self._restore_warnings()  # a fit that never reached on_train_start
-
-    def _restore_warnings(self) -> None:
-        notice = self.__dict__.pop("_eval_mode_notice", None)
-        if notice is not None:
-            notice.__exit__(None, None, None)
-
-    # ------------------------------------------------------------------ testing
-    def on_test_start(self) -> None:
-        """Decide whether the teacher's test accuracy has to be measured again."""
-        super().on_test_start()
-        self.teacher_result = recorded_teacher_accuracy(
-            self.hparams.get("teacher_checkpoint"),
-            getattr(self.trainer.datamodule, "test_set_id", None),
-            getattr(self.teacher, "spec", {}).get("name"),
-        )
-
-    def test_teacher(self, images: Tensor, labels: Tensor) -> None:
-        """The teacher's accuracy on a test batch (in ``test_step``), unless it is reused."""
-        if self.teacher_result is None:
-            with torch.no_grad():
-                self.teacher_test_acc(self.fast_teacher.eager(images), labels)
-            self.log("test/teacher_acc", self.teacher_test_acc)
-
-    def on_test_epoch_end(self) -> None:
-        super().on_test_epoch_end()
-        if self.teacher_result is not None:
-            self.log("test/teacher_acc", self.teacher_result[0] / 100.0, sync_dist=True)
-
-    def teacher_record(self) -> dict:
-        """The teacher's part of ``metrics.json``: its model, checkpoint and test accuracy,
-        and where that accuracy comes from (its run's ``metrics.json``, or ``measured``)."""
-        checkpoint = self.hparams.teacher_checkpoint
-        if self.teacher_result is None:
-            accuracy, source = 100.0 * float(self.teacher_test_acc.compute()), "measured"
-        else:
-            accuracy, source = self.teacher_result[0], str(self.teacher_result[1])
-        return {
-            "teacher_model": getattr(self.teacher, "spec", {}).get(
-                "name", type(self.teacher).__name__
-            ),
-            "teacher_checkpoint": str(Path(checkpoint).resolve()) if checkpoint else None,
-            "teacher_accuracy": accuracy,
-            "teacher_accuracy_from": source,
-        }
-
-    def on_save_checkpoint(self, checkpoint: dict) -> None:
-        """Keep student checkpoints student-sized: the teacher has its own checkpoint."""
-        super().on_save_checkpoint(checkpoint)
-        state = checkpoint["state_dict"]
-        for key in [k for k in state if k.startswith("teacher.")]:
-            del state[key]
-
-    def on_load_checkpoint(self, checkpoint: dict) -> None:
-        """Restore with the teacher already read from ``teacher_checkpoint`` in ``__init__``."""
-        super().on_load_checkpoint(checkpoint)
-        checkpoint["state_dict"].update(
-            {f"teacher.{k}": v for k, v in self.teacher.state_dict().items()}
-        )
