@@ -222,10 +222,10 @@ def check_jobs(jobs: list[Job]) -> None:
             check_command_line(list(job.overrides))
 
 
-def _one_process(cfg: DictConfig) -> bool:
-    devices = OmegaConf.select(cfg, "trainer.devices", default=1)
-    nodes = OmegaConf.select(cfg, "trainer.num_nodes", default=1)
-    return str(devices) == "1" and str(nodes) == "1"
+def _trainer_size(cfg: DictConfig) -> dict:
+    """``trainer.devices`` and ``trainer.num_nodes`` of ``cfg`` (1 where unset)."""
+    keys = ("devices", "num_nodes")
+    return {key: OmegaConf.select(cfg, f"trainer.{key}", default=1) for key in keys}
 
 
 def run_job(job: Job, cfg: DictConfig, folder: Path) -> str | None:
@@ -237,7 +237,7 @@ def run_job(job: Job, cfg: DictConfig, folder: Path) -> str | None:
     from kdlight.runs.guard import RunInUse, Terminated, hold_run_lock, stop_on_sigterm
     from kdlight.train import train, write_error
 
-    if not _one_process(cfg):
+    if any(str(size) != "1" for size in _trainer_size(cfg).values()):  # DDP
         done = subprocess.run([sys.executable, "-m", "kdlight.train", *job.overrides])
         return None if done.returncode == 0 else f"kdlight-train exited with {done.returncode}"
     cfg = copy.deepcopy(cfg)  # train() fills in settings; the plan's config stays as composed
@@ -278,11 +278,7 @@ def launcher_settings(study: Study, cfg: DictConfig) -> dict:
                 f"{', '.join(k for k in launcher if k not in ('_target_', 'submitit_folder'))}>)"
             )
         launcher[key] = override.value()
-    trainer = {
-        "devices": OmegaConf.select(cfg, "trainer.devices", default=1),
-        "num_nodes": OmegaConf.select(cfg, "trainer.num_nodes", default=1),
-    }
-    root = OmegaConf.create({"trainer": trainer, "launcher": launcher})
+    root = OmegaConf.create({"trainer": _trainer_size(cfg), "launcher": launcher})
     settings = OmegaConf.to_container(root, resolve=True)["launcher"]
     for key in ("tasks_per_node", "gpus_per_node", "nodes"):
         if not isinstance(settings.get(key), int):
