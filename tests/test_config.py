@@ -9,12 +9,17 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
+from hydra import initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
 from hydra.utils import instantiate
+from lightning.pytorch.plugins import TorchCheckpointIO
 from omegaconf import OmegaConf
 
 from kdlight import config_dir
 from kdlight.config.settings import rule_for, validate_settings
+from kdlight.models import list_models
 from kdlight.train import build_trainer
+from kdlight.trainer.checkpointing import AtomicCheckpointIO
 from tests.conftest import TINY, compose_config
 
 GROUPS = ["data", "model", "module", "optimizer", "scheduler", "trainer", "logger", "callbacks"]
@@ -22,7 +27,10 @@ GROUPS += ["experiment", "sweep", "demo", "speed", "debug"]
 
 
 def choices(group: str) -> list[str]:
-    return sorted(path.stem for path in (config_dir() / group).glob("*.yaml"))
+    """The group's choices as Hydra lists them: conf/'s files and the ConfigStore's (the
+    models without a file of their own)."""
+    with initialize_config_dir(version_base="1.3", config_dir=str(config_dir())):
+        return GlobalHydra.instance().config_loader().get_group_options(group)
 
 
 def build(cfg):
@@ -62,6 +70,50 @@ def test_choice_composes_and_instantiates(
     assert optimizers is not None
     trainer = build_trainer(cfg)  # the callbacks and loggers, as kdlight-train builds them
     assert isinstance(trainer, L.Trainer) and isinstance(datamodule, L.LightningDataModule)
+
+
+def test_every_registered_model_is_a_choice(tmp_path: Path):
+    """``model=<name>`` for every model of the registry: a file in conf/model/ for those with
+    settings of their own, one template for the others, which carries nothing but the name."""
+    assert choices("model") == list_models()
+    files = {path.stem for path in (config_dir() / "model").glob("*.yaml")}
+    for name in set(list_models()) - files:
+        model = compose_config([f"model={name}"], tmp_path).model
+        assert OmegaConf.to_container(model) == {
+            "_target_": "kdlight.models.create_model",
+            "name": name,
+            "num_classes": "${num_classes}",
+        }
+    for name in files:  # a file says more than the template would
+        assert set(OmegaConf.load(config_dir() / "model" / f"{name}.yaml")) - {
+            "_target_", "name", "num_classes"
+        }  # fmt: skip
+
+
+def test_no_experiment_inherits_another():
+    """An experiment states what it changes (its trainer, test_ckpt and data too), rather
+    than taking them unseen from a chain of other experiments."""
+    for file in (config_dir() / "experiment").glob("*.yaml"):
+        picked = OmegaConf.load(file).get("defaults") or []
+        named = [entry for entry in picked if isinstance(entry, str)]
+        assert not set(named) & set(choices("experiment")), f"{file.name} picks {named}"
+
+
+@pytest.mark.parametrize(
+    ("plugins", "writer"),
+    [
+        ("[]", AtomicCheckpointIO),
+        ("[{_target_:lightning.pytorch.plugins.environments.LightningEnvironment}]", AtomicCheckpointIO),
+        ("null", AtomicCheckpointIO),
+        ("[{_target_:lightning.pytorch.plugins.TorchCheckpointIO}]", TorchCheckpointIO),
+    ],
+    ids=["none", "another-kind", "null", "a-checkpoint-io-of-ones-own"],
+)  # fmt: skip
+def test_other_plugins_keep_the_atomic_checkpoint_writes(tmp_path: Path, plugins: str, writer):
+    """Setting ``trainer.plugins`` (an environment, say) keeps kdlight's atomic writer; only a
+    CheckpointIO of the user's own replaces it."""
+    cfg = compose_config([*TINY, f"trainer.plugins={plugins}"], tmp_path)
+    assert type(build_trainer(cfg).strategy.checkpoint_io) is writer
 
 
 def leaf_keys(tree: dict, prefix: str = ""):

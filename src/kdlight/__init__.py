@@ -12,7 +12,9 @@ Hydra's config resolver below needs no torch)::
     from kdlight import CIFAR10DataModule, ClassifierModule, DistillationModule, create_model
 """
 
+import functools
 import importlib
+import re
 from pathlib import Path
 
 from omegaconf import OmegaConf
@@ -90,9 +92,36 @@ def config_dir() -> Path:
     """The directory that holds kdlight's Hydra configs.
 
     A source checkout (editable install) reads the top-level ``conf/``; an installed wheel
-    carries the same files as ``kdlight/conf``.
+    carries the same files as ``kdlight/conf``. Whatever composes them finds the directory
+    here, so the model group's choices that have no file (:func:`_store_model_choices`) are
+    registered on the first call.
     """
     packaged = Path(__file__).resolve().parent / "conf"
-    if packaged.is_dir():
-        return packaged
-    return Path(__file__).resolve().parents[2] / "conf"
+    conf = packaged if packaged.is_dir() else Path(__file__).resolve().parents[2] / "conf"
+    _store_model_choices(conf / "model")
+    return conf
+
+
+#: A model of the registry: ``@register_model`` above its function in ``kdlight/models/``
+_REGISTERED_MODEL = re.compile(r"^@register_model\s+def (\w+)\(", re.MULTILINE)
+
+
+@functools.cache
+def _store_model_choices(files: Path) -> None:
+    """``model=<name>`` for every registered model without a file in ``conf/model/``: one
+    template in Hydra's ConfigStore, ``create_model`` with the name and the run's
+    ``num_classes``. A file is for a model with settings of its own (``width``).
+
+    The names are read from the registry's source (its ``@register_model`` lines), not from
+    ``kdlight.models.list_models``, which imports torch: :func:`config_dir` serves callers
+    that need none (a resolver, ``kdlight-study``'s job list); a test holds the two equal."""
+    from hydra.core.config_store import ConfigStore  # Hydra is imported by whoever composes
+
+    own_file = {path.stem for path in files.glob("*.yaml")}
+    sources = sorted((Path(__file__).resolve().parent / "models").glob("*.py"))
+    names = [name for file in sources for name in _REGISTERED_MODEL.findall(file.read_text())]
+    for name in sorted(set(names) - own_file):
+        template = {"_target_": "kdlight.models.create_model", "name": name}
+        ConfigStore.instance().store(
+            group="model", name=name, node={**template, "num_classes": "${num_classes}"}
+        )
