@@ -79,21 +79,10 @@ def cache_teacher(cfg: DictConfig) -> dict:
     log.info("%s", teacher.note)
     # built as kdlight-train builds its Trainer, so that Lightning's complaints about the
     # settings (trainer=gpu without a GPU) are the same one line, before any work
-    trainer = build_trainer(
-        OmegaConf.create(
-            {
-                "trainer": {
-                    "_target_": "lightning.pytorch.Trainer",
-                    "accelerator": cfg.trainer.accelerator,
-                    "devices": 1,
-                    "precision": cfg.trainer.precision,
-                    "enable_checkpointing": False,
-                    "enable_progress_bar": False,
-                    "enable_model_summary": False,
-                }
-            }
-        )
-    )
+    quiet = ("enable_checkpointing", "enable_progress_bar", "enable_model_summary")
+    one_device = {"_target_": "lightning.pytorch.Trainer", "devices": 1}
+    one_device |= {"accelerator": cfg.trainer.accelerator, "precision": cfg.trainer.precision}
+    trainer = build_trainer(OmegaConf.create({"trainer": one_device | dict.fromkeys(quiet, False)}))
     # the whole training split, every row of the cache, whatever a seed holds out
     data = instantiate(cfg.data, val_size=0, train_subset=None)
     data.prepare_data()
