@@ -9,6 +9,7 @@ import csv
 import hashlib
 import json
 import math
+import warnings
 from pathlib import Path
 
 import pytest
@@ -140,6 +141,22 @@ def test_paired_and_welch_differences_follow_their_formulas():
     assert welch.low == pytest.approx(d - t.ppf(0.975, df) * se)
     assert welch.high == pytest.approx(d + t.ppf(0.975, df) * se)
     assert not welch_difference([81.0], [80.0, 86.0]).has_interval  # one value: no variance
+
+
+def test_equal_values_give_a_point_interval_without_a_warning():
+    """No spread: the interval is the mean itself; values an ulp apart: as good as a point.
+    Neither lets scipy's precision-loss warning out onto the report's console."""
+    nearly = math.nextafter(84.2, 100.0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        same = summarize([84.2, 84.2])
+        paired = paired_difference({0: 81.0, 1: 82.0}, {0: 80.0, 1: 81.0})
+        welch = welch_difference([81.0, 81.0], [80.0, 80.0])
+        close = summarize([84.2, nearly])
+    assert (same.std, same.low, same.high) == (0.0, 84.2, 84.2)
+    assert (paired.method, paired.low, paired.high) == ("paired", 1.0, 1.0)
+    assert (welch.method, welch.std, welch.low, welch.high) == ("welch", 0.0, 1.0, 1.0)
+    assert close.low <= close.mean <= close.high and close.high - close.low < 1e-9
 
 
 # ------------------------------------------------------------------ groups in the report
