@@ -415,12 +415,13 @@ def test_datamodule_rejects_bad_options(kwargs: dict, expected: str):
 
 
 def test_val_size_must_leave_training_images():
-    datamodule = CIFAR10DataModule(
-        source="synthetic", synthetic_train_size=100, synthetic_test_size=10, val_size=100
+    with pytest.raises(KDLightError) as excinfo:  # when made: the size is a setting
+        CIFAR10DataModule(
+            source="synthetic", synthetic_train_size=100, synthetic_test_size=10, val_size=100
+        )
+    assert error_message(excinfo) == (
+        "data.val_size=100 is not allowed: fewer than data.synthetic_train_size=100"
     )
-    with pytest.raises(KDLightError) as excinfo:
-        datamodule.setup()
-    assert "val_size=100" in error_message(excinfo)
 
 
 # ------------------------------------------------------------------- the real archive

@@ -289,7 +289,10 @@ def test_a_cifar10_folder_is_not_a_cifar100_archive(tmp_path: Path):
     assert "apple, aquarium_fish" in message and "(100 in all)" in message
     with pytest.raises(KDLightError) as excinfo:
         CIFAR100DataModule(source="archive")
-    assert "data.archive_path=PATH (a CIFAR-100 image-folder" in error_message(excinfo)
+    assert error_message(excinfo) == (
+        "data.archive_path=null is not allowed: a path with data.source=archive "
+        "(a CIFAR-100 image-folder .tar.gz)"
+    )
 
 
 def test_synthetic_cifar100_has_a_hundred_classes():
@@ -492,6 +495,16 @@ def test_image_folder_errors_when_loaded(tree: Path, tmp_path: Path, change: str
     message = error_message(excinfo)
     assert expected in message and str(tree) in message
     assert not (tmp_path / "cache").exists() or not list((tmp_path / "cache").iterdir())
+
+
+def test_val_size_must_leave_training_images_of_a_folder(tree: Path, tmp_path: Path):
+    images = len(CLASSES) * TRAIN_PER_CLASS  # known when loaded
+    datamodule = ImageFolderDataModule(str(tree), data_dir=str(tmp_path / "cache"), val_size=images)
+    with pytest.raises(KDLightError) as excinfo:
+        datamodule.setup("fit")
+    assert error_message(excinfo) == (
+        f"data.val_size={images} is not allowed: fewer than the {images} training images"
+    )
 
 
 def test_image_folder_classes_of_a_tar_gz_with_a_top_folder(tree: Path, tmp_path: Path):

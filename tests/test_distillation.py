@@ -123,10 +123,10 @@ def test_report_includes_teacher_and_settings(teacher_checkpoint: Path, tmp_path
 @pytest.mark.parametrize(
     ("settings", "message"),
     [
-        ({"temperature": 0.0}, "distill.temperature must be > 0, got 0.0"),
-        ({"temperature": -1.0}, "distill.temperature must be > 0"),
-        ({"alpha": 1.5}, "distill.alpha must be in [0, 1]"),
-        ({"alpha": -0.1}, "distill.alpha must be in [0, 1]"),
+        ({"temperature": 0.0}, "distill.temperature=0.0 is not allowed: a finite number > 0"),
+        ({"temperature": -1.0}, "distill.temperature=-1.0 is not allowed: a finite number > 0"),
+        ({"alpha": 1.5}, "distill.alpha=1.5 is not allowed: a number in [0, 1]"),
+        ({"alpha": -0.1}, "distill.alpha=-0.1 is not allowed: a number in [0, 1]"),
         (
             {"teacher_checkpoint": "/nope/last.ckpt"},
             "teacher checkpoint not found: /nope/last.ckpt",

@@ -150,7 +150,7 @@ def test_eval_subset_must_be_positive(size: int):
     with pytest.raises(KDLightError) as excinfo:
         CIFAR10DataModule(source="synthetic", eval_subset=size)
     assert str(excinfo.value) == (
-        f"data.eval_subset must be a number of images > 0 (or null for all images), got {size}"
+        f"data.eval_subset={size} is not allowed: null or an integer >= 1"
     )
 
 

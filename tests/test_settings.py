@@ -19,9 +19,12 @@ from hydra.core.global_hydra import GlobalHydra
 from kdlight import config_dir
 from kdlight.cli.slurm import main as slurm_main
 from kdlight.config.preflight import preflight
-from kdlight.config.settings import validate_settings
+from kdlight.config.settings import check_one_process, validate_settings
+from kdlight.data import CIFAR10DataModule, ImageFolderDataModule
+from kdlight.distillers import CRD
 from kdlight.errors import KDLightError
 from kdlight.models import list_models
+from kdlight.trainer.callbacks import SaveLastCheckpoint, StopOnNonFiniteLoss
 from tests.conftest import TINY, compose_config, mount, mounts_here, run_cli, unmount
 
 REPO = Path(__file__).resolve().parents[1]
@@ -150,6 +153,47 @@ def test_a_bad_setting_is_one_line(overrides: list[str], message: str, tmp_path:
     with pytest.raises(KDLightError) as caught:
         validate_settings(compose_config([*TINY, *overrides], tmp_path))
     assert str(caught.value) == message
+
+
+#: A bad setting on the command line, and the same value given to kdlight's own class from
+#: Python: one check, so one message (the setting named as the command line names it).
+FROM_PYTHON = [
+    (["data.batch_size=0"], lambda _: CIFAR10DataModule(source="synthetic", batch_size=0)),
+    (["data.eval_subset=0"], lambda _: CIFAR10DataModule(source="synthetic", eval_subset=0)),
+    (["data.source=cifar"], lambda _: CIFAR10DataModule(source="cifar")),
+    (["data.source=archive", "data.archive_path=null"], lambda _: CIFAR10DataModule()),
+    (
+        ["data.val_size=600"],
+        lambda _: CIFAR10DataModule(source="synthetic", synthetic_train_size=600, val_size=600),
+    ),
+    (
+        ["data=image_folder", "data.root=/x", "data.mean=[0.5,0.5,0.5]", "data.std=[0.2,0,0.2]"],
+        lambda _: ImageFolderDataModule("/x", mean=[0.5, 0.5, 0.5], std=[0.2, 0, 0.2]),
+    ),
+    (
+        ["callbacks.last_checkpoint.every_n_train_steps=-1"],
+        lambda folder: SaveLastCheckpoint(folder, every_n_train_steps=-1),
+    ),
+    (
+        ["callbacks.stop_on_nonfinite_loss.check_every_n_steps=0"],
+        lambda _: StopOnNonFiniteLoss(check_every_n_steps=0),
+    ),
+    (  # what a system checks as fitting starts, from the Trainer's devices and nodes
+        ["experiment=distill", "distiller=crd", "trainer.devices=2"],
+        lambda _: check_one_process(CRD(), devices=2, num_nodes=1),
+    ),
+]
+
+
+@pytest.mark.parametrize(("overrides", "make"), FROM_PYTHON, ids=lambda x: str(x)[:60])
+def test_python_and_the_command_line_say_the_same(overrides, make, tmp_path: Path):
+    base = ["trainer=cpu"] if overrides[0].startswith("data=") else TINY  # or TINY's data
+    with pytest.raises(KDLightError) as from_cli:
+        validate_settings(compose_config([*base, *overrides], tmp_path))
+    with pytest.raises(KDLightError) as from_python:
+        make(tmp_path)
+    assert str(from_python.value) == str(from_cli.value)
+    assert " is not allowed: " in str(from_cli.value)
 
 
 def test_interpolated_settings_are_named_at_their_source(tmp_path: Path):

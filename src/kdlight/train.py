@@ -46,7 +46,7 @@ from omegaconf import DictConfig, OmegaConf
 from kdlight import config_dir
 from kdlight.analysis.records import read_run_file
 from kdlight.config.preflight import own_method_overrides, preflight
-from kdlight.config.settings import validate_settings
+from kdlight.config.settings import check, validate_settings
 from kdlight.errors import KDLightError, find_user_error, first_line
 from kdlight.lit import DistillationGridModule
 from kdlight.lit.results import FULL_REPORT_CLASSES
@@ -185,8 +185,7 @@ def build_trainer(cfg: DictConfig, callbacks: list | None = None) -> L.Trainer:
 def per_device_batch_size(batch_size: int, world_size: int) -> int:
     """``data.batch_size`` is the global batch (the reference recipe's 128 on 1 or N GPUs):
     each of the ``world_size`` processes loads an equal share of it."""
-    if batch_size <= 0:
-        raise KDLightError(f"data.batch_size must be > 0, got {batch_size}")
+    check("data", batch_size=batch_size)
     if batch_size % world_size:
         raise KDLightError(
             f"data.batch_size={batch_size} is the global batch: it must split evenly over the "

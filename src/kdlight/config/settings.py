@@ -1,11 +1,15 @@
-"""Every setting of a composed config checked before any work, each bad one told in one line.
-
-:func:`validate_settings` checks the type and range of every setting (everything in
-``conf/``, and what ``+key=value`` adds to a ``_target_``) and the settings that must fit
-each other. ``kdlight-train`` calls it before it builds a Trainer, looks for a teacher or
-reads data, so a bad setting is reported before any hardware error and before any work::
+"""Every setting's type and range, declared once (:func:`rules`), and the checks that read it,
+each bad setting told in one line::
 
     error: optimizer.lr=-1 is not allowed: a finite number > 0
+
+:func:`validate_settings` checks every setting of a composed config (everything in
+``conf/``, and what ``+key=value`` adds to a ``_target_``) and the settings that must fit
+each other. ``kdlight-train`` calls it before it builds a Trainer, looks for a teacher or
+reads data, so a bad setting is reported before any hardware error and before any work.
+kdlight's own constructors (the data modules, the callbacks, the distillation systems) call
+the same checks, :func:`check` and the cross-setting ones (:func:`check_data`,
+:func:`check_one_process`), so a bad value given from Python stops with the same line.
 
 The command line itself is checked earlier, before Hydra runs, by :mod:`kdlight.config.preflight`.
 """
@@ -81,11 +85,11 @@ def one_of(*choices) -> Rule:
 
 
 def list_of(item: Rule, allowed: str, length: int | None = None) -> Rule:
-    """A non-empty list (of ``length`` items) whose every item is ``item``."""
+    """A non-empty list or tuple (of ``length`` items) whose every item is ``item``."""
     return Rule(
         allowed,
         lambda v: (
-            isinstance(v, list)
+            isinstance(v, list | tuple)
             and len(v) > 0
             and len(v) == (length or len(v))
             and all(item.accepts(x) for x in v)
@@ -106,7 +110,7 @@ NULL = Rule("null", lambda v: v is None)
 BOOL = Rule("true or false", lambda v: isinstance(v, bool))
 TEXT = Rule("a text", lambda v: isinstance(v, str))
 NAME = Rule("a non-empty text", lambda v: isinstance(v, str) and bool(v.strip()))
-PATH = Rule("a path", NAME.accepts)
+PATH = Rule("a path", lambda v: isinstance(v, os.PathLike) or NAME.accepts(v))
 POSITIVE = number(0, above=True)
 FRACTION = number(0, 1)
 SEED = integer(0, 2**32 - 1)  # what Lightning's seed_everything (numpy's) accepts
@@ -137,18 +141,19 @@ ALPHA = Rule(FRACTION.allowed + GRID, (FRACTION | list_of(FRACTION, "")).accepts
 #: The parts of a config in the order they are checked: settings that others interpolate
 #: (seed, num_classes, trainer.max_epochs) before those others, so the message names them.
 SECTIONS = ("data", "model", "distill", "distiller", "module", "optimizer", "trainer")
-SECTIONS += ("scheduler",)
-SECTIONS += ("callbacks", "logger", "paths")
+SECTIONS += ("scheduler", "callbacks", "logger", "paths")
 
 
 @cache
 def rules() -> dict[str, Rule]:
-    """Every setting's rule by its dotted key; ``callbacks.*`` and ``logger.*`` stand for
-    any entry of those groups. A key without a rule is not checked."""
+    """Every setting's rule by its dotted key, the one place a setting's type and range are
+    declared (written by section, "" the top level); ``callbacks.*`` and ``logger.*`` stand
+    for any entry of those groups. A key without a rule is not checked."""
     from lightning.fabric.connector import _PRECISION_INPUT
     from lightning.pytorch.accelerators import AcceleratorRegistry
     from lightning.pytorch.strategies import StrategyRegistry
 
+    from kdlight.data.datamodule import Source
     from kdlight.models import list_models
     from kdlight.models.registry import is_dotted_name
 
@@ -159,100 +164,102 @@ def rules() -> dict[str, Rule]:
     )
     precisions = [p for kind in typing.get_args(_PRECISION_INPUT) for p in typing.get_args(kind)]
     accelerators = ("auto", "gpu", *sorted(AcceleratorRegistry.available_accelerators()))
-    table = {
-        "name": NAME, "seed": SEED, "num_classes": integer(2), "train": BOOL, "test": BOOL,
-        "test_ckpt": one_of("best", "last"), "ckpt_path": NULL | PATH, "trusted_targets": targets,
-        "scheduler": NULL, "callbacks": NULL, "logger": NULL,
-        "data.source": one_of("archive", "torchvision", "synthetic"),
-        "data.archive_path": NULL | PATH, "data.data_dir": PATH, "data.download": BOOL,
-        "data.val_size": integer(0), "data.train_subset": NULL | integer(1),
-        "data.eval_subset": NULL | integer(1), "data.batch_size": integer(1),
-        "data.eval_batch_size": integer(1), "data.num_workers": integer(0),
-        "data.augment": BOOL, "data.on_device": BOOL, "data.drop_last": BOOL,
-        "data.seed": SEED, "data.synthetic_train_size": integer(1),
-        "data.synthetic_test_size": integer(1),
-        "data.root": NULL | PATH, "data.num_classes": NULL | integer(2),
-        "data.mean": NULL | list_of(FRACTION, "three numbers in [0, 1]", 3),
-        "data.std": NULL | list_of(POSITIVE, "three numbers > 0", 3),
-        "model.name": models, "model.num_classes": integer(2), "model.width": POSITIVE,
-        "distill.teacher_model": models, "distill.teacher_checkpoint": NULL | PATH,
-        "distill.temperature": TEMPERATURE, "distill.alpha": ALPHA,
-        "distill.teacher_cache": BOOL, "module.teacher_cache": BOOL,
-        "module.num_classes": integer(2), "module.compile": BOOL, "module.channels_last": BOOL,
-        "module.teacher_checkpoint": NULL | PATH, "module.teacher_model": NULL | models,
-        "module.temperature": TEMPERATURE, "module.alpha": ALPHA,
-        "module.distiller": NULL | METHOD, "module.methods": NULL, "distiller.temperature": TEMPERATURE,
-        "distiller.alpha": number(0) | list_of(number(0), "a list of numbers >= 0"),
-        "distiller.beta": number(0), "distiller.ce_weight": number(0),
-        "distiller.warmup_epochs": integer(0), "distiller.standardize": BOOL,
-        "distiller.weight": number(0), "distiller.stage": NULL | Rule("an integer", _is_int),
-        "distiller.hint_layer": integer(1),
-        "distiller.p": POSITIVE, "distiller.init_pred_var": POSITIVE,
-        "distiller.distance_weight": number(0), "distiller.angle_weight": number(0),
-        "distiller.dim": integer(1), "distiller.num_negatives": integer(1),
-        "distiller.nce_temperature": POSITIVE, "distiller.momentum": FRACTION,
-        "distiller.replacement": BOOL,
-        "distiller.student_taps": TAPS, "distiller.teacher_taps": TAPS,
-        "distiller.pairing": one_of("deepest", "shallowest"),
-        "optimizer.lr": POSITIVE, "optimizer.momentum": number(0, 1, below=True),
-        "optimizer.dampening": number(0, 1, below=True), "optimizer.weight_decay": number(0),
-        "optimizer.betas": list_of(number(0, 1, below=True), "two numbers in [0, 1)", 2),
-        "optimizer.eps": POSITIVE, "optimizer.foreach": NULL | BOOL,
-        "optimizer.fused": NULL | BOOL,
-        "trainer.accelerator": one_of(*accelerators), "trainer.devices": DEVICES,
-        "trainer.num_nodes": integer(1), "trainer.precision": one_of(*precisions),
-        "trainer.strategy": one_of("auto", *StrategyRegistry.available_strategies()),
-        "trainer.max_epochs": integer(1), "trainer.min_epochs": NULL | integer(0),
-        "trainer.max_steps": one_of(-1) | integer(1), "trainer.min_steps": NULL | integer(0),
-        "trainer.check_val_every_n_epoch": NULL | integer(1),
-        "trainer.val_check_interval": NULL | BATCHES, "trainer.log_every_n_steps": integer(1),
-        "trainer.overfit_batches": FRACTION | integer(0),
-        "trainer.fast_dev_run": BOOL | integer(0),
-        "trainer.deterministic": NULL | BOOL | one_of("warn"), "trainer.benchmark": NULL | BOOL,
-        "trainer.gradient_clip_val": NULL | POSITIVE,
-        "trainer.gradient_clip_algorithm": NULL | one_of("norm", "value"),
-        "trainer.accumulate_grad_batches": integer(1),
-        "trainer.num_sanity_val_steps": NULL | integer(-1),
-        "trainer.reload_dataloaders_every_n_epochs": integer(0),
-        "trainer.default_root_dir": NULL | PATH, "trainer.max_time": NULL | TEXT,
-        "trainer.plugins": NULL | PLUGINS,
-        "scheduler.milestones": list_of(integer(1), "a list of epochs >= 1"),
-        "scheduler.gamma": number(0, 1, above=True), "scheduler.T_max": integer(1),
-        "scheduler.eta_min": number(0), "scheduler.step_size": integer(1),
-        "scheduler.last_epoch": integer(-1),
-        "callbacks.*": NULL,  # callbacks.progress_bar=null leaves it out
-        "callbacks.*.dirpath": NULL | PATH, "callbacks.*.filename": NULL | PATH,
-        "callbacks.*.monitor": NULL | TEXT, "callbacks.*.mode": one_of("min", "max"),
-        "callbacks.*.save_last": NULL | BOOL | one_of("link"),
-        "callbacks.*.save_top_k": integer(-1), "callbacks.*.every_n_epochs": NULL | integer(0),
-        "callbacks.*.every_n_train_steps": NULL | integer(0),
-        "callbacks.*.logging_interval": NULL | one_of("epoch", "step"),
-        "callbacks.*.refresh_rate": integer(0), "callbacks.*.process_position": integer(0),
-        "callbacks.*.check_every_n_steps": integer(1),
-        "callbacks.last_checkpoint.every_n_train_steps": integer(0),  # 0: at epoch ends only
-        "callbacks.*.save_on_train_epoch_end": NULL | BOOL,
-        "logger.*": NULL, "logger.*.save_dir": PATH, "logger.*.name": NULL | TEXT,
-        "logger.*.version": NULL | TEXT | integer(0), "logger.*.prefix": TEXT,
-        "logger.*.sub_dir": NULL | PATH, "logger.*.flush_logs_every_n_steps": integer(1),
-        "logger.*.tracking_uri": NULL | TEXT, "logger.*.experiment_name": NAME,
-        "logger.*.run_name": NULL | TEXT, "logger.*.artifact_location": NULL | PATH,
-        "logger.*.project": NULL | NAME, "logger.*.group": NULL | TEXT,
-        "paths.root": PATH, "paths.data_dir": PATH, "paths.output_dir": PATH,
+    # the distillation systems take these distill.* values as their own arguments (module.*)
+    passed = {"teacher_checkpoint": NULL | PATH, "temperature": TEMPERATURE, "alpha": ALPHA}
+    passed |= {"teacher_cache": BOOL}
+
+    def switches(*keys: str) -> dict[str, Rule]:
+        return dict.fromkeys(keys, BOOL)
+
+    sections = {
+        "": {
+            "name": NAME, "seed": SEED, "num_classes": integer(2), "train": BOOL, "test": BOOL,
+            "test_ckpt": one_of("best", "last"), "ckpt_path": NULL | PATH,
+            "trusted_targets": targets, "scheduler": NULL, "callbacks": NULL, "logger": NULL,
+            "callbacks.*": NULL, "logger.*": NULL,  # callbacks.progress_bar=null leaves it out
+        },
+        "data": {
+            "source": one_of(*typing.get_args(Source)), "archive_path": NULL | PATH,
+            "data_dir": PATH, "val_size": integer(0), "train_subset": NULL | integer(1),
+            "eval_subset": NULL | integer(1), "batch_size": integer(1),
+            "eval_batch_size": integer(1), "num_workers": integer(0), "seed": SEED,
+            "synthetic_train_size": integer(1), "synthetic_test_size": integer(1),
+            "root": NULL | PATH, "num_classes": NULL | integer(2),
+            "mean": list_of(FRACTION, "three numbers in [0, 1]", 3) | NULL,
+            "std": list_of(POSITIVE, "three numbers > 0", 3) | NULL,
+            **switches("download", "augment", "on_device", "drop_last"),
+        },
+        "model": {"name": models, "num_classes": integer(2), "width": POSITIVE},
+        "distill": {"teacher_model": models, **passed},
+        "module": {
+            "num_classes": integer(2), "teacher_model": NULL | models, **passed,
+            "distiller": NULL | METHOD, "methods": NULL, **switches("compile", "channels_last"),
+        },
+        "distiller": {
+            "temperature": TEMPERATURE,
+            "alpha": number(0) | list_of(number(0), "a list of numbers >= 0"),
+            "beta": number(0), "ce_weight": number(0), "warmup_epochs": integer(0),
+            "weight": number(0), "stage": NULL | Rule("an integer", _is_int),
+            "hint_layer": integer(1), "p": POSITIVE, "init_pred_var": POSITIVE,
+            "distance_weight": number(0), "angle_weight": number(0), "dim": integer(1),
+            "num_negatives": integer(1), "nce_temperature": POSITIVE, "momentum": FRACTION,
+            "student_taps": TAPS, "teacher_taps": TAPS,
+            "pairing": one_of("deepest", "shallowest"), **switches("standardize", "replacement"),
+        },
+        "optimizer": {
+            "lr": POSITIVE, "momentum": number(0, 1, below=True),
+            "dampening": number(0, 1, below=True), "weight_decay": number(0),
+            "betas": list_of(number(0, 1, below=True), "two numbers in [0, 1)", 2),
+            "eps": POSITIVE, "foreach": NULL | BOOL, "fused": NULL | BOOL,
+            **switches("nesterov", "amsgrad", "maximize", "capturable", "differentiable"),
+        },
+        "trainer": {
+            "accelerator": one_of(*accelerators), "devices": DEVICES, "num_nodes": integer(1),
+            "precision": one_of(*precisions),
+            "strategy": one_of("auto", *StrategyRegistry.available_strategies()),
+            "max_epochs": integer(1), "min_epochs": NULL | integer(0),
+            "max_steps": one_of(-1) | integer(1), "min_steps": NULL | integer(0),
+            "check_val_every_n_epoch": NULL | integer(1), "val_check_interval": NULL | BATCHES,
+            "log_every_n_steps": integer(1), "overfit_batches": FRACTION | integer(0),
+            "fast_dev_run": BOOL | integer(0), "deterministic": NULL | BOOL | one_of("warn"),
+            "benchmark": NULL | BOOL, "gradient_clip_val": NULL | POSITIVE,
+            "gradient_clip_algorithm": NULL | one_of("norm", "value"),
+            "accumulate_grad_batches": integer(1), "num_sanity_val_steps": NULL | integer(-1),
+            "reload_dataloaders_every_n_epochs": integer(0), "default_root_dir": NULL | PATH,
+            "max_time": NULL | TEXT, "plugins": NULL | PLUGINS,
+            **{f"limit_{s}_batches": NULL | BATCHES for s in ("train", "val", "test", "predict")},
+            **switches("enable_progress_bar", "enable_checkpointing", "enable_model_summary",
+                       "sync_batchnorm", "inference_mode", "use_distributed_sampler",
+                       "detect_anomaly", "barebones"),
+        },
+        "scheduler": {
+            "milestones": list_of(integer(1), "a list of epochs >= 1"),
+            "gamma": number(0, 1, above=True), "T_max": integer(1), "eta_min": number(0),
+            "step_size": integer(1), "last_epoch": integer(-1),
+        },
+        "callbacks.*": {
+            "dirpath": NULL | PATH, "filename": NULL | PATH, "monitor": NULL | TEXT,
+            "mode": one_of("min", "max"), "save_last": NULL | BOOL | one_of("link"),
+            "save_top_k": integer(-1), "every_n_epochs": NULL | integer(0),
+            "every_n_train_steps": NULL | integer(0), "save_on_train_epoch_end": NULL | BOOL,
+            "logging_interval": NULL | one_of("epoch", "step"), "refresh_rate": integer(0),
+            "process_position": integer(0), "check_every_n_steps": integer(1),
+            **switches("auto_insert_metric_name", "save_weights_only", "verbose", "log_momentum",
+                       "log_weight_decay", "leave", "enable_version_counter"),
+        },
+        "callbacks.last_checkpoint": {"every_n_train_steps": integer(0)},  # 0: epoch ends only
+        "logger.*": {
+            "save_dir": PATH, "name": NULL | TEXT, "version": NULL | TEXT | integer(0),
+            "prefix": TEXT, "sub_dir": NULL | PATH, "flush_logs_every_n_steps": integer(1),
+            "tracking_uri": NULL | TEXT, "experiment_name": NAME, "run_name": NULL | TEXT,
+            "artifact_location": NULL | PATH, "project": NULL | NAME, "group": NULL | TEXT,
+            **switches("log_graph", "default_hp_metric", "offline"),
+        },
+        "paths": {"root": PATH, "data_dir": PATH, "output_dir": PATH},
     }  # fmt: skip
-    stages = ("train", "val", "test", "predict")
-    table |= {f"trainer.limit_{stage}_batches": NULL | BATCHES for stage in stages}
+    table = {f"{s}.{k}".lstrip("."): r for s, rs in sections.items() for k, r in rs.items()}
     groups = ("data", "model", "distill", "distiller", "module", "optimizer", "trainer", "paths")
-    table |= dict.fromkeys(groups, A_GROUP)
-    switches = {
-        "optimizer": ("nesterov", "amsgrad", "maximize", "capturable", "differentiable"),
-        "trainer": ("enable_progress_bar", "enable_checkpointing", "enable_model_summary",
-                    "sync_batchnorm", "inference_mode", "use_distributed_sampler",
-                    "detect_anomaly", "barebones"),
-        "callbacks.*": ("auto_insert_metric_name", "save_weights_only", "verbose",
-                        "log_momentum", "log_weight_decay", "leave", "enable_version_counter"),
-        "logger.*": ("log_graph", "default_hp_metric", "offline"),
-    }  # fmt: skip
-    return table | {f"{group}.{key}": BOOL for group, keys in switches.items() for key in keys}
+    return table | dict.fromkeys(groups, A_GROUP)
 
 
 def rule_for(key: str) -> Rule | None:
@@ -282,6 +289,17 @@ def show(value) -> str:
 def not_allowed(key: str, value, allowed: str) -> KDLightError:
     """The error for ``key=value``, which breaks the rule that says ``allowed``."""
     return KDLightError(f"{key}={show(value)} is not allowed: {allowed}")
+
+
+def check(section: str, **values) -> None:
+    """Raise the error of the first of ``values`` that breaks its rule, each named
+    ``<section>.<name>`` as on the command line: ``check("data", batch_size=0)`` raises
+    ``data.batch_size=0 is not allowed: an integer >= 1``. A setting without a rule passes."""
+    for name, value in values.items():
+        key = f"{section}.{name}" if section else name
+        rule = rule_for(key)
+        if rule is not None and not rule.accepts(value):
+            raise not_allowed(key, value, rule.allowed)
 
 
 _UNRESOLVED = object()  # ${hydra:...} outside a Hydra run: nothing to check
@@ -321,12 +339,9 @@ def validate_settings(cfg: DictConfig) -> None:
     for key, value in _settings(cfg):
         by_section.setdefault(key.split(".")[0] if "." in key else "", []).append((key, value))
     for section in ["", *SECTIONS, *(s for s in by_section if s and s not in SECTIONS)]:
-        for key, value in by_section.get(section, []):
-            rule = rule_for(key)
-            if rule is not None and not rule.accepts(value):
-                raise not_allowed(key, value, rule.allowed)
-        if check := _SECTION_CHECKS.get(section):
-            check(cfg)
+        check("", **dict(by_section.get(section, [])))
+        if cross_check := _SECTION_CHECKS.get(section):
+            cross_check(cfg)
     _check_targets(cfg)
     _check_model_width(cfg)  # builds the model's layers: once its arguments are known good
 
@@ -350,14 +365,29 @@ def _check_classes(cfg: DictConfig) -> None:
             raise not_allowed(key, value_of(cfg, key), f"num_classes ({expected})")
 
 
-def _check_data(cfg: DictConfig) -> None:
-    source, size = value_of(cfg, "data.source"), value_of(cfg, "data.synthetic_train_size")
-    if source == "archive" and not value_of(cfg, "data.archive_path"):
-        raise not_allowed("data.archive_path", None, "a path with data.source=archive")
-    if source == "synthetic" and size is not None and (value_of(cfg, "data.val_size") or 0) >= size:
-        raise not_allowed(
-            "data.val_size", cfg.data.val_size, f"fewer than data.synthetic_train_size={size}"
+def check_data(data: Mapping, dataset: str | None = None) -> None:
+    """The ``data`` settings that must fit each other: a path with ``source=archive`` (an
+    archive of ``dataset``, such as CIFAR-100), fewer validation images than synthetic
+    training images, ``mean`` and ``std`` both or neither."""
+    source, size, val_size = (data.get(k) for k in ("source", "synthetic_train_size", "val_size"))
+    if source == "archive" and not data.get("archive_path"):
+        of = f" (a {dataset} image-folder .tar.gz)" if dataset else ""
+        raise not_allowed("data.archive_path", None, f"a path with data.source=archive{of}")
+    if source == "synthetic" and size is not None and (val_size or 0) >= size:
+        raise not_allowed("data.val_size", val_size, f"fewer than data.synthetic_train_size={size}")
+    if (data.get("mean") is None) != (data.get("std") is None):
+        raise KDLightError(
+            "data.mean and data.std go together: give both, or neither to compute them "
+            "from the training images"
         )
+
+
+def _check_data(cfg: DictConfig) -> None:
+    keys = ("source", "archive_path", "val_size", "synthetic_train_size", "mean", "std")
+    spec = None
+    with contextlib.suppress(ImportError, AttributeError, ValueError):  # _check_targets says
+        spec = _locate(str(value_of(cfg, "data._target_"))).dataset  # a CIFAR data module's
+    check_data({key: value_of(cfg, f"data.{key}") for key in keys}, spec and spec.name)
 
 
 def _check_distillation(cfg: DictConfig) -> None:
@@ -378,18 +408,19 @@ def _check_distillation(cfg: DictConfig) -> None:
                 raise not_allowed(key, values, once)
 
 
-def _check_one_process_methods(cfg: DictConfig) -> None:
-    """A method with a memory bank per process (CRD) is not trained by several processes."""
-    targets = [value_of(cfg, "distiller._target_")]
-    targets += [m.get("_target_") for m in (value_of(cfg, "methods") or {}).values()]
-    if not any(str(t).endswith(".CRD") for t in targets):
+def check_one_process(method, devices, num_nodes) -> None:
+    """``method`` (a distillation method, or its class) that needs each image's index
+    without ``supports_ddp`` keeps a memory bank per process (CRD): it is trained by one
+    process, on ``trainer.devices`` and ``trainer.num_nodes`` of 1."""
+    if not getattr(method, "needs_index", False) or getattr(method, "supports_ddp", False):
         return
-    devices, nodes = value_of(cfg, "trainer.devices"), value_of(cfg, "trainer.num_nodes")
     several = (_is_int(devices) and devices > 1) or (isinstance(devices, list) and len(devices) > 1)
-    if several or (_is_int(nodes) and nodes > 1):
-        key, value = ("trainer.num_nodes", nodes) if not several else ("trainer.devices", devices)
+    if several or (_is_int(num_nodes) and num_nodes > 1):
+        key, value = ("trainer.devices", devices) if several else ("trainer.num_nodes", num_nodes)
+        kind = method if isinstance(method, type) else type(method)
+        name = getattr(method, "name", None) or kind.__name__.lower()
         raise not_allowed(
-            key, value, "1 with distiller=crd (its memory banks are one process's, not shared)"
+            key, value, f"1 with distiller={name} (its memory banks are one process's, not shared)"
         )
 
 
@@ -445,7 +476,15 @@ def _count(devices):
 
 
 def _check_trainer(cfg: DictConfig) -> None:
-    _check_one_process_methods(cfg)
+    targets = [value_of(cfg, "distiller._target_")]
+    targets += [m.get("_target_") for m in (value_of(cfg, "methods") or {}).values()]
+    devices, nodes = value_of(cfg, "trainer.devices"), value_of(cfg, "trainer.num_nodes")
+    for target in targets:
+        try:
+            method = _locate(str(target))
+        except (ImportError, AttributeError, ValueError):
+            continue  # none, or not importable: _check_targets says
+        check_one_process(method, devices, nodes)
     _check_cpu_settings(cfg)
 
 

@@ -14,6 +14,7 @@ from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from torch import Tensor
 from torch.utils.data import DataLoader, Sampler
 
+from kdlight.config.settings import check, check_data, not_allowed
 from kdlight.data import default_data_dir
 from kdlight.data.arrays import (
     ArrayDataset,
@@ -46,7 +47,8 @@ from kdlight.data.sources import (
 )
 from kdlight.errors import KDLightError
 
-Source = Literal["torchvision", "archive", "synthetic"]
+#: Where a CIFAR data module's images come from (the rule of ``data.source``).
+Source = Literal["archive", "torchvision", "synthetic"]
 
 
 class ImageDataModule(L.LightningDataModule):
@@ -113,20 +115,11 @@ class ImageDataModule(L.LightningDataModule):
         seed: int,
     ) -> None:
         super().__init__()
-        for key, value in (("batch_size", batch_size), ("eval_batch_size", eval_batch_size)):
-            if value <= 0:
-                raise KDLightError(f"data.{key} must be > 0, got {value}")
-        if train_subset is not None and train_subset <= 0:
-            raise KDLightError(
-                f"data.train_subset must be > 0 (or null for all images), got {train_subset}"
-            )
-        if eval_subset is not None and eval_subset <= 0:
-            raise KDLightError(
-                f"data.eval_subset must be a number of images > 0 (or null for all images), "
-                f"got {eval_subset}"
-            )
-        if val_size < 0:
-            raise KDLightError(f"data.val_size must be >= 0, got {val_size}")
+        check(
+            "data", val_size=val_size, train_subset=train_subset, eval_subset=eval_subset,
+            batch_size=batch_size, eval_batch_size=eval_batch_size, num_workers=num_workers,
+            augment=augment, on_device=on_device, drop_last=drop_last, seed=seed,
+        )  # fmt: skip
         self.save_hyperparameters()  # Lightning collects the subclass's arguments too
         self.data_dir = Path(data_dir) if data_dir is not None else default_data_dir()
         self.train_set = self.val_set = self.test_set = None
@@ -161,8 +154,8 @@ class ImageDataModule(L.LightningDataModule):
         train, test = splits["train"], splits["test"]
         hp = self.hparams
         if hp.val_size >= len(train):
-            raise KDLightError(
-                f"data.val_size={hp.val_size} leaves no training images (of {len(train)})"
+            raise not_allowed(
+                "data.val_size", hp.val_size, f"fewer than the {len(train)} training images"
             )
         if hp.eval_subset is not None and hp.eval_subset > len(test):
             raise KDLightError(
@@ -378,21 +371,17 @@ class CIFARDataModule(ImageDataModule):
         synthetic_train_size: int = 10000,
         synthetic_test_size: int = 2000,
     ) -> None:
-        if source not in ("torchvision", "archive", "synthetic"):
-            raise KDLightError(
-                f"unknown data.source '{source}'; choose torchvision, archive or synthetic"
-            )
-        if source == "archive" and not archive_path:
-            raise KDLightError(
-                f"data.source=archive needs data.archive_path=PATH (a {self.dataset.name} "
-                "image-folder .tar.gz)"
-            )
+        check(
+            "data", source=source, archive_path=archive_path, download=download,
+            synthetic_train_size=synthetic_train_size, synthetic_test_size=synthetic_test_size,
+        )  # fmt: skip
         super().__init__(
             data_dir=data_dir, val_size=val_size, train_subset=train_subset,
             eval_subset=eval_subset, batch_size=batch_size, eval_batch_size=eval_batch_size,
             num_workers=num_workers, augment=augment, on_device=on_device,
             drop_last=drop_last, seed=seed,
         )  # fmt: skip
+        check_data(self.hparams, self.dataset.name)
 
     def _load(self) -> dict[str, Split]:
         hp = self.hparams

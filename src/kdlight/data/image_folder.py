@@ -2,11 +2,11 @@
 with every feature of the CIFAR data modules."""
 
 import math
-from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
 
+from kdlight.config.settings import check, check_data
 from kdlight.data.datamodule import ImageDataModule
 from kdlight.data.folders import image_folder_classes, listed
 from kdlight.data.sources import DatasetSpec, Split, load_archive
@@ -29,22 +29,6 @@ def channel_stats(images: np.ndarray) -> tuple[tuple[float, ...], tuple[float, .
     mean = total / count / 255.0
     variance = np.maximum(squares / count / 255.0**2 - mean**2, 0.0)
     return tuple(float(m) for m in mean), tuple(float(math.sqrt(v)) for v in variance)
-
-
-def _per_channel(key: str, values, accepts: Callable[[float], bool], allowed: str):
-    """``data.<key>`` (mean or std) as three floats, or None (not given)."""
-    if values is None:
-        return None
-    numbers = list(values) if isinstance(values, Sequence) and not isinstance(values, str) else []
-    if len(numbers) != 3 or not all(
-        isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) and accepts(v)
-        for v in numbers
-    ):
-        raise KDLightError(
-            f"data.{key}={values} is not allowed: {allowed}, one per channel (R, G, B), or "
-            "null to compute it from the training images"
-        )
-    return tuple(float(v) for v in numbers)
 
 
 class ImageFolderDataModule(ImageDataModule):
@@ -86,18 +70,13 @@ class ImageFolderDataModule(ImageDataModule):
         drop_last: bool = False,
         seed: int = 0,
     ) -> None:
+        check("data", root=root, num_classes=num_classes, mean=mean, std=std)
+        check_data({"mean": mean, "std": std})
         classes = image_folder_classes(root)
         if num_classes is not None and num_classes != len(classes):
             raise KDLightError(
                 f"num_classes={num_classes} does not fit data.root={root}: its train/ has "
                 f"{len(classes)} class folders ({listed(classes)}); set num_classes={len(classes)}"
-            )
-        given_mean = _per_channel("mean", mean, lambda v: 0 <= v <= 1, "three numbers in [0, 1]")
-        given_std = _per_channel("std", std, lambda v: v > 0, "three numbers > 0")
-        if (given_mean is None) != (given_std is None):
-            raise KDLightError(
-                "data.mean and data.std go together: give both, or neither to compute them "
-                "from the training images"
             )
         super().__init__(
             data_dir=data_dir, val_size=val_size, train_subset=train_subset,
@@ -109,7 +88,9 @@ class ImageFolderDataModule(ImageDataModule):
         self.classes = classes
         self.num_classes = len(classes)
         self.dataset = DatasetSpec("image folder", classes, cache_tag="image-folder", rgb_only=True)
-        self.mean, self.std = given_mean, given_std  # None until loaded, unless given
+        # computed when loaded, unless given
+        self.mean = None if mean is None else tuple(map(float, mean))
+        self.std = None if std is None else tuple(map(float, std))
 
     def _load(self) -> dict[str, Split]:
         splits = load_archive(self.root, self.data_dir, self.dataset)

@@ -9,6 +9,7 @@ from collections.abc import Sequence
 import lightning as L
 from torch import Tensor, nn
 
+from kdlight.config.settings import check, check_one_process
 from kdlight.distillers import KD, Outputs, method_name, method_settings, resolve_taps
 from kdlight.distillers.base import own_random_stream
 from kdlight.errors import KDLightError
@@ -17,13 +18,8 @@ from kdlight.models.taps import FeatureTaps, probe_shapes
 
 
 def check_distillation_settings(temperature: float, alpha: float) -> None:
-    """Raise a one-line :class:`KDLightError` for a temperature or alpha out of range."""
-    if not temperature > 0:
-        raise KDLightError(f"distill.temperature must be > 0, got {temperature}")
-    if not 0.0 <= alpha <= 1.0:
-        raise KDLightError(
-            f"distill.alpha must be in [0, 1] (the weight of the teacher's soft term), got {alpha}"
-        )
+    """Raise the command line's one-line error for a temperature or alpha out of range."""
+    check("distill", temperature=temperature, alpha=alpha)
 
 
 class MethodSlot:
@@ -110,12 +106,8 @@ def attach_training_data(trainer: L.Trainer, slots: Sequence[MethodSlot]) -> Non
     for slot in slots:
         if not slot.needs_index:
             continue
+        check_one_process(slot.method, trainer.num_devices, trainer.num_nodes)
         name = method_name(slot.method)
-        if trainer.world_size > 1 and not getattr(slot.method, "supports_ddp", False):
-            raise KDLightError(
-                f"distiller={name} keeps a memory bank per process, which DDP processes would "
-                "not share: train it on one device (trainer.devices=1)"
-            )
         datamodule = trainer.datamodule
         labels = getattr(datamodule, "train_labels", None)
         if labels is None or not hasattr(datamodule, "with_index"):

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 from lightning.pytorch.callbacks import Callback, Checkpoint
 
+from kdlight.config.settings import check
 from kdlight.errors import KDLightError
 from kdlight.runs.identity import RunIdentity
 from kdlight.trainer.checkpointing import non_finite_tensors, raise_failed_writes
@@ -36,14 +37,9 @@ class SaveLastCheckpoint(Checkpoint):
     """
 
     def __init__(self, dirpath: str | Path, every_n_train_steps: int = 1000) -> None:
-        steps = every_n_train_steps
-        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
-            raise KDLightError(
-                f"callbacks.last_checkpoint.every_n_train_steps={steps!r}: it must be a whole "
-                "number >= 0 (a save every that many training steps; 0: only at epoch ends)"
-            )
+        check("callbacks.last_checkpoint", every_n_train_steps=every_n_train_steps)
         self.path = Path(dirpath) / "last.ckpt"
-        self.every_n_train_steps = steps
+        self.every_n_train_steps = every_n_train_steps
         self.last_model_path = ""  # the name Lightning's ckpt_path="last" looks up
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -193,13 +189,8 @@ class StopOnNonFiniteLoss(Callback):
     """
 
     def __init__(self, check_every_n_steps: int = 50) -> None:
-        steps = check_every_n_steps
-        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-            raise KDLightError(
-                f"callbacks.stop_on_nonfinite_loss.check_every_n_steps={steps!r}: it must be "
-                "a whole number >= 1 (the losses are read back every that many steps)"
-            )
-        self.check_every_n_steps = steps
+        check("callbacks.stop_on_nonfinite_loss", check_every_n_steps=check_every_n_steps)
+        self.check_every_n_steps = check_every_n_steps
         self._pending: list[
             tuple[int, int, int, dict[str, torch.Tensor]]
         ] = []  # step, epoch, batch, parts
