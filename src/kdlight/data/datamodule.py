@@ -55,6 +55,9 @@ class ImageDataModule(L.LightningDataModule):
     """32x32 RGB images for training, validation and testing: everything but where they come
     from, which a subclass's ``_load`` says.
 
+    Each argument is checked against the rule of ``data.<argument>``
+    (:func:`kdlight.config.settings.rules`): a bad one raises the command line's one line.
+
     Args:
         data_dir: where downloaded files and the decoded-archive cache live; None: the
             per-user cache, :func:`kdlight.data.default_data_dir`.
