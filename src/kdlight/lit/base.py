@@ -220,20 +220,17 @@ class ClassificationSystem(TrainingLog, L.LightningModule):
             )
             for name, student in zip(names, models, strict=True)
         ]
-        # registered where the checkpoints keep them: model.*, val_acc_best.max_value for
-        # one model, students.<i>.*, val_acc_best.<i>.max_value for a grid
-        for attribute, field in (
-            ("model" if cells is None else "students", "model"),
-            ("val_acc", "val_acc"),
-            ("val_acc_best", "val_acc_best"),
-            ("test_confusion", "test_confusion"),
-        ):
-            modules = [getattr(evaluated, field) for evaluated in self.evaluated]
-            setattr(self, attribute, modules[0] if cells is None else nn.ModuleList(modules))
         for evaluated in self.evaluated:
             evaluated.val_acc_best.persistent(True)  # in checkpoints: a resumed run keeps it
-        if cells is None:
+        fields = ("model", "val_acc", "val_acc_best", "test_confusion")
+        parts = [[getattr(evaluated, f) for evaluated in self.evaluated] for f in fields]
+        if cells is None:  # registered where checkpoints keep them: model.*, val_acc_best.*
+            self.model, self.val_acc, self.val_acc_best, self.test_confusion = (p[0] for p in parts)
             self.fast_model = self.evaluated[0].fast
+        else:  # students.<i>.*, val_acc_best.<i>.*
+            self.students, self.val_acc, self.val_acc_best, self.test_confusion = map(
+                nn.ModuleList, parts
+            )
         self.test_summaries: dict[str | None, dict] = {}
         self.tested_weights: dict[str | None, str | None] = {}
 

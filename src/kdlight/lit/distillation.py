@@ -23,18 +23,15 @@ from kdlight.teacher import FrozenTeacher, load_teacher
 
 
 class DistillationSystem(ClassificationSystem):
-    """Students, each with its method (``methods``, one per student), distilled from one
-    frozen teacher: ``teacher``, or the one restored from ``teacher_checkpoint``.
+    """Students, each with its method (``methods``, one each; ``cells`` names a grid's),
+    distilled from one frozen teacher: ``teacher``, or the one restored from
+    ``teacher_checkpoint``. The other arguments are ``DistillationModule``'s.
 
-    Each student's method works through a :class:`~kdlight.lit.methods.MethodSlot`; the
-    teacher is held as a :class:`~kdlight.teacher.FrozenTeacher` (``self.frozen``), which
-    runs it once per batch for every student (its tapped features, its cached logits),
-    and whose hooks are called here. The teacher module itself is the child ``teacher``:
-    eval mode also after every ``train()`` call Lightning makes around validation, never
-    in the optimizer, and not written into the students' checkpoints (it lives in
-    ``teacher_checkpoint``, which ``__init__`` reads again when a checkpoint is restored).
-
-    The arguments are ``DistillationModule``'s; ``cells`` names a grid's students.
+    Each method works through a :class:`~kdlight.lit.methods.MethodSlot`. The teacher is
+    the child ``teacher``, held with its taps, cache and test accuracy as a
+    :class:`~kdlight.teacher.FrozenTeacher` (``self.frozen``) that the hooks here call:
+    in eval mode after every ``train()`` call, never in the optimizer, and not in the
+    students' checkpoints (``__init__`` reads it again from ``teacher_checkpoint``).
     """
 
     def __init__(
