@@ -643,9 +643,9 @@ def _check_paths(cfg: DictConfig) -> None:
 def _arguments(target: str, node: DictConfig) -> list[str] | None:
     """The arguments ``target`` takes (None: any, it has ``**kwargs``)."""
     if target == "kdlight.models.create_model":  # it passes them on to the registered model
-        from kdlight.models.registry import _MODELS
+        from kdlight.models.registry import model_arguments
 
-        return ["name", *inspect.signature(_MODELS[node.name]).parameters]
+        return ["name", *model_arguments(node.name)]
     parameters = inspect.signature(_locate(target)).parameters.values()
     if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters):
         return None

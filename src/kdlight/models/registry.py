@@ -2,6 +2,7 @@
 the rule for a model recorded in a file: built only from a registered name or a ``_target_``
 the user trusts (:func:`build_recorded_model`)."""
 
+import inspect
 import re
 from collections.abc import Callable, Iterable, Mapping
 
@@ -21,6 +22,12 @@ def register_model(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
 def list_models() -> list[str]:
     """Names accepted by :func:`create_model`, sorted."""
     return sorted(_MODELS)
+
+
+def model_arguments(name: str) -> list[str]:
+    """The arguments that the model registered as ``name`` takes (``num_classes`` and its own),
+    which :func:`create_model` passes on to it."""
+    return list(inspect.signature(_MODELS[name]).parameters)
 
 
 def create_model(name: str, num_classes: int = 10, **kwargs) -> nn.Module:
