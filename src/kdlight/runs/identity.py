@@ -89,8 +89,8 @@ OTHER_CELL_KEYS = {"T": "temperature", "alpha": "alpha", "beta": "beta", "w": "w
 def method_cell(settings: dict) -> str | None:
     """A distillation run's cell: ``T4_alpha0.9`` for KD (``_ls`` with logit
     standardization), the method and its main settings for others (``dkd_T4_alpha1_beta8``,
-    ``fitnet_w100``);
-    None for other runs and for a fused grid (its cells are folders of their own)."""
+    ``fitnet_w100``); None for other runs and for a fused grid (its cells are folders of
+    their own)."""
     target = settings.get("distiller._target_")
     if target is None and "distill.temperature" not in settings:
         return None
@@ -306,11 +306,7 @@ def identify(
     flat = settings(cfg, teacher)
     if not OmegaConf.select(cfg, "train", default=True):
         flat["eval.checkpoint"] = file_identity(evaluated) if evaluated else "missing"
-    return RunIdentity(
-        settings=flat,
-        seed=_canonical(seed),
-        debug=is_debug(cfg),
-    )
+    return RunIdentity(settings=flat, seed=_canonical(seed), debug=is_debug(cfg))
 
 
 # ------------------------------------------------------------------------------ teachers
@@ -374,22 +370,18 @@ def find_teacher(
         for last in folder.glob("seed*/checkpoints/last.ckpt")
         if not last.parent.parent.name.endswith("-debug")
     )
-    finished = [run for run in runs if _read_metrics(run / "metrics.json") is not None]
+    metrics = {run: _read_metrics(run / "metrics.json") for run in runs}
+    finished = [run for run in runs if metrics[run] is not None]
     if num_classes is not None:
-        other = [
-            r
-            for r in finished
-            if _classes_of(_read_metrics(r / "metrics.json")) not in (None, num_classes)
-        ]
+        other = [r for r in finished if _classes_of(metrics[r]) not in (None, num_classes)]
         finished = [r for r in finished if r not in other]
         if other and not finished:
             raise KDLightError(
                 f"no teacher of model {model} for {num_classes} classes under {folder} (the "
-                f"finished ones predict {_classes_of(_read_metrics(other[0] / 'metrics.json'))}): "
+                f"finished ones predict {_classes_of(metrics[other[0]])}): "
                 f"train it first ({make} with this data)"
             )
     if not finished:
-        hint = f"train it first ({make}, same paths.root)"
         if runs:
             listed = ", ".join(str(r) for r in runs)
             raise KDLightError(
@@ -397,14 +389,14 @@ def find_teacher(
                 f"relaunch its command to finish it, or name a checkpoint with "
                 f"distill.teacher_checkpoint=PATH to use it as it is"
             )
-        raise KDLightError(f"no teacher of model {model} under {folder}: {hint}")
+        raise KDLightError(
+            f"no teacher of model {model} under {folder}: train it first ({make}, same paths.root)"
+        )
     finished.sort(key=lambda run: (run / "metrics.json").stat().st_mtime)
     chosen = finished[-1]
-    note = f"teacher: {chosen} (the finished {model} teacher under {Path(root)}"
-    others = finished[:-1]
-    note += (
-        f"; the newest of {len(finished)}: also {', '.join(map(str, others))})" if others else ")"
-    )
+    others = ", ".join(map(str, finished[:-1]))
+    also = f"; the newest of {len(finished)}: also {others}" if others else ""
+    note = f"teacher: {chosen} (the finished {model} teacher under {Path(root)}{also})"
     return Teacher(chosen / "checkpoints" / "last.ckpt", f"{model}/{chosen.name}", note)
 
 
