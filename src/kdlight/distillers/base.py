@@ -79,6 +79,8 @@ class Distiller(nn.Module):
     #: which stages :meth:`pair_taps` pairs when the networks' depths differ: one of
     #: :data:`PAIRINGS`
     pairing = "deepest"
+    #: the attributes :meth:`settings` reports, in order
+    setting_names: tuple[str, ...] = ()
 
     def __init__(
         self, student_taps: Sequence[str] | None = None, teacher_taps: Sequence[str] | None = None
@@ -115,7 +117,7 @@ class Distiller(nn.Module):
 
     def settings(self) -> dict:
         """The method's settings, as ``metrics.json`` and ``kdlight-report`` show them."""
-        return {}
+        return {name: getattr(self, name) for name in self.setting_names}
 
     def extra_repr(self) -> str:
         return ", ".join(f"{key}={value}" for key, value in self.settings().items())
@@ -132,6 +134,8 @@ class FeatureDistiller(Distiller):
     ``ce`` and ``<name>``, the feature term before ``weight`` (or the parts
     :meth:`feature_loss` names).
     """
+
+    setting_names = ("weight", "ce_weight")
 
     def __init__(
         self,
@@ -160,9 +164,6 @@ class FeatureDistiller(Distiller):
         parts = dict(term) if isinstance(term, dict) else {"loss": term, self.name: term}
         loss = self.ce_weight * ce + self.weight * parts.pop("loss")
         return {"loss": loss, "ce": ce, **parts}
-
-    def settings(self) -> dict:
-        return {"weight": self.weight, "ce_weight": self.ce_weight}
 
 
 def method_name(method) -> str:

@@ -124,6 +124,7 @@ class AT(FeatureDistiller):
 
     name = "at"
     features = "stages"
+    setting_names = (*FeatureDistiller.setting_names, "p", "pairing")
 
     def __init__(
         self,
@@ -139,9 +140,6 @@ class AT(FeatureDistiller):
 
     def feature_loss(self, student: list[Tensor], teacher: list[Tensor], **batch) -> Tensor:
         return at_loss(student, teacher, p=self.p)
-
-    def settings(self) -> dict:
-        return super().settings() | {"p": self.p, "pairing": self.pairing}
 
 
 class SP(FeatureDistiller):
@@ -195,6 +193,7 @@ class VID(FeatureDistiller):
 
     name = "vid"
     features = "stages"
+    setting_names = (*FeatureDistiller.setting_names, "init_pred_var", "pairing")
 
     def __init__(
         self,
@@ -223,9 +222,3 @@ class VID(FeatureDistiller):
             for regressor, s, t in zip(self.regressors, student, teacher, strict=True)
         ]
         return torch.stack(losses).sum()
-
-    def settings(self) -> dict:
-        return super().settings() | {
-            "init_pred_var": self.init_pred_var,
-            "pairing": self.pairing,
-        }

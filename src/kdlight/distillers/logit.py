@@ -26,6 +26,7 @@ class KD(Distiller):
     """
 
     name = "kd"
+    setting_names = ("temperature", "alpha", "standardize")
 
     def __init__(self, temperature: float = 4.0, alpha: float = 0.9, standardize: bool = False):
         super().__init__()
@@ -35,20 +36,8 @@ class KD(Distiller):
         self, student: Outputs, teacher: Outputs, targets: Tensor, epoch: int = 0
     ) -> dict[str, Tensor]:
         return kd_loss(
-            student.logits,
-            teacher.logits,
-            targets,
-            self.temperature,
-            self.alpha,
-            standardize=self.standardize,
+            student.logits, teacher.logits, targets, self.temperature, self.alpha, self.standardize
         )
-
-    def settings(self) -> dict:
-        return {
-            "temperature": self.temperature,
-            "alpha": self.alpha,
-            "standardize": self.standardize,
-        }
 
 
 class DKD(Distiller):
@@ -74,6 +63,7 @@ class DKD(Distiller):
     """
 
     name = "dkd"
+    setting_names = ("temperature", "alpha", "beta", "ce_weight", "warmup_epochs", "standardize")
 
     def __init__(
         self,
@@ -92,25 +82,10 @@ class DKD(Distiller):
         self, student: Outputs, teacher: Outputs, targets: Tensor, epoch: int = 0
     ) -> dict[str, Tensor]:
         parts = dkd_loss(
-            student.logits,
-            teacher.logits,
-            targets,
-            self.temperature,
-            self.alpha,
-            self.beta,
+            student.logits, teacher.logits, targets, self.temperature, self.alpha, self.beta,
             standardize=self.standardize,
-        )
+        )  # fmt: skip
         ce = F.cross_entropy(student.logits.float(), targets)
         warmup = min((epoch + 1) / self.warmup_epochs, 1.0) if self.warmup_epochs else 1.0
         loss = self.ce_weight * ce + warmup * parts["loss"]
         return {"loss": loss, "ce": ce, "tckd": parts["tckd"], "nckd": parts["nckd"]}
-
-    def settings(self) -> dict:
-        return {
-            "temperature": self.temperature,
-            "alpha": self.alpha,
-            "beta": self.beta,
-            "ce_weight": self.ce_weight,
-            "warmup_epochs": self.warmup_epochs,
-            "standardize": self.standardize,
-        }

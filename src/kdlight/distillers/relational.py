@@ -55,6 +55,7 @@ class RKD(FeatureDistiller):
 
     name = "rkd"
     features = "embedding"
+    setting_names = (*FeatureDistiller.setting_names, "distance_weight", "angle_weight")
 
     def __init__(
         self,
@@ -70,12 +71,6 @@ class RKD(FeatureDistiller):
 
     def feature_loss(self, student: list[Tensor], teacher: list[Tensor], **batch) -> dict:
         return rkd_loss(flat(student[0]), flat(teacher[0]), self.distance_weight, self.angle_weight)
-
-    def settings(self) -> dict:
-        return super().settings() | {
-            "distance_weight": self.distance_weight,
-            "angle_weight": self.angle_weight,
-        }
 
 
 class CRD(FeatureDistiller):
@@ -118,6 +113,9 @@ class CRD(FeatureDistiller):
     name = "crd"
     features = "embedding"
     needs_index = True
+    setting_names = FeatureDistiller.setting_names + (
+        "dim", "num_negatives", "nce_temperature", "momentum", "replacement",
+    )  # fmt: skip
 
     def __init__(
         self,
@@ -204,12 +202,3 @@ class CRD(FeatureDistiller):
         )
         num_data = self.memory.num_data
         return crd_loss(student_scores, num_data) + crd_loss(teacher_scores, num_data)
-
-    def settings(self) -> dict:
-        return super().settings() | {
-            "dim": self.dim,
-            "num_negatives": self.num_negatives,
-            "nce_temperature": self.nce_temperature,
-            "momentum": self.momentum,
-            "replacement": self.replacement,
-        }
