@@ -7,7 +7,9 @@ outputs), ``hint_loss`` and ``vid_loss`` (a stage regressed onto the teacher's, 
 VID, with their trainable ``ConvRegressor`` and ``VIDRegressor``), ``pkt_loss`` and
 ``rkd_loss`` (relations between pooled embeddings) and ``crd_loss`` (contrastive, with
 ``Embed``, ``ContrastMemory`` and ``NegativeSampler``). Each docstring gives the formula,
-the reduction and the weight its method applies.
+the reduction and the weight its method applies (the loss itself applies none). Every loss
+is computed in float32, also under mixed precision, and the teacher's inputs carry no
+gradient.
 """
 
 from kdlight.losses.attention import at_loss, sp_loss

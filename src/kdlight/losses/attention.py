@@ -58,10 +58,8 @@ def at_loss(
     channel counts of student and teacher need not agree. The official code takes
     :math:`f^p` without the absolute value: the same for its ``p = 2`` (any even ``p``).
     The squared difference is averaged over batch and positions (the official code's
-    ``(at(f_s) - at(f_t)).pow(2).mean()``) and the stages are summed. The method scales this
-    loss by its weight, 1000 in the official CIFAR setting (no weight is applied here). The
-    teacher's maps carry no gradient; everything is computed in float32, also under mixed
-    precision.
+    ``(at(f_s) - at(f_t)).pow(2).mean()``) and the stages are summed. The method's weight:
+    1000 in the official CIFAR setting.
 
     Args:
         student_features: one ``(B, C_s, H_s, W_s)`` map per stage.
@@ -75,10 +73,7 @@ def at_loss(
     with torch.autocast(device_type=pairs[0][0].device.type, enabled=False):
         losses = []
         for student, teacher in pairs:
-            size = (
-                min(student.shape[-2], teacher.shape[-2]),
-                min(student.shape[-1], teacher.shape[-1]),
-            )
+            size = tuple(map(min, student.shape[-2:], teacher.shape[-2:]))  # height, width
             if student.shape[-2:] != size:
                 student = F.adaptive_avg_pool2d(student, size)
             if teacher.shape[-2:] != size:
@@ -104,9 +99,8 @@ def sp_loss(student_features: Sequence[Tensor], teacher_features: Sequence[Tenso
     :math:`G` is the ``(B, B)`` matrix of similarities between the samples of the batch at
     one stage, each row divided by its L2 norm. Only the batch sizes must match: channels
     and spatial sizes of student and teacher may differ. The squared Frobenius norm is
-    divided by :math:`B^2` and the stages are summed. The method scales this loss by its
-    weight, 3000 in the official CIFAR setting (no weight is applied here). The teacher's
-    maps carry no gradient; everything is computed in float32, also under mixed precision.
+    divided by :math:`B^2` and the stages are summed. The method's weight: 3000 in the
+    official CIFAR setting.
 
     Args:
         student_features: one ``(B, ...)`` map per stage.

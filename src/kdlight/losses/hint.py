@@ -25,10 +25,8 @@ def hint_loss(student_hint: Tensor, teacher_features: Tensor) -> Tensor:
         \big( r(f_s)_{bchw} - f_{t, bchw} \big)^2
 
     :math:`r(f_s)` is the student's map after its :class:`ConvRegressor`, of the teacher's
-    shape. Reduction: the mean over all elements (the official ``nn.MSELoss()``). The method
-    scales this loss by its weight, 100 in the official CIFAR setting, with the
-    cross-entropy at weight 1 (no weight is applied here). The teacher's map carries no
-    gradient; everything is computed in float32, also under mixed precision.
+    shape. Reduction: the mean over all elements (the official ``nn.MSELoss()``). The
+    method's weight: 100 in the official CIFAR setting, with the cross-entropy at weight 1.
 
     Args:
         student_hint: ``(B, C, H, W)`` output of the :class:`ConvRegressor`.
@@ -107,8 +105,7 @@ def vid_loss(
     official code). Reduction: the mean over all elements. The method sums this loss over
     its layers (the official CIFAR code: every stage output but the first and the last) and
     scales the sum by its weight, 1 in the official CIFAR setting, with the cross-entropy at
-    weight 1 (no weight is applied here). The teacher's map carries no gradient; everything
-    is computed in float32, also under mixed precision.
+    weight 1.
 
     Args:
         predicted_mean: ``(B, C, H, W)`` :math:`\mu`, the regressed student map.

@@ -115,20 +115,13 @@ class KDLoss(nn.Module):
         self, temperature: float = 4.0, alpha: float = 0.9, standardize: bool = False
     ) -> None:
         super().__init__()
-        self.temperature = temperature
-        self.alpha = alpha
-        self.standardize = standardize
+        self.temperature, self.alpha, self.standardize = temperature, alpha, standardize
 
     def forward(
         self, student_logits: Tensor, teacher_logits: Tensor, targets: Tensor
     ) -> dict[str, Tensor]:
         return kd_loss(
-            student_logits,
-            teacher_logits,
-            targets,
-            self.temperature,
-            self.alpha,
-            standardize=self.standardize,
+            student_logits, teacher_logits, targets, self.temperature, self.alpha, self.standardize
         )
 
     def extra_repr(self) -> str:

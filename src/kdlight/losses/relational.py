@@ -45,10 +45,8 @@ def pkt_loss(student_embeddings: Tensor, teacher_embeddings: Tensor, eps: float 
     over the batch (the diagonal :math:`j = i` included); the loss is the KL divergence of
     the student's rows from the teacher's. Norms are taken as :math:`\|a\|_2 + \epsilon`.
     Reduction: the mean over all :math:`B^2` entries (the official code's ``torch.mean``),
-    that is the batch mean of each row's KL divergence divided by :math:`B`. The method
-    scales this loss by its weight, 30000 in the official CIFAR setting, which was tuned for
-    this reduction (no weight is applied here). The teacher's embeddings carry no gradient;
-    everything is computed in float32, also under mixed precision.
+    that is the batch mean of each row's KL divergence divided by :math:`B`. The method's
+    weight, 30000 in the official CIFAR setting, was tuned for this reduction.
 
     Args:
         student_embeddings: ``(B, D_s)`` pooled features (other shapes are flattened).
@@ -108,8 +106,7 @@ def rkd_loss(
     is the same on both sides), as in the official code. ``distance_weight`` :math:`w_D`
     scales the distance term and ``angle_weight`` :math:`w_A` the angle term; the method
     adds ``loss`` with weight 1 in the official CIFAR setting. The teacher's relations are
-    computed under ``no_grad``; everything is computed in float32, also under mixed
-    precision.
+    computed under ``no_grad``.
 
     Args:
         student_embeddings: ``(B, D_s)`` pooled features (other shapes are flattened).
