@@ -65,19 +65,13 @@ class MobileNetV2(nn.Module):
         self.conv1 = _conv_bn_relu(3, in_channels, 3, 2)
         self.blocks = nn.ModuleList()
         for stage_expansion, channels, blocks, stride in _STAGES:
-            out_channels = int(channels * width)
-            layers = []
-            for block in range(blocks):
-                layers.append(
-                    InvertedResidual(
-                        in_channels,
-                        out_channels,
-                        stride if block == 0 else 1,
-                        stage_expansion or expansion,
-                    )
-                )
-                in_channels = out_channels
+            out_channels, expand = int(channels * width), stage_expansion or expansion
+            layers = [InvertedResidual(in_channels, out_channels, stride, expand)]
+            layers += [
+                InvertedResidual(out_channels, out_channels, 1, expand) for _ in range(blocks - 1)
+            ]
             self.blocks.append(nn.Sequential(*layers))
+            in_channels = out_channels
         last_channels = int(1280 * width) if width > 1.0 else 1280
         self.conv2 = _conv_bn_relu(in_channels, last_channels, 1, 1)
         # the zoo's AvgPool2d(2, ceil_mode=True) on the 2x2 map of a 32x32 input is this

@@ -27,28 +27,10 @@ from kdlight.models.resnet import ResNet
 
 #: The registered models whose weights the zoo (RepDistiller, mdistiller) lays out.
 PUBLISHED_MODELS = (
-    "resnet8",
-    "resnet14",
-    "resnet20",
-    "resnet32",
-    "resnet44",
-    "resnet56",
-    "resnet110",
-    "resnet8x4",
-    "resnet32x4",
-    "wrn_16_1",
-    "wrn_16_2",
-    "wrn_40_1",
-    "wrn_40_2",
-    "vgg8",
-    "vgg11",
-    "vgg13",
-    "vgg16",
-    "vgg19",
-    "mobilenetv2",
-    "shufflev1",
-    "shufflev2",
-)
+    "resnet8", "resnet14", "resnet20", "resnet32", "resnet44", "resnet56", "resnet110",
+    "resnet8x4", "resnet32x4", "wrn_16_1", "wrn_16_2", "wrn_40_1", "wrn_40_2",
+    "vgg8", "vgg11", "vgg13", "vgg16", "vgg19", "mobilenetv2", "shufflev1", "shufflev2",
+)  # fmt: skip
 
 #: Published models that are kdlight's own :class:`~kdlight.models.resnet.ResNet` (other
 #: module names than the zoo's).

@@ -4,6 +4,10 @@
   stride-1 convolution and no max-pool, with a ``width`` multiplier on every convolution;
   ``resnet18_half`` (width 0.5) is the reference study's teacher.
 * ``resnet8`` and ``resnet20``: the original CIFAR ResNets (6n+2 layers, 16/32/64 channels).
+  Their shortcuts are 1x1 projections (conv + BN) where the shape changes, as in the KD
+  zoo's code (RepDistiller, mdistiller), not the paper's parameter-free option A; the zoo's
+  checkpoints load through :func:`kdlight.models.published.load_published`, which maps its
+  module names.
 """
 
 from torch import Tensor, nn
@@ -99,24 +103,13 @@ def _cifar_resnet(depth: int, num_classes: int, width: float) -> ResNet:
 
 @register_model
 def resnet8(num_classes: int = 10, width: float = 1.0) -> ResNet:
-    """CIFAR ResNet-8 (6n+2 layers, 16-32-64 channels): one block per stage.
-
-    Shortcuts are 1x1 projections (conv + BN) where the shape changes, as in the KD zoo's
-    code (RepDistiller, mdistiller), not the paper's parameter-free option A. 83,892 params
-    for 100 classes (the zoo's count), 78,042 for 10. The zoo's checkpoints load through
-    :func:`kdlight.models.published.load_published`, which maps its module names.
-    """
+    """CIFAR ResNet-8 (6n+2 layers, 16-32-64 channels): one block per stage; 83,892 params
+    for 100 classes (the zoo's count), 78,042 for 10."""
     return _cifar_resnet(8, num_classes, width)
 
 
 @register_model
 def resnet20(num_classes: int = 10, width: float = 1.0) -> ResNet:
-    """CIFAR ResNet-20 (6n+2 layers, 16-32-64 channels): three blocks per stage.
-
-    Shortcuts are 1x1 projections (conv + BN) where the shape changes, as in the KD zoo's
-    code (RepDistiller, mdistiller), not the paper's parameter-free option A (269,722 params
-    for 10 classes). 278,324 params for 100 classes (the zoo's count), 272,474 for 10. The
-    zoo's checkpoints load through :func:`kdlight.models.published.load_published`, which
-    maps its module names.
-    """
+    """CIFAR ResNet-20 (6n+2 layers, 16-32-64 channels): three blocks per stage; 278,324
+    params for 100 classes (the zoo's count), 272,474 for 10 (269,722 with option A)."""
     return _cifar_resnet(20, num_classes, width)

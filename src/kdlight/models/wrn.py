@@ -38,14 +38,9 @@ class NetworkBlock(nn.Module):
 
     def __init__(self, blocks: int, in_channels: int, out_channels: int, stride: int) -> None:
         super().__init__()
-        self.layer = nn.Sequential(
-            *(
-                WideBasicBlock(
-                    in_channels if i == 0 else out_channels, out_channels, stride if i == 0 else 1
-                )
-                for i in range(blocks)
-            )
-        )
+        units = [WideBasicBlock(in_channels, out_channels, stride)]
+        units += [WideBasicBlock(out_channels, out_channels, 1) for _ in range(blocks - 1)]
+        self.layer = nn.Sequential(*units)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.layer(x)
