@@ -129,7 +129,8 @@ def test_report_includes_teacher_and_settings(teacher_checkpoint: Path, tmp_path
         ({"alpha": -0.1}, "distill.alpha=-0.1 is not allowed: a number in [0, 1]"),
         (
             {"teacher_checkpoint": "/nope/last.ckpt"},
-            "teacher checkpoint not found: /nope/last.ckpt",
+            "cannot read teacher checkpoint /nope/last.ckpt (no such file); expected a file "
+            "written by torch.save",
         ),
         ({"teacher_model": "resnet18_half"}, "holds a resnet8, not a resnet18_half"),
         ({"num_classes": 100}, "predicts 10 classes, the student 100"),
@@ -148,7 +149,9 @@ def test_bad_settings_fail_before_training(teacher_checkpoint: Path, settings: d
 def test_corrupt_teacher_checkpoint(tmp_path: Path, content: bytes):
     path = tmp_path / "last.ckpt"
     path.write_bytes(content)
-    with pytest.raises(KDLightError, match=r"cannot be read .*: expected a file written by torch"):
+    with pytest.raises(
+        KDLightError, match=r"cannot read teacher checkpoint .*\); expected a file written by torch"
+    ):
         load_teacher(path)
 
 

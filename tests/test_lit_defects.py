@@ -439,10 +439,10 @@ def test_a_grid_cell_and_a_classifier_load_alone(tmp_path: Path):
 
 
 def test_load_model_names_what_is_wrong(tmp_path: Path):
-    with pytest.raises(KDLightError, match="checkpoint not found: .*nope.ckpt"):
+    with pytest.raises(KDLightError, match=r"cannot read checkpoint .*nope.ckpt \(no such file\)"):
         load_model(tmp_path / "nope.ckpt")
     (tmp_path / "junk.ckpt").write_bytes(b"not a checkpoint")
-    with pytest.raises(KDLightError, match="junk.ckpt cannot be read"):
+    with pytest.raises(KDLightError, match="cannot read checkpoint .*junk.ckpt"):
         load_model(tmp_path / "junk.ckpt")
     torch.save({"state_dict": {}}, tmp_path / "bare.ckpt")
     with pytest.raises(KDLightError, match="is not a kdlight checkpoint"):

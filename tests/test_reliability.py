@@ -175,7 +175,7 @@ def fake_teacher(path: Path, name: str, num_classes: int) -> Path:
 @pytest.mark.parametrize(
     ("setup", "message"),
     [
-        ("corrupt", "cannot be read"),
+        ("corrupt", "cannot read teacher checkpoint"),
         ("other_model", "holds a resnet20, not a resnet8"),
         ("other_classes", "predicts 100 classes, the student 10"),
     ],

@@ -70,11 +70,7 @@ from kdlight.runs.identity import (
     resolve_teacher,
 )
 from kdlight.trainer.callbacks import RecordRunIdentity
-from kdlight.trainer.checkpointing import (
-    AtomicCheckpointIO,
-    UnreadableCheckpoint,
-    read_checkpoint,
-)
+from kdlight.trainer.checkpointing import AtomicCheckpointIO, read_checkpoint
 from kdlight.trainer.loggers import log_run_settings
 
 log = logging.getLogger("kdlight")
@@ -208,13 +204,6 @@ def warn_about_schedule(cfg: DictConfig) -> None:
         )
 
 
-def _read_checkpoint(path: Path) -> dict:
-    try:
-        return read_checkpoint(path)  # weights only, as fit reads it: nothing in it runs
-    except UnreadableCheckpoint as err:
-        raise UnreadableCheckpoint(f"{err}; move it away to start afresh") from None
-
-
 def resume_checkpoint(output_dir: Path, identity: RunIdentity) -> Path | None:
     """``checkpoints/last.ckpt`` of an earlier, interrupted attempt at this very run, if any.
 
@@ -224,7 +213,7 @@ def resume_checkpoint(output_dir: Path, identity: RunIdentity) -> Path | None:
     path = output_dir / "checkpoints" / "last.ckpt"
     if identity.debug or not path.exists():
         return None
-    state = _read_checkpoint(path)
+    state = read_checkpoint(path, remedy="move it away to start afresh")
     check_checkpoint_owner(path, state, identity)
     info(
         "resuming from %s: saved at epoch %d, step %d; training continues there",

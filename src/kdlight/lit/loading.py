@@ -10,24 +10,17 @@ import re
 from collections.abc import Iterable
 from pathlib import Path
 
-import torch
 from torch import nn
 
 from kdlight.errors import KDLightError
 from kdlight.models.registry import build_recorded_model
 from kdlight.runs.identity import cell_name
-from kdlight.trainer.checkpointing import load_failure
+from kdlight.trainer.checkpointing import read_checkpoint
 
 
 def _read(path: Path) -> dict:
-    if not path.is_file():
-        raise KDLightError(f"checkpoint not found: {path}")
-    try:
-        # weights only: tensors and plain containers, no arbitrary code from the file
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # truncated zip, pickle errors, wrong format...
-        raise KDLightError(f"checkpoint {path} cannot be read ({load_failure(err)})") from None
-    record = checkpoint.get("kdlight") if isinstance(checkpoint, dict) else None
+    checkpoint = read_checkpoint(path)
+    record = checkpoint.get("kdlight")
     spec = record.get("model_spec") if isinstance(record, dict) else None
     if not isinstance(spec, dict) or not spec or "state_dict" not in checkpoint:
         raise KDLightError(

@@ -6,15 +6,17 @@ import re
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
-import torch
 from torch import Tensor, nn
 
 from kdlight.errors import KDLightError, first_line
 from kdlight.models.published import official_names
 from kdlight.models.registry import build_model, build_recorded_model, spec_name, spec_targets
-from kdlight.trainer.checkpointing import load_failure
+from kdlight.trainer.checkpointing import read_checkpoint
 
-MAKE_A_TEACHER = "train one first: kdlight-train experiment=teacher"
+TEACHER_FILES = (
+    "expected a file written by torch.save (a kdlight or Lightning checkpoint, or a state "
+    "dict); to train one: kdlight-train experiment=teacher"
+)
 
 
 def freeze(model: nn.Module) -> nn.Module:
@@ -63,20 +65,7 @@ def load_teacher(
             ``_target_`` that is not trusted, naming it.
     """
     path = Path(path)
-    if not path.is_file():
-        raise KDLightError(f"teacher checkpoint not found: {path}; {MAKE_A_TEACHER}")
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # truncated zip, pickle errors, wrong format...
-        raise KDLightError(
-            f"teacher checkpoint {path} cannot be read ({load_failure(err)}): expected a file "
-            "written by torch.save (a kdlight or Lightning checkpoint, or a state dict)"
-        ) from None
-    if not isinstance(checkpoint, dict):
-        raise KDLightError(
-            f"teacher checkpoint {path} holds a {type(checkpoint).__name__}, not a checkpoint "
-            "or a state dict"
-        )
+    checkpoint = read_checkpoint(path, what="teacher checkpoint", remedy=TEACHER_FILES)
     spec = _recorded_spec(checkpoint, f"teacher checkpoint {path}")
     wanted = _as_spec(model_name, num_classes)
     predicts = (spec or wanted or {}).get("num_classes")
@@ -133,7 +122,7 @@ def _classes_hint(weights: dict, model: nn.Module) -> str:
     last = [name for name, module in model.named_modules() if isinstance(module, nn.Linear)]
     key = f"{last[-1]}.weight" if last else None
     found = weights.get(key) if key else None
-    if not isinstance(found, torch.Tensor) or found.ndim != 2:
+    if not isinstance(found, Tensor) or found.ndim != 2:
         return ""
     theirs, ours = found.shape[0], model.get_submodule(last[-1]).out_features
     if theirs == ours:

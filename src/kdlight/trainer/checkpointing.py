@@ -6,19 +6,21 @@ filesystem (a cluster's shared storage, a tmpfs, a bind mount) that move is a co
 old file: a kill or a full disk during it leaves a truncated ``last.ckpt`` where the good one
 was, and a checkpoint-sized orphan in ``$TMPDIR``. :class:`AtomicCheckpointIO` writes through
 :mod:`kdlight.runs.files` instead: beside the destination, synced, then renamed into place.
-``conf/trainer/default.yaml`` sets it as the Trainer's plugin, so every checkpoint of every
-run (``last.ckpt``, ``best.ckpt``) is written this way.
+:func:`kdlight.train.build_trainer` adds it to the Trainer's plugins, so every checkpoint of
+every run (``last.ckpt``, ``best.ckpt``) is written this way.
 
 :func:`non_finite_tensors` finds the tensors of a checkpoint that hold a NaN or an infinity;
 :class:`kdlight.trainer.callbacks.StopOnNonFiniteLoss` refuses to save such a checkpoint.
 
-Every checkpoint is read by :func:`read_checkpoint`, with ``torch.load(weights_only=True)``:
-a pickle planted in a run folder's ``last.ckpt`` or named by ``ckpt_path=`` is refused in one
-line, and nothing in it runs. kdlight's own checkpoints hold only what that reader accepts
-(tensors, numbers, text, dicts, lists, tuples, and the ``collections.Counter`` of a
-``MultiStepLR``'s milestones): the systems' hyperparameters are plain containers, the random
-states tensors and tuples (:class:`kdlight.trainer.callbacks.ResumeRandomState`), so no global has to
-be allowed beyond PyTorch's own list.
+Every checkpoint (a resumed or evaluated run's, :func:`kdlight.load_model`'s,
+:func:`kdlight.load_teacher`'s) is read by :func:`read_checkpoint`, with
+``torch.load(weights_only=True)``: a pickle planted in a run folder's ``last.ckpt`` or named
+by ``ckpt_path=`` is refused in one line, and nothing in it runs. kdlight's own checkpoints
+hold only what that reader accepts (tensors, numbers, text, dicts, lists, tuples, and the
+``collections.Counter`` of a ``MultiStepLR``'s milestones): the systems' hyperparameters are
+plain containers, the random states tensors and tuples
+(:class:`kdlight.trainer.callbacks.ResumeRandomState`), so no global has to be allowed beyond
+PyTorch's own list.
 """
 
 import functools
@@ -45,23 +47,30 @@ class UnreadableCheckpoint(KDLightError):
     holds more than tensors and plain values (a pickle that would run code as it loads)."""
 
 
-def read_checkpoint(path: str | Path, map_location: Any = "cpu") -> dict[str, Any]:
+def read_checkpoint(
+    path: str | Path, map_location: Any = "cpu", what: str = "checkpoint", remedy: str = ""
+) -> dict[str, Any]:
     """The checkpoint at ``path``, read with ``torch.load(weights_only=True)``: only tensors
     and plain values are built, and no function the file names is called.
 
     Raises:
-        UnreadableCheckpoint: one line naming the file and why (the global a pickle names,
-            a truncated zip), or a file that holds no dict.
+        UnreadableCheckpoint: one line, ``cannot read {what} {path} ({why})``, then
+            ``; {remedy}`` where one is given. Why: no such file, the global a pickle
+            names, a truncated zip, or a file that holds no dict.
     """
-    try:
-        checkpoint = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as err:  # truncated zip, a refused global, not a torch.save file...
-        raise UnreadableCheckpoint(f"cannot read checkpoint {path} ({load_failure(err)})") from None
-    if not isinstance(checkpoint, dict):
-        raise UnreadableCheckpoint(
-            f"checkpoint {path} holds a {type(checkpoint).__name__}, not a checkpoint's dict"
-        )
-    return checkpoint
+    if not Path(path).is_file():
+        why = "no such file"
+    else:
+        try:
+            checkpoint = torch.load(path, map_location=map_location, weights_only=True)
+        except Exception as err:  # truncated zip, a refused global, not a torch.save file...
+            why = load_failure(err)
+        else:
+            if isinstance(checkpoint, dict):
+                return checkpoint
+            why = f"it holds a {type(checkpoint).__name__}, not a checkpoint's dict"
+    message = f"cannot read {what} {path} ({why})"
+    raise UnreadableCheckpoint(f"{message}; {remedy}" if remedy else message)
 
 
 def load_failure(error: BaseException) -> str:
