@@ -135,12 +135,13 @@ class SaveLastOnSigterm(Callback):
             signalled = int(trainer.strategy.reduce(flag, reduce_op="max").item())
         if not signalled:
             return
+        saves = [cb for cb in trainer.callbacks if isinstance(cb, SaveLastCheckpoint)]
+        last = saves[0] if saves and not trainer.fast_dev_run else None
         if signalled == TIME_IS_UP:
-            self._stop_for_time(trainer)
+            self._stop_for_time(trainer, last)
         status, stopped = stop_status(signalled), STOP_SIGNALS[signalled]
         where = f"{stopped} at step {trainer.global_step} (epoch {trainer.current_epoch})"
-        last = next((cb for cb in trainer.callbacks if isinstance(cb, SaveLastCheckpoint)), None)
-        if last is None or trainer.fast_dev_run:
+        if last is None:
             raise Terminated(
                 f"{where}; this run keeps no last.ckpt: launch it again to redo it", status
             )
@@ -154,15 +155,14 @@ class SaveLastOnSigterm(Callback):
             ) from None
         raise Terminated(f"{where}; last.ckpt is current: {RELAUNCH}", status)
 
-    def _stop_for_time(self, trainer: L.Trainer) -> None:
+    def _stop_for_time(self, trainer: L.Trainer, last: SaveLastCheckpoint | None) -> None:
         """``trainer.max_time`` ran out: save ``last.ckpt`` at this step and stop, not
         finished (a failed save is its own one line; the one before is kept)."""
         where = (
             f"trainer.max_time ({self.time_limit:g} s for each launch) ran out at step "
             f"{trainer.global_step} (epoch {trainer.current_epoch} of {trainer.max_epochs})"
         )
-        last = next((cb for cb in trainer.callbacks if isinstance(cb, SaveLastCheckpoint)), None)
-        if last is None or trainer.fast_dev_run:
+        if last is None:
             raise NotFinished(f"not finished: {where}; this run keeps no last.ckpt")
         last.save(trainer)
         raise NotFinished(
