@@ -16,7 +16,7 @@ from lightning.pytorch.callbacks import Callback, Checkpoint
 from kdlight.config.settings import check
 from kdlight.errors import KDLightError
 from kdlight.runs.identity import RunIdentity
-from kdlight.trainer.checkpointing import non_finite_tensors, raise_failed_writes
+from kdlight.trainer.checkpointing import _distributed, non_finite_tensors, raise_failed_writes
 
 log = logging.getLogger("kdlight")
 
@@ -137,10 +137,6 @@ class ResumeRandomState(Callback):
             )
 
 
-def _distributed() -> bool:
-    return torch.distributed.is_available() and torch.distributed.is_initialized()
-
-
 def _random_state() -> dict:
     """This process's global random state, in types ``torch.load(weights_only=True)`` reads."""
     _, keys, position, has_gauss, cached_gaussian = np.random.get_state(legacy=True)
@@ -191,9 +187,8 @@ class StopOnNonFiniteLoss(Callback):
     def __init__(self, check_every_n_steps: int = 50) -> None:
         check("callbacks.stop_on_nonfinite_loss", check_every_n_steps=check_every_n_steps)
         self.check_every_n_steps = check_every_n_steps
-        self._pending: list[
-            tuple[int, int, int, dict[str, torch.Tensor]]
-        ] = []  # step, epoch, batch, parts
+        # (step, epoch, batch index, loss parts) of each step since the last check
+        self._pending: list[tuple[int, int, int, dict[str, torch.Tensor]]] = []
 
     def on_train_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx: int
