@@ -56,33 +56,22 @@ def early_stop(trainer: L.Trainer) -> dict | None:
     return None
 
 
-def trained_steps(trainer: L.Trainer) -> tuple[int, int]:
-    """The training batches this run has completed, over all its launches, and the number
-    its ``max_epochs`` asks for (``max_epochs`` times the batches of an epoch)."""
-    done = trainer.fit_loop.epoch_loop.batch_progress.total.completed
-    per_epoch = trainer.num_training_batches
-    asked = per_epoch * trainer.max_epochs if math.isfinite(per_epoch) else math.inf
-    return int(done), asked
-
-
 def check_finished(trainer: L.Trainer) -> dict | None:
     """After ``trainer.fit``: None when it trained every step of ``max_epochs`` (or reached
     ``trainer.max_steps``), the early stop's record when an ``EarlyStopping`` callback ended
     it; otherwise :class:`NotFinished`, whose line says how far it got. (A time limit stops
     a run earlier, in :class:`~kdlight.runs.guard.SaveLastOnSigterm`, with its own line.)"""
-    done, asked = trained_steps(trainer)
+    done = int(trainer.fit_loop.epoch_loop.batch_progress.total.completed)  # in all launches
+    per_epoch = trainer.num_training_batches
+    asked = per_epoch * trainer.max_epochs if math.isfinite(per_epoch) else math.inf
     if asked == 0:
         raise NotFinished("no training step: the training data gives no batch")
-    if (
-        done >= asked
-        or trainer.max_steps not in (None, -1)
-        and (trainer.global_step >= trainer.max_steps)
-    ):
+    at_max_steps = trainer.max_steps not in (None, -1) and trainer.global_step >= trainer.max_steps
+    if done >= asked or at_max_steps:
         return None
     if done > 0 and (stopped := early_stop(trainer)) is not None:
         return stopped
     stopped_by = "trainer.should_stop" if trainer.should_stop else "an unknown cause"
-    per_epoch = trainer.num_training_batches
     raise NotFinished(
         f"not finished: trained {done} of {asked} steps ({done // per_epoch} of "
         f"{trainer.max_epochs} epochs), stopped by {stopped_by}; last.ckpt is kept: launch the "
@@ -92,12 +81,9 @@ def check_finished(trainer: L.Trainer) -> dict | None:
 
 def time_limit_seconds(max_time: object) -> float | None:
     """``trainer.max_time`` as seconds: ``DD:HH:MM:SS`` (Lightning's spelling), a
-    ``timedelta`` or a mapping of its fields (``{hours: 2}``); None when unset.
-
-    kdlight reads it as each launch's limit, not Lightning's limit on the whole fit: a run
-    that reaches it stops at the end of the batch with a current ``last.ckpt``, is not
-    finished, and the same command continues it for another ``max_time``, so that any
-    number of time-limited jobs add up to the whole run."""
+    ``timedelta`` or a mapping of its fields (``{hours: 2}``); None when unset. It is each
+    launch's limit, not Lightning's on the whole fit: the same command continues a run it
+    stopped for another ``max_time`` (:class:`~kdlight.runs.guard.SaveLastOnSigterm`)."""
     if max_time is None:
         return None
     try:
