@@ -185,11 +185,7 @@ def _compose(name: str, overrides: list[str]) -> DictConfig:
 
 
 def _compose_sweeps(
-    name: str,
-    fixed: list[str],
-    cfg: DictConfig,
-    overrides: list[Override],
-    parser: OverridesParser,
+    name: str, fixed: list[str], cfg: DictConfig, overrides: list[Override], parser: OverridesParser
 ) -> None:
     """Compose a multirun's jobs as Hydra's basic sweeper makes them (``conf/sweep/``'s params
     first, the command line wins): the first job, and one per other value of each sweep

@@ -497,9 +497,8 @@ def _check_model_width(cfg: DictConfig) -> None:
     from kdlight.models.width import TooNarrow
 
     spec = value_of(cfg, "model")
-    if not isinstance(spec, dict) or spec.get("_target_") != "kdlight.models.create_model":
-        return
-    if "width" not in spec:
+    registered = isinstance(spec, dict) and spec.get("_target_") == "kdlight.models.create_model"
+    if not registered or "width" not in spec:
         return
     arguments = {key: value for key, value in spec.items() if not key.startswith("_")}
     try:

@@ -226,9 +226,8 @@ def _method(settings: dict) -> str:
     grid = sorted({key.split(".")[1] for key in settings if key.startswith("methods.")})
     if grid:
         return "+".join(grid)
-    return (
-        str(settings.get("distiller._target_", "kdlight.distillers.KD")).rsplit(".", 1)[-1].lower()
-    )
+    distiller = settings.get("distiller._target_", "kdlight.distillers.KD")
+    return str(distiller).rsplit(".", 1)[-1].lower()
 
 
 def run_tags(identity: RunIdentity) -> dict[str, str]:
