@@ -166,10 +166,8 @@ class ImageDataModule(L.LightningDataModule):
                 f"choose 1 to {len(test)}, or null for all"
             )
         order = np.random.default_rng(hp.seed).permutation(len(train))
-        train_index, val_index = (
-            order[: len(train) - hp.val_size],
-            order[len(train) - hp.val_size :],
-        )
+        kept = len(train) - hp.val_size
+        train_index, val_index = order[:kept], order[kept:]
         if hp.train_subset is not None:
             train_index = train_index[: hp.train_subset]
         self.train_set = ArrayDataset(train.take(train_index), "train", hp.on_device)

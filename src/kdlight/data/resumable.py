@@ -48,8 +48,7 @@ class RecordedShuffle(RandomSampler):
         if seed is None:  # RandomSampler's own draw, from the global generator
             seed = int(torch.empty((), dtype=torch.int64).random_().item())
         self.seed = seed
-        generator = torch.Generator()
-        generator.manual_seed(seed)
+        generator = torch.Generator().manual_seed(seed)
         yield from torch.randperm(len(self.data_source), generator=generator).tolist()
 
 
