@@ -34,8 +34,11 @@ def _stage_pairs(
     return pairs
 
 
-def _attention_map(features: Tensor, p: float) -> Tensor:
-    """``(B, C, H, W)`` -> ``(B, H*W)``: channel mean of ``|f|^p``, L2-normalised per sample."""
+def _attention_map(features: Tensor, p: float, size: tuple[int, int]) -> Tensor:
+    """``(B, C, H, W)`` -> ``(B, h*w)``: the map average-pooled to ``size = (h, w)`` where it is
+    larger, then the channel mean of ``|f|^p``, L2-normalised per sample."""
+    if features.shape[-2:] != size:
+        features = F.adaptive_avg_pool2d(features, size)
     return F.normalize(features.abs().pow(p).mean(dim=1).flatten(1), dim=1)
 
 
@@ -74,11 +77,7 @@ def at_loss(
         losses = []
         for student, teacher in pairs:
             size = tuple(map(min, student.shape[-2:], teacher.shape[-2:]))  # height, width
-            if student.shape[-2:] != size:
-                student = F.adaptive_avg_pool2d(student, size)
-            if teacher.shape[-2:] != size:
-                teacher = F.adaptive_avg_pool2d(teacher, size)
-            difference = _attention_map(student, p) - _attention_map(teacher, p)
+            difference = _attention_map(student, p, size) - _attention_map(teacher, p, size)
             losses.append(difference.pow(2).mean())
         return torch.stack(losses).sum()
 

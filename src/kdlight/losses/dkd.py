@@ -43,12 +43,10 @@ def dkd_loss(
     from it after the division by :math:`T`, as in mdistiller. Everything is computed in
     float32, also under mixed precision; the teacher's logits carry no gradient.
 
-    This is the distillation term only: the DKD method (:class:`kdlight.distillers.DKD`) adds
-    the cross-entropy and warms the term up linearly, ``ce_weight * CE(z_s, y) +
-    min(epoch / warmup, 1) * loss`` with the epoch counted from 1 (mdistiller on CIFAR-100:
-    ``ce_weight=1``, ``warmup=20`` epochs, ``T=4``, ``alpha=1``, ``beta=8`` but for the pairs
-    whose config sets 2 or 6). Equal to mdistiller's ``dkd_loss`` (``distillers/DKD.py``) on
-    resnet56_resnet20 and vgg13_vgg8 (tests/test_fidelity_logit.py).
+    This is the distillation term only: the DKD method (:class:`kdlight.distillers.DKD`, with
+    mdistiller's CIFAR-100 settings) adds the cross-entropy and the linear warm-up. Equal to
+    mdistiller's ``dkd_loss`` (``distillers/DKD.py``) on resnet56_resnet20 and vgg13_vgg8
+    (tests/test_fidelity_logit.py).
 
     With ``standardize=True`` both logits are z-scored over the classes before the division
     by :math:`T` (logit standardization, Sun et al., CVPR 2024; see :func:`kd_loss`).
