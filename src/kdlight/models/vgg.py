@@ -53,10 +53,7 @@ class VGG(nn.Module):
             self.add_module(f"pool{index}", nn.MaxPool2d(2, 2))
         self.pool4 = nn.AdaptiveAvgPool2d(1)
         self.classifier = nn.Linear(in_channels, num_classes)
-        self.feature_taps = {
-            "stages": ["relu1", "relu2", "relu3", "relu4"],
-            "embedding": ["pool4"],
-        }
+        self.feature_taps = {"stages": ["relu1", "relu2", "relu3", "relu4"], "embedding": ["pool4"]}
         init_zoo_weights_(self, linear_std=0.01)
 
     def forward(self, x: Tensor) -> Tensor:
