@@ -148,10 +148,9 @@ class SaveLastOnSigterm(Callback):
         try:
             last.save(trainer)
         except Exception as err:  # a full disk, non-finite weights: the one before is kept
+            why = f"last.ckpt could not be saved there ({first_line(err)})"
             raise Terminated(
-                f"{where}; last.ckpt could not be saved there ({first_line(err)}): {RELAUNCH} from the "
-                "one saved before",
-                status,
+                f"{where}; {why}: {RELAUNCH} from the one saved before", status
             ) from None
         raise Terminated(f"{where}; last.ckpt is current: {RELAUNCH}", status)
 
