@@ -74,9 +74,7 @@ class SaveLastOnSigterm(Callback):
     the same order (:class:`kdlight.data.resumable.ResumableLoader`).
 
     A signal during an epoch's last batch stops the run at the epoch's end instead, after
-    its validation and its ``on_train_epoch_end`` (the scheduler's step follows on resume):
-    Lightning resumes a checkpoint saved at the last batch's end as the epoch's end, without
-    them.
+    its validation (:func:`~kdlight.trainer.callbacks.ends_epoch` says why).
 
     Lightning's own handling is replaced for the time of training because under DDP it
     can hang or crash: its signal handler broadcasts to the other processes from wherever

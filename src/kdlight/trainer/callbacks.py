@@ -49,8 +49,6 @@ class SaveLastCheckpoint(Checkpoint):
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module, outputs, batch, batch_idx) -> None:
         steps = self.every_n_train_steps
-        # not at an epoch's last batch: the epoch-end save follows its validation, and one
-        # from before would, resumed, skip that validation and the epoch's end
         if steps and trainer.global_step % steps == 0 and not ends_epoch(trainer):
             self.save(trainer)
 
@@ -66,7 +64,7 @@ class SaveLastCheckpoint(Checkpoint):
         checks the validation loop first, nor in a ``fast_dev_run``."""
         if trainer.sanity_checking or trainer.fast_dev_run:
             return
-        trainer.save_checkpoint(self.path, weights_only=False)  # all processes call it, one writes
+        trainer.save_checkpoint(self.path, weights_only=False)
         raise_failed_writes(trainer)
         self.last_model_path = str(self.path)
 
