@@ -43,8 +43,8 @@ class CheckpointWriteError(KDLightError):
 
 
 class UnreadableCheckpoint(KDLightError):
-    """A checkpoint that cannot be read: cut short, not a ``torch.save`` file, or one that
-    holds more than tensors and plain values (a pickle that would run code as it loads)."""
+    """A checkpoint that cannot be read: absent, cut short, not a ``torch.save`` file, or one
+    that holds more than tensors and plain values (a pickle that would run code as it loads)."""
 
 
 def read_checkpoint(
@@ -58,9 +58,8 @@ def read_checkpoint(
             ``; {remedy}`` where one is given. Why: no such file, the global a pickle
             names, a truncated zip, or a file that holds no dict.
     """
-    if not Path(path).is_file():
-        why = "no such file"
-    else:
+    why = "no such file"
+    if Path(path).is_file():
         try:
             checkpoint = torch.load(path, map_location=map_location, weights_only=True)
         except Exception as err:  # truncated zip, a refused global, not a torch.save file...
