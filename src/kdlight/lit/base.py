@@ -1,11 +1,6 @@
 """``ClassificationSystem``: what every kdlight LightningModule shares, for one model or for
-a grid of them.
-
-For each model: accuracy metrics per stage, ``val/acc_best`` (kept in checkpoints, so that
-a resumed run knows the best epoch before the interruption), per-class test accuracy over
-the whole test set (from a confusion matrix, so it is exact under DDP too), the printed
-report and ``metrics.json``; for the system: the checkpoint's record of the model, and the
-optimizer/scheduler built from Hydra ``_partial_`` callables.
+a grid of them (its evaluation, report and optimizer); :class:`TrainingLog`, the training
+scalars logged without a cost per step; :func:`classes_predicted`, a model's classes.
 """
 
 import copy
@@ -36,20 +31,6 @@ SchedulerFactory = Callable[[torch.optim.Optimizer], torch.optim.lr_scheduler.LR
 
 #: The reference recipe: SGD, lr 0.1, momentum 0.9, weight decay 5e-4.
 reference_sgd = partial(torch.optim.SGD, lr=0.1, momentum=0.9, weight_decay=5e-4)
-
-
-def build_optimizers(
-    optimizer: OptimizerFactory, scheduler: SchedulerFactory | None, params: list[nn.Parameter]
-) -> torch.optim.Optimizer | dict:
-    """What ``configure_optimizers`` returns: the optimizer over ``params`` and, if given,
-    its scheduler stepped once per epoch."""
-    built = optimizer(params=params)
-    if scheduler is None:
-        return built
-    return {
-        "optimizer": built,
-        "lr_scheduler": {"scheduler": scheduler(optimizer=built), "interval": "epoch"},
-    }
 
 
 class TrainingLog:
@@ -113,16 +94,16 @@ def classes_predicted(
             f"predicts {predicted} classes: leave num_classes out or make the model for "
             f"{num_classes} classes"
         )
-    if predicted is None and num_classes is None:
-        linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
-        predicted = linears[-1].out_features if linears else None
-    if predicted is None and num_classes is None:
+    if num_classes is not None or predicted is not None:
+        return num_classes if num_classes is not None else predicted
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    if not linears:
         raise KDLightError(
             f"cannot tell how many classes {what} ({type(model).__name__}) predicts: its "
             f"output on one image of shape {tuple(input_shape)} is not (1, classes) and it "
             "has no nn.Linear; pass num_classes="
         )
-    return num_classes if num_classes is not None else predicted
+    return linears[-1].out_features
 
 
 def probe_classes(model: nn.Module, input_shape: tuple[int, ...]) -> int | None:
@@ -175,8 +156,9 @@ class ClassificationSystem(TrainingLog, L.LightningModule):
     computed.
 
     A single model logs ``val/acc``, ``val/loss``, ``val/acc_best``, ``test/acc``,
-    ``test/loss`` and each class's ``test/acc_<class>``, and writes ``metrics.json`` in the
-    run directory; a grid's cell logs ``val/acc_<cell>``, ``val/acc_best_<cell>`` and
+    ``test/loss`` and each class's ``test/acc_<class>`` (from a confusion matrix over the
+    whole test set: exact under DDP too), prints its report and writes ``metrics.json`` in
+    the run directory; a grid's cell logs ``val/acc_<cell>``, ``val/acc_best_<cell>`` and
     ``test/acc_<cell>`` (``val/acc`` is their mean, what checkpoints monitor), and writes
     ``<run dir>/<cell>/metrics.json``, the layout of a multirun.
 
@@ -336,9 +318,13 @@ class ClassificationSystem(TrainingLog, L.LightningModule):
         return [p for evaluated in self.evaluated for p in evaluated.model.parameters()]
 
     def configure_optimizers(self):
-        return build_optimizers(
-            self.optimizer_factory, self.scheduler_factory, self.trainable_parameters()
-        )
+        """The optimizer over :meth:`trainable_parameters` and, if given, its scheduler,
+        stepped once per epoch."""
+        optimizer = self.optimizer_factory(params=self.trainable_parameters())
+        if self.scheduler_factory is None:
+            return optimizer
+        scheduler = {"scheduler": self.scheduler_factory(optimizer=optimizer), "interval": "epoch"}
+        return {"optimizer": optimizer, "lr_scheduler": scheduler}
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         """Store the model's name and arguments so it can be rebuilt from the checkpoint alone."""

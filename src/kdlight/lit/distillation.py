@@ -28,10 +28,10 @@ class DistillationSystem(ClassificationSystem):
     ``teacher_checkpoint``. The other arguments are ``DistillationModule``'s.
 
     Each method works through a :class:`~kdlight.lit.methods.MethodSlot`. The teacher is
-    the child ``teacher``, held with its taps, cache and test accuracy as a
-    :class:`~kdlight.teacher.FrozenTeacher` (``self.frozen``) that the hooks here call:
-    in eval mode after every ``train()`` call, never in the optimizer, and not in the
-    students' checkpoints (``__init__`` reads it again from ``teacher_checkpoint``).
+    the child ``teacher`` (it moves with the system), held with its taps, cache and test
+    accuracy as a :class:`~kdlight.teacher.FrozenTeacher` (``self.frozen``) that the hooks
+    here call: in eval mode after every ``train()`` call, never in the optimizer, and not
+    in the students' checkpoints (``__init__`` reads it again from ``teacher_checkpoint``).
     """
 
     def __init__(

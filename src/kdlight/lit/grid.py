@@ -9,11 +9,11 @@ which is most of the cost of separate runs. The grid is the distillation system
 works through the same :class:`~kdlight.lit.methods.MethodSlot`, and the cell is
 evaluated, reported and recorded by the same code, as a single ``DistillationModule``
 run. What is the grid's own: the fused KD loss, the gradient clipping per cell, and each
-cell's best weights. The optimizer is one
-instance over all students' parameters: SGD and AdamW update each parameter from its own
-gradient and state, the summed loss gives each student exactly the gradient of its own
-loss, and gradient clipping by norm clips each student's gradient on its own, so every
-student follows the same trajectory as its separate ``DistillationModule`` run.
+cell's best weights. The optimizer is one instance over all students' parameters: SGD and
+AdamW update each parameter from its own gradient and state, the summed loss gives each
+student exactly the gradient of its own loss, and gradient clipping by norm clips each
+student's gradient on its own, so every student follows the same trajectory as its
+separate ``DistillationModule`` run.
 """
 
 from collections.abc import Mapping, Sequence
@@ -53,11 +53,9 @@ class DistillationGridModule(DistillationSystem):
             method's ``experiment=distill distiller=<method>`` run. When given,
             ``temperature`` and ``alpha`` are not used.
         teacher, teacher_checkpoint, teacher_model, optimizer, scheduler, num_classes,
-        class_names, compile, channels_last, input_shape: as for ``DistillationModule``.
-        teacher_cache: as for ``DistillationModule``: the teacher's logits, which every cell
-            shares, are looked up in the cache and computed only for the misses (when no
-            cell's method reads the teacher's features), so seeds and relaunches of a grid
-            share one teacher's work too.
+        class_names, compile, channels_last, input_shape, teacher_cache: as for
+        ``DistillationModule`` (the cached logits serve every cell, unless a cell's method
+        reads the teacher's features).
 
     Each cell's results go to ``<run dir>/<cell>/metrics.json`` (``T<T>_alpha<alpha>`` for a
     KD grid, the method's name for ``methods``), the layout of a multirun, so
@@ -72,7 +70,6 @@ class DistillationGridModule(DistillationSystem):
     validated, is tested with the last). The grid's ``best.ckpt`` is chosen on the mean
     accuracy of all cells, one epoch for all of them, so it is not what ``"best"`` means
     here: test with the weights in memory (``ckpt_path=None``) or the grid's ``last.ckpt``.
-    ``run_record``: the run's identity, as for the other systems, in every cell's ``metrics.json``.
     """
 
     test_weights: str = "last"
@@ -132,11 +129,9 @@ class DistillationGridModule(DistillationSystem):
         ]
         self.fused_kd = self._fusable(cell_methods)
         if self.fused_kd:  # each cell's T and alpha, for the loss of all students in one pass
-            temperatures = torch.tensor([t for t, _ in self.cells])
-            self.register_buffer("temperatures", temperatures, persistent=False)
-            self.register_buffer(
-                "alphas", torch.tensor([a for _, a in self.cells]), persistent=False
-            )
+            temperatures, alphas = zip(*self.cells, strict=True)
+            self.register_buffer("temperatures", torch.tensor(temperatures), persistent=False)
+            self.register_buffer("alphas", torch.tensor(alphas), persistent=False)
             self.standardize = cell_methods[0].standardize
         #: each cell's student weights at its best validation epoch, and that epoch
         self.best_weights: dict[str, dict[str, Tensor]] = {}

@@ -17,11 +17,6 @@ from kdlight.models.fast import FastForward
 from kdlight.models.taps import FeatureTaps, probe_shapes
 
 
-def check_distillation_settings(temperature: float, alpha: float) -> None:
-    """Raise the command line's one-line error for a temperature or alpha out of range."""
-    check("distill", temperature=temperature, alpha=alpha)
-
-
 class MethodSlot:
     """``method`` distilling ``teacher`` into ``student``.
 
@@ -39,8 +34,8 @@ class MethodSlot:
         teacher: nn.Module,
         input_shape: Sequence[int] = (3, 32, 32),
     ) -> None:
-        if isinstance(method, KD):
-            check_distillation_settings(method.temperature, method.alpha)
+        if isinstance(method, KD):  # the command line's one-line error for T or alpha
+            check("distill", temperature=method.temperature, alpha=method.alpha)
         self.method = method
         student_names, self.teacher_names = resolve_taps(method, student, teacher)
         self.student_taps = FeatureTaps(student, student_names, "student")

@@ -115,15 +115,6 @@ def tested_checkpoint(trainer: L.Trainer) -> str | None:
     return "last" if Path(path).name == "last.ckpt" else None
 
 
-def data_record(trainer: L.Trainer) -> dict:
-    """The ``validation`` and ``test_set`` fields of ``metrics.json``."""
-    datamodule = trainer.datamodule
-    return {
-        "validation": validation_split(datamodule),
-        "test_set": getattr(datamodule, "test_set_id", None),
-    }
-
-
 def write_metrics(path: str | Path, metrics: dict, run_record: dict | None = None) -> Path:
     """Write ``metrics.json``: strict JSON, indented, keys in insertion order, atomically;
     ``run_record`` (the run's identity, set by ``kdlight-train``) goes last as ``"run"``."""
@@ -163,6 +154,7 @@ def student_record(
         "epochs": epochs,
         **summary,
         "val_acc_best": best_accuracy(best),
-        **data_record(trainer),
+        "validation": validation_split(trainer.datamodule),
+        "test_set": getattr(trainer.datamodule, "test_set_id", None),
         "tested_weights": tested_weights,
     }

@@ -5,6 +5,8 @@ import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 
+from kdlight.errors import first_line
+
 
 class FastForward:
     """``model`` for training steps, through ``torch.compile`` when asked and in
@@ -26,24 +28,23 @@ class FastForward:
             model.to(memory_format=torch.channels_last)
         self.run = torch.compile(model) if compile else model
 
-    def _format(self, images: Tensor) -> Tensor:
-        if self.channels_last:
-            return images.contiguous(memory_format=torch.channels_last)
-        return images
-
     def __call__(self, images: Tensor) -> Tensor:
-        images = self._format(images)
-        if self.run is self.model:
-            return self.model(images)
-        try:
-            return self.run(images)
-        except Exception as err:  # torch.compile compiles lazily, on the first call
-            rank_zero_warn(
-                f"torch.compile failed ({type(err).__name__}: {str(err).splitlines()[0][:200]}); running eagerly"
-            )
-            self.run = self.model
-            return self.model(images)
+        if self.run is not self.model:
+            try:
+                return self.run(self._format(images))
+            except Exception as err:  # torch.compile compiles lazily, on the first call
+                rank_zero_warn(
+                    f"torch.compile failed ({type(err).__name__}: {first_line(err)[:200]}); "
+                    "running eagerly"
+                )
+                self.run = self.model
+        return self.eager(images)
 
     def eager(self, images: Tensor) -> Tensor:
         """The model run eagerly (in channels-last format when asked), for evaluation."""
         return self.model(self._format(images))
+
+    def _format(self, images: Tensor) -> Tensor:
+        if self.channels_last:
+            return images.contiguous(memory_format=torch.channels_last)
+        return images

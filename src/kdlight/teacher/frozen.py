@@ -1,8 +1,6 @@
 """The frozen teacher that a distillation system holds (:class:`FrozenTeacher`): the
 teacher, its taps, its cache and its test accuracy, as one object whose methods the
-system calls from its hooks; and which teacher cache a run reads (:func:`teacher_cache_for`).
-The cache's storage is :mod:`kdlight.teacher.cache`, the teacher's loading
-:mod:`kdlight.teacher.loading`."""
+system calls from its hooks; and which teacher cache a run reads (:func:`teacher_cache_for`)."""
 
 import contextlib
 import hashlib
@@ -133,13 +131,11 @@ class FrozenTeacher:
     calls it from its hooks.
 
     ``module`` is frozen for good: eval mode, ``requires_grad=False``, run under
-    ``no_grad``. The system registers it as its child ``teacher`` (so that it moves to the
-    system's device), puts it back in eval mode after every ``train()`` call, and keeps it
-    out of the optimizer and of the students' checkpoints (its weights live in
-    ``checkpoint``). Held here: its forward for training steps (``fast``), hooks on the
-    modules that any student's method reads (``taps``, each once), the cache of its logits
-    (``cache``) and its test accuracy, which is measured alongside the students' unless
-    its own run already measured it on the same images (:func:`recorded_teacher_accuracy`).
+    ``no_grad``; the system keeps it so (:class:`kdlight.lit.distillation.DistillationSystem`).
+    Held here: its forward for training steps (``fast``), hooks on the modules that any
+    student's method reads (``taps``, each once), the cache of its logits (``cache``) and
+    its test accuracy, which is measured alongside the students' unless its own run
+    already measured it on the same images (:func:`recorded_teacher_accuracy`).
 
     The cache (:meth:`open_cache`) is not used when a method reads the teacher's features,
     or its files cannot be opened or made (one warning: the teacher runs live). A damaged
