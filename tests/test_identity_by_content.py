@@ -12,7 +12,8 @@ from PIL import Image
 
 from kdlight.data import ImageFolderDataModule
 from kdlight.models import create_model
-from kdlight.runs.identity import resolve_teacher, run_folder
+from kdlight.runs.identity import run_folder
+from kdlight.teacher.find import resolve_teacher
 from kdlight.teacher.frozen import teacher_cache_for
 from tests.conftest import compose_config, synthetic_datamodule
 

@@ -13,12 +13,12 @@ from omegaconf import OmegaConf
 from kdlight.errors import KDLightError
 from kdlight.runs.identity import (
     check_checkpoint_owner,
-    find_teacher,
     group_key,
     identify,
     is_debug,
     settings,
 )
+from kdlight.teacher.find import find_teacher
 from kdlight.trainer.callbacks import RecordRunIdentity
 from tests.conftest import compose_config
 

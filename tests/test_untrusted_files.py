@@ -22,7 +22,8 @@ from kdlight.lit import load_teacher
 from kdlight.lit.loading import load_model
 from kdlight.models.registry import check_recorded_spec, trust_targets
 from kdlight.runs.guard import hold_run_lock
-from kdlight.runs.identity import identify, resolve_teacher
+from kdlight.runs.identity import identify
+from kdlight.teacher.find import resolve_teacher
 from kdlight.train import resume_checkpoint, train
 from kdlight.trainer.checkpointing import AtomicCheckpointIO, UnreadableCheckpoint
 from tests.conftest import TINY, compose_config, run_cli

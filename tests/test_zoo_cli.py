@@ -67,7 +67,7 @@ def test_the_zoo_teacher_recipe_is_found_by_distillation(tmp_path: Path):
 
 def test_a_cifar100_student_never_gets_a_cifar10_teacher(tmp_path: Path):
     from kdlight.errors import KDLightError
-    from kdlight.runs.identity import find_teacher
+    from kdlight.teacher.find import find_teacher
 
     def teacher_run(name: str, classes: int) -> Path:
         run = tmp_path / "teacher" / "resnet20" / name

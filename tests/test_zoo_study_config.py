@@ -13,7 +13,8 @@ from kdlight.config.preflight import check_command_line
 from kdlight.errors import KDLightError
 from kdlight.lit import load_teacher
 from kdlight.models import create_model, official_state_dict
-from kdlight.runs.identity import identify, resolve_teacher, settings
+from kdlight.runs.identity import identify, settings
+from kdlight.teacher.find import resolve_teacher
 from tests.conftest import compose_config
 
 PAIRS = sorted(p.stem for p in (Path(__file__).parents[1] / "conf" / "pair").glob("*.yaml"))

@@ -62,13 +62,12 @@ from kdlight.runs.guard import (
 )
 from kdlight.runs.identity import (
     RunIdentity,
-    Teacher,
     check_checkpoint_owner,
     grid_cell_names,
     identify,
     is_grid,
-    resolve_teacher,
 )
+from kdlight.teacher.find import Teacher, resolve_teacher
 from kdlight.trainer.callbacks import RecordRunIdentity
 from kdlight.trainer.checkpointing import AtomicCheckpointIO, read_checkpoint
 from kdlight.trainer.loggers import log_run_settings

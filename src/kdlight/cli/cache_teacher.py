@@ -34,9 +34,10 @@ from kdlight import config_dir
 from kdlight.config.settings import validate_settings
 from kdlight.errors import KDLightError, first_line
 from kdlight.models.fast import FastForward
-from kdlight.runs.identity import is_distillation, resolve_teacher
+from kdlight.runs.identity import is_distillation
 from kdlight.teacher import freeze, load_teacher
 from kdlight.teacher.cache import VARIANTS, fill_all
+from kdlight.teacher.find import resolve_teacher
 from kdlight.teacher.frozen import teacher_cache_for
 from kdlight.train import build_trainer
 

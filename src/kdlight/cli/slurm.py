@@ -21,7 +21,8 @@ from omegaconf.errors import OmegaConfBaseException
 from kdlight import config_dir
 from kdlight.config.preflight import check_command_line
 from kdlight.errors import KDLightError, first_line
-from kdlight.runs.identity import is_distillation, resolve_teacher
+from kdlight.runs.identity import is_distillation
+from kdlight.teacher.find import resolve_teacher
 
 USAGE = """usage: python -m kdlight.cli.slurm [-h] [OVERRIDE ...]
 

@@ -37,7 +37,8 @@ from kdlight import config_dir
 from kdlight.config.preflight import check_command_line
 from kdlight.errors import KDLightError, find_user_error, first_line
 from kdlight.runs.files import atomic_write
-from kdlight.runs.identity import identify, resolve_teacher
+from kdlight.runs.identity import identify
+from kdlight.teacher.find import resolve_teacher
 
 log = logging.getLogger("kdlight")
 

@@ -32,7 +32,8 @@ from lightning.pytorch.loggers.logger import rank_zero_experiment
 from lightning.pytorch.utilities import rank_zero_only
 
 from kdlight.errors import KDLightError, first_line
-from kdlight.runs.identity import RunIdentity, group_key, shipped_pair
+from kdlight.runs.identity import RunIdentity, group_key
+from kdlight.teacher.find import shipped_pair
 
 SQLITE = "sqlite:///"
 #: How long the check of a local MLflow store waits for another process's lock on it
