@@ -195,7 +195,7 @@ def test_each_grid_cell_is_tested_at_its_own_best_epoch(tmp_path: Path):
 def test_grid_refuses_unknown_test_weights(tmp_path: Path):
     grid = small_grid()
     grid.test_weights = "middle"
-    with pytest.raises(KDLightError, match="test_ckpt must be last or best, got 'middle'"):
+    with pytest.raises(KDLightError, match="test_ckpt=middle is not allowed: one of best, last"):
         cpu_trainer(tmp_path, epochs=1).test(grid, datamodule=tiny_data())
 
 

@@ -1,6 +1,6 @@
 """``ClassificationSystem``: what every kdlight LightningModule shares, for one model or for
-a grid of them (its evaluation, report and optimizer); :class:`TrainingLog`, the training
-scalars logged without a cost per step; :func:`classes_predicted`, a model's classes.
+a grid of them (its training log, evaluation, report and optimizer);
+:func:`classes_predicted`, a model's classes.
 """
 
 import copy
@@ -22,60 +22,15 @@ from kdlight.lit.results import (
     student_record,
     summarize_confusion,
     tested_checkpoint,
-    write_metrics,
 )
 from kdlight.models.fast import FastForward
+from kdlight.runs.files import write_json
 
 OptimizerFactory = Callable[..., torch.optim.Optimizer]
 SchedulerFactory = Callable[[torch.optim.Optimizer], torch.optim.lr_scheduler.LRScheduler]
 
 #: The reference recipe: SGD, lr 0.1, momentum 0.9, weight decay 5e-4.
 reference_sgd = partial(torch.optim.SGD, lr=0.1, momentum=0.9, weight_decay=5e-4)
-
-
-class TrainingLog:
-    """Training scalars logged without a cost per step: no ``self.log`` call and no value
-    read back from the device in ``training_step``.
-
-    Both are expensive when the model is small and the GPU fast. Each ``self.log`` call runs a
-    torchmetrics update of Lightning's result collection (about a millisecond of CPU time
-    each, measured on the development CPU), and a value logged with ``prog_bar=True`` is
-    turned into a Python number after every batch, which waits for the GPU to finish the
-    step before the next one can be queued. Here the scalars are summed on the device
-    instead; every ``log_every_n_steps`` steps their values go straight to the loggers as
-    ``train/<name>_step`` (one read), and each epoch's batch-weighted means are logged once,
-    as ``train/<name>``, averaged over DDP processes.
-
-    Mix it into a LightningModule and call :meth:`log_training` in ``training_step``.
-    """
-
-    _training_sums: Tensor | None = None
-    _training_names: tuple[str, ...] = ()
-    _training_count: int = 0
-
-    def log_training(self, values: dict[str, Tensor], batch_size: int) -> None:
-        """Add this step's scalars (0-dim tensors) to the epoch's sums."""
-        stacked = torch.stack([value.detach().float() for value in values.values()])
-        if self._training_sums is None:
-            self._training_names = tuple(values)
-            self._training_sums = torch.zeros_like(stacked)
-            self._training_count = 0
-        self._training_sums += stacked * batch_size
-        self._training_count += batch_size
-        every = self.trainer.log_every_n_steps
-        if self.loggers and every and self.global_step % every == 0:
-            step_values = {
-                f"train/{n}_step": v for n, v in zip(values, stacked.tolist(), strict=True)
-            }
-            for logger in self.loggers:
-                logger.log_metrics(step_values, step=self.global_step)
-
-    def on_train_epoch_end(self) -> None:
-        if self._training_sums is not None:
-            means = (self._training_sums / max(self._training_count, 1)).unbind()
-            for name, mean in zip(self._training_names, means, strict=True):
-                self.log(f"train/{name}", mean, prog_bar=name == "loss", sync_dist=True)
-        self._training_sums = None
 
 
 def classes_predicted(
@@ -88,7 +43,7 @@ def classes_predicted(
     ``nn.Linear`` is (registered last, which is not always the one run last: so it only
     answers, never contradicts). ``what`` names the model in the error line."""
     predicted = probe_classes(model, input_shape)
-    if num_classes is not None and predicted is not None and predicted != num_classes:
+    if num_classes is not None and predicted not in (None, num_classes):
         raise KDLightError(
             f"num_classes={num_classes} does not fit {what} ({type(model).__name__}), which "
             f"predicts {predicted} classes: leave num_classes out or make the model for "
@@ -144,16 +99,14 @@ class Evaluated:
         return "" if self.name is None else f"_{self.name}"
 
 
-class ClassificationSystem(TrainingLog, L.LightningModule):
+class ClassificationSystem(L.LightningModule):
     """Base for systems that train ``self.model``, a classifier, and evaluate it; or, given
     ``cells``, a grid of students (``self.students``, each a copy of ``model``, as separate
     runs with the same seed would start), each evaluated as a single model is.
 
     Subclasses implement ``training_step``: the logits of ``self.fast_model`` (a grid's
     ``evaluated[i].fast``), the loss, ``self.train_acc.update`` and :meth:`log_training` of
-    the loss (and its parts); evaluation, metrics and the report live here. ``compile``
-    (torch.compile) and ``channels_last`` are speed options that do not change what is
-    computed.
+    the loss (and its parts); evaluation, metrics and the report live here.
 
     A single model logs ``val/acc``, ``val/loss``, ``val/acc_best``, ``test/acc``,
     ``test/loss`` and each class's ``test/acc_<class>`` (from a confusion matrix over the
@@ -167,6 +120,9 @@ class ClassificationSystem(TrainingLog, L.LightningModule):
     """
 
     run_record: dict | None = None
+    _training_sums: Tensor | None = None
+    _training_names: tuple[str, ...] = ()
+    _training_count: int = 0
 
     def __init__(
         self,
@@ -246,8 +202,35 @@ class ClassificationSystem(TrainingLog, L.LightningModule):
         logits = [evaluated.fast.eager(images) for evaluated in self.evaluated]
         return logits[0] if self.evaluated[0].name is None else torch.stack(logits)
 
+    def log_training(self, values: dict[str, Tensor], batch_size: int) -> None:
+        """Add this step's scalars (0-dim tensors) to the epoch's sums, at no cost per step:
+        no ``self.log`` call (a torchmetrics update of Lightning's result collection, about
+        a millisecond of CPU each) and no value read back from the device (as
+        ``prog_bar=True`` does after every batch, so the GPU must finish the step before the
+        next is queued). Every ``log_every_n_steps`` steps their values go straight to the
+        loggers as ``train/<name>_step`` (one read), and each epoch's batch-weighted means
+        are logged once, as ``train/<name>``, averaged over DDP processes."""
+        stacked = torch.stack([value.detach().float() for value in values.values()])
+        if self._training_sums is None:
+            self._training_names = tuple(values)
+            self._training_sums = torch.zeros_like(stacked)
+            self._training_count = 0
+        self._training_sums += stacked * batch_size
+        self._training_count += batch_size
+        every = self.trainer.log_every_n_steps
+        if self.loggers and every and self.global_step % every == 0:
+            step_values = {
+                f"train/{n}_step": v for n, v in zip(values, stacked.tolist(), strict=True)
+            }
+            for logger in self.loggers:
+                logger.log_metrics(step_values, step=self.global_step)
+
     def on_train_epoch_end(self) -> None:
-        super().on_train_epoch_end()  # the epoch means of the training_step's scalars
+        if self._training_sums is not None:
+            means = (self._training_sums / max(self._training_count, 1)).unbind()
+            for name, mean in zip(self._training_names, means, strict=True):
+                self.log(f"train/{name}", mean, prog_bar=name == "loss", sync_dist=True)
+        self._training_sums = None
         if self.train_acc.update_called:
             self.log("train/acc", self.train_acc.compute())  # computed over all processes
         self.train_acc.reset()
@@ -305,7 +288,8 @@ class ClassificationSystem(TrainingLog, L.LightningModule):
                 heading = "" if evaluated.name is None else f"[{evaluated.name}] "
                 print(heading + format_report(summary, path), flush=True)
                 record = self.metrics_record(evaluated, summary)
-                write_metrics(path, record, self.run_record)
+                run = {} if self.run_record is None else {"run": self.run_record}
+                write_json(path, record | run)
 
     def metrics_record(self, evaluated: Evaluated, summary: dict) -> dict:
         """What a model's ``metrics.json`` holds; subclasses add their own settings."""

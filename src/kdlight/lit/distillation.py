@@ -1,8 +1,7 @@
 """The distillation systems: students trained from one frozen teacher with a distillation
 method (:mod:`kdlight.distillers`; Hinton et al.'s KD by default). ``DistillationSystem``
 is what one student (``DistillationModule``) and a grid of them
-(:class:`~kdlight.lit.grid.DistillationGridModule`) share; the teacher, its taps, its
-cache and its test accuracy are one object it holds (:class:`~kdlight.teacher.FrozenTeacher`)."""
+(:class:`~kdlight.lit.grid.DistillationGridModule`) share."""
 
 import inspect
 from collections.abc import Callable, Mapping, Sequence
@@ -171,11 +170,9 @@ class DistillationModule(DistillationSystem):
     shapes here, and a method that needs each image's index gets it from the data module
     (its training batches are then ``(images, labels, indices)``).
 
-    The teacher is frozen for good, and kept out of the student's checkpoints (see
-    :class:`DistillationSystem`). ``load_from_checkpoint`` restores the whole system,
-    teacher included (read again from ``teacher_checkpoint``); to evaluate or reuse the
-    trained student alone, ``kdlight.load_model(checkpoint)`` rebuilds it from the
-    checkpoint without any teacher.
+    The teacher is frozen and kept out of the student's checkpoints (see
+    :class:`DistillationSystem`): ``load_from_checkpoint`` reads it again from
+    ``teacher_checkpoint``, and ``kdlight.load_model(checkpoint)`` rebuilds the student alone.
 
     Args:
         model: the student.

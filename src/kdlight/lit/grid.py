@@ -2,18 +2,14 @@
 grid of KD, or a set of methods (``methods``), or both.
 
 Every cell of the grid is an independent student with its own method, loss, BatchNorm
-statistics, metrics, best epoch and optimizer state; what they share is the batch and one
-teacher forward per batch (its features computed once, for every cell that reads them),
-which is most of the cost of separate runs. The grid is the distillation system
-(:class:`~kdlight.lit.distillation.DistillationSystem`) of many students: a cell's method
-works through the same :class:`~kdlight.lit.methods.MethodSlot`, and the cell is
-evaluated, reported and recorded by the same code, as a single ``DistillationModule``
-run. What is the grid's own: the fused KD loss, the gradient clipping per cell, and each
-cell's best weights. The optimizer is one instance over all students' parameters: SGD and
-AdamW update each parameter from its own gradient and state, the summed loss gives each
-student exactly the gradient of its own loss, and gradient clipping by norm clips each
-student's gradient on its own, so every student follows the same trajectory as its
-separate ``DistillationModule`` run.
+statistics, metrics, best epoch and optimizer state, trained and evaluated by the same code
+as a single ``DistillationModule`` run (:class:`~kdlight.lit.distillation.DistillationSystem`);
+what they share is the batch and one teacher forward per batch, which is most of the cost
+of separate runs. The grid's own are the fused KD loss, the gradient clipping per cell and
+each cell's best weights. The optimizer is one instance over all students' parameters: SGD
+and AdamW update each parameter from its own gradient and state, and the summed loss gives
+each student exactly the gradient of its own loss, so every student follows the same
+trajectory as its separate run.
 """
 
 from collections.abc import Mapping, Sequence
@@ -22,6 +18,7 @@ import torch
 from lightning.pytorch.utilities import GradClipAlgorithmType
 from torch import Tensor, nn
 
+from kdlight.config.settings import check
 from kdlight.distillers import KD, method_name
 from kdlight.errors import KDLightError
 from kdlight.lit.base import OptimizerFactory, SchedulerFactory
@@ -57,10 +54,8 @@ class DistillationGridModule(DistillationSystem):
         ``DistillationModule`` (the cached logits serve every cell, unless a cell's method
         reads the teacher's features).
 
-    Each cell's results go to ``<run dir>/<cell>/metrics.json`` (``T<T>_alpha<alpha>`` for a
-    KD grid, the method's name for ``methods``), the layout of a multirun, so
-    ``kdlight-report`` reads both alike. When every cell is KD the cells' losses are
-    computed in one pass.
+    A cell's ``<cell>`` is ``T<T>_alpha<alpha>`` for a KD grid, the method's name for
+    ``methods``. When every cell is KD the cells' losses are computed in one pass.
 
     Each cell keeps its own best: its best validation accuracy (``val/acc_best_<cell>``)
     and its student's weights at that epoch, both kept in the grid's checkpoints so that
@@ -127,7 +122,9 @@ class DistillationGridModule(DistillationSystem):
         self.cells = [
             (getattr(m, "temperature", None), getattr(m, "alpha", None)) for m in cell_methods
         ]
-        self.fused_kd = self._fusable(cell_methods)
+        # plain KD in every cell, one standardization: one kd_loss call for all
+        kinds = {(type(m), getattr(m, "standardize", None)) for m in cell_methods}
+        self.fused_kd = len(kinds) == 1 and next(iter(kinds))[0] is KD
         if self.fused_kd:  # each cell's T and alpha, for the loss of all students in one pass
             temperatures, alphas = zip(*self.cells, strict=True)
             self.register_buffer("temperatures", torch.tensor(temperatures), persistent=False)
@@ -137,12 +134,6 @@ class DistillationGridModule(DistillationSystem):
         self.best_weights: dict[str, dict[str, Tensor]] = {}
         self.best_epochs: dict[str, int] = {}
         self._last_weights: dict[str, dict[str, Tensor]] = {}
-
-    @staticmethod
-    def _fusable(methods: list) -> bool:
-        """Plain KD in every cell, one standardization: one ``kd_loss`` call for all."""
-        kinds = {(type(m), getattr(m, "standardize", None)) for m in methods}
-        return len(kinds) == 1 and next(iter(kinds))[0] is KD
 
     def training_step(self, batch: tuple[Tensor, ...], batch_idx: int) -> dict[str, Tensor]:
         images, labels, *extra = batch
@@ -212,8 +203,7 @@ class DistillationGridModule(DistillationSystem):
     def on_test_start(self) -> None:
         """With ``test_weights="best"``, give each student its own best weights (the last
         ones come back in :meth:`on_test_end`)."""
-        if self.test_weights not in ("last", "best"):
-            raise KDLightError(f"test_ckpt must be last or best, got {self.test_weights!r}")
+        check("", test_ckpt=self.test_weights)
         super().on_test_start()
         self._last_weights = {}
         if self.test_weights == "last":

@@ -12,22 +12,10 @@ from pathlib import Path
 
 from torch import nn
 
-from kdlight.errors import KDLightError
+from kdlight.errors import KDLightError, first_line
 from kdlight.models.registry import build_recorded_model
 from kdlight.runs.identity import cell_name
 from kdlight.trainer.checkpointing import read_checkpoint
-
-
-def _read(path: Path) -> dict:
-    checkpoint = read_checkpoint(path)
-    record = checkpoint.get("kdlight")
-    spec = record.get("model_spec") if isinstance(record, dict) else None
-    if not isinstance(spec, dict) or not spec or "state_dict" not in checkpoint:
-        raise KDLightError(
-            f"{path} is not a kdlight checkpoint (no kdlight.model_spec): it was not written "
-            "by ClassifierModule, DistillationModule or DistillationGridModule"
-        )
-    return checkpoint
 
 
 def _cell(cell: str | tuple[float, float]) -> str:
@@ -75,8 +63,14 @@ def load_model(
             by a ``_target_`` that is not trusted (the message names it).
     """
     path = Path(path)
-    checkpoint = _read(path)
-    stored = checkpoint["kdlight"]
+    checkpoint = read_checkpoint(path)
+    stored = checkpoint.get("kdlight")
+    spec = stored.get("model_spec") if isinstance(stored, dict) else None
+    if not isinstance(spec, dict) or not spec or "state_dict" not in checkpoint:
+        raise KDLightError(
+            f"{path} is not a kdlight checkpoint (no kdlight.model_spec): it was not written "
+            "by ClassifierModule, DistillationModule or DistillationGridModule"
+        )
     cells = stored.get("cells")
     if cells is None:
         if cell is not None or best:
@@ -86,14 +80,14 @@ def load_model(
             )
         prefix, state = "model.", checkpoint["state_dict"]
     else:
+        listed = ", ".join(cells)
         if cell is None:
-            listed = ", ".join(cells)
             raise KDLightError(
                 f"{path} holds a grid of {len(cells)} students: pass cell= one of {listed}"
             )
         name = _cell(cell)
         if name not in cells:
-            raise KDLightError(f"{path} has no cell {cell!r}; its cells: {', '.join(cells)}")
+            raise KDLightError(f"{path} has no cell {cell!r}; its cells: {listed}")
         if best:
             record = stored.get("best_students", {}).get(name)
             if record is None:
@@ -103,13 +97,12 @@ def load_model(
             prefix, state = "", record["state_dict"]
         else:
             prefix, state = f"students.{cells.index(name)}.", checkpoint["state_dict"]
-    model = build_recorded_model(stored["model_spec"], str(path), trusted_targets)
+    model = build_recorded_model(spec, str(path), trusted_targets)
     weights = {k.removeprefix(prefix): v for k, v in state.items() if k.startswith(prefix)}
     try:
         model.load_state_dict(weights)
     except RuntimeError as err:
         raise KDLightError(
-            f"{path} does not match its model_spec {stored['model_spec']}: "
-            f"{str(err).splitlines()[0]}"
+            f"{path} does not match its model_spec {spec}: {first_line(err)}"
         ) from None
     return model.eval()

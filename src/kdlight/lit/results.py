@@ -1,7 +1,8 @@
 """The test report: the reference study's printed format and ``metrics.json``.
 
 ``metrics.json`` is strict JSON (a class without test images is ``null``, never ``NaN``),
-written atomically through :func:`kdlight.runs.files.write_json`. Besides the accuracies it says
+written atomically through :func:`kdlight.runs.files.write_json`, the run's identity last
+as ``"run"``. Besides the accuracies it says
 what the numbers were measured on: ``validation`` (``held_out`` training images, or the
 ``test_set`` itself when ``data.val_size=0``, so that ``val_acc_best`` is then the best test
 accuracy over the epochs), ``test_set`` (the datamodule's ``test_set_id``) and
@@ -18,7 +19,6 @@ from torchmetrics import MaxMetric
 from kdlight.data.sources import CIFAR10_CLASSES
 from kdlight.errors import KDLightError
 from kdlight.models.registry import spec_name
-from kdlight.runs.files import write_json
 
 
 def summarize_confusion(confusion: Tensor, classes: tuple[str, ...]) -> dict:
@@ -113,14 +113,6 @@ def tested_checkpoint(trainer: L.Trainer) -> str | None:
     if str(path) in best - {""} or Path(path).name == "best.ckpt":
         return "best"
     return "last" if Path(path).name == "last.ckpt" else None
-
-
-def write_metrics(path: str | Path, metrics: dict, run_record: dict | None = None) -> Path:
-    """Write ``metrics.json``: strict JSON, indented, keys in insertion order, atomically;
-    ``run_record`` (the run's identity, set by ``kdlight-train``) goes last as ``"run"``."""
-    if run_record is not None:
-        metrics = {**metrics, "run": run_record}
-    return write_json(path, metrics)
 
 
 def default_class_names(num_classes: int, class_names=None) -> tuple[str, ...]:
