@@ -12,25 +12,11 @@ student step) and the fused T x alpha grid (N students, one teacher forward). Fo
 the figure that matters is the cost per student-epoch against N separate plain
 distillation runs: ``grid images/s x N / plain distillation images/s``.
 
-A second table (``--methods``, on by default) gives the distillation step of every method
-of :mod:`kdlight.distillers` on the fast path, and its cost against KD's for the same
-student and teacher (``KD images/s / method images/s``): what the feature taps, connectors
-and method losses add to a step.
-
-A third table (``--zoo``, on by default) gives the KD distillation step of each of the CIFAR-100
-KD zoo's teacher/student pairs (``conf/pair/``), on 100 classes at the zoo's batch of 64.
-
-A fourth table (``--overhead``, on by default) gives each module's per-step overhead: ms per
-step with a trivial model, where nothing but the CPU's bookkeeping is timed (Lightning's
-loop, logging, augmentation, the optimizer's Python), against a bare PyTorch loop. A GPU
-step cannot take less than that, so for small models it is what bounds throughput.
-
-Two tables on the teacher cache (``--cache``, on by default; ``distill.teacher_cache=true``,
-:mod:`kdlight.teacher.cache`): the KD step of the bench's teacher and student on the fast
-path with the teacher live, filling an empty cache and with the cache warm (every lookup a
-hit), and against the live step (:func:`cache_steps`); and the hit rate of a cache filled
-lazily by training itself after 1, 10, 100 and 200 epochs, simulated from the
-augmentation's own draws (:func:`lazy_fill_hit_rates`).
+More tables, each on by default: every method's distillation step against KD's
+(``--methods``, :func:`method_steps`), the KD step of each CIFAR-100 zoo pair (``--zoo``,
+:func:`zoo_steps`), each module's per-step overhead (``--overhead``, :func:`step_overhead`)
+and the teacher cache (``--cache``, ``distill.teacher_cache=true``: :func:`cache_steps` and
+:func:`lazy_fill_hit_rates`).
 """
 
 import argparse
@@ -47,20 +33,20 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.callbacks import Callback
+from omegaconf import OmegaConf
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
-from kdlight import distillers
+from kdlight import config_dir, distillers
 from kdlight.data import CIFAR10DataModule, CIFAR100DataModule
 from kdlight.data.augment import CIFAR10_MEAN, CIFAR10_STD, random_crop_flip
 from kdlight.data.sources import make_synthetic
 from kdlight.lit import ClassifierModule, DistillationGridModule, DistillationModule, freeze
 from kdlight.losses import kd_loss
 from kdlight.models import create_model
+from kdlight.runs.files import atomic_write
 from kdlight.teacher.cache import VARIANTS, variant_of
 from kdlight.trainer.hardware import fast_cpu_precision
-
-# ------------------------------------------------------------------------ the plain loop
 
 
 class PlainCIFAR(Dataset):
@@ -126,9 +112,6 @@ def plain_loop(
     return seen / (time.perf_counter() - start)
 
 
-# ------------------------------------------------------------------------ the fast path
-
-
 class Throughput(Callback):
     """Images/s over the training batches after ``warmup`` (compilation, caches)."""
 
@@ -149,22 +132,22 @@ class Throughput(Callback):
         self.images_per_second = self.seen / (time.perf_counter() - self.start)
 
 
-def fast_path(
-    module: L.LightningModule, datamodule: CIFAR10DataModule, args, warmup: int, steps: int
-) -> float:
-    meter = Throughput(warmup)
+def fast_path(module: L.LightningModule, datamodule: CIFAR10DataModule, args, steps: int) -> float:
+    """Images/s of ``module`` trained on ``args.device`` at ``args.precision``, timed over
+    ``steps`` batches after ``args.warmup``."""
+    meter = Throughput(args.warmup)
     trainer = L.Trainer(
         accelerator=args.device, devices=1, precision=args.precision, max_epochs=1,
-        limit_train_batches=warmup + steps, limit_val_batches=0, callbacks=[meter], logger=False,
-        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+        limit_train_batches=args.warmup + steps, limit_val_batches=0,
+        callbacks=[meter], logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        enable_model_summary=False,
     )  # fmt: skip
     trainer.fit(module, datamodule=datamodule)
     return meter.images_per_second
 
 
-def say(line: str) -> None:
-    """A line of progress, shown as soon as it is said."""
-    print(line, flush=True)
+#: A line of progress, shown as soon as it is said.
+say = partial(print, flush=True)
 
 
 def _sync(device: torch.device | str) -> None:
@@ -172,45 +155,37 @@ def _sync(device: torch.device | str) -> None:
         torch.cuda.synchronize()
 
 
-# ------------------------------------------------------------------- per-step overhead
-
-
 def step_overhead(
     args: argparse.Namespace, cells: int, batch: int = 8, steps: int = 200
 ) -> list[dict]:
     """Milliseconds per training step with a trivial model (one linear layer, batch 8): the
-    CPU time each kdlight module spends per step outside the model, which bounds a GPU step
-    from below however fast the GPU is, against a bare PyTorch loop on tensors in memory."""
+    CPU time each kdlight module spends per step outside the model (Lightning's loop,
+    logging, augmentation, the optimizer's Python), which bounds a GPU step from below
+    however fast the GPU is, against a bare PyTorch loop on tensors in memory."""
     device = torch.device("cuda" if args.device == "gpu" else "cpu")
-    warmup = 20
+    settings = argparse.Namespace(device=args.device, precision="32-true", warmup=20)
 
     def tiny() -> nn.Module:
         return nn.Sequential(nn.Flatten(), nn.Linear(3 * 32 * 32, 10))
 
     images, labels = torch.randn(batch, 3, 32, 32), torch.randint(0, 10, (batch,))
     in_memory = [(images.to(device), labels.to(device))]  # already there: no copy per step
-    bare = plain_loop(tiny(), None, in_memory, device, warmup, steps)  # the one batch, again
+    bare = plain_loop(tiny(), None, in_memory, device, settings.warmup, steps)  # the one batch
     rows = [{"module": "bare PyTorch loop", "ms_per_step": 1e3 * batch / bare}]
-
-    datamodule = synthetic_data(batch, warmup + steps, device.type == "cuda")
-    settings = argparse.Namespace(device=args.device, precision="32-true")
-    temperatures, alphas = grid_axes(cells)
+    datamodule = synthetic_data(batch, settings.warmup + steps, device.type == "cuda")
     modules = {
         "ClassifierModule": lambda: ClassifierModule(tiny()),
         "DistillationModule": lambda: DistillationModule(tiny(), teacher=freeze(tiny())),
         f"DistillationGridModule ({cells} cells)": lambda: DistillationGridModule(
-            tiny(), teacher=freeze(tiny()), temperature=temperatures, alpha=alphas
+            tiny(), teacher=freeze(tiny()), **grid_axes(cells)
         ),
     }
     for name, module in modules.items():
-        rate = fast_path(module(), datamodule, settings, warmup, steps)
+        rate = fast_path(module(), datamodule, settings, steps)
         rows.append({"module": name, "ms_per_step": 1e3 * batch / rate})
     for row in rows:
         say(f"{row['module']:<36} {row['ms_per_step']:6.2f} ms/step (trivial model)")
     return rows
-
-
-# ------------------------------------------------------------------------ teacher cache
 
 
 def synthetic_data(
@@ -252,14 +227,11 @@ def cache_steps(args, teacher, student, speed) -> list[dict]:
     draws the filling run's augmentation again and each of its lookups hits (its
     ``hit_rate``, 1.0; None without the cache). ``vs_live``: the run's images/s against the
     live run before it (None for a live run). Timing on a CPU is noisy, hence two pairs."""
-    temperatures, alphas = grid_axes(args.grid)
-    grid = {"temperature": temperatures, "alpha": alphas}
+    grid = grid_axes(args.grid)
     systems = {
         "KD step": (CACHE_RUNS, DistillationModule, {}),
-        f"fused grid ({len(temperatures) * len(alphas)} students)": (
-            CACHE_RUNS[:3], DistillationGridModule, grid,
-        ),
-    }  # fmt: skip
+        f"fused grid ({args.grid} students)": (CACHE_RUNS[:3], DistillationGridModule, grid),
+    }
     rows = []
     for system, (runs, system_class, cells) in systems.items():
         live = None
@@ -269,7 +241,7 @@ def cache_steps(args, teacher, student, speed) -> list[dict]:
                 module = system_class(
                     student(), teacher=teacher, teacher_cache=cached, **cells, **speed
                 )
-                rate = fast_path(module, step_data(args, folder), args, args.warmup, args.steps)
+                rate = fast_path(module, step_data(args, folder), args, args.steps)
                 hit_rate = module.frozen.cache.hit_rate if cached else None
                 live = live if cached else rate
                 vs_live = rate / live if cached else None
@@ -332,9 +304,6 @@ def lazy_fill_hit_rates(
     return rows
 
 
-# ---------------------------------------------------------------------------- the table
-
-
 def run(args: argparse.Namespace) -> dict:
     device = torch.device("cuda" if args.device == "gpu" else "cpu")
     size = args.batch_size * (args.warmup + args.steps)
@@ -351,29 +320,21 @@ def run(args: argparse.Namespace) -> dict:
         torch.manual_seed(0)
         return create_model(args.student)
 
-    def speed_of(model: nn.Module, teacher: nn.Module | None) -> L.LightningModule:
-        if teacher is None:
-            return ClassifierModule(model, **speed)
-        return DistillationModule(model, teacher=teacher, **speed)
-
-    workloads = {  # the model to train (made anew for each loop), and its teacher
-        "teacher training": (lambda: create_model(args.teacher), None),
-        "student training": (student, None),
-        "distillation step": (student, teacher),
+    workloads = {  # the model to train (made anew for each loop), its teacher, its system
+        "teacher training": (lambda: create_model(args.teacher), None, ClassifierModule),
+        "student training": (student, None, ClassifierModule),
+        "distillation step": (student, teacher, partial(DistillationModule, teacher=teacher)),
     }
     rows = []
-    for name, (model, its_teacher) in workloads.items():
+    for name, (model, its_teacher, system) in workloads.items():
         plain = plain_loop(model(), its_teacher, loader, device, args.warmup, args.steps)
-        fast = fast_path(speed_of(model(), its_teacher), datamodule, args, args.warmup, args.steps)
+        fast = fast_path(system(model(), **speed), datamodule, args, args.steps)
         rows.append({"workload": name, "plain": plain, "fast": fast, "ratio": fast / plain})
         say(f"{name:<22} plain {plain:9.0f}  fast {fast:9.0f} img/s  x{fast / plain:.2f}")
     distill_plain = rows[-1]["plain"]
-    temperatures, alphas = grid_axes(args.grid)
-    grid = DistillationGridModule(
-        student(), teacher=teacher, temperature=temperatures, alpha=alphas, **speed
-    )
+    grid = DistillationGridModule(student(), teacher=teacher, **grid_axes(args.grid), **speed)
     cells = len(grid.cells)
-    grid_rate = fast_path(grid, datamodule, args, args.warmup, args.steps)
+    grid_rate = fast_path(grid, datamodule, args, args.steps)
     per_student = grid_rate * cells
     grid_row = {"workload": f"fused grid ({cells} students)", "plain": distill_plain}
     rows.append(grid_row | {"fast": per_student, "ratio": per_student / distill_plain})
@@ -396,12 +357,8 @@ def run(args: argparse.Namespace) -> dict:
             )
     on = torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu"
     settings = {k: v for k, v in vars(args).items() if k != "out"}
-    return {"device": on, "torch": torch.__version__, "settings": settings, "rows": rows} | {
-        "methods": methods,
-        "zoo": zoo,
-        "overhead": overhead,
-        "cache": cache,
-    }
+    result = {"device": on, "torch": torch.__version__, "settings": settings, "rows": rows}
+    return result | {"methods": methods, "zoo": zoo, "overhead": overhead, "cache": cache}
 
 
 #: The methods ``make bench`` times, each with its defaults (the official CIFAR settings).
@@ -413,10 +370,6 @@ METHODS = {
 
 def zoo_pairs() -> list[tuple[str, str]]:
     """The (teacher, student) pairs of ``conf/pair/``, in file order."""
-    from omegaconf import OmegaConf
-
-    from kdlight import config_dir
-
     pairs = []
     for path in sorted((config_dir() / "pair").glob("*.yaml")):
         config = OmegaConf.load(path)
@@ -435,7 +388,7 @@ def zoo_steps(args, speed) -> list[dict]:
         teacher = freeze(create_model(teacher_name, num_classes=100))
         student = create_model(student_name, num_classes=100)
         module = DistillationModule(student, teacher=teacher, num_classes=100, **speed)
-        rate = fast_path(module, datamodule, args, args.warmup, args.zoo_steps)
+        rate = fast_path(module, datamodule, args, args.zoo_steps)
         rows.append({"teacher": teacher_name, "student": student_name, "images_per_second": rate})
         say(f"zoo {teacher_name:>10} -> {student_name:<12} {rate:9.0f} img/s")
     return rows
@@ -447,74 +400,72 @@ def method_steps(args, datamodule, teacher, student, speed) -> list[dict]:
     rows = []
     for name, method in METHODS.items():
         module = DistillationModule(student(), teacher=teacher, distiller=method(), **speed)
-        rate = fast_path(module, datamodule, args, args.warmup, args.steps)
+        rate = fast_path(module, datamodule, args, args.steps)
         rows.append({"method": name, "images_per_second": rate})
         say(f"method {name:<8} {rate:9.0f} img/s")
     kd = rows[0]["images_per_second"]
     return [row | {"cost_vs_kd": kd / row["images_per_second"]} for row in rows]
 
 
-def grid_axes(cells: int) -> tuple[list[float], list[float]]:
-    """Temperatures x alphas with ``cells`` cells: 3 alphas when 3 divides it, else 2 or 1."""
+def grid_axes(cells: int) -> dict[str, list[float]]:
+    """The ``temperature`` x ``alpha`` axes of a grid of ``cells`` cells: 3 alphas when 3
+    divides it, else 2 or 1."""
     alphas = next(a for a in ([0.1, 0.5, 0.9], [0.5, 0.9], [0.9]) if cells % len(a) == 0)
-    temperatures = [float(2**i) for i in range(cells // len(alphas))]
-    return temperatures, alphas
+    return {"temperature": [float(2**i) for i in range(cells // len(alphas))], "alpha": alphas}
+
+
+#: The tables of ``run``'s lists: the list's key, the columns, a row as its format.
+TABLES = {
+    "rows": (
+        ["workload", "plain loop (img/s)", "kdlight fast path (img/s)", "ratio"],
+        "| {workload} | {plain:.0f} | {fast:.0f} | {ratio:.2f}x |",
+    ),
+    "methods": (
+        ["distillation method", "step (img/s)", "step cost vs KD"],
+        "| {method} | {images_per_second:.0f} | {cost_vs_kd:.2f}x |",
+    ),
+    "zoo": (
+        ["zoo pair (KD step, CIFAR-100, batch 64)", "img/s"],
+        "| {teacher} -> {student} | {images_per_second:.0f} |",
+    ),
+    "overhead": (
+        ["per-step overhead, trivial model, batch 8", "ms/step"],
+        "| {module} | {ms_per_step:.2f} |",
+    ),
+}
+
+
+def _table(head: list[str], rows: list[str]) -> list[str]:
+    """A Markdown table after a blank line: ``head``'s columns (the first aligned left, the
+    others right), then ``rows``."""
+    return ["", f"| {' | '.join(head)} |", "|---" + "|---:" * (len(head) - 1) + "|", *rows]
 
 
 def markdown(result: dict) -> str:
-    settings = result["settings"]
+    settings, cache = result["settings"], result.get("cache") or {}
     lines = [
         f"Device: {result['device']}, torch {result['torch']}, batch {settings['batch_size']}, "
         f"precision {settings['precision']}, compile {settings['compile']}, "
         f"channels_last {settings['channels_last']}, plain loop workers {settings['workers']}",
-        "",
-        "| workload | plain loop (img/s) | kdlight fast path (img/s) | ratio |",
-        "|---|---:|---:|---:|",
     ]
-    lines += [
-        f"| {r['workload']} | {r['plain']:.0f} | {r['fast']:.0f} | {r['ratio']:.2f}x |"
-        for r in result["rows"]
-    ]
-    if result.get("methods"):
-        lines += ["", "| distillation method | step (img/s) | step cost vs KD |", "|---|---:|---:|"]
-        lines += [
-            f"| {r['method']} | {r['images_per_second']:.0f} | {r['cost_vs_kd']:.2f}x |"
-            for r in result["methods"]
-        ]
-    if result.get("zoo"):
-        lines += ["", "| zoo pair (KD step, CIFAR-100, batch 64) | img/s |", "|---|---:|"]
-        lines += [
-            f"| {r['teacher']} -> {r['student']} | {r['images_per_second']:.0f} |"
-            for r in result["zoo"]
-        ]
-    if result["overhead"]:
-        lines += ["", "| per-step overhead, trivial model, batch 8 | ms/step |", "|---|---:|"]
-        lines += [f"| {r['module']} | {r['ms_per_step']:.2f} |" for r in result["overhead"]]
-    cache = result.get("cache") or {}
+    for key, (head, row) in TABLES.items():
+        if result.get(key):
+            lines += _table(head, [row.format_map(r) for r in result[key]])
     if cache.get("steps"):
-        lines += [
-            "",
-            f"| teacher cache, {settings['teacher']} -> {settings['student']} "
-            "| step (img/s) | hit rate | ratio to the live step before |",
-            "|---|---:|---:|---:|",
-        ]
+        head = [f"teacher cache, {settings['teacher']} -> {settings['student']}", "step (img/s)"]
+        rows = []
         for r in cache["steps"]:
             hit_rate = "" if r["hit_rate"] is None else f"{r['hit_rate']:.1%}"
             ratio = "" if r["vs_live"] is None else f"{r['vs_live']:.2f}x"
-            lines.append(f"| {r['run']} | {r['images_per_second']:.0f} | {hit_rate} | {ratio} |")
+            rows.append(f"| {r['run']} | {r['images_per_second']:.0f} | {hit_rate} | {ratio} |")
+        lines += _table([*head, "hit rate", "ratio to the live step before"], rows)
     if cache.get("fill"):
-        images = settings["cache_images"]
-        lines += [
-            "",
-            f"| lazily filled teacher cache, {images:,} images, after E epochs | hit rate, "
-            "epoch E | hit rate, epochs 1-E | entries filled | teacher forwards vs no cache |",
-            "|---|---:|---:|---:|---:|",
-        ]
-        lines += [
-            f"| E = {r['epoch']} | {r['epoch_hit_rate']:.2%} | {r['cumulative_hit_rate']:.2%} "
-            f"| {r['filled']:.2%} | {r['teacher_forwards']:.2%} |"
-            for r in cache["fill"]
-        ]
+        head = [f"lazily filled teacher cache, {settings['cache_images']:,} images, after E epochs"]
+        head += ["hit rate, epoch E", "hit rate, epochs 1-E", "entries filled"]
+        row = "| E = {epoch} | {epoch_hit_rate:.2%} | {cumulative_hit_rate:.2%} | {filled:.2%} "
+        row += "| {teacher_forwards:.2%} |"
+        rows = [row.format_map(r) for r in cache["fill"]]
+        lines += _table([*head, "teacher forwards vs no cache"], rows)
     return "\n".join(lines)
 
 
@@ -570,8 +521,7 @@ def main(argv: list[str] | None = None) -> int:
     result = run(args)
     table = markdown(result)
     print("\n" + table)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({**result, "table": table}, indent=2) + "\n")
+    atomic_write(args.out, json.dumps({**result, "table": table}, indent=2) + "\n")
     print(f"\nwrote {args.out}")
     return 0
 
