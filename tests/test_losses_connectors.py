@@ -390,3 +390,27 @@ def test_negatives_are_reproducible_with_a_seeded_generator():
 def test_sampler_refuses_a_single_class():
     with pytest.raises(KDLightError, match="two classes"):
         NegativeSampler(torch.zeros(10, dtype=torch.long), 4)
+
+
+@pytest.mark.parametrize(
+    ("build", "message"),
+    [
+        (
+            lambda: NegativeSampler(LABELS, 0),
+            "distiller.num_negatives=0 is not allowed: an integer >= 1",
+        ),
+        (
+            lambda: VIDRegressor(4, 6, init_pred_var=0.0),
+            "distiller.init_pred_var=0.0 is not allowed",
+        ),
+        (
+            lambda: VIDRegressor(4, 6, init_pred_var=1e-6),
+            r"init_pred_var \(1e-06\) must exceed eps",
+        ),
+    ],
+)
+def test_connectors_refuse_a_setting_out_of_its_declared_range_in_its_command_line_words(
+    build, message
+):
+    with pytest.raises(KDLightError, match=message):
+        build()

@@ -38,21 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from kdlight.errors import KDLightError
 from kdlight.models.taps import check_tap_names, default_taps
-
-#: The pairings of :meth:`Distiller.pair_taps`: the deepest stages of each network, or the
-#: shallowest (the official code's ``zip``).
-PAIRINGS = ("deepest", "shallowest")
-
-
-def check_pairing(pairing: str) -> str:
-    """``pairing`` if it is one of :data:`PAIRINGS`, else a one-line :class:`KDLightError`."""
-    if pairing not in PAIRINGS:
-        raise KDLightError(
-            f"distiller.pairing={pairing} is not allowed: one of {', '.join(PAIRINGS)}"
-        )
-    return pairing
 
 
 @dataclass
@@ -76,8 +62,8 @@ class Distiller(nn.Module):
     #: the kind of default taps the method reads (``"stages"``, ``"embedding"``) or None
     features: str | None = None
     needs_index = False
-    #: which stages :meth:`pair_taps` pairs when the networks' depths differ: one of
-    #: :data:`PAIRINGS`
+    #: which stages :meth:`pair_taps` pairs when the networks' depths differ: ``"deepest"``
+    #: or ``"shallowest"``
     pairing = "deepest"
     #: the attributes :meth:`settings` reports, in order
     setting_names: tuple[str, ...] = ()
@@ -97,18 +83,15 @@ class Distiller(nn.Module):
         (``zip(feat_s[1:-1], feat_t[1:-1])``: RepDistiller ``helper/loops.py``, mdistiller
         ``AT.py`` and ``VID.py``).
 
-        Why deepest by default, where kdlight's rule is the official behaviour unless a
-        measured reason says otherwise: the two pairings are the same pairs whenever both
-        networks have as many stages, which is true of every CIFAR-100 pair of the official
-        READMEs (RepDistiller's, mdistiller's) and of every kdlight zoo pair
-        (``conf/pair/``, tested), so there kdlight is the official code. They differ only
-        where the official code never went, networks of different depths, such as
-        kdlight's CIFAR-10 pair (``experiment=distill``: the 4-stage ``resnet18_half`` and
-        the 3-stage ``small_cnn``). There the deepest stages are maps of the same sizes
-        (16x16, 8x8 and 4x4 on both sides, measured in the tests), while the zip pairs each
-        student map with a teacher map of twice its height, which both official losses
-        average-pool down to the student's, and leaves the teacher's deepest stage unread.
-        No accuracy has been measured between the two.
+        Why deepest by default, where kdlight otherwise follows the official code: the two
+        pairings are the same pairs whenever both networks have as many stages, as on every
+        CIFAR-100 pair of the official READMEs and every kdlight zoo pair (``conf/pair/``,
+        tested). They differ only on networks of different depths, where the official code
+        never went, such as ``experiment=distill``'s 4-stage ``resnet18_half`` and 3-stage
+        ``small_cnn``: there the deepest stages are maps of the same sizes (16x16, 8x8 and
+        4x4), while the zip pairs each student map with a teacher map of twice its height
+        and leaves the teacher's deepest stage unread. No accuracy has been measured
+        between the two.
         """
         count = min(len(student), len(teacher))
         if self.pairing == "shallowest":
@@ -197,11 +180,6 @@ def resolve_taps(method, student: nn.Module, teacher: nn.Module) -> tuple[list[s
     if callable(pair) and (student_taps is None or teacher_taps is None):
         chosen_s, chosen_t = pair(list(chosen_s), list(chosen_t))
     return list(chosen_s), list(chosen_t)
-
-
-def flat(features: Tensor) -> Tensor:
-    """A pooled feature as ``(B, D)`` (a ``(B, C, 1, 1)`` pool output flattened)."""
-    return torch.flatten(features, 1)
 
 
 @contextmanager

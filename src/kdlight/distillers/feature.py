@@ -1,14 +1,11 @@
 """Methods that read stage outputs: FitNet, attention transfer (AT), similarity-preserving
 KD (SP) and variational information distillation (VID).
 
-Each adds its feature term to the hard-label cross-entropy with the weights of the official
-CIFAR code (RepDistiller; mdistiller agrees): FitNet 100, AT 1000, SP 3000, VID 1, CE 1, no
-KD term. By default they read the models' ``stages`` taps (the official ``feat[1:-1]``, each
-stage's output after its ReLU): AT and VID every stage, paired as
-:meth:`Distiller.pair_taps <kdlight.distillers.Distiller.pair_taps>` says (the official pairs
-on every zoo pair); SP each network's deepest stage; FitNet the official hint layer of each
-network (:class:`FitNet`). ``tests/test_fidelity_stages.py`` checks a training step of each,
-built from the command line's config, against the official code's step on the same weights.
+Each adds its feature term to the cross-entropy (:class:`FeatureDistiller`), with the
+official CIFAR code's weights (RepDistiller; mdistiller agrees) as defaults, and reads the
+models' ``stages`` taps (the official ``feat[1:-1]``, each stage's output after its ReLU).
+``tests/test_fidelity_stages.py`` checks a training step of each, built from the command
+line's config, against the official code's step on the same weights.
 """
 
 from collections.abc import Sequence
@@ -16,7 +13,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from kdlight.distillers.base import FeatureDistiller, check_pairing
+from kdlight.config.settings import check
+from kdlight.distillers.base import FeatureDistiller
 from kdlight.errors import KDLightError
 from kdlight.losses import ConvRegressor, VIDRegressor, at_loss, hint_loss, sp_loss
 
@@ -45,10 +43,8 @@ class FitNet(FeatureDistiller):
     mdistiller's ``FitNet.py``: ``feats[hint_layer]``), whose entry 0 is the stem's output
     and entry ``k`` the ``k``-th stage's, so the tap is stage ``hint_layer`` of each
     network's ``stages`` taps, each network counted on its own. The official default 2 is
-    the second stage of every zoo network: ``layer2`` of a ResNet or ShuffleNet, ``block2``
-    of a WRN, vgg's ``relu2`` (256x8x8 on vgg8 and vgg13) and MobileNetV2's ``blocks.2``.
-    The stem (``hint_layer=0``) is not among the default taps: name it with
-    ``student_taps``/``teacher_taps``.
+    the second stage of every zoo network (``layer2`` of a ResNet, vgg's ``relu2``). The
+    stem (``hint_layer=0``) is no default tap: name it with ``student_taps``/``teacher_taps``.
 
     ``stage``, kdlight's own count, replaces ``hint_layer`` when given: which of the paired
     stages (the deepest stages of both networks, as many as the shallower has; 0 the
@@ -114,12 +110,10 @@ class AT(FeatureDistiller):
     :func:`kdlight.losses.at_loss` (attention maps of :math:`|f|^p`). Parts: ``loss``,
     ``ce``, ``at``.
 
-    As the official CIFAR code (RepDistiller ``distiller_zoo/AT.py`` with ``-b 1000``,
-    mdistiller ``distillers/AT.py``): every stage output, after its ReLU, of both networks
-    (``feat[1:-1]``), paired in order; where two paired maps differ in size, the larger is
-    average-pooled to the smaller. ``pairing`` matters only for networks of different
-    depths (:meth:`~kdlight.distillers.Distiller.pair_taps`): ``"deepest"`` (the default)
-    or ``"shallowest"``, the official ``zip``.
+    As the official CIFAR code (RepDistiller ``distiller_zoo/AT.py``, mdistiller
+    ``distillers/AT.py``): every stage of both networks, paired in order; ``pairing``
+    matters only for networks of different depths (:meth:`Distiller.pair_taps
+    <kdlight.distillers.Distiller.pair_taps>`).
     """
 
     name = "at"
@@ -136,7 +130,8 @@ class AT(FeatureDistiller):
         pairing: str = "deepest",
     ) -> None:
         super().__init__(weight, ce_weight, student_taps, teacher_taps)
-        self.p, self.pairing = p, check_pairing(pairing)
+        check("distiller", pairing=pairing)
+        self.p, self.pairing = p, pairing
 
     def feature_loss(self, student: list[Tensor], teacher: list[Tensor], **batch) -> Tensor:
         return at_loss(student, teacher, p=self.p)
@@ -169,26 +164,13 @@ class SP(FeatureDistiller):
 
 class VID(FeatureDistiller):
     r"""Variational information distillation (Ahn et al., 2019) at every paired stage:
+    :math:`\mathcal{L} = w_{ce} \, \mathrm{CE} + w \sum_l \mathrm{VID}_l` with
+    :func:`kdlight.losses.vid_loss` and a trainable :class:`~kdlight.losses.VIDRegressor`
+    per stage, whose variances start at ``init_pred_var``. Parts: ``loss``, ``ce``, ``vid``.
 
-    .. math::
-        \mathcal{L} = w_{ce} \, \mathrm{CE} + w \sum_l \frac{1}{2} \,
-        \mathrm{mean}\Big(\frac{(\mu_l(f_s) - f_t)^2}{\sigma_l^2} + \log \sigma_l^2\Big)
-
-    with a trainable :class:`~kdlight.losses.VIDRegressor` per stage (the mean
-    :math:`\mu_l`, three 1x1 convolutions, and a per-channel variance
-    :math:`\sigma_l^2` starting at ``init_pred_var``). Parts: ``loss``, ``ce``, ``vid``.
-
-    As RepDistiller's CIFAR code (``distiller_zoo/VID.py``, ``train_student.py`` with
-    ``-b 1``): every stage output of both networks (``feat[1:-1]``), paired in order, the
-    larger of two maps average-pooled to the smaller; ``pairing`` as for :class:`AT`.
-
-    The variances are trained: each regressor's ``log_scale`` is a parameter of this
-    method, so it is in the optimizer with the student, as in RepDistiller (its
-    ``VIDLoss`` is in ``trainable_list``) and in the paper, which learns the variance.
-    mdistiller differs here: it keeps its ``log_scales`` in a plain Python list, outside its
-    modules and its optimizer, so its variances stay at ``init_pred_var`` for the whole run.
-    kdlight follows RepDistiller, whose code produced the published VID numbers (CRD's
-    tables, which both official READMEs report).
+    As RepDistiller's CIFAR code (``distiller_zoo/VID.py``), which produced the published
+    VID numbers (CRD's tables): every stage of both networks, paired in order (``pairing``
+    as for :class:`AT`), the variances trained with the student.
     """
 
     name = "vid"
@@ -205,20 +187,17 @@ class VID(FeatureDistiller):
         pairing: str = "deepest",
     ) -> None:
         super().__init__(weight, ce_weight, student_taps, teacher_taps)
-        self.init_pred_var, self.pairing = init_pred_var, check_pairing(pairing)
+        check("distiller", pairing=pairing)
+        self.init_pred_var, self.pairing = init_pred_var, pairing
         self.regressors = nn.ModuleList()
 
     def build(self, student_shapes: dict, teacher_shapes: dict) -> None:
+        pairs = zip(student_shapes.values(), teacher_shapes.values(), strict=True)
         self.regressors = nn.ModuleList(
             VIDRegressor(student[0], teacher[0], init_pred_var=self.init_pred_var)
-            for student, teacher in zip(
-                student_shapes.values(), teacher_shapes.values(), strict=True
-            )
+            for student, teacher in pairs
         )
 
     def feature_loss(self, student: list[Tensor], teacher: list[Tensor], **batch) -> Tensor:
-        losses = [
-            regressor(s, t)
-            for regressor, s, t in zip(self.regressors, student, teacher, strict=True)
-        ]
-        return torch.stack(losses).sum()
+        pairs = zip(self.regressors, student, teacher, strict=True)
+        return torch.stack([regressor(s, t) for regressor, s, t in pairs]).sum()

@@ -1,5 +1,10 @@
 """Methods that read only the logits: Hinton's KD and decoupled KD, each optionally with
-logit standardization."""
+logit standardization.
+
+Each equals the official code (mdistiller's ``distillers/KD.py`` and ``DKD.py``) on
+resnet56_resnet20 and vgg13_vgg8: each part, the total and the student's gradients of a
+step, and every step of a short run with the official loop's learning rate and momentum
+(tests/test_fidelity_logit.py)."""
 
 import torch.nn.functional as F
 from torch import Tensor
@@ -9,21 +14,10 @@ from kdlight.losses import dkd_loss, kd_loss
 
 
 class KD(Distiller):
-    r"""Hinton et al. (2015), with :func:`kdlight.losses.kd_loss`:
-
-    .. math::
-        \mathcal{L} = \alpha \, T^2 \, \mathrm{KL}\big(\mathrm{softmax}(z_t / T) \,\|\,
-        \mathrm{softmax}(z_s / T)\big) + (1 - \alpha) \, \mathrm{CE}(z_s, y)
-
-    ``standardize=True`` z-scores both logits inside the soft term first (logit
-    standardization, Sun et al., CVPR 2024). Parts: ``loss``, ``kd`` (:math:`T^2`
-    KL), ``ce``.
-
-    Equal to the official code (mdistiller ``distillers/KD.py``: CE weight 0.1, KD weight
-    0.9, T 4, which ``experiment=zoo_distill`` sets) on resnet56_resnet20 and vgg13_vgg8:
-    each part, the total and the student's gradients of a step, and every step of a short
-    run with the official loop's learning rate and momentum (tests/test_fidelity_logit.py).
-    """
+    r"""Hinton et al. (2015): :func:`kdlight.losses.kd_loss` (its formula and parts) at
+    ``temperature`` and ``alpha``; ``standardize=True`` z-scores both logits inside the soft
+    term first (logit standardization, Sun et al., CVPR 2024). The official settings (CE
+    weight 0.1, KD weight 0.9, T 4) are ``experiment=zoo_distill``'s."""
 
     name = "kd"
     setting_names = ("temperature", "alpha", "standardize")
@@ -35,9 +29,8 @@ class KD(Distiller):
     def forward(
         self, student: Outputs, teacher: Outputs, targets: Tensor, epoch: int = 0
     ) -> dict[str, Tensor]:
-        return kd_loss(
-            student.logits, teacher.logits, targets, self.temperature, self.alpha, self.standardize
-        )
+        settings = self.temperature, self.alpha, self.standardize
+        return kd_loss(student.logits, teacher.logits, targets, *settings)
 
 
 class DKD(Distiller):
@@ -52,14 +45,10 @@ class DKD(Distiller):
     from 0 (mdistiller counts from 1: the weight reaches 1 at the same epoch) and
     :math:`E_w` = ``warmup_epochs``. Defaults: mdistiller's CIFAR-100 settings (T 4, alpha 1,
     beta 8, CE weight 1, 20 warm-up epochs); a zoo pair whose official beta is another sets
-    it in ``conf/pair/<pair>/dkd.yaml``. Parts: ``loss``, ``ce``, ``tckd``, ``nckd`` (the
-    last two before their weights and the warm-up).
-
-    Equal to the official code (mdistiller ``distillers/DKD.py``, with the pair's beta: 2
-    for resnet56 -> resnet20, 6 for vgg13 -> vgg8) on resnet56_resnet20 and vgg13_vgg8: each
-    part, the total and the student's gradients of a step at the start, the middle and the
-    end of the warm-up, and every step of a short run across two epoch boundaries
-    (tests/test_fidelity_logit.py).
+    it in ``conf/pair/<pair>/dkd.yaml`` (2 for resnet56 -> resnet20, 6 for vgg13 -> vgg8).
+    Parts: ``loss``, ``ce``, ``tckd``, ``nckd`` (the last two before their weights and the
+    warm-up). The official steps it equals are at the start, the middle and the end of the
+    warm-up, and the short run crosses two epoch boundaries.
     """
 
     name = "dkd"
@@ -81,10 +70,8 @@ class DKD(Distiller):
     def forward(
         self, student: Outputs, teacher: Outputs, targets: Tensor, epoch: int = 0
     ) -> dict[str, Tensor]:
-        parts = dkd_loss(
-            student.logits, teacher.logits, targets, self.temperature, self.alpha, self.beta,
-            standardize=self.standardize,
-        )  # fmt: skip
+        settings = self.temperature, self.alpha, self.beta, self.standardize
+        parts = dkd_loss(student.logits, teacher.logits, targets, *settings)
         ce = F.cross_entropy(student.logits.float(), targets)
         warmup = min((epoch + 1) / self.warmup_epochs, 1.0) if self.warmup_epochs else 1.0
         loss = self.ce_weight * ce + warmup * parts["loss"]

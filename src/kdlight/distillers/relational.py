@@ -1,11 +1,12 @@
 """Methods that read the pooled feature (the embedding the classifier sees): probabilistic
 knowledge transfer (PKT), relational KD (RKD) and contrastive representation distillation
-(CRD), with the weights of the official CIFAR code (RepDistiller; mdistiller agrees):
-PKT 30000, RKD 1 (distance 25, angle 50), CRD 0.8, CE 1.
+(CRD).
 
-Each reads each network's pooled feature (the official ``feat[-1]``), and a training step
-of each equals the official code's (its loss parts, the total and the student's gradients)
-on the shipped pairs resnet56_resnet20 and vgg13_vgg8 (tests/test_fidelity_embedding.py)."""
+Each adds its feature term to the cross-entropy (:class:`FeatureDistiller`), with the
+official CIFAR code's settings (RepDistiller; mdistiller agrees) as defaults, and reads each
+network's pooled feature (the official ``feat[-1]``). A training step of each equals the
+official code's (its loss parts, the total and the student's gradients) on the shipped pairs
+resnet56_resnet20 and vgg13_vgg8 (tests/test_fidelity_embedding.py)."""
 
 import math
 from collections.abc import Sequence
@@ -13,7 +14,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from kdlight.distillers.base import FeatureDistiller, flat, own_random_stream
+from kdlight.distillers.base import FeatureDistiller, own_random_stream
 from kdlight.errors import KDLightError
 from kdlight.losses import ContrastMemory, Embed, NegativeSampler, crd_loss, pkt_loss, rkd_loss
 
@@ -21,11 +22,8 @@ from kdlight.losses import ContrastMemory, Embed, NegativeSampler, crd_loss, pkt
 class PKT(FeatureDistiller):
     r"""Probabilistic knowledge transfer (Passalis and Tefas, 2018) on the embeddings:
     :math:`\mathcal{L} = w_{ce} \, \mathrm{CE} + w \, \mathrm{PKT}` with
-    :func:`kdlight.losses.pkt_loss` of the pooled features. Parts: ``loss``, ``ce``,
-    ``pkt``.
-
-    Equal to the official code (RepDistiller ``distiller_zoo/PKT.py``, weight 30000, CE 1,
-    no KD term) on resnet56_resnet20 and vgg13_vgg8 (tests/test_fidelity_embedding.py)."""
+    :func:`kdlight.losses.pkt_loss` of the pooled features, as RepDistiller's
+    ``distiller_zoo/PKT.py``. Parts: ``loss``, ``ce``, ``pkt``."""
 
     name = "pkt"
     features = "embedding"
@@ -40,18 +38,15 @@ class PKT(FeatureDistiller):
         super().__init__(weight, ce_weight, student_taps, teacher_taps)
 
     def feature_loss(self, student: list[Tensor], teacher: list[Tensor], **batch) -> Tensor:
-        return pkt_loss(flat(student[0]), flat(teacher[0]))
+        return pkt_loss(student[0], teacher[0])
 
 
 class RKD(FeatureDistiller):
     r"""Relational KD (Park et al., 2019) on the embeddings:
     :math:`\mathcal{L} = w_{ce} \, \mathrm{CE} + w \, (w_D \, \mathrm{distance} + w_A \,
     \mathrm{angle})` with :func:`kdlight.losses.rkd_loss`. Parts: ``loss``, ``ce``,
-    ``distance`` and ``angle`` (before :math:`w_D`, :math:`w_A` and ``weight``).
-
-    Equal to the official code (RepDistiller ``distiller_zoo/RKD.py``: distance 25, angle
-    50, weight 1, CE 1, no KD term) on resnet56_resnet20 and vgg13_vgg8
-    (tests/test_fidelity_embedding.py)."""
+    ``distance`` and ``angle`` (before :math:`w_D`, :math:`w_A` and ``weight``). As
+    RepDistiller's ``distiller_zoo/RKD.py``."""
 
     name = "rkd"
     features = "embedding"
@@ -70,7 +65,7 @@ class RKD(FeatureDistiller):
         self.distance_weight, self.angle_weight = distance_weight, angle_weight
 
     def feature_loss(self, student: list[Tensor], teacher: list[Tensor], **batch) -> dict:
-        return rkd_loss(flat(student[0]), flat(teacher[0]), self.distance_weight, self.angle_weight)
+        return rkd_loss(student[0], teacher[0], self.distance_weight, self.angle_weight)
 
 
 class CRD(FeatureDistiller):
@@ -85,24 +80,16 @@ class CRD(FeatureDistiller):
     with the other network's memory bank (:class:`~kdlight.losses.ContrastMemory`: one
     embedding per training image, updated with ``momentum``) at its own image (the
     positive) and ``num_negatives`` images of other classes, at ``nce_temperature``, by
-    :func:`kdlight.losses.crd_loss`. Defaults: the official CIFAR code's (128 dimensions,
-    16384 negatives, 0.07, 0.5, weight 0.8, CE 1, no KD term: RepDistiller's ``-a 0 -b
-    0.8``).
+    :func:`kdlight.losses.crd_loss`.
 
-    The negatives are drawn as the official "exact" mode draws them
-    (:class:`~kdlight.losses.NegativeSampler`): each anchor's ``num_negatives`` are distinct
-    images of other classes, with replacement only for an anchor whose class has fewer
-    other images than that. ``replacement=True`` draws every row with replacement (what
-    kdlight did before: 14.8% of a row repeated at 16384 of CIFAR-100's 49500; not the
-    official draw). They are drawn on the batch's device from a generator of their own,
-    seeded from the run's seed and kept in checkpoints, so a resumed run draws what an
-    uninterrupted one would.
+    The negatives are drawn as the official "exact" mode draws them, or with
+    ``replacement=True`` every row with replacement (:class:`~kdlight.losses.NegativeSampler`),
+    on the batch's device from a generator of their own, seeded from the run's seed and kept
+    in checkpoints, so a resumed run draws what an uninterrupted one would.
 
-    Equal to the official code (RepDistiller ``crd/criterion.py``, ``crd/memory.py``;
-    mdistiller ``distillers/CRD.py``) on resnet56_resnet20 and vgg13_vgg8, given the same
-    negatives: the loss parts, the total, the student's and both embeddings' gradients,
-    the normalising constants and the memory banks after the update
-    (tests/test_fidelity_embedding.py).
+    As RepDistiller's ``crd/criterion.py`` and ``crd/memory.py`` (mdistiller's
+    ``distillers/CRD.py``): given the same negatives, a step's embeddings' gradients, the
+    normalising constants and the memory banks after the update are the official ones too.
 
     It needs each training image's index (``needs_index``) and the training set's labels
     (``attach_data``, called at the start of fitting). The memory banks are this process's:
@@ -149,9 +136,6 @@ class CRD(FeatureDistiller):
         labels = train_labels.long().cpu()
         if self.memory is not None and self.memory.num_data == len(labels):
             return
-        self._make_memory(labels)
-
-    def _make_memory(self, labels: Tensor) -> None:
         with own_random_stream():  # the run's random stream is left as a KD run's
             self.memory = ContrastMemory(
                 self.dim, len(labels), momentum=self.momentum, temperature=self.nce_temperature
@@ -181,8 +165,8 @@ class CRD(FeatureDistiller):
         """A checkpoint's memory banks are restored even where fitting has not made them
         (``load_from_checkpoint``): the banks are made first, for its training set."""
         labels = state_dict.get(f"{prefix}labels")
-        if labels is not None and (self.memory is None or self.memory.num_data != len(labels)):
-            self._make_memory(labels.long().cpu())
+        if labels is not None:
+            self.attach_data(labels)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def feature_loss(
@@ -194,11 +178,7 @@ class CRD(FeatureDistiller):
                 "labels: train it with DistillationModule on a kdlight data module"
             )
         contrast = self.sampler(index, generator=self._generator(index.device))
-        student_scores, teacher_scores = self.memory(
-            self.embed_student(flat(student[0])),
-            self.embed_teacher(flat(teacher[0])),
-            index,
-            contrast,
-        )
+        embeddings = self.embed_student(student[0]), self.embed_teacher(teacher[0])
+        student_scores, teacher_scores = self.memory(*embeddings, index, contrast)
         num_data = self.memory.num_data
         return crd_loss(student_scores, num_data) + crd_loss(teacher_scores, num_data)

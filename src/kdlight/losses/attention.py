@@ -5,33 +5,37 @@ Both compare ``(B, C, H, W)`` maps of student and teacher stage by stage; the tw
 may have different channel counts at every stage.
 """
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 
-def _stage_pairs(
-    student_features: Sequence[Tensor], teacher_features: Sequence[Tensor]
-) -> list[tuple[Tensor, Tensor]]:
-    """Student and teacher maps paired stage by stage, the teacher's detached, in float32."""
+def _sum_over_stages(
+    student_features: Sequence[Tensor],
+    teacher_features: Sequence[Tensor],
+    stage_loss: Callable[[Tensor, Tensor], Tensor],
+) -> Tensor:
+    """``stage_loss`` of the student's and teacher's maps, paired stage by stage (the
+    teacher's detached), summed over the stages; in float32, also under mixed precision."""
     if len(student_features) == 0 or len(student_features) != len(teacher_features):
         raise ValueError(
             f"need one teacher map per student map, got {len(student_features)} student and "
             f"{len(teacher_features)} teacher stages"
         )
-    pairs = []
-    for stage, (student, teacher) in enumerate(
-        zip(student_features, teacher_features, strict=True)
-    ):
+    pairs = list(zip(student_features, teacher_features, strict=True))
+    for stage, (student, teacher) in enumerate(pairs):
         if student.shape[0] != teacher.shape[0]:
             raise ValueError(
                 f"stage {stage}: batch sizes differ ({student.shape[0]} student, "
                 f"{teacher.shape[0]} teacher)"
             )
-        pairs.append((student.float(), teacher.detach().float()))
-    return pairs
+    with torch.autocast(device_type=student_features[0].device.type, enabled=False):
+        losses = [
+            stage_loss(student.float(), teacher.detach().float()) for student, teacher in pairs
+        ]
+        return torch.stack(losses).sum()
 
 
 def _attention_map(features: Tensor, p: float, size: tuple[int, int]) -> Tensor:
@@ -72,14 +76,13 @@ def at_loss(
     Returns:
         The scalar loss, summed over stages.
     """
-    pairs = _stage_pairs(student_features, teacher_features)
-    with torch.autocast(device_type=pairs[0][0].device.type, enabled=False):
-        losses = []
-        for student, teacher in pairs:
-            size = tuple(map(min, student.shape[-2:], teacher.shape[-2:]))  # height, width
-            difference = _attention_map(student, p, size) - _attention_map(teacher, p, size)
-            losses.append(difference.pow(2).mean())
-        return torch.stack(losses).sum()
+
+    def stage_loss(student: Tensor, teacher: Tensor) -> Tensor:
+        size = tuple(map(min, student.shape[-2:], teacher.shape[-2:]))  # height, width
+        difference = _attention_map(student, p, size) - _attention_map(teacher, p, size)
+        return difference.pow(2).mean()
+
+    return _sum_over_stages(student_features, teacher_features, stage_loss)
 
 
 def _similarity(features: Tensor) -> Tensor:
@@ -108,11 +111,9 @@ def sp_loss(student_features: Sequence[Tensor], teacher_features: Sequence[Tenso
     Returns:
         The scalar loss, summed over stages.
     """
-    pairs = _stage_pairs(student_features, teacher_features)
-    with torch.autocast(device_type=pairs[0][0].device.type, enabled=False):
-        losses = []
-        for student, teacher in pairs:
-            batch = student.shape[0]
-            difference = _similarity(student) - _similarity(teacher)
-            losses.append(difference.pow(2).sum() / batch**2)
-        return torch.stack(losses).sum()
+
+    def stage_loss(student: Tensor, teacher: Tensor) -> Tensor:
+        difference = _similarity(student) - _similarity(teacher)
+        return difference.pow(2).sum() / student.shape[0] ** 2
+
+    return _sum_over_stages(student_features, teacher_features, stage_loss)

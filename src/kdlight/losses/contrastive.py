@@ -14,9 +14,8 @@ One CRD step, as in RepDistiller's CIFAR code (``crd/criterion.py``, ``crd/memor
    memory bank, which then takes in this batch's embeddings;
 4. ``crd_loss(student_scores, num_data) + crd_loss(teacher_scores, num_data)``.
 
-Official CIFAR setting: weight 0.8 on this sum with the cross-entropy at weight 1,
-embedding dimension 128, K = 16384 negatives, NCE temperature 0.07, memory momentum 0.5,
-negatives of other classes than the anchor, drawn without replacement ("exact" mode).
+Each argument's official CIFAR value is in its docstring; the method,
+:class:`kdlight.distillers.CRD`, weights the sum 0.8 with the cross-entropy at weight 1.
 """
 
 import math
@@ -25,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from kdlight.config.settings import check
 from kdlight.errors import KDLightError
 
 
@@ -93,24 +93,19 @@ class ContrastMemory(nn.Module):
         self.register_buffer("normalizer_student", torch.full((), -1.0))
         self.register_buffer("normalizer_teacher", torch.full((), -1.0))
 
-    def _scores(self, memory: Tensor, embedding: Tensor, contrast_index: Tensor) -> Tensor:
-        """``(B, K+1)``: ``exp(<memory[contrast_index[b, k]], embedding[b]> / T)``.
+    def _scores(
+        self, memory: Tensor, embedding: Tensor, contrast_index: Tensor, normalizer: Tensor
+    ) -> Tensor:
+        """``(B, K+1)``: ``exp(<memory[contrast_index[b, k]], embedding[b]> / T) / Z``, ``Z``
+        first set from these scores where it is still -1 (``torch.where``, not an ``if``).
 
-        Computed as the batch's products with the whole bank, ``(B, N)``, then gathered:
-        the official code gathers the rows first, a ``(B, K+1, dim)`` copy (1 GB at B=128,
-        K=16384) kept for the backward pass. The product is about 25 MB for CIFAR and was
-        20 times faster per bank on the 2-core development CPU (48 ms against 0.95 s for
-        a forward and backward at B=128, K=16384, N=45000); the values are the same dot
-        products.
+        The same dot products as the official code's, taken with the whole bank, ``(B, N)``
+        (25 MB for CIFAR), then gathered: the official code gathers the rows first, a
+        ``(B, K+1, dim)`` copy (1 GB at B=128, K=16384) kept for the backward pass, 20 times
+        slower per bank on a CPU.
         """
         products = embedding @ memory.T  # the bank is a buffer: it gets no gradient
-        return torch.exp(products.gather(1, contrast_index) / self.temperature)
-
-    def _normalise_once(self, scores: Tensor, normalizer: Tensor) -> Tensor:
-        """``scores / Z``, ``Z`` first set from these scores where it is still -1.
-
-        ``torch.where`` rather than an ``if``: no value is read back from the device.
-        """
+        scores = torch.exp(products.gather(1, contrast_index) / self.temperature)
         value = torch.where(normalizer < 0, scores.detach().mean() * self.num_data, normalizer)
         normalizer.copy_(value)
         return scores / value
@@ -146,10 +141,12 @@ class ContrastMemory(nn.Module):
         with torch.autocast(device_type=student_embedding.device.type, enabled=False):
             student = student_embedding.float()
             teacher = teacher_embedding.float()
-            student_scores = self._scores(self.memory_teacher, student, contrast_index)
-            teacher_scores = self._scores(self.memory_student, teacher, contrast_index)
-            student_scores = self._normalise_once(student_scores, self.normalizer_student)
-            teacher_scores = self._normalise_once(teacher_scores, self.normalizer_teacher)
+            student_scores = self._scores(
+                self.memory_teacher, student, contrast_index, self.normalizer_student
+            )
+            teacher_scores = self._scores(
+                self.memory_student, teacher, contrast_index, self.normalizer_teacher
+            )
             self._update("memory_student", student.detach(), index)
             self._update("memory_teacher", teacher.detach(), index)
         return student_scores, teacher_scores
@@ -204,23 +201,15 @@ class NegativeSampler(nn.Module):
     ``dataset/cifar100.py``, ``CIFAR100InstanceSample``: ``np.random.choice(cls_negative[c],
     K, replace=K > len(cls_negative[c]))``):
 
-    - **without replacement** (the default, ``replacement=False``): ``K`` distinct images of
-      other classes, every such ``K``-subset equally likely; only an anchor whose class has
-      fewer than ``K`` negatives (``N - n_c < K``) gets them with replacement, as the
-      official ``replace`` rule says. One vectorised draw for the batch, on the device: a
-      uniform key per (anchor, training image), the anchor's own class keyed above every
-      uniform, and the ``K`` smallest keys of each row (``topk``). It costs ``B x N`` keys
-      (12.8 MB at ``N`` = 50000, ``B`` = 64; 1.3 GB for ImageNet's 1.28M images at ``B`` =
-      256). At ``N`` = 50000, ``K`` = 16384, ``B`` = 64 on the 2-core development CPU a
-      draw took 34 ms on two threads and 53 ms on one (the draw with replacement: 13 and
-      15 ms), 70 to 110 ms while other processes loaded the cores; not measured on a GPU.
-    - **with replacement** (``replacement=True``, kdlight's draw before it followed the
-      official code): ``K`` independent uniform draws from the other classes' images, which
-      repeats 14.8% of a row's negatives at ``K`` = 16384 of CIFAR-100's 49500. The images
-      sorted by class are kept twice over, so the ``N - n_c`` images of the other classes
-      are the positions ``end_c, ..., end_c + N - n_c - 1`` of that order; a uniform offset
-      in ``[0, N - n_c)`` (from float32 uniforms: each image's probability within 0.5% of
-      uniform for ``N`` up to 2**16) picks one.
+    - **without replacement** (the default): ``K`` distinct images of other classes, every
+      such ``K``-subset equally likely; only an anchor whose class has fewer than ``K``
+      negatives (``N - n_c < K``) gets them with replacement, as the official ``replace``
+      rule says. It costs ``B x N`` uniform keys (12.8 MB at ``N`` = 50000, ``B`` = 64;
+      1.3 GB for ImageNet's 1.28M images at ``B`` = 256), about 3 times the time of a draw
+      with replacement on a CPU.
+    - **with replacement** (``replacement=True``, not the official draw): ``K`` independent
+      uniform draws from the other classes' images, which repeats 14.8% of a row's
+      negatives at ``K`` = 16384 of CIFAR-100's 49500.
 
     The class order and counts are computed once and kept as buffers (not saved in
     checkpoints), so the sampler moves with ``.to(device)`` like any module; a draw reads
@@ -235,8 +224,7 @@ class NegativeSampler(nn.Module):
     def __init__(self, labels: Tensor, num_negatives: int, replacement: bool = False):
         super().__init__()
         labels = torch.as_tensor(labels).long().flatten()
-        if num_negatives < 1:
-            raise KDLightError(f"num_negatives must be at least 1, got {num_negatives}")
+        check("distiller", num_negatives=num_negatives)
         counts = torch.bincount(labels)
         if (counts > 0).sum() < 2:
             raise KDLightError("CRD's negatives need a training set of at least two classes")
@@ -260,44 +248,45 @@ class NegativeSampler(nn.Module):
 
         ``generator`` makes the draw reproducible; its device is where the draw happens.
         """
-        device = self.labels.device
-        anchor = index.to(device).long()
+        anchor = index.to(self.labels.device).long()
         classes = self.labels[anchor]
-        draw_device = generator.device if generator is not None else device
         if self.replacement or self._short_everywhere:
-            contrast = self._with_replacement(anchor, classes, generator, draw_device)
+            contrast = self._with_replacement(anchor, classes, generator)
         else:
-            negatives = self._without_replacement(classes, generator, draw_device)
+            negatives = self._without_replacement(classes, generator)
             if self._short_somewhere:  # those rows as the official code draws them
-                drawn = self._with_replacement(anchor, classes, generator, draw_device)
+                drawn = self._with_replacement(anchor, classes, generator)
                 short = self.class_short[classes].unsqueeze(1)
                 negatives = torch.where(short, drawn[:, 1:], negatives)
             contrast = torch.cat([anchor.unsqueeze(1), negatives], dim=1)
         return contrast.to(index.device)
 
-    def _without_replacement(
-        self, classes: Tensor, generator: torch.Generator | None, draw_device: torch.device
-    ) -> Tensor:
+    def _uniform(self, shape: tuple[int, int], generator: torch.Generator | None) -> Tensor:
+        """Uniforms in [0, 1) drawn on ``generator``'s device (the sampler's without one),
+        on the sampler's device."""
+        device = self.labels.device if generator is None else generator.device
+        return torch.rand(shape, generator=generator, device=device).to(self.labels.device)
+
+    def _without_replacement(self, classes: Tensor, generator: torch.Generator | None) -> Tensor:
         """``(B, K)``: for each row, the ``K`` images of other classes with the smallest
-        uniform keys, a uniformly random ``K``-subset of them (in no particular order)."""
-        shape = (classes.shape[0], self.labels.shape[0])
-        keys = torch.rand(shape, generator=generator, device=draw_device).to(classes.device)
+        uniform keys, a uniformly random ``K``-subset of them (in no particular order), in
+        one vectorised draw for the batch (``topk``)."""
+        keys = self._uniform((classes.shape[0], self.labels.shape[0]), generator)
         # 2 is above every uniform in [0, 1): the anchor's own class is never among the K
         keys.masked_fill_(self.labels.unsqueeze(0) == classes.unsqueeze(1), 2.0)
         return keys.topk(self.num_negatives, dim=1, largest=False, sorted=False).indices
 
     def _with_replacement(
-        self,
-        anchor: Tensor,
-        classes: Tensor,
-        generator: torch.Generator | None,
-        draw_device: torch.device,
+        self, anchor: Tensor, classes: Tensor, generator: torch.Generator | None
     ) -> Tensor:
         """``(B, K+1)``: column 0 ``anchor``, then ``K`` independent uniform draws from the
-        images of other classes."""
+        images of other classes. With the images sorted by class kept twice over, those of
+        the other classes are the positions ``end_c, ..., end_c + N - n_c - 1``; a uniform
+        offset in ``[0, N - n_c)`` picks one (from float32 uniforms: each image's
+        probability within 0.5% of uniform for ``N`` up to 2**16)."""
         others = (self.labels.shape[0] - self.class_count[classes]).unsqueeze(1)  # N - n_c
         shape = (anchor.shape[0], self.num_negatives + 1)  # column 0 is overwritten below
-        uniform = torch.rand(shape, generator=generator, device=draw_device).to(anchor.device)
+        uniform = self._uniform(shape, generator)
         # float32 rounding can carry u * (N - n_c) up to N - n_c: the clamp keeps it out.
         offset = uniform.mul_(others).long().clamp_(max=others - 1)
         position = offset.add_(self.class_end[classes].unsqueeze(1))
@@ -313,22 +302,8 @@ def sample_contrast_indices(
     generator: torch.Generator | None = None,
     replacement: bool = False,
 ) -> Tensor:
-    """CRD's ``(B, K+1)`` contrast indices: column 0 ``index``, then ``K`` = ``num_negatives``
-    distinct images of the classes other than each anchor's (drawn with replacement only
-    for an anchor whose class has fewer than ``K`` of them, or with ``replacement``), as
-    :class:`NegativeSampler` draws them.
-
-    A one-off :class:`NegativeSampler`; build one to sort ``labels`` once for many batches.
-
-    Args:
-        index: ``(B,)`` the batch's indices in the training set.
-        labels: ``(N,)`` the class of every training image.
-        num_negatives: ``K`` (official: 16384).
-        generator: makes the draw reproducible; its device is where the draw happens.
-        replacement: draw every row with replacement (not the official draw).
-
-    Returns:
-        A long tensor on ``index``'s device.
-    """
+    """CRD's ``(B, K+1)`` contrast indices of the batch ``index`` (column 0), drawn by a
+    one-off :class:`NegativeSampler` of ``labels`` (its arguments and its ``forward``'s);
+    build one to sort ``labels`` once for many batches."""
     sampler = NegativeSampler(labels.to(index.device), num_negatives, replacement)
     return sampler(index, generator=generator)

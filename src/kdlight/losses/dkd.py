@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from kdlight.losses.kd import _kl_batchmean, _soft_logits, _temperature_squared
+from kdlight.losses.kd import _kl_batchmean, _soft_logits
 
 # Subtracted from the target logit (after the division by T) to leave it out of the
 # non-target softmax, as mdistiller does: a finite offset, unlike -inf, keeps 0 * log 0 out
@@ -40,8 +40,7 @@ def dkd_loss(
     ``alpha`` scales the target-class term (TCKD) and ``beta`` the non-target-class term
     (NCKD). Each KL is summed over its classes, multiplied by :math:`T^2` and averaged over
     the batch. The target logit is left out of the non-target softmax by subtracting 1000
-    from it after the division by :math:`T`, as in mdistiller. Everything is computed in
-    float32, also under mixed precision; the teacher's logits carry no gradient.
+    from it after the division by :math:`T`, as in mdistiller.
 
     This is the distillation term only: the DKD method (:class:`kdlight.distillers.DKD`, with
     mdistiller's CIFAR-100 settings) adds the cross-entropy and the linear warm-up. Equal to
@@ -51,9 +50,7 @@ def dkd_loss(
     With ``standardize=True`` both logits are z-scored over the classes before the division
     by :math:`T` (logit standardization, Sun et al., CVPR 2024; see :func:`kd_loss`).
 
-    Several students at once: ``student_logits`` of shape ``(K, N, C)`` with
-    ``temperature``, ``alpha`` and ``beta`` floats or ``(K,)`` tensors give each part as a
-    ``(K,)`` tensor; the teacher's logits and the targets are shared.
+    Several students at once as for :func:`kd_loss`, ``beta`` too a float or a ``(K,)`` tensor.
 
     Args:
         student_logits: ``(N, C)`` logits, or ``(K, N, C)`` for K students.
@@ -69,12 +66,12 @@ def dkd_loss(
         ``tckd`` and ``nckd`` before their weights.
     """
     with torch.autocast(device_type=student_logits.device.type, enabled=False):
-        student = _soft_logits(student_logits.float(), temperature, standardize)
-        teacher = _soft_logits(teacher_logits.detach().float(), temperature, standardize)
+        student, teacher, scale = _soft_logits(
+            student_logits.float(), teacher_logits.detach().float(), temperature, standardize
+        )
         is_target = F.one_hot(targets, teacher.shape[-1]).bool()  # (N, C), shared by K students
         binary_q, others_q = _decoupled_log_probs(student, is_target)
         binary_p, others_p = _decoupled_log_probs(teacher, is_target)
-        scale = _temperature_squared(temperature)
         tckd = _kl_batchmean(binary_p, binary_q) * scale
         nckd = _kl_batchmean(others_p, others_q) * scale
         return {"loss": alpha * tckd + beta * nckd, "tckd": tckd, "nckd": nckd}

@@ -23,30 +23,25 @@ def standardize_logits(logits: Tensor) -> Tensor:
     return (logits - mean) / (STANDARDIZE_EPS + std)
 
 
-def _soft_logits(logits: Tensor, temperature: float | Tensor, standardize: bool) -> Tensor:
-    """``logits`` divided by T, z-scored first with ``standardize``: the input of a soft term.
-
-    A ``(K,)`` temperature divides the ``(N, C)`` logits once per student, giving
-    ``(K, N, C)``.
-    """
+def _soft_logits(
+    student: Tensor, teacher: Tensor, temperature: float | Tensor, standardize: bool
+) -> tuple[Tensor, Tensor, float | Tensor]:
+    """The inputs of a soft term, both logits divided by T (z-scored first with
+    ``standardize``), and its T^2 factor. A ``(K,)`` temperature, taken in float32, divides
+    the ``(N, C)`` logits once per student, giving ``(K, N, C)``, and a ``(K,)`` T^2."""
     if standardize:
-        logits = standardize_logits(logits)
+        student, teacher = standardize_logits(student), standardize_logits(teacher)
+    divisor = temperature
     if isinstance(temperature, Tensor):
-        temperature = temperature.float().view(-1, 1, 1)
-    return logits / temperature
+        temperature = temperature.float()
+        divisor = temperature.view(-1, 1, 1)
+    return student / divisor, teacher / divisor, temperature**2
 
 
 def _kl_batchmean(log_p: Tensor, log_q: Tensor) -> Tensor:
     """KL(p || q) from log-probabilities: summed over the last dimension, averaged over the
     batch (the one before it)."""
     return (log_p.exp() * (log_p - log_q)).sum(dim=-1).mean(dim=-1)
-
-
-def _temperature_squared(temperature: float | Tensor) -> float | Tensor:
-    """The T^2 factor of a soft term, in float32 for a ``(K,)`` tensor of temperatures."""
-    if isinstance(temperature, Tensor):
-        temperature = temperature.float()
-    return temperature**2
 
 
 def kd_loss(
@@ -67,9 +62,8 @@ def kd_loss(
     cross-entropy. The KL divergence is summed over classes and averaged over the batch
     (``batchmean``), as is the cross-entropy. The :math:`T^2` factor keeps the soft term's
     gradient on the same scale whatever the temperature (its gradient scales as
-    :math:`1/T^2` otherwise). Everything is computed in float32, also under mixed precision.
-    With ``alpha=0.9`` and ``T=4`` it is mdistiller's KD loss, ``0.1 * CE + 0.9 * kd_loss``
-    (``distillers/KD.py``), to float32 rounding (tests/test_fidelity_logit.py).
+    :math:`1/T^2` otherwise). With ``alpha=0.9`` and ``T=4`` it is mdistiller's KD loss,
+    ``0.1 * CE + 0.9 * kd_loss`` (``distillers/KD.py``), to float32 rounding.
 
     With ``standardize=True`` (logit standardization, Sun et al., CVPR 2024) both
     :math:`z_s` and :math:`z_t` in the soft term are replaced by their z-scores over the
@@ -97,9 +91,9 @@ def kd_loss(
     with torch.autocast(device_type=student_logits.device.type, enabled=False):
         student = student_logits.float()
         teacher = teacher_logits.detach().float()
-        log_q = F.log_softmax(_soft_logits(student, temperature, standardize), dim=-1)
-        log_p = F.log_softmax(_soft_logits(teacher, temperature, standardize), dim=-1)
-        kd = _kl_batchmean(log_p, log_q) * _temperature_squared(temperature)
+        soft_student, soft_teacher, scale = _soft_logits(student, teacher, temperature, standardize)
+        log_q, log_p = F.log_softmax(soft_student, dim=-1), F.log_softmax(soft_teacher, dim=-1)
+        kd = _kl_batchmean(log_p, log_q) * scale
         ce = F.cross_entropy(
             student.movedim(-1, 1) if student.dim() > 2 else student,  # classes on dim 1
             targets.expand(student.shape[:-1]),
