@@ -2,20 +2,11 @@
 intervals, differences from a baseline, comparisons and which cell of a sweep is best.
 
 Runs whose settings differ only in their seed are repeats of one experiment, a
-:class:`Group`. A group is summarised by the mean of its test accuracies, their sample
-standard deviation and a 95% confidence interval for the mean from Student's t
-distribution (:func:`summarize`). A distilled group is compared with the student baseline
-by the difference of their means, paired by seed when both have the same seeds
-(:func:`paired_difference`), else with Welch's interval for two groups of unequal variance
-(:func:`welch_difference`); each interval is that of scipy.stats' t-test. One run per
+:class:`Group`, summarised by :func:`summarize`; a distilled group is compared with the
+student baseline, or with a comparison's reference row, by :func:`difference`. One run per
 setting gives a number but no interval: the seed-to-seed noise can only be measured from
-two seeds or more.
-
-A :class:`Comparison` holds the distillation groups of one student model that differ only
-in their method and its settings (KD's T and alpha among them), with their teacher, the
-comparable baseline and a reference row (:func:`set_reference`): by default KD at the
-settings the other methods ran with, else the baseline; every other group's difference from
-it is computed as from the baseline. The runs are the records of
+two seeds or more. A :class:`Comparison` is one table of a student model's distillation
+groups (:func:`compare_runs`). The runs are the records of
 :func:`kdlight.analysis.records.load_run`.
 """
 
@@ -28,7 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from scipy.stats import ttest_1samp, ttest_ind, ttest_rel
+from scipy.stats import ttest_1samp, ttest_ind
 
 CONFIDENCE = 0.95
 
@@ -78,17 +69,13 @@ def summarize(values: list[float]) -> Estimate | None:
 def paired_difference(values: dict, baseline: dict) -> Estimate:
     """The mean of the per-seed differences ``d_s = values[s] - baseline[s]`` over the seeds
     both hold, with the interval ``mean(d) -+ t(0.975, n - 1) * std(d) / sqrt(n)``
-    (``scipy.stats.ttest_rel``). Pairing removes what one seed does to both runs
-    (initialisation, data order), so it is tighter than comparing two means when the seeds
-    match."""
+    (:func:`summarize` of ``d``: ``scipy.stats.ttest_rel`` is ``ttest_1samp`` of ``d``).
+    Pairing removes what one seed does to both runs (initialisation, data order), so it is
+    tighter than comparing two means when the seeds match."""
     seeds = sorted(set(values) & set(baseline))
     if not seeds:
         raise ValueError("paired_difference needs at least one seed in common")
-    estimate = replace(summarize([values[s] - baseline[s] for s in seeds]), method="paired")
-    if estimate.n == 1:
-        return estimate
-    pairs = [values[s] for s in seeds], [baseline[s] for s in seeds]
-    return with_interval(estimate, lambda: ttest_rel(*pairs))
+    return replace(summarize([values[s] - baseline[s] for s in seeds]), method="paired")
 
 
 def welch_difference(values: list[float], baseline: list[float]) -> Estimate:
@@ -131,15 +118,10 @@ class Group:
         leaving out runs where ``field`` (a record key, or a function of the record) is None."""
         read = field if callable(field) else lambda run: run.get(field)
         known: dict = {}
-        unknown = []
         for run in self.runs:
-            value = read(run)
-            if value is None:
-                continue
-            if run.get("seed") is None:
-                unknown.append(value)
-            else:
-                known.setdefault(run["seed"], []).append(value)
+            if (value := read(run)) is not None:
+                known.setdefault(run.get("seed"), []).append(value)
+        unknown = known.pop(None, [])
         return {seed: statistics.fmean(v) for seed, v in sorted(known.items())}, unknown
 
     def values(self, field: Field = "accuracy") -> list[float]:
@@ -212,15 +194,12 @@ def noise_verdict(
             "measure of that noise (run more seeds, e.g. `seed=0,1,2`)."
         )
     interval = f"95% CI [{_pp(delta.low)}, {_pp(delta.high)}] pp, {how}, n={delta.n}"
-    if delta.low <= 0 <= delta.high:
-        return (
-            f"{subject}'s gain over {against}, {_pp(delta.mean)} pp ({interval}), is "
-            "within the seed-to-seed noise: its interval includes 0."
-        )
-    kind = "gain over" if delta.mean > 0 else "loss against"
+    noise = delta.low <= 0 <= delta.high
+    kind = "gain over" if noise or delta.mean > 0 else "loss against"
+    verdict = "within" if noise else "larger than"
     return (
-        f"{subject}'s {kind} {against}, {_pp(delta.mean)} pp ({interval}), is "
-        "larger than the seed-to-seed noise: its interval excludes 0."
+        f"{subject}'s {kind} {against}, {_pp(delta.mean)} pp ({interval}), is {verdict} the "
+        f"seed-to-seed noise: its interval {'includes' if noise else 'excludes'} 0."
     )
 
 
@@ -362,11 +341,10 @@ def compare_runs(runs: list[dict], referenced: list[dict] = ()) -> list[Comparis
     comparisons.sort(key=lambda c: (-counts[c.model], c.model, -sum(len(g.runs) for g in c.groups)))
     for k, comparison in enumerate(comparisons):
         same = [c for c in comparisons if c.model == comparison.model]
-        comparison.differs = differences(
-            comparison.groups[0].first, [c.groups[0].first for c in same]
-        )
+        first = comparison.groups[0].first
+        comparison.differs = differences(first, [c.groups[0].first for c in same])
         if k:  # heatmap.png, heatmap_<model>.png, heatmap_<model>_<sweep>.png
-            sweep = "" if comparison is same[0] else f"_{comparison.groups[0].first['sweep']}"
+            sweep = "" if comparison is same[0] else f"_{first['sweep']}"
             comparison.name = f"heatmap_{comparison.model}{sweep}"
     for run in runs:
         main = next((c for c in comparisons if c.model == run["model"]), None)
@@ -418,14 +396,10 @@ def set_reference(c: Comparison, wanted: str | None = None) -> None:
     settings (:func:`_nearest`). A table without the wanted method keeps its default and
     says so in ``reference_why``."""
     name = wanted or DEFAULT_REFERENCE
-    methods = {g.key: method_of(g.first) for g in c.groups}
-    candidates = [g for g in c.groups if methods[g.key] == name]
-    others = [g for g in c.groups if methods[g.key] != name]
-    if wanted is None and not others:
-        candidates = []  # a table of KD cells alone: no one of them is "the runs' settings"
-    if name == BASELINE and wanted:
-        why = "chosen with `--reference`"
-    elif candidates:
+    candidates = [g for g in c.groups if method_of(g.first) == name]
+    others = [g for g in c.groups if method_of(g.first) != name]
+    # the baseline asked for wins; KD cells alone have no default: none is "the runs' settings"
+    if candidates and name != BASELINE and (wanted is not None or others):
         reference = _nearest(candidates, others)
         c.reference, c.reference_method = reference, name
         c.reference_deltas = {
@@ -433,17 +407,17 @@ def set_reference(c: Comparison, wanted: str | None = None) -> None:
         }
         default = "KD at the settings the other methods ran with; `--reference` picks another"
         c.reference_why = "chosen with `--reference`" if wanted else default
-        return
-    elif wanted:
+    elif wanted and wanted != BASELINE:
         set_reference(c)
         c.reference_why = f"no {wanted} row in this table; {c.reference_why}"
-        return
-    elif not others:
-        why = "every row is KD; `--reference kd` compares them with one of them"
     else:
-        why = "no KD row in this table"
-    c.reference, c.reference_method, c.reference_deltas = c.baseline, BASELINE, c.deltas
-    c.reference_why = why
+        c.reference, c.reference_method, c.reference_deltas = c.baseline, BASELINE, c.deltas
+        if wanted:
+            c.reference_why = "chosen with `--reference`"
+        elif others:
+            c.reference_why = "no KD row in this table"
+        else:
+            c.reference_why = "every row is KD; `--reference kd` compares them with one of them"
 
 
 def differences(run: dict, others: list[dict]) -> str:
