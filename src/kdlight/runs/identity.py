@@ -143,11 +143,9 @@ def _hash(record: dict) -> str:
 def is_debug(cfg: DictConfig) -> bool:
     """``fast_dev_run`` or a ``limit_*_batches`` below everything: a check, not a result."""
     trainer = cfg.get("trainer") or {}
-    if trainer.get("fast_dev_run"):
-        return True
     # Lightning reads a float as a fraction of the batches and an int as a number of batches
     limits = [trainer.get(key) for key in DEBUG_KEYS[1:]]
-    return any(
+    return bool(trainer.get("fast_dev_run")) or any(
         limit is not None and (isinstance(limit, int) or float(limit) < 1.0) for limit in limits
     )
 
@@ -164,19 +162,14 @@ def _as_list(value) -> list:
     return list(value) if isinstance(value, list | tuple) or OmegaConf.is_list(value) else [value]
 
 
-def grid_cells(cfg: DictConfig) -> list[tuple[float, float]]:
-    """The (temperature, alpha) cells of a distillation run, in the order they train."""
-    temperatures, alphas = (_as_list(cfg.distill[key]) for key in ("temperature", "alpha"))
-    return [(float(t), float(a)) for t in temperatures for a in alphas]
-
-
 def grid_cell_names(cfg: DictConfig) -> list[str]:
     """The folders of a fused grid's cells: its methods' names (``experiment=method_grid``)
-    or ``T<T>_alpha<alpha>`` for a T x alpha grid."""
+    or ``T<T>_alpha<alpha>`` for a T x alpha grid, in the order they train."""
     methods = OmegaConf.select(cfg, "module.methods", default=None)
     if methods:
         return list(methods)
-    return [cell_name(t, a) for t, a in grid_cells(cfg)]
+    temperatures, alphas = (_as_list(cfg.distill[key]) for key in KD_KEYS)
+    return [cell_name(t, a) for t in temperatures for a in alphas]
 
 
 # ------------------------------------------------------------------------------ identity
@@ -250,10 +243,9 @@ def group_key(
             f"distiller.{k[len(prefix) :]}": v for k, v in settings.items() if k.startswith(prefix)
         }
         record.pop("module.distiller", None)  # null in the grid, the method in its run
-    if temperature is not None:
-        record["distill.temperature"] = _canonical(float(temperature))
-    if alpha is not None:
-        record["distill.alpha"] = _canonical(float(alpha))
+    for key, value in zip(KD_KEYS, (temperature, alpha), strict=True):
+        if value is not None:
+            record[f"distill.{key}"] = _canonical(float(value))
     if str(record.get("module._target_", "")).endswith("DistillationGridModule"):
         record["module._target_"] = "kdlight.lit.DistillationModule"
     return _hash(record)
@@ -273,22 +265,14 @@ class RunIdentity:
         return _hash({**self.settings, "seed": self.seed, "debug": self.debug})
 
     @property
-    def evaluation(self) -> bool:
-        """A ``train=false`` run: the test of a checkpoint the user named."""
-        return "eval.checkpoint" in self.settings
-
-    @property
     def folder(self) -> str:
         """``<model>/[<cell>/]seed<seed>-<id>[-debug]`` below ``<paths.root>/<name>/``, or
         ``<model>/eval-<id>`` for the evaluation of a checkpoint."""
-        parts = [str(self.settings.get("model.name", "model"))]
-        cell = method_cell(self.settings)
-        if cell:
-            parts.append(cell)
-        if self.evaluation:
-            return "/".join([parts[0], f"eval-{self.id}"])
+        model, cell = str(self.settings.get("model.name", "model")), method_cell(self.settings)
+        if "eval.checkpoint" in self.settings:  # train=false: a named checkpoint's test
+            return f"{model}/eval-{self.id}"
         leaf = f"seed{self.seed}-{self.id}" + ("-debug" if self.debug else "")
-        return "/".join([*parts, leaf])
+        return "/".join([model, cell, leaf] if cell else [model, leaf])
 
     def record(self) -> dict:
         """The ``run`` block of ``metrics.json``."""
@@ -309,11 +293,8 @@ def identify(
 
 @functools.lru_cache(maxsize=32)
 def _file_hash(path: str, size: int, mtime_ns: int) -> str:
-    digest = hashlib.sha256()
     with open(path, "rb") as file:
-        for block in iter(lambda: file.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()[:16]
+        return hashlib.file_digest(file, "sha256").hexdigest()[:16]
 
 
 def file_identity(path: str | Path) -> str:
@@ -334,22 +315,22 @@ def run_folder(*, _root_: DictConfig) -> str:
         teacher = None
     evaluated = OmegaConf.select(_root_, "ckpt_path", default=None)
     evaluated = evaluated if evaluated and Path(str(evaluated)).is_file() else None
-    identity = identify(_root_, teacher.identity if teacher else "missing", evaluated)
-    return identity.folder
+    return identify(_root_, teacher.identity if teacher else "missing", evaluated).folder
 
 
 def check_checkpoint_owner(path: Path, state: dict, identity: RunIdentity) -> None:
     """Refuse, in one line, a checkpoint written by another run (other settings or seed):
     one whose ``kdlight_run`` record (:meth:`RunIdentity.record`) is not this run's."""
     owner = state.get("kdlight_run") if isinstance(state, dict) else None
-    if not isinstance(owner, dict) or owner.get("id") != identity.id:
-        theirs = owner.get("settings", {}) if isinstance(owner, dict) else {}
-        ours = identity.settings
-        changed = [k for k in sorted(set(theirs) | set(ours)) if theirs.get(k) != ours.get(k)]
-        if isinstance(owner, dict) and owner.get("seed") != identity.seed:
-            changed.insert(0, "seed")
-        detail = f" (it differs in {', '.join(changed[:5])})" if changed and theirs else ""
-        raise KDLightError(
-            f"{path} belongs to another run{detail}, not to this one ({identity.id}); "
-            "it is not resumed: move it away or launch the command that wrote it"
-        )
+    owner = owner if isinstance(owner, dict) else {}
+    if owner.get("id") == identity.id:
+        return
+    theirs, ours = owner.get("settings", {}), identity.settings
+    changed = [k for k in sorted(set(theirs) | set(ours)) if theirs.get(k) != ours.get(k)]
+    if owner.get("seed") != identity.seed:
+        changed.insert(0, "seed")
+    detail = f" (it differs in {', '.join(changed[:5])})" if changed and theirs else ""
+    raise KDLightError(
+        f"{path} belongs to another run{detail}, not to this one ({identity.id}); "
+        "it is not resumed: move it away or launch the command that wrote it"
+    )
