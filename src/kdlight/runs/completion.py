@@ -12,7 +12,6 @@ from collections.abc import Mapping
 from datetime import timedelta
 
 import lightning as L
-from lightning.pytorch.callbacks import EarlyStopping
 
 from kdlight.errors import KDLightError
 
@@ -42,25 +41,12 @@ def check_training_batches(datamodule: L.LightningDataModule, world_size: int) -
     )
 
 
-def early_stop(trainer: L.Trainer) -> dict | None:
-    """What an ``EarlyStopping`` callback that stopped this fit records: the epoch it stopped
-    after, what it monitored and why; None when none stopped it."""
-    for callback in trainer.early_stopping_callbacks:
-        if isinstance(callback, EarlyStopping) and callback.stopped_epoch:
-            return {
-                "epoch": int(callback.stopped_epoch),
-                "monitor": callback.monitor,
-                "best": float(callback.best_score),
-                "patience": int(callback.patience),
-            }
-    return None
-
-
 def check_finished(trainer: L.Trainer) -> dict | None:
     """After ``trainer.fit``: None when it trained every step of ``max_epochs`` (or reached
     ``trainer.max_steps``), the early stop's record when an ``EarlyStopping`` callback ended
-    it; otherwise :class:`NotFinished`, whose line says how far it got. (A time limit stops
-    a run earlier, in :class:`~kdlight.runs.guard.SaveLastOnSigterm`, with its own line.)"""
+    it (the epoch it stopped after, what it monitored and why); otherwise
+    :class:`NotFinished`, whose line says how far it got. (A time limit stops a run earlier,
+    in :class:`~kdlight.runs.guard.SaveLastOnSigterm`, with its own line.)"""
     done = int(trainer.fit_loop.epoch_loop.batch_progress.total.completed)  # in all launches
     per_epoch = trainer.num_training_batches
     asked = per_epoch * trainer.max_epochs if math.isfinite(per_epoch) else math.inf
@@ -69,8 +55,14 @@ def check_finished(trainer: L.Trainer) -> dict | None:
     at_max_steps = trainer.max_steps not in (None, -1) and trainer.global_step >= trainer.max_steps
     if done >= asked or at_max_steps:
         return None
-    if done > 0 and (stopped := early_stop(trainer)) is not None:
-        return stopped
+    stopper = next((cb for cb in trainer.early_stopping_callbacks if cb.stopped_epoch), None)
+    if done > 0 and stopper is not None:
+        return {
+            "epoch": int(stopper.stopped_epoch),
+            "monitor": stopper.monitor,
+            "best": float(stopper.best_score),
+            "patience": int(stopper.patience),
+        }
     stopped_by = "trainer.should_stop" if trainer.should_stop else "an unknown cause"
     raise NotFinished(
         f"not finished: trained {done} of {asked} steps ({done // per_epoch} of "

@@ -75,13 +75,11 @@ def remove_stale_temporaries(folder: str | Path, older_than: float = 0.0) -> Non
     ``older_than``: keep those modified less than this many seconds ago. In a folder that
     other processes write to at the same time (a shared data cache), a recent temporary may
     be one that a live writer is still filling."""
-    folder = Path(folder)
-    if folder.is_dir():
-        now = time.time()
-        for temp in folder.glob(f".*{TEMP_SUFFIX}"):
-            with contextlib.suppress(OSError):
-                if older_than <= 0 or now - temp.stat().st_mtime >= older_than:
-                    temp.unlink()
+    now = time.time()
+    for temp in Path(folder).glob(f".*{TEMP_SUFFIX}"):  # none where there is no folder
+        with contextlib.suppress(OSError):
+            if older_than <= 0 or now - temp.stat().st_mtime >= older_than:
+                temp.unlink()
 
 
 def _give_mode(fd: int, path: Path) -> None:
