@@ -10,7 +10,7 @@ names onto them.
 
 from torch import Tensor, nn
 
-from kdlight.models.registry import register_model
+from kdlight.models.registry import register_variants
 from kdlight.models.zoo_init import init_zoo_weights_
 
 
@@ -77,55 +77,15 @@ class CifarResNet(nn.Module):
         return self.fc(self.avgpool(x).flatten(1))
 
 
-def _depth_blocks(depth: int) -> int:
-    return (depth - 2) // 6
-
-
-_NARROW = (16, 16, 32, 64)
-_WIDE = (32, 64, 128, 256)
-
-
-@register_model
-def resnet14(num_classes: int = 10) -> CifarResNet:
-    """CIFAR ResNet-14: two blocks per stage; 181,108 params (100 classes), 175,258 (10)."""
-    return CifarResNet(_depth_blocks(14), _NARROW, num_classes)
-
-
-@register_model
-def resnet32(num_classes: int = 10) -> CifarResNet:
-    """CIFAR ResNet-32: five blocks per stage; 472,756 params (100 classes), 466,906 (10)."""
-    return CifarResNet(_depth_blocks(32), _NARROW, num_classes)
-
-
-@register_model
-def resnet44(num_classes: int = 10) -> CifarResNet:
-    """CIFAR ResNet-44: seven blocks per stage; 667,188 params (100 classes), 661,338 (10)."""
-    return CifarResNet(_depth_blocks(44), _NARROW, num_classes)
-
-
-@register_model
-def resnet56(num_classes: int = 10) -> CifarResNet:
-    """CIFAR ResNet-56, a zoo teacher: nine blocks per stage; 861,620 params (100 classes),
-    855,770 (10)."""
-    return CifarResNet(_depth_blocks(56), _NARROW, num_classes)
-
-
-@register_model
-def resnet110(num_classes: int = 10) -> CifarResNet:
-    """CIFAR ResNet-110, a zoo teacher: 18 blocks per stage; 1,736,564 params (100 classes),
-    1,730,714 (10)."""
-    return CifarResNet(_depth_blocks(110), _NARROW, num_classes)
-
-
-@register_model
-def resnet8x4(num_classes: int = 10) -> CifarResNet:
-    """ResNet-8 at 4x width (32-stem, 64-128-256 stages): 1,233,540 params (100 classes),
-    1,210,410 (10)."""
-    return CifarResNet(_depth_blocks(8), _WIDE, num_classes)
-
-
-@register_model
-def resnet32x4(num_classes: int = 10) -> CifarResNet:
-    """ResNet-32 at 4x width (32-stem, 64-128-256 stages), a zoo teacher: 7,433,860 params
-    (100 classes), 7,410,730 (10)."""
-    return CifarResNet(_depth_blocks(32), _WIDE, num_classes)
+#: Blocks per stage ((depth - 2) / 6) and the channels of the stem and the stages of each;
+#: README.md lists their parameter counts.
+ZOO_RESNETS = {
+    "resnet14": (2, (16, 16, 32, 64)),
+    "resnet32": (5, (16, 16, 32, 64)),
+    "resnet44": (7, (16, 16, 32, 64)),
+    "resnet56": (9, (16, 16, 32, 64)),
+    "resnet110": (18, (16, 16, 32, 64)),
+    "resnet8x4": (1, (32, 64, 128, 256)),
+    "resnet32x4": (5, (32, 64, 128, 256)),
+}
+register_variants(CifarResNet, ZOO_RESNETS)

@@ -2,6 +2,7 @@
 the rule for a model recorded in a file: built only from a registered name or a ``_target_``
 the user trusts (:func:`build_recorded_model`)."""
 
+import functools
 import inspect
 import re
 from collections.abc import Callable, Iterable, Mapping
@@ -17,6 +18,12 @@ def register_model(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
     """Register a model constructor under its function name."""
     _MODELS[fn.__name__] = fn
     return fn
+
+
+def register_variants(build: Callable[..., nn.Module], variants: Mapping[str, tuple]) -> None:
+    """Register each variant of one architecture under its name: ``create_model(name,
+    num_classes=...)`` calls ``build(*variants[name], num_classes=...)``."""
+    _MODELS.update({name: functools.partial(build, *args) for name, args in variants.items()})
 
 
 def list_models() -> list[str]:
@@ -82,10 +89,6 @@ def build_model(spec: Mapping) -> nn.Module:
 _trusted_targets: frozenset[str] = frozenset()
 #: A Python name as Hydra imports it: ``module.attribute``, dotted.
 _DOTTED_NAME = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)+")
-HOW_TO_TRUST = (
-    "if you trust the file, allow it with trusted_targets=[{target}] (kdlight-train's setting, "
-    "or load_model's and load_teacher's keyword argument)"
-)
 
 
 def trust_targets(targets: Iterable[str] | None) -> None:
@@ -99,7 +102,7 @@ def trust_targets(targets: Iterable[str] | None) -> None:
         KDLightError: ``targets`` is not a list of dotted names.
     """
     global _trusted_targets
-    _trusted_targets = frozenset(_dotted_names(targets, "trusted_targets"))
+    _trusted_targets = frozenset(_dotted_names(targets))
 
 
 def is_dotted_name(name) -> bool:
@@ -107,14 +110,14 @@ def is_dotted_name(name) -> bool:
     return isinstance(name, str) and _DOTTED_NAME.fullmatch(name) is not None
 
 
-def _dotted_names(targets: Iterable[str] | None, label: str) -> list[str]:
+def _dotted_names(targets: Iterable[str] | None) -> list[str]:
     if targets is None:
         return []
     names = [targets] if isinstance(targets, str | bytes) else list(targets)
     if isinstance(targets, str | bytes) or not all(is_dotted_name(name) for name in names):
         shown = ", ".join(map(str, names))
         raise KDLightError(
-            f"{label}=[{shown}] is not allowed: a list of dotted names such as "
+            f"trusted_targets=[{shown}] is not allowed: a list of dotted names such as "
             "[torchvision.models.resnet18]"
         )
     return names
@@ -147,13 +150,14 @@ def check_recorded_spec(spec, source: str, trusted_targets: Iterable[str] = ()) 
         raise KDLightError(f"{source} records a model spec that is a {type(spec).__name__}")
     if "_target_" not in spec:
         return
-    trusted = _trusted_targets | set(_dotted_names(trusted_targets, "trusted_targets"))
+    trusted = _trusted_targets | set(_dotted_names(trusted_targets))
     for target in spec_targets(spec):
         if not isinstance(target, str) or target not in trusted:
             raise KDLightError(
                 f"{source} records a model built by {target!s}: kdlight builds a model from a "
                 "file only as a registered kdlight model or with a _target_ you gave or "
-                f"trust; {HOW_TO_TRUST.format(target=target)}"
+                f"trust; if you trust the file, allow it with trusted_targets=[{target}] "
+                "(kdlight-train's setting, or load_model's and load_teacher's keyword argument)"
             )
     interpolation = _interpolation(spec)
     if interpolation is not None:

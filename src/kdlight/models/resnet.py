@@ -12,8 +12,9 @@
 
 from torch import Tensor, nn
 
-from kdlight.models.registry import register_model
+from kdlight.models.registry import register_model, register_variants
 from kdlight.models.width import scaled_channels
+from kdlight.models.zoo_init import init_zoo_weights_
 
 
 class BasicBlock(nn.Module):
@@ -71,11 +72,8 @@ class ResNet(nn.Module):
         self.stages = nn.Sequential(*stages)
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(in_channels, num_classes)
-        #: the feature methods' default taps (kdlight.models.taps): each stage's last block, the pool
         self.feature_taps = {"stages": stage_ends, "embedding": ["pool"]}
-        for module in self.modules():
-            if isinstance(module, nn.Conv2d):
-                nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
+        init_zoo_weights_(self)  # Kaiming (fan-out) convolutions, as the zoo's
 
     def forward(self, x: Tensor) -> Tensor:
         x = self.stages(self.stem(x))
@@ -95,21 +93,10 @@ def resnet18_half(num_classes: int = 10) -> ResNet:
     return resnet18(num_classes, width=0.5)
 
 
-def _cifar_resnet(depth: int, num_classes: int, width: float) -> ResNet:
-    blocks = (depth - 2) // 6
+def _cifar_resnet(depth: int, num_classes: int = 10, width: float = 1.0) -> ResNet:
     channels = scaled_channels((16, 32, 64), width, f"resnet{depth}")
-    return ResNet([blocks] * 3, channels, channels[0], num_classes)
+    return ResNet([(depth - 2) // 6] * 3, channels, channels[0], num_classes)
 
 
-@register_model
-def resnet8(num_classes: int = 10, width: float = 1.0) -> ResNet:
-    """CIFAR ResNet-8 (6n+2 layers, 16-32-64 channels): one block per stage; 83,892 params
-    for 100 classes (the zoo's count), 78,042 for 10."""
-    return _cifar_resnet(8, num_classes, width)
-
-
-@register_model
-def resnet20(num_classes: int = 10, width: float = 1.0) -> ResNet:
-    """CIFAR ResNet-20 (6n+2 layers, 16-32-64 channels): three blocks per stage; 278,324
-    params for 100 classes (the zoo's count), 272,474 for 10 (269,722 with option A)."""
-    return _cifar_resnet(20, num_classes, width)
+#: README.md lists their parameter counts (the zoo's).
+register_variants(_cifar_resnet, {"resnet8": (8,), "resnet20": (20,)})

@@ -19,9 +19,6 @@ from torch import Tensor, nn
 
 from kdlight.errors import KDLightError
 
-#: The kinds of default taps a model names in ``model.feature_taps``.
-TAP_KINDS = ("stages", "embedding")
-
 
 def module_names(model: nn.Module) -> list[str]:
     """The names a tap can take: every submodule's, in ``named_modules`` order."""

@@ -5,10 +5,11 @@ module names as in the zoo's code so that its published teachers load directly.
 
 from torch import Tensor, nn
 
-from kdlight.models.registry import register_model
+from kdlight.models.registry import register_variants
 from kdlight.models.zoo_init import init_zoo_weights_
 
-#: Output channels of each convolution, block by block (the zoo's configurations S, A, B, D, E).
+#: Output channels of each convolution, block by block (the zoo's configurations S, A, B, D,
+#: E; vgg13 is a zoo teacher). README.md lists their parameter counts.
 VGG_CONFIGS: dict[str, list[list[int]]] = {
     "vgg8": [[64], [128], [256], [512], [512]],
     "vgg11": [[64], [128], [256, 256], [512, 512], [512, 512]],
@@ -68,31 +69,4 @@ class VGG(nn.Module):
         return self.classifier(self.pool4(x).flatten(1))
 
 
-@register_model
-def vgg8(num_classes: int = 10) -> VGG:
-    """VGG-8 with BN (one conv per block): 3,965,028 params (100 classes), 3,918,858 (10)."""
-    return VGG(VGG_CONFIGS["vgg8"], num_classes)
-
-
-@register_model
-def vgg11(num_classes: int = 10) -> VGG:
-    """VGG-11 with BN: 9,277,284 params (100 classes), 9,231,114 (10)."""
-    return VGG(VGG_CONFIGS["vgg11"], num_classes)
-
-
-@register_model
-def vgg13(num_classes: int = 10) -> VGG:
-    """VGG-13 with BN, a zoo teacher: 9,462,180 params (100 classes), 9,416,010 (10)."""
-    return VGG(VGG_CONFIGS["vgg13"], num_classes)
-
-
-@register_model
-def vgg16(num_classes: int = 10) -> VGG:
-    """VGG-16 with BN: 14,774,436 params (100 classes), 14,728,266 (10)."""
-    return VGG(VGG_CONFIGS["vgg16"], num_classes)
-
-
-@register_model
-def vgg19(num_classes: int = 10) -> VGG:
-    """VGG-19 with BN: 20,086,692 params (100 classes), 20,040,522 (10)."""
-    return VGG(VGG_CONFIGS["vgg19"], num_classes)
+register_variants(VGG, {name: (config,) for name, config in VGG_CONFIGS.items()})

@@ -3,9 +3,11 @@
 in the zoo's code so that its published teachers load directly.
 """
 
+from collections import OrderedDict
+
 from torch import Tensor, nn
 
-from kdlight.models.registry import register_model
+from kdlight.models.registry import register_variants
 from kdlight.models.zoo_init import init_zoo_weights_
 
 
@@ -33,17 +35,12 @@ class WideBasicBlock(nn.Module):
         return shortcut + out
 
 
-class NetworkBlock(nn.Module):
-    """One stage: ``layer``, a Sequential of blocks (the first one strided)."""
-
-    def __init__(self, blocks: int, in_channels: int, out_channels: int, stride: int) -> None:
-        super().__init__()
-        units = [WideBasicBlock(in_channels, out_channels, stride)]
-        units += [WideBasicBlock(out_channels, out_channels, 1) for _ in range(blocks - 1)]
-        self.layer = nn.Sequential(*units)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.layer(x)
+def _network_block(blocks: int, in_channels: int, out_channels: int, stride: int) -> nn.Sequential:
+    """One stage as the zoo's ``NetworkBlock`` holds it: its blocks (the first one strided)
+    under ``layer``."""
+    units = [WideBasicBlock(in_channels, out_channels, stride)]
+    units += [WideBasicBlock(out_channels, out_channels, 1) for _ in range(blocks - 1)]
+    return nn.Sequential(OrderedDict(layer=nn.Sequential(*units)))
 
 
 class WideResNet(nn.Module):
@@ -62,9 +59,9 @@ class WideResNet(nn.Module):
         blocks = (depth - 4) // 6
         channels = [16, 16 * widen_factor, 32 * widen_factor, 64 * widen_factor]
         self.conv1 = nn.Conv2d(3, channels[0], 3, 1, 1, bias=False)
-        self.block1 = NetworkBlock(blocks, channels[0], channels[1], 1)
-        self.block2 = NetworkBlock(blocks, channels[1], channels[2], 2)
-        self.block3 = NetworkBlock(blocks, channels[2], channels[3], 2)
+        self.block1 = _network_block(blocks, channels[0], channels[1], 1)
+        self.block2 = _network_block(blocks, channels[1], channels[2], 2)
+        self.block3 = _network_block(blocks, channels[2], channels[3], 2)
         self.bn1 = nn.BatchNorm2d(channels[3])
         self.relu = nn.ReLU(inplace=True)
         # the zoo pools with F.avg_pool2d(8); a module here so that the embedding can be tapped
@@ -78,25 +75,6 @@ class WideResNet(nn.Module):
         return self.fc(self.avgpool(self.relu(self.bn1(x))).flatten(1))
 
 
-@register_model
-def wrn_16_1(num_classes: int = 10) -> WideResNet:
-    """WRN-16-1: 180,916 params (100 classes), 175,066 (10)."""
-    return WideResNet(16, 1, num_classes)
-
-
-@register_model
-def wrn_16_2(num_classes: int = 10) -> WideResNet:
-    """WRN-16-2: 703,284 params (100 classes), 691,674 (10)."""
-    return WideResNet(16, 2, num_classes)
-
-
-@register_model
-def wrn_40_1(num_classes: int = 10) -> WideResNet:
-    """WRN-40-1: 569,780 params (100 classes), 563,930 (10)."""
-    return WideResNet(40, 1, num_classes)
-
-
-@register_model
-def wrn_40_2(num_classes: int = 10) -> WideResNet:
-    """WRN-40-2, a zoo teacher: 2,255,156 params (100 classes), 2,243,546 (10)."""
-    return WideResNet(40, 2, num_classes)
+#: ``wrn_{depth}_{widen_factor}``: (depth, widen_factor); README.md lists their parameter counts.
+WIDE_RESNETS = {"wrn_16_1": (16, 1), "wrn_16_2": (16, 2), "wrn_40_1": (40, 1), "wrn_40_2": (40, 2)}
+register_variants(WideResNet, WIDE_RESNETS)
