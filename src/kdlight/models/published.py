@@ -21,9 +21,10 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from kdlight.errors import KDLightError, first_line
+from kdlight.errors import KDLightError
 from kdlight.models.registry import create_model
 from kdlight.models.resnet import ResNet
+from kdlight.trainer.checkpointing import read_checkpoint
 
 #: The registered models whose weights the zoo (RepDistiller, mdistiller) lays out.
 PUBLISHED_MODELS = (
@@ -76,46 +77,19 @@ def official_state_dict(model_name: str, model: nn.Module) -> dict[str, Tensor]:
 def _read_state_dict(path: str | Path) -> dict[str, Tensor]:
     """The tensors of a zoo checkpoint: its ``"model"`` or ``"state_dict"`` entry, or the
     file itself when it is a plain state dict; ``nn.DataParallel``'s ``module.`` is dropped."""
-    path = Path(path)
-    if not path.is_file():
-        raise KDLightError(f"cannot read the published checkpoint {path}: no such file")
-    try:
-        # the zoo's *_last.pth files also store its argparse options
-        with torch.serialization.safe_globals([argparse.Namespace]):
-            content = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # whatever torch.load raises, the file is unreadable
-        raise KDLightError(
-            f"cannot read the published checkpoint {path} with torch.load(weights_only=True): "
-            f"{_load_failure(error)}"
-        ) from error
-    state = content
-    if isinstance(content, dict):
-        state = content.get("model", content.get("state_dict", content))
-    if (
-        not isinstance(state, dict)
-        or not state
-        or not all(isinstance(value, Tensor) for value in state.values())
-    ):
-        found = (
-            f"keys {sorted(content)[:6]}" if isinstance(content, dict) else type(content).__name__
-        )
+    # the zoo's *_last.pth files also store its argparse options
+    with torch.serialization.safe_globals([argparse.Namespace]):
+        content = read_checkpoint(path, what="the published checkpoint")
+    state = content.get("model", content.get("state_dict", content))
+    if not isinstance(state, dict) or not state or not all(map(torch.is_tensor, state.values())):
         raise KDLightError(
             f"{path} holds no state dict: expected a dict of tensors, or one under 'model' or "
-            f"'state_dict' (as RepDistiller and mdistiller save them); found {found}"
+            "'state_dict' (as RepDistiller and mdistiller save them); found keys "
+            f"{sorted(content)[:6]}"
         )
     if all(key.startswith("module.") for key in state):
         state = {key.removeprefix("module."): value for key, value in state.items()}
     return state
-
-
-def _load_failure(error: Exception) -> str:
-    """What ``torch.load`` could not read, in one line: for a weights-only refusal, the
-    object it met (its message's first line is advice about ``weights_only``)."""
-    for line in str(error).splitlines():
-        if "WeightsUnpickler error:" in line:
-            reason = line.split("WeightsUnpickler error:", 1)[1].strip().split(". ")[0]
-            return f"{reason} (the file holds more than tensors and plain values)"
-    return first_line(error)
 
 
 def load_published(path: str | Path, model_name: str, num_classes: int = 100) -> nn.Module:
@@ -137,7 +111,6 @@ def load_published(path: str | Path, model_name: str, num_classes: int = 100) ->
     state = _read_state_dict(path)
     model = create_model(model_name, num_classes=num_classes)
     names = official_names(model_name, model)
-    own_state = model.state_dict()
     missing = [
         official
         for key, official in names.items()
@@ -152,31 +125,19 @@ def load_published(path: str | Path, model_name: str, num_classes: int = 100) ->
             f"{path} does not hold the weights of '{model_name}': {'; '.join(parts)} keys "
             "(is the model name right?)"
         )
-    loaded = {}
+    own = model.state_dict()
+    # a num_batches_tracked buffer absent from an old file: the model's own is kept
+    loaded = {key: state.get(official, own[key]) for key, official in names.items()}
+    classifier = [name for name, module in model.named_modules() if isinstance(module, nn.Linear)]
     for key, official in names.items():
-        if official not in state:  # a num_batches_tracked buffer: keep the model's own
-            loaded[key] = own_state[key]
-            continue
-        value, wanted = state[official], own_state[key]
-        if value.shape != wanted.shape:
-            hint = ""
-            if key in _classifier_keys(model):
-                outputs = value.shape[0]
-                hint = f"; the file's classifier has {outputs} outputs: pass num_classes={outputs}"
+        if loaded[key].shape != own[key].shape:
+            outputs = loaded[key].shape[0]
+            hint = f"; the file's classifier has {outputs} outputs: pass num_classes={outputs}"
             raise KDLightError(
                 f"{path} does not fit '{model_name}' with num_classes={num_classes}: "
-                f"'{official}' has shape {tuple(value.shape)} in the file, the model expects "
-                f"{tuple(wanted.shape)}{hint}"
+                f"'{official}' has shape {tuple(loaded[key].shape)} in the file, the model "
+                f"expects {tuple(own[key].shape)}"
+                + (hint if key.rpartition(".")[0] == classifier[-1] else "")
             )
-        loaded[key] = value
-    model.load_state_dict(loaded, strict=True)
+    model.load_state_dict(loaded)
     return model
-
-
-def _classifier_keys(model: nn.Module) -> set[str]:
-    """The state-dict keys of the model's last linear layer."""
-    last = None
-    for name, module in model.named_modules():
-        if isinstance(module, nn.Linear):
-            last = name
-    return {f"{last}.weight", f"{last}.bias"} if last is not None else set()
