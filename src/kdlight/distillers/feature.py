@@ -46,12 +46,11 @@ class FitNet(FeatureDistiller):
     the second stage of every zoo network (``layer2`` of a ResNet, vgg's ``relu2``). The
     stem (``hint_layer=0``) is no default tap: name it with ``student_taps``/``teacher_taps``.
 
-    ``stage``, kdlight's own count, replaces ``hint_layer`` when given: which of the paired
-    stages (the deepest stages of both networks, as many as the shallower has; 0 the
-    shallowest of them, -1 the deepest). It equals ``hint_layer = stage + 1`` when both
-    networks have as many stages. The official code trains the hint together with the task,
-    as here (its two-stage FitNet schedule is not used). Parts: ``loss``, ``ce``, ``fitnet``
-    (the MSE).
+    ``stage``, kdlight's own count, replaces ``hint_layer`` when given: which of the stages
+    :meth:`pair_taps` pairs (0 the shallowest, -1 the deepest), ``hint_layer = stage + 1``
+    when both networks have as many stages. The official code trains the hint together with
+    the task, as here (its two-stage FitNet schedule is not used). Parts: ``loss``, ``ce``,
+    ``fitnet`` (the MSE).
     """
 
     name = "fitnet"

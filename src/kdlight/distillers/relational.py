@@ -91,10 +91,10 @@ class CRD(FeatureDistiller):
     ``distillers/CRD.py``): given the same negatives, a step's embeddings' gradients, the
     normalising constants and the memory banks after the update are the official ones too.
 
-    It needs each training image's index (``needs_index``) and the training set's labels
-    (``attach_data``, called at the start of fitting). The memory banks are this process's:
-    under DDP the processes would train on banks that disagree, so it runs on one process
-    and stops with one line otherwise. Parts: ``loss``, ``ce``, ``crd``.
+    It needs the images' indices and the training set's labels (``needs_index``). The memory
+    banks are this process's: under DDP the processes would train on banks that disagree, so
+    it runs on one process and stops with one line otherwise. Parts: ``loss``, ``ce``,
+    ``crd``.
     """
 
     name = "crd"

@@ -1,15 +1,11 @@
-"""Losses: one documented function per loss, one file per method family.
+"""Losses: one documented function per loss, one file per method family: ``kd`` and ``dkd``
+on logits; ``attention`` (AT, SP) and ``hint`` (FitNet, VID, with their trainable
+connectors) on stage outputs; ``relational`` (PKT, RKD) and ``contrastive`` (CRD, with its
+embedding heads, memory banks and sampler of negatives) on pooled embeddings.
 
-Logit methods: ``kd_loss`` (Hinton et al., 2015; ``standardize=True`` for logit
-standardization, Sun et al., 2024) and ``dkd_loss`` (decoupled KD, Zhao et al., 2022).
-Feature methods: ``at_loss`` and ``sp_loss`` (attention and similarity maps of stage
-outputs), ``hint_loss`` and ``vid_loss`` (a stage regressed onto the teacher's, FitNet and
-VID, with their trainable ``ConvRegressor`` and ``VIDRegressor``), ``pkt_loss`` and
-``rkd_loss`` (relations between pooled embeddings) and ``crd_loss`` (contrastive, with
-``Embed``, ``ContrastMemory`` and ``NegativeSampler``). Each docstring gives the formula,
-the reduction and the weight its method applies (the loss itself applies none). Every loss
-is computed in float32, also under mixed precision, and the teacher's inputs carry no
-gradient.
+Each docstring gives the formula, the reduction and the weight its method applies (the loss
+itself applies none). Every loss is computed in float32, also under mixed precision, and the
+teacher's inputs carry no gradient.
 """
 
 from kdlight.losses.attention import at_loss, sp_loss

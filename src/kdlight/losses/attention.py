@@ -72,9 +72,6 @@ def at_loss(
         student_features: one ``(B, C_s, H_s, W_s)`` map per stage.
         teacher_features: one ``(B, C_t, H_t, W_t)`` map per stage, same batch size.
         p: the exponent of :math:`|f|^p`; the paper's and official code's default is 2.
-
-    Returns:
-        The scalar loss, summed over stages.
     """
 
     def stage_loss(student: Tensor, teacher: Tensor) -> Tensor:
@@ -107,9 +104,6 @@ def sp_loss(student_features: Sequence[Tensor], teacher_features: Sequence[Tenso
     Args:
         student_features: one ``(B, ...)`` map per stage.
         teacher_features: one ``(B, ...)`` map per stage, same batch size.
-
-    Returns:
-        The scalar loss, summed over stages.
     """
 
     def stage_loss(student: Tensor, teacher: Tensor) -> Tensor:

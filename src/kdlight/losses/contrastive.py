@@ -84,9 +84,7 @@ class ContrastMemory(nn.Module):
 
     def __init__(self, dim: int, num_data: int, momentum: float = 0.5, temperature: float = 0.07):
         super().__init__()
-        self.num_data = num_data
-        self.momentum = momentum
-        self.temperature = temperature
+        self.num_data, self.momentum, self.temperature = num_data, momentum, temperature
         bound = 1.0 / math.sqrt(dim / 3)
         self.register_buffer("memory_student", torch.rand(num_data, dim) * 2 * bound - bound)
         self.register_buffer("memory_teacher", torch.rand(num_data, dim) * 2 * bound - bound)
@@ -174,9 +172,6 @@ def crd_loss(scores: Tensor, num_data: int, eps: float = 1e-7) -> Tensor:
         scores: ``(B, K+1)``, positive first.
         num_data: :math:`N`, the number of training images.
         eps: :math:`\epsilon` in the denominators.
-
-    Returns:
-        The scalar loss.
     """
     if scores.dim() != 2 or scores.shape[1] < 2:
         raise ValueError(f"need (B, K+1) scores with K >= 1, got shape {tuple(scores.shape)}")
@@ -228,8 +223,7 @@ class NegativeSampler(nn.Module):
         counts = torch.bincount(labels)
         if (counts > 0).sum() < 2:
             raise KDLightError("CRD's negatives need a training set of at least two classes")
-        self.num_negatives = num_negatives
-        self.replacement = replacement
+        self.num_negatives, self.replacement = num_negatives, replacement
         order = torch.argsort(labels, stable=True)
         short = (labels.shape[0] - counts) < num_negatives  # classes with fewer than K others
         present = counts > 0

@@ -4,8 +4,7 @@ regressor, and variational information distillation (VID; Ahn et al., 2019) with
 regressor of the mean and learned per-channel variance.
 
 Both follow RepDistiller's CIFAR code (``distiller_zoo/FitNet.py``, ``models/util.py``
-``ConvReg``, ``distiller_zoo/VID.py``). The connectors are trained with the student and are
-not part of it: the method adds their parameters to the optimizer.
+``ConvReg``, ``distiller_zoo/VID.py``).
 """
 
 import math
@@ -32,9 +31,6 @@ def hint_loss(student_hint: Tensor, teacher_features: Tensor) -> Tensor:
     Args:
         student_hint: ``(B, C, H, W)`` output of the :class:`ConvRegressor`.
         teacher_features: ``(B, C, H, W)`` teacher map of the same shape.
-
-    Returns:
-        The scalar loss.
     """
     if student_hint.shape != teacher_features.shape:
         raise ValueError(
@@ -112,9 +108,6 @@ def vid_loss(
         predicted_mean: ``(B, C, H, W)`` :math:`\mu`, the regressed student map.
         predicted_variance: ``(C,)`` :math:`\sigma_c^2 > 0`, one variance per channel.
         teacher_features: ``(B, C, H, W)`` teacher map of the same shape as the mean.
-
-    Returns:
-        The scalar loss.
     """
     if predicted_mean.shape != teacher_features.shape:
         raise ValueError(

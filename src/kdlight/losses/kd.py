@@ -67,10 +67,9 @@ def kd_loss(
 
     With ``standardize=True`` (logit standardization, Sun et al., CVPR 2024) both
     :math:`z_s` and :math:`z_t` in the soft term are replaced by their z-scores over the
-    classes, :math:`(z - \bar z) / (10^{-7} + \sigma(z))` with the sample standard
-    deviation (:func:`standardize_logits`), before the division by :math:`T`; the
-    student then matches the teacher's logit relations, not their range. The
-    cross-entropy always uses the raw student logits.
+    classes (:func:`standardize_logits`) before the division by :math:`T`; the student then
+    matches the teacher's logit relations, not their range. The cross-entropy always uses
+    the raw student logits.
 
     Several students at once (a T x alpha grid, in one pass): ``student_logits`` of shape
     ``(K, N, C)`` with ``temperature`` and ``alpha`` tensors of shape ``(K,)`` give each part

@@ -52,9 +52,6 @@ def pkt_loss(student_embeddings: Tensor, teacher_embeddings: Tensor, eps: float 
         student_embeddings: ``(B, D_s)`` pooled features (other shapes are flattened).
         teacher_embeddings: ``(B, D_t)`` pooled features, same batch size.
         eps: :math:`\epsilon`, added to the norms and inside the logarithm.
-
-    Returns:
-        The scalar loss.
     """
     with torch.autocast(device_type=student_embeddings.device.type, enabled=False):
         student, teacher = _embedding_pair(student_embeddings, teacher_embeddings)
