@@ -378,13 +378,6 @@ class TeacherCache:
             stored = stored.view(torch.bfloat16)
         return stored.float()
 
-    def missing(self) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        """The ``(rows, variants)`` not filled yet, a thousand rows at a time."""
-        for start in range(0, len(self.filled), 1000):
-            rows, variants = np.nonzero(self.filled[start : start + 1000] == 0)
-            if len(rows):
-                yield rows + start, variants
-
     @property
     def hit_rate(self) -> float | None:
         """Hits per lookup so far in this process (None before the first)."""
@@ -412,7 +405,9 @@ def fill_all(
     """
     total = int((cache.filled[:] == 0).sum())
     done, start = 0, time.perf_counter()
-    for rows, variants in cache.missing():
+    for first in range(0, len(cache.filled), 1000):  # a thousand rows' flags at a time
+        rows, variants = np.nonzero(cache.filled[first : first + 1000] == 0)
+        rows += first
         for at in range(0, len(rows), batch_size):
             chunk, drawn = rows[at : at + batch_size], variants[at : at + batch_size]
             params = params_of(torch.from_numpy(drawn))

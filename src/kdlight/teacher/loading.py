@@ -111,23 +111,20 @@ def load_teacher(
     return freeze(model)
 
 
-#: The data choice of each class count the shipped datasets have.
-DATA_OF_CLASSES = {10: "data=cifar10", 100: "data=cifar100"}
-
-
 def _classes_hint(weights: dict, model: nn.Module) -> str:
     """Where the file's classifier predicts another number of classes than the model built
     for the data (a published CIFAR-100 ``ckpt_epoch_240.pth`` on CIFAR-10, say), what to
     add to the command line: the data of the file's classes. Empty otherwise."""
-    last = [name for name, module in model.named_modules() if isinstance(module, nn.Linear)]
-    key = f"{last[-1]}.weight" if last else None
-    found = weights.get(key) if key else None
-    if not isinstance(found, Tensor) or found.ndim != 2:
+    linears = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.Linear)]
+    name, classifier = linears[-1] if linears else ("", None)
+    found = weights.get(f"{name}.weight")
+    if classifier is None or not isinstance(found, Tensor) or found.ndim != 2:
         return ""
-    theirs, ours = found.shape[0], model.get_submodule(last[-1]).out_features
+    theirs, ours = found.shape[0], classifier.out_features
     if theirs == ours:
         return ""
-    data = DATA_OF_CLASSES.get(theirs, f"data of {theirs} classes")
+    # the data choice of each class count the shipped datasets have
+    data = {10: "data=cifar10", 100: "data=cifar100"}.get(theirs, f"data of {theirs} classes")
     return f" (the file's teacher predicts {theirs} classes, this data {ours}: add {data})"
 
 
