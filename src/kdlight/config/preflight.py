@@ -1,9 +1,5 @@
-"""``kdlight-train``'s command line checked before Hydra runs it, each problem in one line.
-
-:func:`preflight` parses the command line with Hydra's own parser and composes the config as
-Hydra will: overrides that Hydra cannot read or apply (unknown settings, typos, unknown
-choices, in each value of a sweep), extras that are not installed, SLURM's resources and the
-run folder. A problem ends in one line and exit status 2::
+"""``kdlight-train``'s command line checked before Hydra runs it (:func:`check_command_line`),
+each problem in one line and exit status 2::
 
     error: unknown setting 'distil.temperature' (did you mean 'distill.temperature'?)
 
@@ -24,10 +20,7 @@ from functools import cache
 from pathlib import Path
 
 from hydra import compose, initialize_config_dir
-from hydra._internal.utils import (
-    _locate,  # hydra.utils.get_object, without logging errors
-    get_args_parser,  # the parser of Hydra's own main
-)
+from hydra._internal.utils import get_args_parser  # the parser of Hydra's own main
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.override_parser.types import Override, OverrideType
@@ -42,6 +35,7 @@ from kdlight.config.settings import (
     check_path_length,
     check_writable,
     integer,
+    located,
     missing_extra,
     show,
     value_of,
@@ -65,11 +59,9 @@ def preflight(argv: list[str]) -> None:
 def own_method_overrides(argv: list[str]) -> list[str]:
     """``argv`` with a user's own method given whole: ``distiller={_target_: my.METHOD,
     beta: 2}`` becomes ``~distiller +distiller={...}``, so that the method is built from
-    exactly what was written, and not merged with the keys of the default
-    ``conf/distiller/kd.yaml`` (Hydra merges a dict into the node it overrides: KD's
-    ``alpha`` would be passed to the user's class). The method's other arguments with a
-    default are written in too, so that ``distiller.gamma=3`` sets any of them later, as for
-    a shipped method, and the run records them. A dict without ``_target_``
+    exactly what was written, not merged into ``conf/distiller/kd.yaml`` (KD's ``alpha``
+    would be passed to the user's class). The method's other arguments with a default are
+    written in too (:func:`_written_defaults`). A dict without ``_target_``
     (``distiller={beta: 2}``) changes the chosen method's settings, as Hydra does. The
     ``_target_`` is the user's own, from the command line, so it may run; one read from a
     file never is (:mod:`kdlight.models.registry`)."""
@@ -95,35 +87,34 @@ def own_method_overrides(argv: list[str]) -> list[str]:
 
 def _written_defaults(target: str) -> dict[str, str]:
     """The arguments of ``target`` with a default that the command line can write (a
-    number, a bool, null or a plain word), as override values: in the config, each is set
-    as ``distiller.beta=3`` is for a shipped method, and recorded with the run. Nothing
-    where ``target`` cannot be imported (the settings' check says so in one line)."""
+    number, a bool, null or a plain word), as override values, so that ``distiller.gamma=3``
+    sets any of them as for a shipped method, and the run records them. Nothing where
+    ``target`` cannot be imported (the settings' check says so in one line)."""
     try:
-        parameters = inspect.signature(_locate(target)).parameters.values()
-    except (ImportError, AttributeError, ValueError, TypeError):
+        parameters = inspect.signature(located(target)).parameters.values()
+    except (TypeError, ValueError):  # None: not importable
         return {}
     written = {}
     for parameter in parameters:
         value = parameter.default
         if parameter.kind not in (parameter.POSITIONAL_OR_KEYWORD, parameter.KEYWORD_ONLY):
             continue
-        if value is None or isinstance(value, bool):
-            written[parameter.name] = show(value)
-        elif isinstance(value, int | float) and math.isfinite(value):
-            written[parameter.name] = repr(value)
+        if value is None or (isinstance(value, int | float) and math.isfinite(value)):
+            written[parameter.name] = show(value)  # bools too: true, false
         elif isinstance(value, str) and re.fullmatch(r"[A-Za-z_][\w.-]*", value):
             written[parameter.name] = f"'{value}'"
     return written
 
 
 def check_command_line(argv: list[str]) -> None:
-    """Compose the config of ``kdlight-train ARGV`` as Hydra will, and with ``-m`` the first
-    job and one job per value of each sweep over a config group (a sweep over a plain
-    value, ``seed=0,1,2``, composes like its first value); check the extras it needs,
-    SLURM's resources and that the run folder can be written. Raise a one-line
-    :class:`KDLightError`. Flags that do not compose kdlight's config (``--help``,
-    ``--info``, a ``--config-dir`` of the user's) are left to Hydra. About 0.15 s per
-    composition, so a single run's launch takes 0.15 s longer."""
+    """Compose the config of ``kdlight-train ARGV`` with Hydra's own parser, as Hydra will,
+    and with ``-m`` the first job and one job per value of each sweep over a config group
+    (a sweep over a plain value, ``seed=0,1,2``, composes like its first value), so that an
+    override Hydra cannot read or apply (an unknown setting, a typo, an unknown choice)
+    stops here; check the extras it needs, SLURM's resources and that the run folder can be
+    written. Raise a one-line :class:`KDLightError`. Flags that do not compose kdlight's
+    config (``--help``, ``--info``, a ``--config-dir`` of the user's) are left to Hydra.
+    About 0.15 s per composition, so a single run's launch takes 0.15 s longer."""
     with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
         try:
             args = get_args_parser().parse_args(argv)
@@ -305,23 +296,22 @@ def _dotted_keys(node: DictConfig | dict, prefix: str = "") -> Iterator[str]:
 def _providers() -> dict[str, list[str]]:
     """Dotted key -> the choices whose config file brings it (``module=distillation``) and
     the experiments that pick those; a config group is a key too (``model``)."""
-    root, found, picks = config_dir(), {}, {}
-    files = [(f, f.parent.relative_to(root).as_posix()) for f in sorted(root.rglob("*.yaml"))]
-    for file, group in files:  # "override /module: distillation" in experiment/distill.yaml
+    root, found, picked_by = config_dir(), {}, {}
+    for file in sorted((root / "experiment").glob("*.yaml")):  # "override /module: distillation"
         # unresolved: a choice may be an interpolation (zoo_teacher's ${kdlight.pair_teacher:...})
         defaults = OmegaConf.to_container(OmegaConf.load(file), resolve=False).get("defaults")
         for entry in defaults or []:
             for target, choice in entry.items() if isinstance(entry, dict) else []:
                 picked = f"{str(target).split()[-1].strip('/')}={choice}"
-                picks.setdefault(picked, []).append(f"{group}={file.stem}")
-    for file, group in files:
-        if group == ".":
-            continue
+                picked_by.setdefault(picked, []).append(f"experiment={file.stem}")
+    for file in sorted(root.glob("*/**/*.yaml")):
+        group = file.parent.relative_to(root).as_posix()
         choice = f"{group}={file.stem}"
-        experiments = [p for p in picks.get(choice, []) if p.startswith("experiment=")]
+        experiments = picked_by.get(choice, [])
         # a group itself comes with the experiments that pick one of its choices
-        picking = [e for p, by in picks.items() if p.startswith(f"{group}=") for e in by]
-        found.setdefault(group, [e for e in picking if e.startswith("experiment=")])
+        found.setdefault(
+            group, [e for p, by in picked_by.items() if p.startswith(f"{group}=") for e in by]
+        )
         in_global = "@package _global_" in file.read_text().split("\n", 1)[0]
         prefix = "" if in_global else group.replace("/", ".") + "."
         for key in _dotted_keys(OmegaConf.load(file), prefix):

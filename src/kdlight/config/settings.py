@@ -3,15 +3,11 @@ each bad setting told in one line::
 
     error: optimizer.lr=-1 is not allowed: a finite number > 0
 
-:func:`validate_settings` checks every setting of a composed config (everything in
-``conf/``, and what ``+key=value`` adds to a ``_target_``) and the settings that must fit
-each other. ``kdlight-train`` calls it before it builds a Trainer, looks for a teacher or
-reads data, so a bad setting is reported before any hardware error and before any work.
-kdlight's own constructors (the data modules, the callbacks, the distillation systems) call
-the same checks, :func:`check` and the cross-setting ones (:func:`check_data`,
-:func:`check_one_process`), so a bad value given from Python stops with the same line.
-
-The command line itself is checked earlier, before Hydra runs, by :mod:`kdlight.config.preflight`.
+``kdlight-train`` calls :func:`validate_settings` before any work, so a bad setting is told
+before any hardware error; kdlight's own constructors (the data modules, the callbacks, the
+distillation systems) call the same checks (:func:`check`, :func:`check_data`,
+:func:`check_one_process`), so a bad value given from Python stops with the same line. The
+command line is checked earlier, before Hydra runs, by :mod:`kdlight.config.preflight`.
 """
 
 import contextlib
@@ -302,32 +298,27 @@ def check(section: str, **values) -> None:
             raise not_allowed(key, value, rule.allowed)
 
 
-_UNRESOLVED = object()  # ${hydra:...} outside a Hydra run: nothing to check
-
-
-def _read(node: DictConfig, key: str, path: str):
-    try:
-        value = node[key]
-    except MissingMandatoryValue:
-        raise KDLightError(f"{path} has no value: set {path}=VALUE") from None
-    except InterpolationResolutionError as err:
-        if "HydraConfig was not set" in str(err):
-            return _UNRESOLVED
-        raise KDLightError(f"{path} cannot be resolved: {first_line(err)}") from None
-    return OmegaConf.to_container(value, resolve=True) if isinstance(value, ListConfig) else value
-
-
 def _settings(node: DictConfig, prefix: str = "") -> Iterator[tuple[str, Any]]:
     """Every ``(dotted key, resolved value)`` below ``node``; lists are values. Hydra's own
     keys (``_target_``, ``_partial_``, the ``hydra`` node) are not settings."""
     for key in node:
-        if str(key).startswith("_") or (not prefix and key == "hydra"):
+        path = f"{prefix}{key}"
+        if str(key).startswith("_") or path == "hydra":
             continue
-        value = _read(node, key, f"{prefix}{key}")
+        try:
+            value = node[key]
+        except MissingMandatoryValue:
+            raise KDLightError(f"{path} has no value: set {path}=VALUE") from None
+        except InterpolationResolutionError as err:
+            if "HydraConfig was not set" in str(err):
+                continue  # ${hydra:...} outside a Hydra run: nothing to check
+            raise KDLightError(f"{path} cannot be resolved: {first_line(err)}") from None
         if isinstance(value, DictConfig):
-            yield from _settings(value, f"{prefix}{key}.")
-        elif value is not _UNRESOLVED:
-            yield f"{prefix}{key}", value
+            yield from _settings(value, f"{path}.")
+        elif isinstance(value, ListConfig):
+            yield path, OmegaConf.to_container(value, resolve=True)
+        else:
+            yield path, value
 
 
 def validate_settings(cfg: DictConfig) -> None:
@@ -353,10 +344,17 @@ def value_of(cfg: DictConfig, key: str):
     return OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
 
 
+def located(target):
+    """What the dotted name ``target`` names, or None where it cannot be imported (the
+    settings' check of ``_target_`` says so in one line)."""
+    try:
+        return _locate(str(target))
+    except (ImportError, AttributeError, ValueError):
+        return None
+
+
 def _check_classes(cfg: DictConfig) -> None:
-    classes = None
-    with contextlib.suppress(ImportError, AttributeError, ValueError):  # _check_targets says
-        classes = getattr(_locate(str(value_of(cfg, "data._target_"))), "num_classes", None)
+    classes = getattr(located(value_of(cfg, "data._target_")), "num_classes", None)
     expected = value_of(cfg, "num_classes")
     if None not in (classes, expected) and expected != classes:
         raise not_allowed("num_classes", expected, f"{classes} (the data has {classes} classes)")
@@ -384,9 +382,7 @@ def check_data(data: Mapping, dataset: str | None = None) -> None:
 
 def _check_data(cfg: DictConfig) -> None:
     keys = ("source", "archive_path", "val_size", "synthetic_train_size", "mean", "std")
-    spec = None
-    with contextlib.suppress(ImportError, AttributeError, ValueError):  # _check_targets says
-        spec = _locate(str(value_of(cfg, "data._target_"))).dataset  # a CIFAR data module's
+    spec = getattr(located(value_of(cfg, "data._target_")), "dataset", None)  # CIFAR's
     check_data({key: value_of(cfg, f"data.{key}") for key in keys}, spec and spec.name)
 
 
@@ -424,22 +420,12 @@ def check_one_process(method, devices, num_nodes) -> None:
         )
 
 
-def on_the_cpu(accelerator: str | None) -> bool:
-    """Whether Lightning runs ``trainer.accelerator`` on the CPU: ``cpu``, or ``auto`` where
-    no GPU, Apple GPU or TPU can be used (Lightning's own choice, in its order)."""
-    if accelerator == "cpu":
-        return True
-    if accelerator != "auto":
-        return False
-    from lightning.pytorch.accelerators import CUDAAccelerator, MPSAccelerator, XLAAccelerator
-
-    return not any(a.is_available() for a in (XLAAccelerator, MPSAccelerator, CUDAAccelerator))
-
-
 def _check_cpu_settings(cfg: DictConfig) -> None:
-    """Settings that name GPUs do not fit a run on the CPU, where Lightning would stop with
+    """Settings that name GPUs do not fit a run on the CPU (``trainer.accelerator=cpu``, or
+    ``auto`` where Lightning finds no TPU, Apple GPU or GPU), where Lightning would stop with
     a traceback when the Trainer is made: ``trainer.devices=-1`` (every GPU) or a list of
     device indices, and a strategy made for GPUs or TPUs (FSDP, XLA)."""
+    from lightning.pytorch.accelerators import CUDAAccelerator, MPSAccelerator, XLAAccelerator
     from lightning.pytorch.strategies import (
         FSDPStrategy,
         SingleDeviceXLAStrategy,
@@ -448,11 +434,16 @@ def _check_cpu_settings(cfg: DictConfig) -> None:
     )
 
     accelerator = value_of(cfg, "trainer.accelerator")
-    if not on_the_cpu(accelerator):
+    if accelerator == "auto":  # Lightning's own choice, in its order
+        if any(a.is_available() for a in (XLAAccelerator, MPSAccelerator, CUDAAccelerator)):
+            return
+    elif accelerator != "cpu":
         return
     where = "with trainer.accelerator=cpu" if accelerator == "cpu" else "here (no GPU)"
     devices = value_of(cfg, "trainer.devices")
-    if devices is not None and not (devices == "auto" or integer(1).accepts(_count(devices))):
+    if isinstance(devices, str) and devices.isdigit():  # Lightning's CPU processes: "2" is 2
+        devices = int(devices)
+    if devices is not None and not (devices == "auto" or integer(1).accepts(devices)):
         raise not_allowed(
             "trainer.devices",
             devices,
@@ -470,20 +461,11 @@ def _check_cpu_settings(cfg: DictConfig) -> None:
                 )
 
 
-def _count(devices):
-    """``trainer.devices`` as Lightning reads a number of CPU processes: ``"2"`` is 2."""
-    return int(devices) if isinstance(devices, str) and devices.isdigit() else devices
-
-
 def _check_trainer(cfg: DictConfig) -> None:
     targets = [value_of(cfg, "distiller._target_")]
     targets += [m.get("_target_") for m in (value_of(cfg, "methods") or {}).values()]
     devices, nodes = value_of(cfg, "trainer.devices"), value_of(cfg, "trainer.num_nodes")
-    for target in targets:
-        try:
-            method = _locate(str(target))
-        except (ImportError, AttributeError, ValueError):
-            continue  # none, or not importable: _check_targets says
+    for method in filter(None, map(located, targets)):
         check_one_process(method, devices, nodes)
     _check_cpu_settings(cfg)
 
@@ -531,11 +513,10 @@ def check_extras(cfg: DictConfig) -> None:
     for entry in loggers.values():  # only _target_ is read: the paths need a Hydra run
         target = str((entry or {}).get("_target_", ""))
         for suffix, (extra, alternatives) in LOGGER_EXTRAS.items():
-            if not target.endswith(suffix):
-                continue
-            missing = [[m for m in a if not importlib.util.find_spec(m)] for a in alternatives]
-            if all(missing):  # every alternative lacks a package: name the first one's
-                raise missing_extra(f"logger={extra}", missing[0][0], extra)
+            if target.endswith(suffix):
+                missing = [[m for m in a if not importlib.util.find_spec(m)] for a in alternatives]
+                if all(missing):  # every alternative lacks a package: name the first one's
+                    raise missing_extra(f"logger={extra}", missing[0][0], extra)
 
 
 def missing_extra(setting: str, package: str, extra: str) -> KDLightError:
@@ -553,29 +534,25 @@ RUN_FILES = 200
 
 def check_path_length(
     path: str | Path, setting: str, value: str | Path | None = None, room: int = 0
-) -> None:
-    """``path`` can be made: none of its names is longer than its filesystem's NAME_MAX, and
+) -> Path:
+    """``path`` can be made: none of the names still to be made is longer than NAME_MAX, and
     the whole, with ``room`` bytes more for what goes below it, is shorter than PATH_MAX
-    (``os.pathconf``; 255 and 4096 bytes on Linux). Otherwise the first folder made there
+    (``os.pathconf`` of its deepest part that exists, which is returned; 255 and 4096 bytes
+    on Linux). Otherwise the first folder made there
     would end in ``OSError: File name too long``. The error names ``setting=value``
     (``value`` defaults to ``path``)."""
     absolute = Path(path).expanduser().absolute()
+    # os.path.exists, unlike Path.exists, is False (not an OSError) for a name too long
+    existing = next(p for p in (absolute, *absolute.parents) if os.path.exists(p))
     shown = _shortened(value if value is not None else path)
-    existing = Path(absolute.anchor)
-    path_max = os.pathconf(existing, "PC_PATH_MAX")
-    for name in absolute.parts[1:]:
-        name_max = os.pathconf(existing, "PC_NAME_MAX")
+    name_max, path_max = os.pathconf(existing, "PC_NAME_MAX"), os.pathconf(existing, "PC_PATH_MAX")
+    for name in absolute.relative_to(existing).parts:
         if len(os.fsencode(name)) > name_max:
             raise KDLightError(
                 f"{setting}={shown} cannot be made: its name {_shortened(name)} is "
                 f"{len(os.fsencode(name))} bytes long, and its filesystem takes at most "
                 f"{name_max} (NAME_MAX)"
             )
-        below = existing / name
-        if len(os.fsencode(str(below))) >= path_max or not below.is_dir():
-            break  # the rest is made on this filesystem
-        existing = below
-        path_max = os.pathconf(existing, "PC_PATH_MAX")
     length = len(os.fsencode(str(absolute)))
     if length + room >= path_max:  # PATH_MAX counts the terminating NUL byte
         subject = "it" if value is None or str(value) == str(path) else "the run's folder in it"
@@ -585,6 +562,7 @@ def check_path_length(
             f"absolute path{files} where the system takes paths shorter than {path_max} "
             "(PATH_MAX)"
         )
+    return existing
 
 
 def _shortened(text: str | Path, keep: int = 40) -> str:
@@ -597,9 +575,7 @@ def check_writable(folder: str | Path, setting: str) -> None:
     """``folder`` can be written, or created below a folder that can: its names and its
     length fit the filesystem (:func:`check_path_length`), and the deepest part of it that
     exists is a folder this process may write into."""
-    check_path_length(folder, setting)
-    path = Path(folder).expanduser().absolute()
-    existing = next(p for p in (path, *path.parents) if p.exists())
+    existing = check_path_length(folder, setting)
     if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
         why = "is not writable" if existing.is_dir() else "is not a folder"
         raise KDLightError(
