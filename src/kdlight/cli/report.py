@@ -264,17 +264,14 @@ def _comparison_lines(c: Comparison) -> list[str]:
     lines = [f"## Distilled {c.model}" + (f": {c.differs}" if c.differs else ""), ""]
     if c.kd_cells:
         lines += [f"Heatmap (the KD cells): `{c.name}.png`.", ""]
+    measured = c.groups[0].first["teacher_accuracy"]
     if c.teacher:
-        lines.append(
-            f"- Teacher ({c.teacher['model']}): {c.teacher['accuracy']:.2f}% test accuracy"
-        )
-    elif c.groups[0].first["teacher_accuracy"] is not None:
-        measured = c.groups[0].first["teacher_accuracy"]
-        lines.append(
+        lines += [f"- Teacher ({c.teacher['model']}): {c.teacher['accuracy']:.2f}% test accuracy"]
+    elif measured is not None:
+        lines += [
             f"- Teacher: {measured:.2f}% test accuracy (as the distillation runs measured it)"
-        )
-    cache = _teacher_cache_line(c)
-    lines += [cache] if cache else []
+        ]
+    lines += filter(None, [_teacher_cache_line(c)])
     baseline = _describe(c.baseline) if c.baseline else c.baseline_note
     lines.append(f"- Student baseline ({c.model}): {baseline}")
     if c.best:
@@ -370,41 +367,32 @@ def write_markdown(runs: list[dict], comparisons: list[Comparison], path: Path, 
 
         lines += ["", "## Trained alone", "", *_table(["run", "model"], alone, names)]
 
-    def shown(p: Path) -> str:
-        return str(p.relative_to(base)) if p.is_relative_to(base) else str(p)
-
     problems = [r for r in runs if r["status"] != "finished"]
     if problems:
         lines += ["", "## Failed or unfinished runs", ""]
         for r in problems:
+            shown = r["path"].relative_to(base) if r["path"].is_relative_to(base) else r["path"]
             reason = r["error"] or "no metrics.json or error.txt yet: still running, or crashed"
-            lines.append(f"- `{shown(r['path'])}` ({r['status']}): {reason}")
+            lines.append(f"- `{shown}` ({r['status']}): {reason}")
     return atomic_write(path, "\n".join(lines) + "\n")
-
-
-def check_reference(comparisons: list[Comparison], reference: str) -> str:
-    """``reference`` (``--reference``) in lower case, when some table has it; else
-    KDLightError naming those there: ``--reference crd: no crd runs in these tables; the
-    references there are baseline, dkd, kd``."""
-    wanted, there = reference.strip().lower(), references(comparisons)
-    if wanted not in there:
-        offered = ", ".join(there) or "none (no distilled students)"
-        raise KDLightError(
-            f"--reference {reference}: no {wanted} runs in these tables; the references "
-            f"there are {offered}"
-        )
-    return wanted
 
 
 def build_report(dirs: list[Path], out_dir: Path, reference: str | None = None) -> dict[str, Path]:
     """Write the CSVs, the Markdown report and the plots for the runs below ``dirs``, each
     table's reference row the method ``reference`` names (or ``baseline``; default: KD at
     the runs' settings, else the baseline). A reference that no table has raises
-    KDLightError naming those there, before anything is written; a report that cannot be
-    written raises KDLightError ``cannot write report to <out_dir>``."""
+    KDLightError naming those there (``--reference crd: no crd runs in these tables; the
+    references there are baseline, dkd, kd``), before anything is written; a report that
+    cannot be written raises KDLightError ``cannot write report to <out_dir>``."""
     runs, comparisons = collect_comparisons(dirs)
     if reference is not None:
-        wanted = check_reference(comparisons, reference)
+        wanted, there = reference.strip().lower(), references(comparisons)
+        if wanted not in there:
+            offered = ", ".join(there) or "none (no distilled students)"
+            raise KDLightError(
+                f"--reference {reference}: no {wanted} runs in these tables; the references "
+                f"there are {offered}"
+            )
         for comparison in comparisons:
             set_reference(comparison, wanted)
     out_dir = Path(out_dir)
