@@ -1,9 +1,5 @@
-"""``kdlight-study``: a zoo study as one command, teacher -> students -> report.
-
-    kdlight-study pair=resnet32x4_resnet8x4 distiller=kd,dkd seed=0,1,2
-    kdlight-study pair=resnet32x4_resnet8x4 distiller=kd,dkd seed=0,1,2 --slurm \\
-        hydra.launcher.partition=gpu
-    kdlight-study ... --slurm --dry-run       # every job, its commands and dependency
+"""``kdlight-study``: a zoo study as one command, teacher -> students -> report (its
+command line: :data:`USAGE`).
 
 A study is the pair's teacher (``experiment=zoo_teacher``), then its student alone
 (``experiment=zoo_student``) and each method (``experiment=zoo_distill distiller=M``) at
@@ -151,16 +147,14 @@ def parse_study(args: list[str]) -> Study:
         else:
             rest.append(line)
     try:
+        known = ", ".join(_choices("pair"))
         if "pair" not in found:
-            raise KDLightError(f"a study needs pair=PAIR, one of {', '.join(_choices('pair'))}")
+            raise KDLightError(f"a study needs pair=PAIR, one of {known}")
         pairs = _values(parser, found["pair"])
         if len(pairs) != 1 or pairs[0] not in _choices("pair"):
-            raise KDLightError(
-                f"{found['pair']}: a study is one pair, one of {', '.join(_choices('pair'))}"
-            )
+            raise KDLightError(f"{found['pair']}: a study is one pair, one of {known}")
         methods = _values(parser, found.get("distiller", "distiller=kd"))
-        unknown = [m for m in methods if m not in _choices("distiller")]
-        if unknown:
+        if unknown := [m for m in methods if m not in _choices("distiller")]:
             raise KDLightError(
                 f"distiller={unknown[0]} is not a method of conf/distiller/: "
                 f"one or more of {', '.join(_choices('distiller'))}, as distiller=kd,dkd"
@@ -195,21 +189,6 @@ def compose_job(job: Job) -> DictConfig:
     """The config ``kdlight-train`` composes for ``job`` (Hydra's own settings left out)."""
     with initialize_config_dir(version_base="1.3", config_dir=str(config_dir())):
         return compose("train", overrides=list(job.overrides))
-
-
-def run_directory(cfg: DictConfig) -> tuple[Path, bool]:
-    """The directory of the run ``cfg`` describes (as ``kdlight-train`` names it) and
-    whether that run has finished. A distillation whose teacher is not there yet has not."""
-    from kdlight.train import finished  # the run's own test, not a second one
-
-    root = Path(str(cfg.paths.root)).resolve() / str(cfg.name)
-    try:
-        teacher = resolve_teacher(cfg)
-    except KDLightError:  # named as kdlight.runs.identity.run_folder names it: "missing"
-        return root / identify(cfg, "missing").folder, False
-    identity = identify(cfg, teacher.identity if teacher else None)
-    folder = root / identity.folder
-    return folder, finished([folder / "metrics.json"], identity)
 
 
 def check_jobs(jobs: list[Job]) -> None:
@@ -322,11 +301,11 @@ def sbatch_script(
     return "\n".join([*lines, "esac", ""])
 
 
-def _command(overrides: tuple[str, ...] | list[str], root: Path, srun: bool = True) -> str:
+def _command(overrides: tuple[str, ...], root: Path) -> str:
     """A job's ``kdlight-train`` command line, with the study's ``paths.root`` spelled out
     (a job may start in another environment); srun starts one task per GPU."""
     words = [sys.executable, "-m", "kdlight.train", *overrides, f"paths.root={root}"]
-    return ("srun " if srun else "") + shlex.join(words)
+    return "srun " + shlex.join(words)
 
 
 def submit(script: Path, dependency: str | None) -> str:
@@ -348,14 +327,25 @@ def _say(text: str) -> None:
 
 @dataclass
 class Planned:
-    """A job and its composed config. Its directory and finished state are read when asked
-    (:func:`run_directory`): a student's depends on its teacher, which may finish meanwhile."""
+    """A job and its composed config."""
 
     job: Job
     cfg: DictConfig
 
     def state(self) -> tuple[Path, bool]:
-        return run_directory(self.cfg)
+        """The run's directory (as ``kdlight-train`` names it) and whether it has finished,
+        read when asked: a student's depends on its teacher, which may finish meanwhile (a
+        distillation whose teacher is not there yet has not)."""
+        from kdlight.train import finished  # the run's own test, not a second one
+
+        root = Path(str(self.cfg.paths.root)).resolve() / str(self.cfg.name)
+        try:
+            teacher = resolve_teacher(self.cfg)
+        except KDLightError:  # named as kdlight.runs.identity.run_folder names it: "missing"
+            return root / identify(self.cfg, "missing").folder, False
+        identity = identify(self.cfg, teacher.identity if teacher else None)
+        folder = root / identity.folder
+        return folder, finished([folder / "metrics.json"], identity)
 
 
 def plan(study: Study) -> tuple[Planned | None, list[Planned]]:
@@ -456,8 +446,7 @@ def slurm_jobs(study: Study, todo: list[Job], settings: dict, root: Path, out: P
 def run_on_slurm(
     study: Study, teacher: Planned | None, students: list[Planned], out: Path, dry_run: bool
 ) -> int:
-    """Submit (or with ``dry_run`` print) the teacher job, the students' array after it and
-    the report after the array; finished runs are not submitted."""
+    """Submit (or with ``dry_run`` print) the :func:`slurm_jobs` of the unfinished runs."""
     runs = [teacher, *students] if teacher else students
     todo = [run.job for run in runs if unfinished(run)]
     root = Path(str(students[0].cfg.paths.root)).resolve()
@@ -491,12 +480,12 @@ def _main(options: argparse.Namespace, overrides: list[str]) -> int:
     if options.dry_run and not slurm:
         raise KDLightError("--dry-run shows the SLURM jobs: add --slurm")
     teacher, students = plan(study)
-    out = options.out or Path(str(students[0].cfg.paths.root)) / "study" / study.pair
+    out = (options.out or Path(str(students[0].cfg.paths.root)) / "study" / study.pair).resolve()
     if options.report:
-        return report([teacher, *students], out.resolve())
+        return report([teacher, *students], out)
     if slurm:
-        return run_on_slurm(study, teacher, students, out.resolve(), options.dry_run)
-    return run_here(teacher, students, out.resolve())
+        return run_on_slurm(study, teacher, students, out, options.dry_run)
+    return run_here(teacher, students, out)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -506,9 +495,8 @@ def main(argv: list[str] | None = None) -> None:
         print(USAGE, end="")
         return
     flags = argparse.ArgumentParser(prog="kdlight-study", add_help=False)
-    flags.add_argument("--slurm", action="store_true")
-    flags.add_argument("--dry-run", action="store_true")
-    flags.add_argument("--report", action="store_true")
+    for flag in ("--slurm", "--dry-run", "--report"):
+        flags.add_argument(flag, action="store_true")
     flags.add_argument("--out", type=Path)
     options, overrides = flags.parse_known_args(args)
     # kdlight-train's lines, as Hydra's logging shows them there (Lightning shows its own)
