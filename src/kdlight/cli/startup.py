@@ -4,8 +4,8 @@
 script or ``python -m kdlight.train``), the process then answers SIGTERM (a job cancelled
 as it starts) and SIGINT (Ctrl-C) with one ``error:`` line and exit status 128 + the
 signal's number, through the seconds that importing torch, Lightning and Hydra takes (about
-3 s on an idle 2-core CPU, 12 s on a busy one), where it used to die silently (status -15)
-or with a traceback. Nothing of the run has been written then, so there is nothing to keep.
+3 s on an idle 2-core CPU, 12 s on a busy one). Nothing of the run has been written then,
+so there is nothing to keep.
 Once the run's own handling is in place (:func:`kdlight.runs.guard.stop_on_sigterm`) it takes
 over, and between the runs of a multirun this one is back.
 
@@ -71,9 +71,8 @@ def launched_as_kdlight_train() -> bool:
     kdlight.train`` (also how a DDP run starts its other processes)."""
     main = sys.modules.get("__main__")
     spec = getattr(main, "__spec__", None)
-    return getattr(spec, "name", None) == "kdlight.train" or (
-        Path(sys.argv[0]).name == "kdlight-train" if sys.argv and sys.argv[0] else False
-    )
+    script = sys.argv[0] if sys.argv else ""
+    return getattr(spec, "name", None) == "kdlight.train" or Path(script).name == "kdlight-train"
 
 
 if launched_as_kdlight_train():
