@@ -250,11 +250,6 @@ def _explain(err: Exception, name: str, overrides: list[str]) -> str:
 def _unknown_setting(key: str, name: str, overrides: list[str]) -> str:
     """Name the setting Hydra does not know, and the one likely meant or the configs that
     bring it (``distill.*`` comes with ``experiment=distill``)."""
-    others = [o for o in overrides if o.lstrip("+~").split("=")[0] != key]
-    try:
-        here = set(_dotted_keys(compose(name, overrides=others, return_hydra_config=True)))
-    except (HydraException, OmegaConfBaseException):
-        here = set()
     providers = _providers()
     message = f"unknown setting '{key}'"
     if (config_dir() / key).is_dir():  # a config group this config's defaults do not list
@@ -268,6 +263,11 @@ def _unknown_setting(key: str, name: str, overrides: list[str]) -> str:
         )
     if providers.get(key):
         return f"{message} in this config (it comes with {', '.join(providers[key][:4])})"
+    others = [o for o in overrides if o.lstrip("+~").split("=")[0] != key]
+    try:
+        here = set(_dotted_keys(compose(name, overrides=others, return_hydra_config=True)))
+    except (HydraException, OmegaConfBaseException):
+        here = set()
     about_hydra = key.startswith("hydra")  # Hydra's own settings are suggested for those only
     known = sorted(p for p in here | set(providers) if about_hydra or not p.startswith("hydra"))
     close = (

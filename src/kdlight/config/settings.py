@@ -254,8 +254,7 @@ def rules() -> dict[str, Rule]:
         "paths": {"root": PATH, "data_dir": PATH, "output_dir": PATH},
     }  # fmt: skip
     table = {f"{s}.{k}".lstrip("."): r for s, rs in sections.items() for k, r in rs.items()}
-    groups = ("data", "model", "distill", "distiller", "module", "optimizer", "trainer", "paths")
-    return table | dict.fromkeys(groups, A_GROUP)
+    return dict.fromkeys(SECTIONS, A_GROUP) | table  # a group's own rule wins: scheduler=null
 
 
 def rule_for(key: str) -> Rule | None:
