@@ -93,10 +93,11 @@ def preflight_refusal(argv: list[str]) -> str:
     return str(refused.value)
 
 
-def test_a_name_longer_than_the_filesystem_takes_is_one_line(tmp_path: Path):
+@pytest.mark.parametrize("below", [".", "new"])  # and below a folder still to be made
+def test_a_name_longer_than_the_filesystem_takes_is_one_line(tmp_path: Path, below: str):
     """``OSError: File name too long`` was a traceback before Hydra even started."""
     name = "a" * 300
-    message = preflight_refusal(["trainer=cpu", f"paths.root={tmp_path / name}"])
+    message = preflight_refusal(["trainer=cpu", f"paths.root={tmp_path / below / name}"])
     assert message.startswith("paths.root=") and message.endswith(
         f"cannot be made: its name {'a' * 40}...{'a' * 40} is 300 bytes long, and its "
         f"filesystem takes at most {os.pathconf(tmp_path, 'PC_NAME_MAX')} (NAME_MAX)"
