@@ -22,6 +22,7 @@ from kdlight.distillers import Outputs
 from kdlight.errors import KDLightError
 from kdlight.models.fast import FastForward
 from kdlight.models.taps import FeatureTaps
+from kdlight.runs.identity import file_identity
 from kdlight.teacher.cache import (
     CacheUnavailable,
     TeacherCache,
@@ -38,8 +39,6 @@ log = logging.getLogger("kdlight")
 def teacher_identity(teacher: nn.Module, checkpoint: str | Path | None) -> str:
     """What names the teacher in a cache's key: its checkpoint file's content, or, for a
     teacher given as a module, its weights'."""
-    from kdlight.runs.identity import file_identity
-
     if checkpoint:
         return file_identity(checkpoint)
     digest = hashlib.sha256()
@@ -64,8 +63,7 @@ def teacher_cache_for(
     dtype) and the classes.
 
     Raises:
-        CacheUnavailable: its files cannot be opened or made there (a full disk, a
-            read-only folder without the whole cache, a path that is not a folder).
+        CacheUnavailable: its files cannot be opened or made there.
     """
     source = getattr(datamodule, "train_source", None)
     if source is None or not hasattr(datamodule, "with_augmentation"):
@@ -84,8 +82,7 @@ def teacher_cache_for(
         classes=num_classes,
     )
     folder = Path(getattr(datamodule, "data_dir", None) or default_data_dir()) / "teacher_cache"
-    positions = datamodule.train_positions
-    return TeacherCache(folder, key, source[1], num_classes, positions, dtype)
+    return TeacherCache(folder, key, source[1], num_classes, datamodule.train_positions, dtype)
 
 
 def recorded_teacher_accuracy(
