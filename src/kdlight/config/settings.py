@@ -62,12 +62,12 @@ def number(low: float, high: float | None = None, above: bool = False, below: bo
     else:
         allowed = f"a number in {'(' if above else '['}{low:g}, {high:g}{')' if below else ']'}"
 
+    top = math.inf if high is None else high
+
     def accepts(v) -> bool:
         if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v):
             return False
-        return (v > low if above else v >= low) and (
-            high is None or (v < high if below else v <= high)
-        )
+        return (v > low if above else v >= low) and (v < top if below else v <= top)
 
     return Rule(allowed, accepts)
 
@@ -82,15 +82,12 @@ def one_of(*choices) -> Rule:
 
 def list_of(item: Rule, allowed: str, length: int | None = None) -> Rule:
     """A non-empty list or tuple (of ``length`` items) whose every item is ``item``."""
-    return Rule(
-        allowed,
-        lambda v: (
-            isinstance(v, list | tuple)
-            and len(v) > 0
-            and len(v) == (length or len(v))
-            and all(item.accepts(x) for x in v)
-        ),
-    )
+
+    def accepts(v) -> bool:
+        listed = isinstance(v, list | tuple) and len(v) > 0 and len(v) == (length or len(v))
+        return listed and all(item.accepts(x) for x in v)
+
+    return Rule(allowed, accepts)
 
 
 def _devices(v) -> bool:
