@@ -32,8 +32,10 @@ import lightning as L
 import numpy as np
 import torch
 import torch.nn.functional as F
+import torchvision.transforms as T
 from lightning.pytorch.callbacks import Callback
 from omegaconf import OmegaConf
+from PIL import Image
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
@@ -53,8 +55,6 @@ class PlainCIFAR(Dataset):
     """CIFAR-10 as torchvision serves it: one PIL image and one transform call per sample."""
 
     def __init__(self, images: np.ndarray, labels: np.ndarray) -> None:
-        import torchvision.transforms as T
-
         self.images, self.labels = images, labels
         self.transform = T.Compose([
             T.RandomCrop(32, padding=4),
@@ -67,8 +67,6 @@ class PlainCIFAR(Dataset):
         return len(self.labels)
 
     def __getitem__(self, index: int):
-        from PIL import Image
-
         return self.transform(Image.fromarray(self.images[index])), int(self.labels[index])
 
 
