@@ -2,19 +2,13 @@
 ``metrics.json`` and config into one checked record, and the identity (group and sweep) that
 tells which runs may be averaged or compared.
 
-:func:`collect_runs` finds every run directory below the given ones (a directory holding
-``config.yaml``, ``metrics.json``, ``error.txt`` or ``.hydra/config.yaml``) and reads one
-record per run (:func:`load_run`). A run whose files cannot be read, or whose
-``metrics.json`` holds a field of the wrong type or an impossible number (an accuracy
-outside [0, 100] %, :func:`read_metrics`), is a failed run with the reason. Run files are
-read only when they are regular files of at most :data:`MAX_FILE_BYTES`
-(:func:`read_run_file`: a FIFO or a device would block the report), and a ``config.yaml``
-only without YAML anchors and aliases, nested at most :data:`MAX_DEPTH` deep
-(:func:`parse_config`: a "billion laughs" file expands without bound). A run's
-``teacher_cache`` block (``distill.teacher_cache=true``) says whether it looked the
-teacher's logits up on disk and how often it found them there. The text forms
-of a record's values shared by the report and the plots (:func:`fmt`, :func:`cell_name`,
-:func:`mean_std`) live here too.
+:func:`collect_runs` finds every run directory below the given ones (:func:`run_dirs`) and
+reads one record per run (:func:`load_run`). A run whose files cannot be read, or whose
+``metrics.json`` holds a field of the wrong type or an impossible number
+(:func:`read_metrics`), is a failed run with the reason; a file that is not a regular one
+(:func:`read_run_file`) or a ``config.yaml`` that could expand without bound
+(:func:`parse_config`) is not read. The text forms of a record's values shared by the
+report and the plots (:func:`fmt`, :func:`cell_name`, :func:`mean_std`) live here too.
 """
 
 import hashlib
@@ -50,7 +44,6 @@ RUN_BLOCK = {"settings": "table", "id": "text", "seed": "integer", "debug": "fla
 #: fraction of its teacher lookups found there and the cache's folder.
 TEACHER_CACHE = {"used": "flag", "hit_rate": "fraction", "path": "text"}
 KINDS = {
-    "number": ("a finite number", lambda v: _is_finite(v)),
     "percent": ("a percentage in [0, 100]", lambda v: _is_finite(v) and 0 <= v <= 100),
     "positive": ("a finite number > 0", lambda v: _is_finite(v) and v > 0),
     "weight": ("a finite number >= 0", lambda v: _is_finite(v) and v >= 0),
@@ -138,14 +131,6 @@ def _text(value) -> str | None:
     return value if isinstance(value, str) else None
 
 
-def _read_config(path: Path) -> DictConfig:
-    """``config.yaml`` (resolved), else Hydra's unresolved ``.hydra/config.yaml``, else empty."""
-    for file in (path / "config.yaml", path / ".hydra" / "config.yaml"):
-        if file.exists():
-            return parse_config(read_run_file(file))
-    return OmegaConf.create()
-
-
 def _outputs_root(run_dir: Path, root: str | None) -> Path | None:
     """``paths.root``; a relative one (to the launch directory) is looked for above the run."""
     if not root or Path(root).is_absolute():
@@ -184,10 +169,9 @@ def read_metrics(file: Path) -> dict:
     _check(per_class, dict.fromkeys(per_class, "percent"), "per_class_accuracy.")
     if metrics.get("validation") not in (None, *VALIDATION):
         raise ValueError(f"validation is {metrics['validation']!r}, expected one of {VALIDATION}")
-    if metrics.get("run") is not None:
-        _check(metrics["run"], RUN_BLOCK, "run.", required=1)
-    if metrics.get("teacher_cache") is not None:
-        _check(metrics["teacher_cache"], TEACHER_CACHE, "teacher_cache.", required=1)
+    for block, kinds in (("run", RUN_BLOCK), ("teacher_cache", TEACHER_CACHE)):
+        if metrics.get(block) is not None:
+            _check(metrics[block], kinds, f"{block}.", required=1)
     return metrics | {"per_class_accuracy": per_class}
 
 
@@ -205,8 +189,9 @@ def load_run(path: Path) -> dict:
 
 
 def _read_run(path: Path, run: dict) -> None:
-    try:
-        cfg = _read_config(path)
+    try:  # config.yaml (resolved), else Hydra's unresolved .hydra/config.yaml, else empty
+        configs = [f for f in (path / "config.yaml", path / ".hydra/config.yaml") if f.exists()]
+        cfg = parse_config(read_run_file(configs[0])) if configs else OmegaConf.create()
     except Exception as err:  # a config that cannot be parsed, for any reason
         cfg = OmegaConf.create()
         run |= {"status": "failed", "error": f"unreadable config.yaml: {err}"}
@@ -255,8 +240,10 @@ def _read_run(path: Path, run: dict) -> None:
 
 
 def _read_result(run: dict, metrics: dict, cfg: DictConfig) -> None:
-    """Fill a finished run's record from its checked ``metrics.json``."""
-    block = metrics.get("run") or {}
+    """Fill a finished run's record from its checked ``metrics.json``. ``teacher_cache`` is
+    None when the run did not ask for the cache (``distill.teacher_cache``), else whether it
+    used it; ``teacher_cache_hit_rate`` the fraction of its lookups found there, when used."""
+    block, cache = metrics.get("run") or {}, metrics.get("teacher_cache") or {}
     per_class = metrics["per_class_accuracy"]
     run |= {
         "status": "finished",
@@ -271,7 +258,8 @@ def _read_result(run: dict, metrics: dict, cfg: DictConfig) -> None:
         **{key: metrics.get(key) for key in ("epochs", "test_images", "test_set")},
         "method": metrics.get("distiller"),
         "method_settings": metrics.get("distiller_settings") or {},
-        **_teacher_cache(metrics.get("teacher_cache")),
+        "teacher_cache": cache.get("used"),
+        "teacher_cache_hit_rate": _float(cache.get("hit_rate")) if cache.get("used") else None,
     }
     for key in ("temperature", "alpha", "teacher_checkpoint"):
         run[key] = run[key] if metrics.get(key) is None else metrics[key]
@@ -281,15 +269,6 @@ def _read_result(run: dict, metrics: dict, cfg: DictConfig) -> None:
         run["seed"] = block["seed"] if block.get("seed") is not None else run["seed"]
     elif len(cfg):  # a run from before metrics.json held its settings: those of its config
         run |= {"settings": settings(cfg, run["teacher_checkpoint"]), "debug": is_debug(cfg)}
-
-
-def _teacher_cache(block: dict | None) -> dict:
-    """``teacher_cache``: None when the run did not ask for the cache, else whether it used
-    it; ``teacher_cache_hit_rate``: the fraction of lookups found in it, when used."""
-    if block is None:
-        return {"teacher_cache": None, "teacher_cache_hit_rate": None}
-    rate = _float(block.get("hit_rate")) if block["used"] else None
-    return {"teacher_cache": block["used"], "teacher_cache_hit_rate": rate}
 
 
 def _identify(run: dict) -> None:
@@ -348,19 +327,15 @@ def _referenced(runs: list[dict]) -> list[dict]:
         if run["teacher_checkpoint"]:
             folders.add(Path(run["teacher_checkpoint"]).resolve().parents[1])
         if run["root"] and run["model"]:
-            for role in BASELINE_ROLES:
-                baselines = run["root"] / role / run["model"]
-                folders.update(
-                    d.resolve() for d in (run_dirs(baselines) if baselines.is_dir() else [])
-                )
+            for role in BASELINE_ROLES:  # run_dirs of a folder that is not there: none
+                folders.update(d.resolve() for d in run_dirs(run["root"] / role / run["model"]))
     known = {r["path"] for r in runs}
     return [load_run(f) for f in sorted(folders - known) if (f / "metrics.json").exists()]
 
 
 def collect_runs(dirs: list[Path]) -> list[dict]:
     """Every run below ``dirs``, sorted by (model, temperature, alpha, path), each finished
-    distillation run with ``delta_vs_baseline``: its accuracy minus the mean of the comparable
-    baseline (percentage points), when there is one."""
+    distillation run with ``delta_vs_baseline`` (:func:`~kdlight.analysis.stats.compare_runs`)."""
     return collect_comparisons(dirs)[0]
 
 
