@@ -3,12 +3,11 @@
 * SIGTERM (``kill``, a SLURM pre-emption, a container stop) ends a run with status 143
   (128 + 15, what a shell reports for it) and one ``error:`` line, never as a success (left
   to Lightning, it ends with status 0: its ``SIGTERMException`` is a ``SystemExit``);
-  Ctrl-C (SIGINT) likewise, with status 130. During training :class:`SaveLastOnSigterm`
-  stops at the end of the current batch and saves ``last.ckpt`` there; at other times
-  :func:`stop_on_sigterm` stops the run at once (and before it, while ``kdlight-train``
-  starts, :mod:`kdlight.cli.startup`). Relaunching the same command resumes, exactly.
+  Ctrl-C (SIGINT) likewise, with status 130: during training :class:`SaveLastOnSigterm`,
+  at other times :func:`stop_on_sigterm` (before it, while ``kdlight-train`` starts,
+  :mod:`kdlight.cli.startup`). Relaunching the same command resumes, exactly.
 * :func:`hold_run_lock` keeps a second launch of the same run out of its directory while
-  the first runs. The lock is the kernel's (``flock``): it goes with the process that holds
+  the first runs, with the kernel's lock (``flock``): it goes with the process that holds
   it, so a killed run never leaves a lock that blocks.
 """
 
@@ -44,8 +43,6 @@ log = logging.getLogger("kdlight")
 #: The exit status of a run that SIGTERM stopped: 128 + the signal's number, as a shell
 #: reports a process that the signal ended.
 TERMINATED_STATUS = stop_status(signal.SIGTERM)
-#: The exit status of a run that Ctrl-C (SIGINT) stopped.
-INTERRUPTED_STATUS = stop_status(signal.SIGINT)
 RELAUNCH = "launch the same command again to resume"
 #: What :class:`SaveLastOnSigterm` notes when ``trainer.max_time`` runs out: below every
 #: signal's number, so that under DDP a signal seen by any process wins over the clock.
@@ -55,7 +52,7 @@ TIME_IS_UP = 1
 class Terminated(SystemExit):
     """SIGTERM (or Ctrl-C) stopped this run. Its message (``str()``) is the ``error:`` line:
     where the run stopped and what to do; its ``code`` is the exit status,
-    :data:`TERMINATED_STATUS` (or :data:`INTERRUPTED_STATUS`)."""
+    :data:`TERMINATED_STATUS` (130 for Ctrl-C)."""
 
     def __init__(self, message: str, code: int = TERMINATED_STATUS) -> None:
         super().__init__(code)
@@ -67,14 +64,12 @@ class Terminated(SystemExit):
 
 class SaveLastOnSigterm(Callback):
     """While training, a SIGTERM or a Ctrl-C (SIGINT) stops the run at the end of the current
-    batch (or epoch, after its validation), with ``last.ckpt`` (the path of the Trainer's
-    :class:`~kdlight.trainer.callbacks.SaveLastCheckpoint`) saved at that step, by raising
-    :class:`Terminated` (status 143 for SIGTERM, 130 for SIGINT). A run resumed from it
-    ends exactly as the run never stopped: the training loader goes on at the next batch of
-    the same order (:class:`kdlight.data.resumable.ResumableLoader`).
-
-    A signal during an epoch's last batch stops the run at the epoch's end instead, after
-    its validation (:func:`~kdlight.trainer.callbacks.ends_epoch` says why).
+    batch (during an epoch's last batch: at the epoch's end, after its validation, as
+    :func:`~kdlight.trainer.callbacks.ends_epoch` says why) by raising :class:`Terminated`,
+    with ``last.ckpt`` (the path of the Trainer's
+    :class:`~kdlight.trainer.callbacks.SaveLastCheckpoint`) saved at that step. A run resumed
+    from it ends exactly as the run never stopped: the training loader goes on at the next
+    batch of the same order (:class:`kdlight.data.resumable.ResumableLoader`).
 
     Lightning's own handling is replaced for the time of training because under DDP it
     can hang or crash: its signal handler broadcasts to the other processes from wherever
@@ -135,10 +130,20 @@ class SaveLastOnSigterm(Callback):
             return
         saves = [cb for cb in trainer.callbacks if isinstance(cb, SaveLastCheckpoint)]
         last = saves[0] if saves and not trainer.fast_dev_run else None
-        if signalled == TIME_IS_UP:
-            self._stop_for_time(trainer, last)
+        step, epoch = trainer.global_step, trainer.current_epoch
+        if signalled == TIME_IS_UP:  # not finished; a failed save raises, the one before is kept
+            where = (
+                f"not finished: trainer.max_time ({self.time_limit:g} s for each launch) ran "
+                f"out at step {step} (epoch {epoch} of {trainer.max_epochs})"
+            )
+            if last is None:
+                raise NotFinished(f"{where}; this run keeps no last.ckpt")
+            last.save(trainer)
+            raise NotFinished(
+                f"{where}; last.ckpt is current: launch the same command again to continue"
+            )
         status, stopped = stop_status(signalled), STOP_SIGNALS[signalled]
-        where = f"{stopped} at step {trainer.global_step} (epoch {trainer.current_epoch})"
+        where = f"{stopped} at step {step} (epoch {epoch})"
         if last is None:
             raise Terminated(
                 f"{where}; this run keeps no last.ckpt: launch it again to redo it", status
@@ -152,21 +157,6 @@ class SaveLastOnSigterm(Callback):
             ) from None
         raise Terminated(f"{where}; last.ckpt is current: {RELAUNCH}", status)
 
-    def _stop_for_time(self, trainer: L.Trainer, last: SaveLastCheckpoint | None) -> None:
-        """``trainer.max_time`` ran out: save ``last.ckpt`` at this step and stop, not
-        finished (a failed save is its own one line; the one before is kept)."""
-        where = (
-            f"trainer.max_time ({self.time_limit:g} s for each launch) ran out at step "
-            f"{trainer.global_step} (epoch {trainer.current_epoch} of {trainer.max_epochs})"
-        )
-        if last is None:
-            raise NotFinished(f"not finished: {where}; this run keeps no last.ckpt")
-        last.save(trainer)
-        raise NotFinished(
-            f"not finished: {where}; last.ckpt is current: launch the same command again "
-            "to continue"
-        )
-
 
 @contextlib.contextmanager
 def stop_on_sigterm() -> Iterator[None]:
@@ -177,10 +167,8 @@ def stop_on_sigterm() -> Iterator[None]:
     check or in testing) becomes :class:`Terminated` here. Before and after, the handler
     installed here raises :class:`Terminated` at once; Lightning calls it too while its own
     is in place, and then it leaves the stop to Lightning. SIGINT, which Lightning leaves
-    alone, stops at once outside training too. Each is installed only where the signal still
-    has its default handling (or :mod:`kdlight.cli.startup`'s, which it replaces): a launcher
-    that handles SIGTERM itself (submitit's, which ignores it and requeues on its own
-    signal) keeps it.
+    alone, stops at once outside training too. Each is installed only where the run may take
+    the signal (:func:`_run_may_take`): a launcher that handles it itself keeps it.
     """
     received: set[int] = set()
 
@@ -213,11 +201,8 @@ def _run_may_take(signum: int) -> bool:
     (:mod:`kdlight.cli.startup`'s, :func:`stop_on_sigterm`'s), not one that a launcher set
     (submitit ignores SIGTERM; a job started in the background of a script ignores SIGINT)."""
     handler = signal.getsignal(signum)
-    return (
-        has_default_handling(signum)
-        or is_startup_handler(handler)
-        or getattr(handler, "stops_the_run", False)
-    )
+    kdlights = is_startup_handler(handler) or getattr(handler, "stops_the_run", False)
+    return has_default_handling(signum) or kdlights
 
 
 # --------------------------------------------------------------------------------- lock
@@ -268,40 +253,33 @@ def hold_run_lock(run_dir: str | Path) -> Iterator[None]:
     its inode for good (a file renamed into place would be another lock, so it is written in
     place, not through :mod:`kdlight.runs.files`); its content, the holder's pid and host, is only a
     hint for the message. Where the filesystem does not lock files, the run goes on with a
-    warning.
-
-    Since it is written in place, it must be the run's own file: a ``.lock`` that is a
-    symbolic link (on a shared outputs root, it may point anywhere) is not followed, and
-    one that is not a regular file or has another name elsewhere (a hard link) is not
-    written; each is one error line (:func:`open_run_lock`).
+    warning. Since it is written in place, it must be the run's own file (:func:`open_run_lock`).
     """
     if not is_launching_process():
         yield
         return
     path = Path(run_dir) / LOCK_NAME
-    fd = open_run_lock(path)
+    fd, locked = open_run_lock(path), False
     try:
-        locked = _lock(fd, path)
-        if locked:
+        if locked := _lock(fd, path):
             _held.add(fd)
             os.ftruncate(fd, 0)
             record = {"pid": os.getpid(), "host": socket.gethostname()}
             os.pwrite(fd, json.dumps(record).encode(), 0)
-        try:
-            yield
-        finally:
-            if locked:
-                _held.discard(fd)
-                with contextlib.suppress(OSError):
-                    os.ftruncate(fd, 0)  # the holder's details go with the lock
+        yield
     finally:
+        if locked:
+            _held.discard(fd)
+            with contextlib.suppress(OSError):
+                os.ftruncate(fd, 0)  # the holder's details go with the lock
         os.close(fd)  # releases the lock
 
 
 def open_run_lock(path: Path) -> int:
     """Open (or create) the lock file ``path`` for reading and writing, without following a
-    symbolic link, and only if it is a regular file with no other name: one the run may
-    truncate and write. Anything else is a :class:`KDLightError`, with nothing written."""
+    symbolic link (on a shared outputs root, it may point anywhere), and only if it is a
+    regular file with no other name (a hard link): one the run may truncate and write.
+    Anything else is one :class:`KDLightError` line, with nothing written."""
     try:
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
     except OSError as err:
