@@ -83,8 +83,7 @@ def heatmap_figure(c: Comparison):
     baseline = c.baseline and f"baseline {mean_std(c.baseline.summary(), '%')} (Δ in pp)"
     notes.append(baseline or "no comparable baseline")
     notes.append(f"bold: best on {'val' if c.chosen_on == 'validation' else 'test'} acc")
-    # the figure's title, centred on the figure rather than on the axes beside the colorbar,
-    # and wrapped to its width: one long line was cut at both edges
+    # the title centred on the figure, not on the axes beside the colorbar, and wrapped
     title = [f"Distilled {c.model}: mean test accuracy over seeds", c.differs, ", ".join(notes)]
     fig.suptitle(_wrap_to(fig, [line for line in title if line]), fontsize=TITLE_POINTS)
     fig.colorbar(image, ax=ax, label="mean test accuracy (%)")

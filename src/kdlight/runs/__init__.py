@@ -1,10 +1,7 @@
 """What a run is and how it stays whole: its settings, id and directory (:mod:`.identity`),
 when it counts as finished (:mod:`.completion`), its lock and signal handling
-(:mod:`.guard`) and files written whole or not at all (:mod:`.files`).
-
-A run's identity is public here as before: ``kdlight.runs.settings(cfg)``,
-``kdlight.runs.identify(cfg)``, ``kdlight.runs.run_folder``.
-"""
+(:mod:`.guard`) and files written whole or not at all (:mod:`.files`); a run's identity is
+public here (``kdlight.runs.settings(cfg)``, ``kdlight.runs.identify(cfg)``...)."""
 
 from kdlight.runs.identity import (
     RunIdentity,

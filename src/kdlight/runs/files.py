@@ -55,13 +55,12 @@ def atomic_open(path: str | Path, mode: str = "wb") -> Iterator[IO]:
 def atomic_write(path: str | Path, data: str | bytes | Callable[[IO[bytes]], None]) -> Path:
     """Write ``data`` (text, bytes, or a function that writes into a binary file) to
     ``path`` atomically; see :func:`atomic_open`."""
-    path = Path(path)
     with atomic_open(path, "wb") as file:
         if callable(data):
             data(file)
         else:
             file.write(data.encode() if isinstance(data, str) else data)
-    return path
+    return Path(path)
 
 
 def write_json(path: str | Path, record: dict) -> Path:
