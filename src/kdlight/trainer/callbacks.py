@@ -16,7 +16,7 @@ from lightning.pytorch.callbacks import Callback, Checkpoint
 from kdlight.config.settings import check
 from kdlight.errors import KDLightError
 from kdlight.runs.identity import RunIdentity
-from kdlight.trainer.checkpointing import _distributed, non_finite_tensors, raise_failed_writes
+from kdlight.trainer.checkpointing import distributed, non_finite_tensors, raise_failed_writes
 
 log = logging.getLogger("kdlight")
 
@@ -29,11 +29,9 @@ class SaveLastCheckpoint(Checkpoint):
     It is what ``kdlight-train`` resumes from, so a crash or a pre-empted job in the middle
     of an epoch loses at most ``every_n_train_steps`` steps, and what a finished teacher
     leaves for distillation: its final weights. (Lightning's ``save_last`` only follows the
-    saves of the top-k checkpoints, so it can lag behind.) The file is replaced atomically
-    (by :class:`kdlight.trainer.checkpointing.AtomicCheckpointIO`, the Trainer's plugin in kdlight's
-    configs). Under DDP, after each of its saves and after validation (where Lightning's
-    ``ModelCheckpoint`` saves ``best.ckpt``), the processes learn together whether the first
-    one failed to write, and stop together if it did.
+    saves of the top-k checkpoints, so it can lag behind.) Under DDP, after each of its saves
+    and after validation (where ``ModelCheckpoint`` saves ``best.ckpt``), the processes learn
+    together whether the first failed to write (:func:`.checkpointing.raise_failed_writes`).
     """
 
     def __init__(self, dirpath: str | Path, every_n_train_steps: int = 1000) -> None:
@@ -84,38 +82,31 @@ class ResumeRandomState(Callback):
     same weights and results.
 
     Kept: torch's CPU generator, each CUDA device's (once CUDA is in use), numpy's and
-    Python's ``random``, as tensors, numbers, lists and tuples, so that checkpoints still
-    load with ``torch.load(weights_only=True)``. The crop-and-flip generators that DDP
-    processes other than the first have of their own are the data module's, kept by
-    :meth:`kdlight.data.CIFAR10DataModule.state_dict`.
+    Python's ``random``, in types ``torch.load(weights_only=True)`` reads. The crop-and-flip
+    generators of DDP processes other than the first are the data module's
+    (:meth:`kdlight.data.CIFAR10DataModule.state_dict`).
 
-    Saved as Lightning writes a checkpoint (``last.ckpt`` at an epoch's end, after its
-    validation) and restored as Lightning restores the callbacks at the start of ``fit``:
-    after the ``setup`` hooks, before ``on_fit_start``. The first draw after the restore is
-    the training loader's (Lightning makes its iterator, which takes a seed, before
-    ``on_train_start``; then its sampler takes the epoch's shuffle), as it is after the
-    save, and Lightning runs the validation sanity check, if any, with the random state put
+    Restored as Lightning restores the callbacks at the start of ``fit``: after the ``setup``
+    hooks, before ``on_fit_start``. The first draw after the restore is the training
+    loader's (its iterator takes a seed before ``on_train_start``, then its sampler the
+    epoch's shuffle), as after the save; the sanity check runs with the random state put
     back after it. So a hook in between (``on_fit_start``, ``on_train_start``) must draw no
     random number; a module's own draws belong in ``__init__`` or ``setup``.
 
     From a checkpoint saved in the middle of an epoch (``every_n_train_steps``, a SIGTERM,
-    Ctrl-C) it is exact too, with kdlight's data modules: their training loader
-    (:class:`kdlight.data.resumable.ResumableLoader`) keeps the seed of the epoch's order and
-    the batch reached, draws that order again and starts at the next batch, and puts back
-    the random state that its new iterator took a seed from. (Lightning alone starts that
-    epoch's loader afresh, so the rest of the epoch would see other images.)
+    Ctrl-C) it is exact too with kdlight's data modules, whose training loader
+    (:class:`kdlight.data.resumable.ResumableLoader`) draws the epoch's order again and
+    starts at the next batch (Lightning alone would start the epoch's loader afresh).
 
-    Under DDP each process has a state of its own (the first draws the crops and flips from
-    the global generator, the others from their own). Every process takes part in writing
-    a checkpoint (Lightning's rule), so they exchange their states then, and the first
-    writes them all; on resuming, each process restores its own, by global rank. A process
-    of which the checkpoint holds no state (a resume with more processes) keeps its seeded
+    Under DDP every process takes part in writing a checkpoint, so they exchange their
+    states then and the first writes them all; on resuming each restores its own, by global
+    rank, and a process the checkpoint holds no state for (more processes) keeps its seeded
     state.
     """
 
     def state_dict(self) -> dict:
         mine = _random_state()
-        if not _distributed():
+        if not distributed():
             return {"processes": [mine]}
         every = [None] * torch.distributed.get_world_size()
         torch.distributed.all_gather_object(every, mine)
@@ -123,7 +114,7 @@ class ResumeRandomState(Callback):
 
     def load_state_dict(self, state_dict: dict) -> None:
         processes = state_dict.get("processes", [])
-        rank = torch.distributed.get_rank() if _distributed() else 0
+        rank = torch.distributed.get_rank() if distributed() else 0
         if rank < len(processes):
             _set_random_state(processes[rank])
         else:
@@ -152,9 +143,8 @@ def _set_random_state(state: dict) -> None:
     if state["cuda"] and torch.cuda.is_available():
         for device, cuda_state in enumerate(state["cuda"][: torch.cuda.device_count()]):
             torch.cuda.set_rng_state(cuda_state, device)
-    keys, position, has_gauss, cached_gaussian = state["numpy"]
-    keys = keys.numpy().astype(np.uint32)
-    np.random.set_state(("MT19937", keys, position, has_gauss, cached_gaussian))
+    keys, *rest = state["numpy"]  # position, has_gauss, cached_gaussian
+    np.random.set_state(("MT19937", keys.numpy().astype(np.uint32), *rest))
     version, internal, gauss_next = state["python"]
     random.setstate((version, tuple(internal), gauss_next))
 
@@ -175,11 +165,9 @@ class StopOnNonFiniteLoss(Callback):
 
     A loss can be finite while the step it drives is not (with a huge learning rate the
     gradient overflows, and the weights become NaN one step before the loss does), so every
-    checkpoint is also checked before it is written: if a floating-point tensor of its
-    weights or optimizer state holds a NaN or an infinity, it is not written and training
-    stops. So ``last.ckpt`` stays the last good state, the message names it, and resuming
-    from it does not start from broken weights. Under DDP the processes decide together, so
-    that they all stop rather than some waiting for the others forever.
+    checkpoint is also checked before it is written (:meth:`check_weights`): ``last.ckpt``
+    stays the last good state, and the message names it. Under DDP the processes decide
+    together, so that they all stop rather than some waiting for the others forever.
     """
 
     def __init__(self, check_every_n_steps: int = 50) -> None:
@@ -215,20 +203,15 @@ class StopOnNonFiniteLoss(Callback):
         weights = {name for name, _ in module.named_parameters()}
         weights |= {name for name, _ in module.named_buffers()}
         bad, total = non_finite_tensors(checkpoint, weights)
-        anywhere = bool(bad)
-        if trainer.world_size > 1:
-            flag = torch.tensor(int(anywhere), device=trainer.strategy.root_device)
-            anywhere = bool(trainer.strategy.reduce(flag, reduce_op="max"))
-        if not anywhere:
+        if not _reduce(trainer, int(bool(bad)), "max"):
             return
         where = f"after step {trainer.global_step} (epoch {trainer.current_epoch})"
         if bad:
             names = ", ".join(bad[:3]) + (f" and {len(bad) - 3} more" if len(bad) > 3 else "")
-            found = f"{len(bad)} of {total} tensors hold NaN or infinity ({names})"
-            found = f"non-finite weights {where}: {found}, so the checkpoint was not written"
+            found = f"{where}: {len(bad)} of {total} tensors hold NaN or infinity ({names})"
         else:
-            found = f"non-finite weights in another DDP process {where}, so the checkpoint was not written"
-        _stop(trainer, found)
+            found = f"in another DDP process {where}"
+        _stop(trainer, f"non-finite weights {found}, so the checkpoint was not written")
 
     def check(self, trainer: L.Trainer) -> None:
         """Raise :class:`NonFiniteLossError` if a loss since the last check was not finite,
@@ -241,14 +224,9 @@ class StopOnNonFiniteLoss(Callback):
             for *_, parts in pending
         ]).tolist()  # fmt: skip  # the one read back from the device
         mine = next((step for (step, *_), ok in zip(pending, finite, strict=True) if not ok), None)
-        first = mine
-        if trainer.world_size > 1:  # the earliest step at which any process went non-finite
-            step = torch.tensor(
-                _NONE if mine is None else mine, device=trainer.strategy.root_device
-            )
-            first = int(trainer.strategy.reduce(step, reduce_op="min"))
-            first = None if first == _NONE else first
-        if first is None:
+        # the earliest step at which any process went non-finite
+        first = _reduce(trainer, _NONE if mine is None else mine, "min")
+        if first == _NONE:
             return
         _, epoch, batch_idx, parts = next(entry for entry in pending if entry[0] == first)
         where = f"step {first} (epoch {epoch}, batch {batch_idx})"
@@ -260,6 +238,14 @@ class StopOnNonFiniteLoss(Callback):
 
 
 _NONE = 2**62  # "no non-finite loss" in the DDP reduction of first steps
+
+
+def _reduce(trainer: L.Trainer, value: int, op: str) -> int:
+    """``value`` reduced (``op``: ``"min"``, ``"max"``) over the DDP processes."""
+    if trainer.world_size == 1:
+        return value
+    tensor = torch.tensor(value, device=trainer.strategy.root_device)
+    return int(trainer.strategy.reduce(tensor, reduce_op=op))
 
 
 def _stop(trainer: L.Trainer, found: str) -> None:

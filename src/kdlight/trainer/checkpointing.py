@@ -1,22 +1,10 @@
-"""Checkpoint files that are whole or absent, and the check that keeps NaN out of them.
-
-Lightning's own ``TorchCheckpointIO`` writes a checkpoint to a temporary file in the system's
-temporary folder and then moves it into place. Where the run directory is on another
-filesystem (a cluster's shared storage, a tmpfs, a bind mount) that move is a copy over the
-old file: a kill or a full disk during it leaves a truncated ``last.ckpt`` where the good one
-was, and a checkpoint-sized orphan in ``$TMPDIR``. :class:`AtomicCheckpointIO` writes through
-:mod:`kdlight.runs.files` instead: beside the destination, synced, then renamed into place.
-:func:`kdlight.train.build_trainer` adds it to the Trainer's plugins, so every checkpoint of
-every run (``last.ckpt``, ``best.ckpt``) is written this way.
-
-:func:`non_finite_tensors` finds the tensors of a checkpoint that hold a NaN or an infinity;
-:class:`kdlight.trainer.callbacks.StopOnNonFiniteLoss` refuses to save such a checkpoint.
-
-Every checkpoint (a resumed or evaluated run's, :func:`kdlight.load_model`'s,
-:func:`kdlight.load_teacher`'s) is read by :func:`read_checkpoint`, with
-``torch.load(weights_only=True)``: a pickle planted in a run folder's ``last.ckpt`` or named
-by ``ckpt_path=`` is refused in one line, and nothing in it runs. kdlight's own checkpoints
-hold only what that reader accepts (tensors, numbers, text, dicts, lists, tuples, and the
+"""Checkpoint files that are whole or absent (:class:`AtomicCheckpointIO`), the check that
+keeps NaN out of them (:func:`non_finite_tensors`, for
+:class:`kdlight.trainer.callbacks.StopOnNonFiniteLoss`), and :func:`read_checkpoint`, which
+reads every checkpoint (a resumed or evaluated run's, :func:`kdlight.load_model`'s,
+:func:`kdlight.load_teacher`'s): a pickle planted in a run folder's ``last.ckpt`` or named by
+``ckpt_path=`` is refused in one line, and nothing in it runs. kdlight's own checkpoints hold
+only what that reader accepts (tensors, numbers, text, dicts, lists, tuples, and the
 ``collections.Counter`` of a ``MultiStepLR``'s milestones): the systems' hyperparameters are
 plain containers, the random states tensors and tuples
 (:class:`kdlight.trainer.callbacks.ResumeRandomState`), so no global has to be allowed beyond
@@ -88,8 +76,12 @@ def load_failure(error: BaseException) -> str:
 
 class AtomicCheckpointIO(TorchCheckpointIO):
     """Lightning's checkpoint writer, with every local checkpoint written by
-    :func:`kdlight.runs.files.atomic_write`: a reader or a relaunched run finds the old whole file or
-    the new whole file, never a part of one, and nothing in ``$TMPDIR``.
+    :func:`kdlight.runs.files.atomic_write` (beside the destination, synced, then renamed into
+    place): a reader or a relaunched run finds the old whole file or the new whole file, never
+    a part of one. Lightning's own writes into ``$TMPDIR`` and moves the file into place, which
+    on another filesystem (a cluster's shared storage, a tmpfs) is a copy over the old file: a
+    kill or a full disk during it leaves a truncated ``last.ckpt`` and an orphan in ``$TMPDIR``.
+    :func:`kdlight.train.build_trainer` adds it to the Trainer's plugins.
 
     A write that fails raises :class:`CheckpointWriteError`, one line that names the file
     (``cannot write .../last.ckpt: No space left on device; the previous checkpoint is
@@ -130,7 +122,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             if reason is None:
                 raise
             message = f"cannot write {path}: {reason.strerror or reason}; {kept}"
-            if _distributed():
+            if distributed():
                 self.failure = self.failure or message
                 return
             raise CheckpointWriteError(message) from err
@@ -204,7 +196,8 @@ def _os_error(error: BaseException | None) -> OSError | None:
     return None
 
 
-def _distributed() -> bool:
+def distributed() -> bool:
+    """Whether this process is one of several of an initialized process group."""
     return (
         torch.distributed.is_available()
         and torch.distributed.is_initialized()

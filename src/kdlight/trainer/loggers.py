@@ -1,15 +1,7 @@
-"""Experiment trackers beside the CSV log: MLflow (``logger=mlflow``) and Weights & Biases
-(``logger=wandb``), as Lightning's loggers with what kdlight's runs need.
-
-- :class:`MLFlowLogger` opens its tracking store when it first logs, on the process that
-  logs, one process at a time for a local SQLite file (runs launched together). A local
-  SQLite file that cannot be used (a folder, not a database, locked by another process) is
-  one error line when the logger is made, before any work (:func:`check_sqlite_store`).
-- :class:`WandbLogger` gives each run of a multirun a W&B run of its own; an online run that
-  cannot start (no network, no login) is one error line before training.
-- :func:`log_run_settings` gives the trackers the run's settings (model, method, T, alpha,
-  seed...) and its tags (:func:`run_tags`: method, model, teacher, pair, seed, group), so
-  that runs can be compared, filtered and grouped by them.
+"""Experiment trackers beside the CSV log: MLflow (``logger=mlflow``, :class:`MLFlowLogger`)
+and Weights & Biases (``logger=wandb``, :class:`WandbLogger`), as Lightning's loggers with
+what kdlight's runs need, and :func:`log_run_settings`, which gives them the run's settings
+and tags to compare, filter and group runs by.
 
 Their packages are optional (``pip install 'kdlight[mlflow]'``, ``'kdlight[wandb]'``):
 :func:`kdlight.config.settings.check_extras` names a missing one before any work.
@@ -51,7 +43,9 @@ class MLFlowLogger(_MLFlowLogger):
     tables migrated (seconds), and processes that create it at once fail (``duplicate
     column name``). Here the first use (the store, the experiment if new, the run) holds a
     lock file beside a ``sqlite:///`` store (``mlflow.db.lock``): runs launched together
-    take turns. Only rank zero logs, so only rank zero opens the store."""
+    take turns. Only rank zero logs, so only rank zero opens the store; a local SQLite file
+    that cannot be used is one error line when the logger is made
+    (:func:`check_sqlite_store`)."""
 
     __signature__ = inspect.signature(_MLFlowLogger)  # the settings checks read it
 
@@ -125,17 +119,15 @@ def check_sqlite_store(tracking_uri: str, wait: float = LOCK_WAIT_S) -> None:
         raise KDLightError(f"the MLflow store {path} is a folder, not an SQLite file: {move}")
     if not stat.S_ISREG(mode):
         raise KDLightError(f"the MLflow store {path} is not a regular file: {move}")
+    uri = f"{Path(path).resolve().as_uri()}?mode=rw"
     try:
-        with _sqlite_lock(tracking_uri):
-            store = sqlite3.connect(
-                f"{Path(path).resolve().as_uri()}?mode=rw", uri=True, timeout=wait
-            )
-            try:
-                store.execute("BEGIN IMMEDIATE")  # the write lock each of MLflow's writes takes
-                store.execute("SELECT count(*) FROM sqlite_master").fetchone()
-                store.rollback()
-            finally:
-                store.close()
+        with (
+            _sqlite_lock(tracking_uri),
+            contextlib.closing(sqlite3.connect(uri, uri=True, timeout=wait)) as store,
+        ):
+            store.execute("BEGIN IMMEDIATE")  # the write lock each of MLflow's writes takes
+            store.execute("SELECT count(*) FROM sqlite_master").fetchone()
+            store.rollback()
     except OSError as err:  # the lock file beside it cannot be made: a read-only folder
         raise KDLightError(f"cannot open the MLflow store {path}: {err.strerror}") from err
     except sqlite3.OperationalError as err:
@@ -208,9 +200,6 @@ class WandbLogger(_WandbLogger):
             ) from err
 
 
-#: The loggers that are given the run's settings: trackers, where runs are compared by them
-#: (the CSV log has its own ``hparams.yaml``; the run's settings are in its ``config.yaml``).
-TRACKERS = (_MLFlowLogger, _WandbLogger)
 #: What trackers are told of the unit of the accuracies they get: Lightning logs
 #: ``val/acc``, ``test/acc`` and ``test/acc_<class>`` as fractions, where ``metrics.json``
 #: and ``kdlight-report`` give percentages.
@@ -231,44 +220,40 @@ def _method(settings: dict) -> str:
     return str(distiller).rsplit(".", 1)[-1].lower()
 
 
-def run_tags(identity: RunIdentity) -> dict[str, str]:
-    """The tags a tracker's run gets, to find and group runs by (in MLflow,
-    ``mlflow.search_runs(filter_string="tags.method = 'dkd'")``): ``method``, ``model``,
-    ``teacher`` (the teacher's model, ``none`` without one), ``pair`` (the zoo pair
-    ``<teacher>_<student>`` where ``conf/pair/`` ships it, else ``none``), ``seed``,
-    ``group`` (:func:`kdlight.runs.identity.group_key` of the settings: the same for runs that
-    differ only in their seed, the runs the report averages) and ``run_id``, and
-    ``accuracy_unit`` (:data:`ACCURACY_UNIT`)."""
+def log_run_settings(loggers: Iterable[Logger], identity: RunIdentity) -> None:
+    """Give each tracker among ``loggers`` (MLflow and W&B, where runs are compared; the CSV
+    log has its own ``hparams.yaml``) the run's id, seed and every setting that changes its
+    results (:func:`kdlight.runs.identity.settings`: ``model.name``, ``optimizer.lr``,
+    ``distill.temperature``, ...) as hyperparameters, the way ``metrics.json`` records
+    them. Lightning adds the module's and the data's own hyperparameters at fit.
+
+    And tags to find and group runs by (MLflow tags:
+    ``mlflow.search_runs(filter_string="tags.method = 'dkd'")``; ``tag.<name>`` settings for
+    W&B, whose tags are bare words): ``method``, ``model``, ``teacher`` (the teacher's
+    model, ``none`` without one), ``pair`` (the zoo pair ``<teacher>_<student>`` where
+    ``conf/pair/`` ships it, else ``none``), ``seed``, ``group``
+    (:func:`kdlight.runs.identity.group_key` of the settings: the same for runs that differ
+    only in their seed, the runs the report averages), ``run_id`` and ``accuracy_unit``
+    (:data:`ACCURACY_UNIT`)."""
     settings = identity.settings
-    model = str(settings.get("model.name", NONE))
+    method, model = _method(settings), str(settings.get("model.name", NONE))
     teacher = settings.get("distill.teacher_model")
-    teacher = NONE if teacher is None or _method(settings) == NONE else str(teacher)
-    pair = shipped_pair(teacher, model) if teacher != NONE else None
-    return {
-        "method": _method(settings),
+    teacher = NONE if teacher is None or method == NONE else str(teacher)
+    tags = {
+        "method": method,
         "model": model,
         "teacher": teacher,
-        "pair": pair or NONE,
+        "pair": (shipped_pair(teacher, model) if teacher != NONE else None) or NONE,
         "seed": str(identity.seed),
         "group": group_key(settings),
         "run_id": identity.id,
         "accuracy_unit": ACCURACY_UNIT,
     }
-
-
-def log_run_settings(loggers: Iterable[Logger], identity: RunIdentity) -> None:
-    """Give each tracker among ``loggers`` the run's id, seed and every setting that
-    changes its results (:func:`kdlight.runs.identity.settings`: ``model.name``, ``optimizer.lr``,
-    ``distill.temperature``, ...) as hyperparameters, the way ``metrics.json`` records
-    them, and its :func:`run_tags` (as MLflow tags; as ``tag.<name>`` settings for W&B,
-    whose tags are bare words). Lightning adds the module's and the data's own
-    hyperparameters at fit."""
-    tags = run_tags(identity)
     params = {"run.id": identity.id, "run.seed": identity.seed, **identity.settings}
     for logger in loggers:
         if isinstance(logger, _MLFlowLogger):
             logger.log_hyperparams(params)  # makes the run: its id is known from here
             for name, value in tags.items():
                 logger.experiment.set_tag(logger.run_id, name, value)
-        elif isinstance(logger, TRACKERS):
+        elif isinstance(logger, _WandbLogger):
             logger.log_hyperparams({**params, **{f"tag.{k}": v for k, v in tags.items()}})
