@@ -5,7 +5,6 @@ a grid of them (its training log, evaluation, report and optimizer);
 
 import copy
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
@@ -81,22 +80,22 @@ def probe_classes(model: nn.Module, input_shape: tuple[int, ...]) -> int | None:
     return None
 
 
-@dataclass(eq=False)  # one per model, told apart by identity
 class Evaluated:
     """One model that a system trains, and its evaluation: ``name`` is its grid cell's
     (``None`` for the model of a system of one), which its logged names end with
-    (``val/acc_<cell>``) and its ``metrics.json`` lives under (``<run dir>/<cell>/``)."""
+    (``suffix``: ``val/acc_<cell>``) and its ``metrics.json`` lives under
+    (``<run dir>/<cell>/``)."""
 
-    name: str | None
-    model: nn.Module
-    fast: FastForward
-    val_acc: MulticlassAccuracy
-    val_acc_best: MaxMetric
-    test_confusion: MulticlassConfusionMatrix
-
-    @property
-    def suffix(self) -> str:
-        return "" if self.name is None else f"_{self.name}"
+    def __init__(
+        self, name: str | None, model: nn.Module, classes: int, compile: bool, channels_last: bool
+    ) -> None:
+        self.name, self.model = name, model
+        self.suffix = "" if name is None else f"_{name}"
+        self.fast = FastForward(model, compile, channels_last)
+        self.val_acc = MulticlassAccuracy(classes, average="micro")
+        self.val_acc_best = MaxMetric()
+        self.val_acc_best.persistent(True)  # in checkpoints: a resumed run keeps it
+        self.test_confusion = MulticlassConfusionMatrix(classes)
 
 
 class ClassificationSystem(L.LightningModule):
@@ -148,18 +147,9 @@ class ClassificationSystem(L.LightningModule):
         names = [None] if cells is None else list(cells)
         models = [model] if cells is None else [copy.deepcopy(model) for _ in names]
         self.evaluated = [
-            Evaluated(
-                name,
-                student,
-                FastForward(student, compile, channels_last),
-                MulticlassAccuracy(num_classes, average="micro"),
-                MaxMetric(),
-                MulticlassConfusionMatrix(num_classes),
-            )
+            Evaluated(name, student, num_classes, compile, channels_last)
             for name, student in zip(names, models, strict=True)
         ]
-        for evaluated in self.evaluated:
-            evaluated.val_acc_best.persistent(True)  # in checkpoints: a resumed run keeps it
         fields = ("model", "val_acc", "val_acc_best", "test_confusion")
         parts = [[getattr(evaluated, f) for evaluated in self.evaluated] for f in fields]
         if cells is None:  # registered where checkpoints keep them: model.*, val_acc_best.*

@@ -95,10 +95,8 @@ class DistillationSystem(ClassificationSystem):
         if stage == "fit":
             attach_training_data(self.trainer, self.slots)
             if self.teacher_cache:
-                reading = [slot for slot in self.slots if slot.teacher_names]
-                self.frozen.open_cache(
-                    self.trainer, method_name(reading[0].method) if reading else None
-                )
+                live = [method_name(slot.method) for slot in self.slots if slot.teacher_names]
+                self.frozen.open_cache(self.trainer, live[0] if live else None)
 
     # ------------------------------------------------------------------ training
     def on_fit_start(self) -> None:
@@ -165,14 +163,11 @@ class DistillationModule(DistillationSystem):
     :class:`kdlight.distillers.KD` (:func:`kdlight.losses.kd_loss`) at ``temperature`` and
     ``alpha`` unless another ``distiller`` is given.
 
-    A method that reads features gets them from forward hooks on the student's and the
-    teacher's modules (:mod:`kdlight.models.taps`), its connectors are built from their
-    shapes here, and a method that needs each image's index gets it from the data module
-    (its training batches are then ``(images, labels, indices)``).
-
-    The teacher is frozen and kept out of the student's checkpoints (see
-    :class:`DistillationSystem`): ``load_from_checkpoint`` reads it again from
-    ``teacher_checkpoint``, and ``kdlight.load_model(checkpoint)`` rebuilds the student alone.
+    The method works through a :class:`~kdlight.lit.methods.MethodSlot` (its features from
+    hooks, its connectors, each image's index). The teacher is frozen and kept out of the
+    student's checkpoints (see :class:`DistillationSystem`): ``load_from_checkpoint`` reads
+    it again from ``teacher_checkpoint``; ``kdlight.load_model(checkpoint)`` rebuilds the
+    student alone.
 
     Args:
         model: the student.

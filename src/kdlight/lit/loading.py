@@ -1,10 +1,6 @@
-"""A trained model back from a kdlight checkpoint, as a plain ``nn.Module``: ``load_model``.
-
-Every kdlight system stores in its checkpoints the model's name and arguments
-(``checkpoint["kdlight"]["model_spec"]``), so the architecture can be rebuilt without the
-config or the Lightning system that trained it; and a distilled student without its
-teacher, which ``DistillationModule.load_from_checkpoint`` would restore as well.
-"""
+"""A trained model back from a kdlight checkpoint, as a plain ``nn.Module``, without the
+config or the Lightning system that trained it (nor a distilled student's teacher):
+``load_model``."""
 
 import re
 from collections.abc import Iterable

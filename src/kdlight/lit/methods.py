@@ -1,8 +1,6 @@
 """A distillation method at work on one student, the same in a single run and in every
-cell of a fused grid: :class:`MethodSlot` hooks what the method reads, builds its
-connectors, computes a training step's parts and writes the method's part of
-``metrics.json``; :func:`attach_training_data` gives methods that need them the training
-images' indices and labels."""
+cell of a grid (:class:`MethodSlot`), and the training data a method may need
+(:func:`attach_training_data`)."""
 
 from collections.abc import Sequence
 
@@ -37,6 +35,7 @@ class MethodSlot:
         if isinstance(method, KD):  # the command line's one-line error for T or alpha
             check("distill", temperature=method.temperature, alpha=method.alpha)
         self.method = method
+        self.needs_index = bool(getattr(method, "needs_index", False))
         student_names, self.teacher_names = resolve_taps(method, student, teacher)
         self.student_taps = FeatureTaps(student, student_names, "student")
         teacher_taps = FeatureTaps(teacher, self.teacher_names, "teacher")  # checks the names
@@ -49,10 +48,6 @@ class MethodSlot:
             with own_random_stream():
                 build(*shapes)
         teacher_taps.remove()
-
-    @property
-    def needs_index(self) -> bool:
-        return bool(getattr(self.method, "needs_index", False))
 
     def step(
         self,

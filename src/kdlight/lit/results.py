@@ -2,11 +2,8 @@
 
 ``metrics.json`` is strict JSON (a class without test images is ``null``, never ``NaN``),
 written atomically through :func:`kdlight.runs.files.write_json`, the run's identity last
-as ``"run"``. Besides the accuracies it says
-what the numbers were measured on: ``validation`` (``held_out`` training images, or the
-``test_set`` itself when ``data.val_size=0``, so that ``val_acc_best`` is then the best test
-accuracy over the epochs), ``test_set`` (the datamodule's ``test_set_id``) and
-``tested_weights`` (``last`` or ``best``).
+as ``"run"``; besides the accuracies it says what they were measured on
+(:func:`student_record`).
 """
 
 import math
@@ -137,7 +134,9 @@ def student_record(
 ) -> dict:
     """What ``metrics.json`` says of one trained model, the same for a single run and for
     every cell of a grid: the system and model, the epochs, the test summary, the best
-    validation accuracy, the data and which weights were tested."""
+    validation accuracy, what it was measured on (:func:`validation_split`: with
+    ``test_set``, ``val_acc_best`` is the best test accuracy over the epochs), the
+    datamodule's ``test_set_id`` and which weights were tested (``last`` or ``best``)."""
     trainer = system.trainer
     epochs = trainer.current_epoch if trainer.max_epochs is None else trainer.max_epochs
     return {
