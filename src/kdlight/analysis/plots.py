@@ -113,9 +113,8 @@ def per_class_figure(c: Comparison):
 
     series = []
     if c.teacher:
-        series.append(
-            (f"teacher {c.teacher['model']} ({c.teacher['accuracy']:.2f}%)", c.teacher["per_class"])
-        )
+        label = f"teacher {c.teacher['model']} ({c.teacher['accuracy']:.2f}%)"
+        series.append((label, c.teacher["per_class"]))
     if c.baseline:
         label = f"student baseline {c.model} ({mean_std(c.baseline.summary(), '%')})"
         series.append((label, c.baseline.per_class()))
