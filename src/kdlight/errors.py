@@ -21,23 +21,25 @@ def first_line(error: BaseException) -> str:
     return (str(error).strip().splitlines() or [type(error).__name__])[0]
 
 
+def one_line(error: BaseException) -> str:
+    """An error's whole message on one line (its type's name if it has none)."""
+    return " ".join(str(error).split()) or type(error).__name__
+
+
 def find_user_error(error: BaseException) -> KDLightError | None:
-    """The :class:`KDLightError` behind ``error`` (Hydra's ``instantiate`` wraps it), if any;
-    a full, read-only or over-quota disk (:data:`DISK_ERRORS`) becomes one too."""
+    """The :class:`KDLightError` behind ``error`` (Hydra's ``instantiate`` wraps it), if any.
+
+    A full, read-only or over-quota disk (:data:`DISK_ERRORS`) becomes one too, which names
+    the file and the reason, and says that what was written before is kept (kdlight writes
+    every file whole or not at all)."""
     while error is not None:
         if isinstance(error, KDLightError):
             return error
         if isinstance(error, OSError) and error.errno in DISK_ERRORS:
-            return disk_error(error)
+            where = f" {error.filename}" if error.filename else ""
+            return KDLightError(
+                f"cannot write{where}: {error.strerror or first_line(error)}; the files written "
+                "before are kept whole: free space and launch the same command again to continue"
+            )
         error = error.__cause__ or error.__context__
     return None
-
-
-def disk_error(error: OSError) -> KDLightError:
-    """``error`` of a full or read-only disk as one line: the file and the reason, and that
-    what was written before is kept (kdlight writes every file whole or not at all)."""
-    where = f" {error.filename}" if error.filename else ""
-    return KDLightError(
-        f"cannot write{where}: {error.strerror or first_line(error)}; the files written before "
-        "are kept whole: free space and launch the same command again to continue"
-    )

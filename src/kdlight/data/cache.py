@@ -4,8 +4,8 @@ folder (by default one per user, see :func:`kdlight.data.default_data_dir`).
 Decoding the 60,000 JPEGs takes about 17 s and reading the cache well under one, so the
 cache must never be trusted further than it can be checked:
 
-- Its name carries a fingerprint of the archive (:func:`archive_fingerprint`): a changed
-  archive gets a new cache instead of the old arrays.
+- Its name carries the archive's :func:`archive_fingerprint`: a changed archive gets a new
+  cache instead of the old arrays.
 - A cache that cannot be read, or holds anything but a whole decoded archive, is decoded
   again and replaced, after one warning that names it.
 - It is written through :func:`kdlight.runs.files.atomic_open`, so readers see it whole or not at
@@ -24,6 +24,7 @@ from typing import TypeVar
 import numpy as np
 from lightning_utilities.core.rank_zero import rank_zero_only
 
+from kdlight.errors import one_line
 from kdlight.runs.files import atomic_open, remove_stale_temporaries
 
 log = logging.getLogger(__name__)
@@ -71,8 +72,7 @@ def archive_fingerprint(path: Path, tag: str = "") -> str:
 def cache_file(archive: Path, cache_dir: Path, tag: str = "") -> Path:
     """The cache of this version of ``archive`` (decoded for ``tag``):
     ``<cache_dir>/<name>-<fingerprint>.npz``."""
-    stem = archive.name.split(".")[0]
-    return cache_dir / f"{stem}-{archive_fingerprint(archive, tag)}.npz"
+    return cache_dir / f"{archive.name.split('.')[0]}-{archive_fingerprint(archive, tag)}.npz"
 
 
 def read_cache(cache: Path, parse: Callable[[dict[str, np.ndarray]], T]) -> T | None:
@@ -91,10 +91,9 @@ def read_cache(cache: Path, parse: Callable[[dict[str, np.ndarray]], T]) -> T | 
         return None
 
 
-def write_cache(cache: Path, arrays: dict[str, np.ndarray]) -> bool:
-    """Write ``arrays`` to ``cache`` whole or not at all; True if it was written.
-
-    A folder that cannot take it is not an error: the caller has the arrays already."""
+def write_cache(cache: Path, arrays: dict[str, np.ndarray]) -> None:
+    """Write ``arrays`` to ``cache`` whole or not at all (a folder that cannot take it is
+    not an error: the caller has the arrays already)."""
     try:
         with atomic_open(cache, "wb") as file:
             np.savez(file, **arrays)
@@ -104,13 +103,6 @@ def write_cache(cache: Path, arrays: dict[str, np.ndarray]) -> bool:
             "decoded data uncached; to cache it, set paths.data_dir (or KDLIGHT_DATA) to a "
             "folder that can hold it"
         )
-        return False
-    return True
-
-
-def one_line(error: BaseException) -> str:
-    """An error's message on one line (its type's name if it has none)."""
-    return " ".join(str(error).split()) or type(error).__name__
 
 
 def _warn(message: str) -> None:

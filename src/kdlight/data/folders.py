@@ -7,7 +7,7 @@ import zlib
 from collections.abc import Iterator
 from pathlib import Path, PurePosixPath
 
-from kdlight.errors import KDLightError
+from kdlight.errors import KDLightError, one_line
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png"}
 SPLITS = ("train", "test")
@@ -30,9 +30,8 @@ def iter_images(path: Path, what: str, read: bool = True) -> Iterator[tuple[Pure
                 if member.isfile() and name.suffix.lower() in IMAGE_SUFFIXES:
                     yield name, archive.extractfile(member).read() if read else b""
     except (tarfile.TarError, EOFError, OSError, zlib.error) as err:
-        reason = " ".join(str(err).split())  # tarfile's "r:*" errors span several lines
         raise KDLightError(
-            f"cannot read {what} {path}: {reason} (is it a complete .tar.gz?)"
+            f"cannot read {what} {path}: {one_line(err)} (is it a complete .tar.gz?)"
         ) from None
 
 

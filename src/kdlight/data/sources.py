@@ -15,9 +15,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from kdlight.data.cache import cache_file, one_line, read_cache, write_cache
+from kdlight.data.cache import cache_file, read_cache, write_cache
 from kdlight.data.folders import SPLITS, iter_images, listed, locate
-from kdlight.errors import KDLightError
+from kdlight.errors import KDLightError, one_line
 
 CIFAR10_CLASSES = (
     "airplane", "automobile", "bird", "cat", "deer",
@@ -257,8 +257,7 @@ def decode_archive(path: str | Path, dataset: DatasetSpec = CIFAR10_SPEC) -> dic
                 f"{what} {path} has no images under '{split}/<class>/'; expected "
                 "train/<class>/*.jpg and test/<class>/*.jpg"
             )
-        missing = sorted(set(dataset.classes) - {dataset.classes[i] for i in labels[split]})
-        if missing:
+        if missing := sorted(set(dataset.classes) - {dataset.classes[i] for i in labels[split]}):
             raise KDLightError(
                 f"{what} {path}: class folder(s) missing under '{split}/': {listed(missing)}"
             )
@@ -280,10 +279,8 @@ def load_archive(
     splits = read_cache(cache, partial(_splits_from_arrays, dataset=dataset))
     if splits is None:
         splits = decode_archive(path, dataset)
-        arrays = {}
-        for split in SPLITS:
-            arrays[f"{split}_x"], arrays[f"{split}_y"] = splits[split].images, splits[split].labels
-        write_cache(cache, arrays)
+        images = {f"{split}_x": splits[split].images for split in SPLITS}
+        write_cache(cache, images | {f"{split}_y": splits[split].labels for split in SPLITS})
     return splits
 
 
