@@ -18,6 +18,7 @@ every time and never count as finished.
 # First: launched as kdlight-train, SIGTERM and Ctrl-C are one line from here on, through
 # the seconds that the imports below take (kdlight.cli.startup).
 import kdlight.cli.startup  # noqa: F401  # isort: skip
+import itertools
 import json
 import logging
 import os
@@ -89,20 +90,16 @@ LIGHTNING_NOISE = re.compile(
 TORCH_TO_LIGHTNING = r"`isinstance\(treespec, LeafSpec\)` is deprecated"
 
 
-class _DropLightningNoise(logging.Filter):
-    """Drops :data:`LIGHTNING_NOISE` lines."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not LIGHTNING_NOISE.search(record.getMessage())
+def _not_noise(record: logging.LogRecord) -> bool:
+    """A logging filter that drops :data:`LIGHTNING_NOISE` lines."""
+    return not LIGHTNING_NOISE.search(record.getMessage())
 
 
 def quiet_lightning() -> None:
     """Silence what every run printed and no run needs (:data:`LIGHTNING_NOISE`,
     :data:`TORCH_TO_LIGHTNING`); Lightning's other lines and warnings stay (a logging
     interval longer than the epoch, a GPU left unused). Once per process."""
-    logger = logging.getLogger(LIGHTNING_INFO)
-    if not any(isinstance(f, _DropLightningNoise) for f in logger.filters):
-        logger.addFilter(_DropLightningNoise())
+    logging.getLogger(LIGHTNING_INFO).addFilter(_not_noise)
     warnings.filterwarnings("ignore", message=TORCH_TO_LIGHTNING, category=FutureWarning)
 
 
@@ -111,13 +108,6 @@ def _instantiate_all(group: DictConfig | None) -> list:
     if not group:
         return []
     return [instantiate(entry) for entry in group.values() if entry and "_target_" in entry]
-
-
-def metrics_files(cfg: DictConfig, output_dir: Path) -> list[Path]:
-    """What a finished run has written: its ``metrics.json``, or one per cell of a fused grid."""
-    if is_grid(cfg):
-        return [output_dir / name / "metrics.json" for name in grid_cell_names(cfg)]
-    return [output_dir / "metrics.json"]
 
 
 def finished(files: list[Path], identity: RunIdentity) -> bool:
@@ -229,10 +219,8 @@ def keep_earlier_logs(trainer: L.Trainer) -> None:
     for logger in trainer.loggers:
         folder = Path(logger.log_dir) if isinstance(logger, CSVLogger) else None
         if folder is not None and folder.is_dir() and any(folder.iterdir()):
-            attempt = 1
-            while folder.with_name(f"{folder.name}.attempt{attempt}").exists():
-                attempt += 1
-            folder.rename(folder.with_name(f"{folder.name}.attempt{attempt}"))
+            kept = (folder.with_name(f"{folder.name}.attempt{n}") for n in itertools.count(1))
+            folder.rename(next(path for path in kept if not path.exists()))
 
 
 def checkpoint_to_evaluate(cfg: DictConfig) -> Path:
@@ -292,7 +280,9 @@ def _train(cfg: DictConfig) -> dict | None:
     checkpoint = checkpoint_to_evaluate(cfg) if evaluate_only else None
     teacher = resolve_teacher(cfg)
     identity = identify(cfg, teacher.identity if teacher else None, checkpoint)
-    results = metrics_files(cfg, output_dir)
+    results = [output_dir / "metrics.json"]
+    if is_grid(cfg):  # a fused grid writes one per cell
+        results = [output_dir / name / "metrics.json" for name in grid_cell_names(cfg)]
     if finished(results, identity):
         info("%s exists: this run has finished already, nothing to do", results[0])
         return json.loads(read_run_file(results[0])) if len(results) == 1 else None
