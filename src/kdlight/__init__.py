@@ -1,13 +1,8 @@
-"""kdlight: knowledge distillation on CIFAR-10 and CIFAR-100 with Lightning and Hydra.
+"""kdlight: knowledge distillation on CIFAR-10 and CIFAR-100 with Lightning and Hydra (its
+rooms: README.md's "Layout").
 
-Rooms: ``kdlight.data`` (the DataModules), ``kdlight.models`` (architectures, the KD zoo's
-among them, and the ``create_model`` registry), ``kdlight.losses`` (each method's loss and
-connectors), ``kdlight.distillers`` (the methods as components), ``kdlight.models.taps`` (features
-by module name), ``kdlight.lit`` (the Lightning systems), ``kdlight.train`` (the Hydra entry
-point) and ``kdlight.cli.report`` (tables with seed statistics).
-
-The public API is here too, imported on first use (``import kdlight`` alone stays light:
-Hydra's config resolver below needs no torch)::
+The public API is here, imported on first use (``import kdlight`` alone stays light: Hydra's
+config resolvers below need no torch)::
 
     from kdlight import CIFAR10DataModule, ClassifierModule, DistillationModule, create_model
 """

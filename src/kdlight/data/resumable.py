@@ -3,12 +3,7 @@
 A run stopped at batch ``k`` of an epoch (a SIGTERM, Ctrl-C, a save every
 ``every_n_train_steps`` steps before a kill) and resumed from that checkpoint must train on
 the rest of *that* epoch's order: Lightning starts the epoch's loader afresh, so without
-more it would draw a new order and see other images. :class:`ResumableLoader` keeps, in
-every checkpoint (as a Lightning stateful loader), the seed the epoch's order was drawn
-with and how many of its batches were trained; resumed, it draws the same order and starts
-at the next batch, without touching the random state that the checkpoint restored
-(:class:`kdlight.trainer.callbacks.ResumeRandomState`), so the run goes on exactly as the run never
-stopped.
+more it would draw a new order and see other images (:class:`ResumableLoader`).
 """
 
 import logging
@@ -54,15 +49,18 @@ class RecordedShuffle(RandomSampler):
 
 class ResumableLoader(DataLoader):
     """A training ``DataLoader`` that a checkpoint saved in the middle of an epoch resumes
-    at the batch it reached, with the rest of the epoch's batches as they would have been.
+    at the batch it reached, with the rest of the epoch's batches as they would have been,
+    without touching the random state that the checkpoint restored
+    (:class:`kdlight.trainer.callbacks.ResumeRandomState`): the run goes on exactly as the
+    run never stopped.
 
-    Lightning saves :meth:`state_dict` in every checkpoint and, resuming, calls
-    :meth:`load_state_dict` before it starts the loader's first pass. The state: the epoch,
-    the seed of its order (:class:`RecordedShuffle`; None under DDP, whose sampler orders
-    by the run's seed and the epoch) and ``batches``, how many of its batches were trained,
-    read from the trainer's own count through ``progress`` (what the loader has handed out
-    need not all have been trained: a fetcher may hold batches ahead). At an epoch's end
-    ``batches`` is 0: the next epoch draws a new order, as it would have.
+    Lightning saves :meth:`state_dict` in every checkpoint (a stateful loader) and, resuming,
+    calls :meth:`load_state_dict` before it starts the loader's first pass. The state: the
+    epoch, the seed of its order (:class:`RecordedShuffle`; None under DDP, whose sampler
+    orders by the run's seed and the epoch) and ``batches``, how many of its batches were
+    trained, read from the trainer's own count through ``progress`` (a fetcher may hold
+    batches ahead of those trained). At an epoch's end ``batches`` is 0: the next epoch
+    draws a new order, as it would have.
 
     Args:
         progress: returns ``(epoch, batches trained in it, batches per epoch)`` while
