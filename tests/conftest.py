@@ -65,10 +65,12 @@ def cpu_trainer(root: Path, epochs: int, **kwargs) -> L.Trainer:
     )  # fmt: skip
 
 
-def run_cli(
+def start_cli(
     args: list[str], cwd: Path, entry: str = "kdlight.train", **env: str
-) -> subprocess.CompletedProcess:
-    """Run ``python -m <entry> ARGS`` in ``cwd`` with outputs under ``cwd/outputs``."""
+) -> subprocess.Popen:
+    """Start ``python -m <entry> ARGS`` in ``cwd`` with outputs under ``cwd/outputs``, its
+    output piped as text: runs started together share the cores while each imports torch
+    (seconds of one core), and :func:`finish` waits for each."""
     environ = {
         **os.environ,
         "KDLIGHT_OUTPUTS": str(cwd / "outputs"),
@@ -76,14 +78,32 @@ def run_cli(
         **env,
     }
     environ.pop("HYDRA_FULL_ERROR", None)
-    return subprocess.run(
+    return subprocess.Popen(
         [sys.executable, "-m", entry, *args],
         cwd=cwd,
         env=environ,
-        capture_output=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
         text=True,
-        timeout=600,
     )
+
+
+def finish(run: subprocess.Popen) -> subprocess.CompletedProcess:
+    """Wait (10 minutes at most) for a run that :func:`start_cli` started; what it did."""
+    try:
+        stdout, stderr = run.communicate(timeout=600)
+    except subprocess.TimeoutExpired:
+        run.kill()
+        run.wait()
+        raise
+    return subprocess.CompletedProcess(run.args, run.returncode, stdout, stderr)
+
+
+def run_cli(
+    args: list[str], cwd: Path, entry: str = "kdlight.train", **env: str
+) -> subprocess.CompletedProcess:
+    """Run ``python -m <entry> ARGS`` in ``cwd`` with outputs under ``cwd/outputs``."""
+    return finish(start_cli(args, cwd, entry, **env))
 
 
 @pytest.fixture

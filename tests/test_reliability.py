@@ -22,7 +22,7 @@ from kdlight.lit import DistillationGridModule, DistillationModule
 from kdlight.models import create_model
 from kdlight.train import train
 from kdlight.trainer.callbacks import NonFiniteLossError, SaveLastCheckpoint, StopOnNonFiniteLoss
-from tests.conftest import REPO, compose_config, run_cli
+from tests.conftest import REPO, compose_config, finish, run_cli, start_cli
 
 #: A tiny CPU run (the trainer choice left out): 500 training images in batches of 50 (10
 #: steps an epoch), 100 for validation, an odd-sized test set of 301, one epoch.
@@ -172,16 +172,23 @@ def fake_teacher(path: Path, name: str, num_classes: int) -> Path:
     return path
 
 
-@pytest.mark.parametrize(
-    ("setup", "message"),
-    [
-        ("corrupt", "cannot read teacher checkpoint"),
-        ("other_model", "holds a resnet20, not a resnet8"),
-        ("other_classes", "predicts 100 classes, the student 10"),
-    ],
-)
-def test_bad_teacher_checkpoint_is_one_clear_line(tmp_path: Path, setup: str, message: str):
-    path = tmp_path / "teacher.ckpt"
+#: What a teacher checkpoint is (``bad_teacher``) and the error line's text.
+BAD_TEACHERS = {
+    "corrupt": "cannot read teacher checkpoint",
+    "other_model": "holds a resnet20, not a resnet8",
+    "other_classes": "predicts 100 classes, the student 10",
+}
+#: What is wrong with the data or the run's last.ckpt (``bad_data``) and the error line's text.
+BAD_DATA = {
+    "corrupt_archive": "cannot read CIFAR-10 archive",
+    "negative_batch": "data.batch_size=-5 is not allowed: an integer >= 1",
+    "unreadable_last_ckpt": "cannot read checkpoint",
+}
+
+
+def bad_teacher(setup: str, folder: Path) -> list[str]:
+    """A distillation command whose teacher checkpoint, ``folder/teacher.ckpt``, is ``setup``."""
+    path = folder / "teacher.ckpt"
     if setup == "corrupt":
         path.write_bytes(b"\x00 not a checkpoint")
     else:
@@ -189,39 +196,55 @@ def test_bad_teacher_checkpoint_is_one_clear_line(tmp_path: Path, setup: str, me
             path, *{"other_model": ("resnet20", 10), "other_classes": ("resnet8", 100)}[setup]
         )
     args = ["experiment=distill", "trainer=cpu", *SMALL, "distill.teacher_model=resnet8"]
-    result = run_cli([*args, f"distill.teacher_checkpoint={path}"], tmp_path)
-    assert result.returncode == 2 and "Traceback" not in result.stderr
-    errors = error_lines(result)
-    assert len(errors) == 1 and message in errors[0] and str(path) in errors[0], result.stderr[
-        -2000:
-    ]
+    return [*args, f"distill.teacher_checkpoint={path}"]
 
 
-@pytest.mark.parametrize(
-    ("setup", "message"),
-    [
-        ("corrupt_archive", "cannot read CIFAR-10 archive"),
-        ("negative_batch", "data.batch_size=-5 is not allowed: an integer >= 1"),
-        ("unreadable_last_ckpt", "cannot read checkpoint"),
-    ],
-)
-def test_bad_data_or_checkpoint_is_one_clear_line(tmp_path: Path, setup: str, message: str):
-    run_dir = tmp_path / "run"
+def bad_data(setup: str, folder: Path) -> list[str]:
+    """A command, its run in ``folder/run``, whose data or ``last.ckpt`` is ``setup``."""
+    run_dir = folder / "run"
     args = ["trainer=cpu", *SMALL, f"hydra.run.dir={run_dir}"]
     if setup == "corrupt_archive":
-        archive = tmp_path / "cifar10.tar.gz"
+        archive = folder / "cifar10.tar.gz"
         archive.write_bytes(b"\x1f\x8b this is not gzip")
         args += [
             "data.source=archive",
             f"data.archive_path={archive}",
-            f"data.data_dir={tmp_path / 'c'}",
+            f"data.data_dir={folder / 'c'}",
         ]
     elif setup == "negative_batch":
         args.append("data.batch_size=-5")
     else:
         (run_dir / "checkpoints").mkdir(parents=True)
         (run_dir / "checkpoints" / "last.ckpt").write_bytes(b"truncated")
-    result = run_cli(args, tmp_path)
+    return args
+
+
+@pytest.fixture(scope="module")
+def bad_launches(tmp_path_factory) -> dict[str, tuple[Path, subprocess.CompletedProcess]]:
+    """Each command of :func:`bad_teacher` and :func:`bad_data`, by setup: the folder it ran
+    in and what it did. They are started together, each in its own folder: each spends
+    seconds of one core importing torch, and the cores run them side by side."""
+    folders = {setup: tmp_path_factory.mktemp(setup) for setup in [*BAD_TEACHERS, *BAD_DATA]}
+    commands = {setup: bad_teacher(setup, folders[setup]) for setup in BAD_TEACHERS}
+    commands |= {setup: bad_data(setup, folders[setup]) for setup in BAD_DATA}
+    runs = {setup: start_cli(args, folders[setup]) for setup, args in commands.items()}
+    return {setup: (folders[setup], finish(run)) for setup, run in runs.items()}
+
+
+@pytest.mark.parametrize(("setup", "message"), BAD_TEACHERS.items())
+def test_bad_teacher_checkpoint_is_one_clear_line(bad_launches, setup: str, message: str):
+    folder, result = bad_launches[setup]
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    errors = error_lines(result)
+    path = folder / "teacher.ckpt"
+    assert len(errors) == 1 and message in errors[0] and str(path) in errors[0], result.stderr[
+        -2000:
+    ]
+
+
+@pytest.mark.parametrize(("setup", "message"), BAD_DATA.items())
+def test_bad_data_or_checkpoint_is_one_clear_line(bad_launches, setup: str, message: str):
+    _, result = bad_launches[setup]
     assert result.returncode == 2 and "Traceback" not in result.stderr
     errors = error_lines(result)
     assert len(errors) == 1 and message in errors[0], result.stderr[-2000:]

@@ -25,7 +25,16 @@ from kdlight.distillers import CRD
 from kdlight.errors import KDLightError
 from kdlight.models import list_models
 from kdlight.trainer.callbacks import SaveLastCheckpoint, StopOnNonFiniteLoss
-from tests.conftest import TINY, compose_config, mount, mounts_here, run_cli, unmount
+from tests.conftest import (
+    TINY,
+    compose_config,
+    finish,
+    mount,
+    mounts_here,
+    run_cli,
+    start_cli,
+    unmount,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 MODELS = ", ".join(list_models())  # what a message offers for a model that does not exist
@@ -423,12 +432,11 @@ def test_preflight_refuses_a_read_only_launch_folder(
 
 
 # --------------------------------------------------------------------------------- extras
-def run_without(
-    blocked: str, entry: str, args: list[str], cwd: Path
-) -> subprocess.CompletedProcess:
-    """``python -m ENTRY ARGS`` with the modules ``blocked`` unimportable, as if their
-    packages were not installed (``sys.modules[name] = None`` is how Python marks a module
-    that cannot be imported)."""
+def start_without(blocked: str, entry: str, args: list[str], cwd: Path) -> subprocess.Popen:
+    """Start ``python -m ENTRY ARGS`` in ``cwd`` (made here) with the modules ``blocked``
+    unimportable, as if their packages were not installed (``sys.modules[name] = None`` is
+    how Python marks a module that cannot be imported)."""
+    cwd.mkdir()
     (cwd / "without.py").write_text(
         "import os, runpy, sys\n"
         "for name in os.environ['KDLIGHT_TEST_BLOCKED'].split(','):\n"
@@ -441,7 +449,7 @@ def run_without(
         "    runpy.run_module(entry, run_name='__main__', alter_sys=True)\n"
     )
     environment = {"PYTHONPATH": str(cwd), "KDLIGHT_TEST_BLOCKED": blocked}
-    return run_cli([entry, *args], cwd, entry="without", **environment)
+    return start_cli([entry, *args], cwd, entry="without", **environment)
 
 
 def error_lines(result: subprocess.CompletedProcess) -> list[str]:
@@ -459,11 +467,16 @@ SLURM_MISSING = (
 
 
 def test_missing_extras_are_named(tmp_path: Path):
-    tensorboard = run_without(NO_TENSORBOARD, "preflight", [*TINY, "logger=tensorboard"], tmp_path)
+    # started together, each in its own folder: each spends seconds importing torch
+    args = [*TINY, "logger=tensorboard"]
+    tensorboard = start_without(NO_TENSORBOARD, "preflight", args, tmp_path / "tensorboard")
+    multirun = ["-m", "hydra/launcher=slurm"]
+    slurm = start_without(NO_SLURM, "preflight", multirun, tmp_path / "slurm")
+    devices = ["trainer.devices=4"]
+    dry_run = start_without(NO_SLURM, "kdlight.cli.slurm", devices, tmp_path / "dry_run")
+    tensorboard, slurm, dry_run = finish(tensorboard), finish(slurm), finish(dry_run)
     assert tensorboard.returncode == 2 and error_lines(tensorboard) == [TENSORBOARD_MISSING]
-    slurm = run_without(NO_SLURM, "preflight", ["-m", "hydra/launcher=slurm"], tmp_path)
     assert slurm.returncode == 2 and error_lines(slurm) == [SLURM_MISSING]
-    dry_run = run_without(NO_SLURM, "kdlight.cli.slurm", ["trainer.devices=4"], tmp_path)
     assert dry_run.returncode == 2 and error_lines(dry_run) == [SLURM_MISSING]
     assert "Traceback" not in tensorboard.stderr + slurm.stderr + dry_run.stderr
 
@@ -539,12 +552,15 @@ def test_cli_stops_a_bad_setting_before_any_work(tmp_path: Path, args: list[str]
 
 
 def test_cli_names_missing_extras_and_slurm_devices(tmp_path: Path):
+    # started together, each in its own folder: each spends seconds importing torch
     args = [*TINY, "logger=tensorboard"]
-    tensorboard = run_without(NO_TENSORBOARD, "kdlight.train", args, tmp_path)
+    tensorboard = start_without(NO_TENSORBOARD, "kdlight.train", args, tmp_path / "tensorboard")
+    multirun = ["-m", "hydra/launcher=slurm"]
+    slurm = start_without(NO_SLURM, "kdlight.train", multirun, tmp_path / "slurm")
+    auto = start_cli([*multirun, "trainer=ddp"], tmp_path)
+    tensorboard, slurm, auto = finish(tensorboard), finish(slurm), finish(auto)
     assert tensorboard.returncode == 2 and error_lines(tensorboard) == [TENSORBOARD_MISSING]
-    slurm = run_without(NO_SLURM, "kdlight.train", ["-m", "hydra/launcher=slurm"], tmp_path)
     assert slurm.returncode == 2 and error_lines(slurm) == [SLURM_MISSING]
-    auto = run_cli(["-m", "hydra/launcher=slurm", "trainer=ddp"], tmp_path)
     assert auto.returncode == 2 and error_lines(auto) == [
         "error: trainer.devices=auto is not allowed for hydra/launcher=slurm: set "
         "trainer.devices=N (a number of GPUs per node)"

@@ -111,16 +111,17 @@ def processes_mentioning(text: str) -> list[int]:
     return found
 
 
-def python(script: str, *args: str, **env: str) -> subprocess.CompletedProcess:
-    """Run a Python ``script`` in a new process, with ``env`` over this one's environment
-    (without the rank variables of any launcher around the tests)."""
+def python(script: str, *args: str, **env: str) -> subprocess.Popen:
+    """Start a Python ``script`` in a new process, its output piped as text, with ``env``
+    over this one's environment (without the rank variables of any launcher around the
+    tests)."""
     environ = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "NODE_RANK")}
-    return subprocess.run(
+    return subprocess.Popen(
         [sys.executable, "-c", script, *args],
         env={**environ, **env},
-        capture_output=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
         text=True,
-        timeout=5 * ONE_MINUTE,
     )
 
 
@@ -250,11 +251,10 @@ def test_sigterm_outside_training_stops_at_once():
         os.kill(os.getpid(), signal.SIGTERM)
         time.sleep(60)
     """
-    result = python(script)
-    assert result.returncode == -signal.SIGTERM, result.stderr[-3000:]
-    assert result.stdout.splitlines() == [
-        f"143 terminated by SIGTERM outside training: {RESUME_HINT}"
-    ]
+    run = python(script)
+    stdout, stderr = run.communicate(timeout=5 * ONE_MINUTE)
+    assert run.returncode == -signal.SIGTERM, stderr[-3000:]
+    assert stdout.splitlines() == [f"143 terminated by SIGTERM outside training: {RESUME_HINT}"]
 
 
 def handles(pid: int, signum: int) -> bool:
@@ -383,13 +383,11 @@ def test_only_the_launching_process_takes_the_lock(tmp_path: Path):
     Lightning's DDP (LOCAL_RANK=1) or another node (NODE_RANK=1) starts in the same
     directory runs: the run is theirs too."""
     with hold_run_lock(tmp_path):
+        ranks = {"launch": {}, "ddp": {"LOCAL_RANK": "1"}, "node": {"NODE_RANK": "1"}}
+        # all three at once: each spends seconds importing torch before it tries the lock
+        runs = {rank: python(TRY_LOCK, str(tmp_path), **env) for rank, env in ranks.items()}
         outcomes = {
-            rank: python(TRY_LOCK, str(tmp_path), **env).stdout.strip()
-            for rank, env in [
-                ("launch", {}),
-                ("ddp", {"LOCAL_RANK": "1"}),
-                ("node", {"NODE_RANK": "1"}),
-            ]
+            rank: run.communicate(timeout=5 * ONE_MINUTE)[0].strip() for rank, run in runs.items()
         }
     assert outcomes == {"launch": "in use", "ddp": "ran", "node": "ran"}
 

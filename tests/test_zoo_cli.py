@@ -2,6 +2,7 @@
 laid out as RepDistiller publishes it, and the zoo's recipes and pairs."""
 
 import json
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -9,7 +10,7 @@ import torch
 
 from kdlight.data import CIFAR100_CLASSES
 from kdlight.models import create_model, official_state_dict
-from tests.conftest import compose_config, run_cli
+from tests.conftest import compose_config, finish, start_cli
 
 CIFAR100 = [
     "data=cifar100", "data.source=synthetic", "data.synthetic_train_size=400",
@@ -20,29 +21,41 @@ CIFAR100 = [
 PAIRS = sorted(p.stem for p in (Path(__file__).parents[1] / "conf" / "pair").glob("*.yaml"))
 
 
+@pytest.fixture(scope="module")
+def zoo_runs(tmp_path_factory) -> dict[str, tuple[Path, subprocess.CompletedProcess]]:
+    """The runs of the two tests below, by name: the folder each ran in and what it did.
+    They are started together, each in its own folder, so that one imports torch while
+    the other trains."""
+    model, distill = tmp_path_factory.mktemp("model"), tmp_path_factory.mktemp("distill")
+    torch.manual_seed(0)
+    teacher = create_model("resnet20", num_classes=100)  # kdlight names it otherwise
+    published = {"model": official_state_dict("resnet20", teacher), "epoch": 240}
+    torch.save(published, distill / "ckpt_epoch_240.pth")
+    args = ["experiment=distill", *CIFAR100, "model=resnet8", "distill.teacher_model=resnet20"]
+    args.append(f"distill.teacher_checkpoint={distill / 'ckpt_epoch_240.pth'}")
+    runs = {
+        "model": (model, start_cli([*CIFAR100, "model=resnet8x4"], model)),
+        "distill": (distill, start_cli(args, distill)),
+    }
+    return {name: (folder, finish(run)) for name, (folder, run) in runs.items()}
+
+
 @pytest.mark.slow
-def test_a_zoo_model_on_cifar100_reports_100_classes(tmp_path: Path):
-    result = run_cli([*CIFAR100, "model=resnet8x4"], tmp_path)
+def test_a_zoo_model_on_cifar100_reports_100_classes(zoo_runs):
+    folder, result = zoo_runs["model"]
     assert result.returncode == 0, result.stderr[-3000:]
-    (metrics,) = (tmp_path / "outputs").rglob("metrics.json")
+    (metrics,) = (folder / "outputs").rglob("metrics.json")
     per_class = json.loads(metrics.read_text())["per_class_accuracy"]
     assert list(per_class) == list(CIFAR100_CLASSES) and len(per_class) == 100
 
 
 @pytest.mark.slow
-def test_distilling_from_a_published_teacher_file(tmp_path: Path):
+def test_distilling_from_a_published_teacher_file(zoo_runs):
     """``ckpt_epoch_240.pth`` as RepDistiller saves it (the weights under ``model``, its
     module names), read as it is by ``distill.teacher_checkpoint`` and ``teacher_model``."""
-    torch.manual_seed(0)
-    teacher = create_model("resnet20", num_classes=100)  # kdlight names it otherwise
-    published = {"model": official_state_dict("resnet20", teacher), "epoch": 240}
-    torch.save(published, tmp_path / "ckpt_epoch_240.pth")
-    args = ["experiment=distill", *CIFAR100, "model=resnet8", "distill.teacher_model=resnet20"]
-    result = run_cli(
-        [*args, f"distill.teacher_checkpoint={tmp_path / 'ckpt_epoch_240.pth'}"], tmp_path
-    )
+    folder, result = zoo_runs["distill"]
     assert result.returncode == 0, result.stderr[-3000:]
-    (metrics,) = (tmp_path / "outputs").rglob("metrics.json")
+    (metrics,) = (folder / "outputs").rglob("metrics.json")
     record = json.loads(metrics.read_text())
     assert record["teacher_model"] == "resnet20" and len(record["per_class_accuracy"]) == 100
 
