@@ -292,9 +292,9 @@ def test_the_datamodule_loads_the_archive_once(tree: Path, tmp_path: Path, monke
 
     loads = []
 
-    def counted(path: Path, cache_dir: Path):
+    def counted(path: Path, cache_dir: Path, dataset):
         loads.append(path)
-        return load_archive(path, cache_dir)
+        return load_archive(path, cache_dir, dataset)
 
     monkeypatch.setattr(datamodule_file, "load_archive", counted)
     datamodule = CIFAR10DataModule(archive_path=str(tree), data_dir=str(tmp_path), val_size=5)

@@ -275,14 +275,12 @@ class ImageDataModule(L.LightningDataModule):
         else:
             images, labels, *indices = batch
         training = self.trainer is not None and self.trainer.training
-        drawn = []
         if training and self.hparams.augment:
             generator = self._augment_generator(images.device)
             images, params = random_crop_flip(images, generator=generator, return_params=True)
-            drawn = [params]
         elif training:  # not augmented: every image as it is
-            drawn = [IDENTITY.to(images.device).expand(len(images), 3)]
-        drawn = drawn if self.with_augmentation else []
+            params = IDENTITY.to(images.device).expand(len(images), 3)
+        drawn = [params] if training and self.with_augmentation else []
         return self.normalize(images), labels, *indices, *drawn
 
     def _augment_generator(self, device: torch.device) -> torch.Generator | None:
@@ -394,10 +392,7 @@ class CIFARDataModule(ImageDataModule):
             )
         if hp.source == "torchvision":
             return load_torchvision(self.data_dir, hp.download, self.dataset)
-        path = Path(hp.archive_path).expanduser()
-        if self.dataset == CIFAR10_SPEC:  # load_archive's own default, called as it always was
-            return load_archive(path, self.data_dir)
-        return load_archive(path, self.data_dir, self.dataset)
+        return load_archive(Path(hp.archive_path).expanduser(), self.data_dir, self.dataset)
 
     def _source(self) -> str:
         return self.hparams.source
