@@ -33,18 +33,18 @@ reference_sgd = partial(torch.optim.SGD, lr=0.1, momentum=0.9, weight_decay=5e-4
 
 
 def classes_predicted(
-    model: nn.Module, input_shape: tuple[int, ...], num_classes: int | None, what: str
+    model: nn.Module, input_shape: tuple[int, ...], num_classes: int | None
 ) -> int:
     """How many classes ``model`` predicts: the width of its output on one image of
     ``input_shape`` (in eval mode and without gradients, so no statistic, parameter or random
     stream changes). ``num_classes``, when given, must agree with it, and is the answer where
     the model cannot be run on such an image; else the ``out_features`` of its last
     ``nn.Linear`` is (registered last, which is not always the one run last: so it only
-    answers, never contradicts). ``what`` names the model in the error line."""
+    answers, never contradicts)."""
     predicted = probe_classes(model, input_shape)
     if num_classes is not None and predicted not in (None, num_classes):
         raise KDLightError(
-            f"num_classes={num_classes} does not fit {what} ({type(model).__name__}), which "
+            f"num_classes={num_classes} does not fit the model ({type(model).__name__}), which "
             f"predicts {predicted} classes: leave num_classes out or make the model for "
             f"{num_classes} classes"
         )
@@ -53,7 +53,7 @@ def classes_predicted(
     linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
     if not linears:
         raise KDLightError(
-            f"cannot tell how many classes {what} ({type(model).__name__}) predicts: its "
+            f"cannot tell how many classes the model ({type(model).__name__}) predicts: its "
             f"output on one image of shape {tuple(input_shape)} is not (1, classes) and it "
             "has no nn.Linear; pass num_classes="
         )
@@ -136,7 +136,7 @@ class ClassificationSystem(L.LightningModule):
         cells: Sequence[str] | None = None,
     ) -> None:
         super().__init__()
-        num_classes = classes_predicted(model, input_shape, num_classes, "the model")
+        num_classes = classes_predicted(model, input_shape, num_classes)
         self.optimizer_factory = optimizer or reference_sgd
         self.scheduler_factory = scheduler
         self.num_classes = num_classes

@@ -54,9 +54,9 @@ class DistillationSystem(ClassificationSystem):
             model, optimizer, scheduler, num_classes, class_names, compile, channels_last,
             input_shape, cells,
         )  # fmt: skip
-        # the hyperparameters: the arguments of the concrete system, whose __init__ calls this
+        # the hyperparameters: the arguments of the concrete system, whose __init__ calls this,
+        # but its modules (a teacher_model too, when Hydra built it from a config's _target_)
         ignored = ["model", "teacher", "optimizer", "scheduler", "distiller", "methods"]
-        # a built teacher_model (Hydra instantiates a model config with _target_) too
         built_model = ["teacher_model"] if isinstance(teacher_model, nn.Module) else []
         self.save_hyperparameters(ignore=ignored + built_model, frame=inspect.currentframe().f_back)
         num_classes = self.num_classes  # measured from the student when not given

@@ -93,17 +93,15 @@ def attach_training_data(trainer: L.Trainer, slots: Sequence[MethodSlot]) -> Non
     for indices (its training batches become ``(images, labels, indices)``) and give each
     method the training set's labels. Such a method trains on one process unless it says
     ``supports_ddp``. Called from the systems' ``setup("fit")``."""
-    for slot in slots:
-        if not slot.needs_index:
-            continue
+    datamodule = trainer.datamodule
+    for slot in [slot for slot in slots if slot.needs_index]:
         check_one_process(slot.method, trainer.num_devices, trainer.num_nodes)
-        name = method_name(slot.method)
-        datamodule = trainer.datamodule
         labels = getattr(datamodule, "train_labels", None)
         if labels is None or not hasattr(datamodule, "with_index"):
             raise KDLightError(
-                f"distiller={name} needs each training image's index: use a data module with "
-                "with_index and train_labels, such as kdlight's CIFAR10DataModule"
+                f"distiller={method_name(slot.method)} needs each training image's index: use "
+                "a data module with with_index and train_labels, such as kdlight's "
+                "CIFAR10DataModule"
             )
         datamodule.with_index = True
         slot.method.attach_data(labels)

@@ -119,20 +119,18 @@ class ResumeRandomState(Callback):
             _set_random_state(processes[rank])
         else:
             log.warning(
-                "the checkpoint holds the random state of %d processes: process %d goes on "
-                "with its seeded state",
-                len(processes),
-                rank,
+                f"the checkpoint holds the random state of {len(processes)} processes: "
+                f"process {rank} goes on with its seeded state"
             )
 
 
 def _random_state() -> dict:
     """This process's global random state, in types ``torch.load(weights_only=True)`` reads."""
-    _, keys, position, has_gauss, cached_gaussian = np.random.get_state(legacy=True)
+    _, keys, *rest = np.random.get_state(legacy=True)  # position, has_gauss, cached_gaussian
     return {
         "torch": torch.get_rng_state(),
         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else [],
-        "numpy": (torch.from_numpy(keys.astype(np.int64)), position, has_gauss, cached_gaussian),
+        "numpy": (torch.from_numpy(keys.astype(np.int64)), *rest),
         "python": random.getstate(),
     }
 
@@ -143,7 +141,7 @@ def _set_random_state(state: dict) -> None:
     if state["cuda"] and torch.cuda.is_available():
         for device, cuda_state in enumerate(state["cuda"][: torch.cuda.device_count()]):
             torch.cuda.set_rng_state(cuda_state, device)
-    keys, *rest = state["numpy"]  # position, has_gauss, cached_gaussian
+    keys, *rest = state["numpy"]
     np.random.set_state(("MT19937", keys.numpy().astype(np.uint32), *rest))
     version, internal, gauss_next = state["python"]
     random.setstate((version, tuple(internal), gauss_next))
@@ -224,8 +222,7 @@ class StopOnNonFiniteLoss(Callback):
             for *_, parts in pending
         ]).tolist()  # fmt: skip  # the one read back from the device
         mine = next((step for (step, *_), ok in zip(pending, finite, strict=True) if not ok), None)
-        # the earliest step at which any process went non-finite
-        first = _reduce(trainer, _NONE if mine is None else mine, "min")
+        first = _reduce(trainer, _NONE if mine is None else mine, "min")  # of any process
         if first == _NONE:
             return
         _, epoch, batch_idx, parts = next(entry for entry in pending if entry[0] == first)
