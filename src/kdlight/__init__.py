@@ -7,9 +7,9 @@ config resolvers below need no torch)::
     from kdlight import CIFAR10DataModule, ClassifierModule, DistillationModule, create_model
 """
 
+import ast
 import functools
 import importlib
-import re
 from pathlib import Path
 
 from omegaconf import OmegaConf
@@ -97,8 +97,30 @@ def config_dir() -> Path:
     return conf
 
 
-#: A model of the registry: ``@register_model`` above its function in ``kdlight/models/``
-_REGISTERED_MODEL = re.compile(r"^@register_model\s+def (\w+)\(", re.MULTILINE)
+def _registered_names(source: str) -> list[str]:
+    """The model names one module of ``kdlight/models/`` registers, read from its source: its
+    ``@register_model`` functions and the keys of each table it gives ``register_variants``
+    (a dict literal, a module-level dict's name, or a comprehension over its ``.items()``)."""
+    tree = ast.parse(source)
+    tables = {
+        target.id: node.value
+        for node in tree.body
+        if isinstance(node, ast.Assign | ast.AnnAssign) and isinstance(node.value, ast.Dict)
+        for target in (node.targets if isinstance(node, ast.Assign) else [node.target])
+    }
+    names = [
+        node.name
+        for node in tree.body
+        if isinstance(node, ast.FunctionDef)
+        and any(ast.unparse(decorator) == "register_model" for decorator in node.decorator_list)
+    ]
+    for call in ast.walk(tree):
+        if isinstance(call, ast.Call) and ast.unparse(call.func) == "register_variants":
+            table = call.args[1]
+            if isinstance(table, ast.DictComp):  # {name: ... for name, ... in TABLE.items()}
+                table = table.generators[0].iter.func.value
+            names += [key.value for key in tables.get(getattr(table, "id", None), table).keys]
+    return names
 
 
 @functools.cache
@@ -107,14 +129,14 @@ def _store_model_choices(files: Path) -> None:
     template in Hydra's ConfigStore, ``create_model`` with the name and the run's
     ``num_classes``. A file is for a model with settings of its own (``width``).
 
-    The names are read from the registry's source (its ``@register_model`` lines), not from
+    The names are read from the registry's source (:func:`_registered_names`), not from
     ``kdlight.models.list_models``, which imports torch: :func:`config_dir` serves callers
     that need none (a resolver, ``kdlight-study``'s job list); a test holds the two equal."""
     from hydra.core.config_store import ConfigStore  # Hydra is imported by whoever composes
 
     own_file = {path.stem for path in files.glob("*.yaml")}
     sources = sorted((Path(__file__).resolve().parent / "models").glob("*.py"))
-    names = [name for file in sources for name in _REGISTERED_MODEL.findall(file.read_text())]
+    names = [name for file in sources for name in _registered_names(file.read_text())]
     for name in sorted(set(names) - own_file):
         template = {"_target_": "kdlight.models.create_model", "name": name}
         ConfigStore.instance().store(
