@@ -14,7 +14,7 @@ from kdlight.errors import KDLightError
 from kdlight.lit import load_teacher
 from kdlight.models import create_model
 from kdlight.models.published import official_state_dict
-from tests.conftest import run_cli
+from tests.conftest import finish, run_cli, start_cli
 
 TINY = [
     "trainer=cpu", "data=synthetic", "data.synthetic_train_size=200",
@@ -90,13 +90,16 @@ def test_the_cli_distils_from_a_torchvision_teacher(tmp_path: Path):
     torch.save(torchvision.models.resnet18(num_classes=10).state_dict(), tmp_path / "tv.pt")
     teacher = "{_target_: torchvision.models.resnet18, num_classes: 10}"
     args = ["experiment=distill", f"distill.teacher_model={teacher}", *TINY]
-    result = run_cli([*args, f"distill.teacher_checkpoint={tmp_path / 'tv.pt'}"], tmp_path)
+    training = start_cli([*args, f"distill.teacher_checkpoint={tmp_path / 'tv.pt'}"], tmp_path)
+    # without the weights, in a folder of its own: it starts up while the other trains
+    (tmp_path / "missing").mkdir()
+    missing = finish(start_cli(args, tmp_path / "missing"))
+    result = finish(training)
     assert result.returncode == 0, result.stderr[-3000:]
     (metrics,) = (tmp_path / "outputs").rglob("metrics.json")
     record = json.loads(metrics.read_text())
     assert record["teacher_model"] == "ResNet" and record["accuracy"] is not None
 
-    missing = run_cli(args, tmp_path)
     assert missing.returncode == 2
     assert (
         "error: distill.teacher_model is a model config: name its weights with " in missing.stderr
