@@ -61,12 +61,11 @@ def at_loss(
     (``adaptive_avg_pool2d``) to the smaller one's ``H_l x W_l`` (height and width each to
     the smaller of the two; the official code, RepDistiller's and mdistiller's ``AT.py``,
     pools to ``(H, H)``, the same on square maps), then each map's attention :math:`Q` is
-    taken: the channel mean of :math:`|f|^p`, flattened and L2-normalised per sample, so the
-    channel counts of student and teacher need not agree. The official code takes
-    :math:`f^p` without the absolute value: the same for its ``p = 2`` (any even ``p``).
-    The squared difference is averaged over batch and positions (the official code's
-    ``(at(f_s) - at(f_t)).pow(2).mean()``) and the stages are summed. The method's weight:
-    1000 in the official CIFAR setting.
+    taken: the channel mean of :math:`|f|^p`, flattened and L2-normalised per sample. The
+    official code takes :math:`f^p` without the absolute value: the same for its ``p = 2``
+    (any even ``p``). The squared difference is averaged over batch and positions (the
+    official code's ``(at(f_s) - at(f_t)).pow(2).mean()``) and the stages are summed. The
+    method's weight: 1000 in the official CIFAR setting.
 
     Args:
         student_features: one ``(B, C_s, H_s, W_s)`` map per stage.

@@ -12,10 +12,9 @@ One CRD step, as in RepDistiller's CIFAR code (``crd/criterion.py``, ``crd/memor
 3. ``student_scores, teacher_scores = ContrastMemory(128, num_data)(student_embedding,
    teacher_embedding, index, contrast_index)``: each embedding against the other network's
    memory bank, which then takes in this batch's embeddings;
-4. ``crd_loss(student_scores, num_data) + crd_loss(teacher_scores, num_data)``.
-
-Each argument's official CIFAR value is in its docstring; the method,
-:class:`kdlight.distillers.CRD`, weights the sum 0.8 with the cross-entropy at weight 1.
+4. ``crd_loss(student_scores, num_data) + crd_loss(teacher_scores, num_data)``, weighted by
+   the method (:class:`kdlight.distillers.CRD`); each argument's official value is in its
+   docstring.
 """
 
 import math
@@ -70,10 +69,9 @@ class ContrastMemory(nn.Module):
     After the scores, each bank takes in the batch without gradient: the rows at ``index``
     become :math:`\mathrm{normalise}(m \, M_{j} + (1 - m) \, z)`, the student bank from
     :math:`z^s` and the teacher bank from :math:`z^t`. The banks start uniform in
-    :math:`[-\sigma, \sigma]`, :math:`\sigma = 1/\sqrt{\mathrm{dim}/3}`. Scores are
-    computed in float32, also under mixed precision. As RepDistiller's ``ContrastMemory``
-    (``v1`` the student, ``v2`` the teacher), except that the constants are set without
-    reading them back to the host.
+    :math:`[-\sigma, \sigma]`, :math:`\sigma = 1/\sqrt{\mathrm{dim}/3}`. As RepDistiller's
+    ``ContrastMemory`` (``v1`` the student, ``v2`` the teacher), except that the constants
+    are set without reading them back to the host.
 
     Args:
         dim: the embedding size.
@@ -164,9 +162,10 @@ def crd_loss(scores: Tensor, num_data: int, eps: float = 1e-7) -> Tensor:
     distribution is uniform over the :math:`N` = ``num_data`` training images. Reduction: the
     sum over the batch divided by its size, as official. CRD adds this loss of the student's
     scores and of the teacher's and scales the sum by 0.8 in the official CIFAR setting (no
-    weight is applied here). Computed in float32, also under mixed precision, the negatives'
-    terms as :math:`-\log(1 + (s_{bk} + \epsilon) / (K P_n))`, which keeps the sum within
-    about 1e-7 of its float64 value (the quotient's logarithm as written, 4e-5).
+    weight is applied here). The negatives' terms are computed as
+    :math:`-\log(1 + (s_{bk} + \epsilon) / (K P_n))`: the quotient is close to 1, where
+    float32 keeps few of the logarithm's digits, and its logarithm as written drifts the sum
+    4e-5 from its float64 value (1e-7 this way).
 
     Args:
         scores: ``(B, K+1)``, positive first.
@@ -181,9 +180,6 @@ def crd_loss(scores: Tensor, num_data: int, eps: float = 1e-7) -> Tensor:
         noise = negatives / num_data  # K * P_n
         positive = scores[:, 0]
         log_positive = torch.log(positive / (positive + noise + eps))
-        # log(K P_n / (s + K P_n + eps)) as -log1p((s + eps) / (K P_n)): the quotient is
-        # close to 1, where float32 keeps few of the logarithm's digits, and the sum of
-        # B x K of them drifted 4e-5 from its float64 value (1e-7 this way)
         log_negative = -torch.log1p((scores[:, 1:] + eps) / noise)
         return -(log_positive.sum() + log_negative.sum()) / batch
 

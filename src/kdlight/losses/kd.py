@@ -113,9 +113,8 @@ class KDLoss(nn.Module):
     def forward(
         self, student_logits: Tensor, teacher_logits: Tensor, targets: Tensor
     ) -> dict[str, Tensor]:
-        return kd_loss(
-            student_logits, teacher_logits, targets, self.temperature, self.alpha, self.standardize
-        )
+        settings = self.temperature, self.alpha, self.standardize
+        return kd_loss(student_logits, teacher_logits, targets, *settings)
 
     def extra_repr(self) -> str:
         return f"temperature={self.temperature}, alpha={self.alpha}, standardize={self.standardize}"
