@@ -1,16 +1,10 @@
 """``kdlight-study``: a zoo study as one command, teacher -> students -> report (its
-command line: :data:`USAGE`).
+command line and the jobs it runs: :data:`USAGE`).
 
-A study is the pair's teacher (``experiment=zoo_teacher``), then its student alone
-(``experiment=zoo_student``) and each method (``experiment=zoo_distill distiller=M``) at
-each seed, then ``kdlight-report`` of those runs into one folder. Each job is the
-``kdlight-train`` run its overrides name, so its directory, identity and finished state are
-that run's (:mod:`kdlight.runs.identity`): a job that has finished is skipped (and said so), and
-launching the study again continues it. Locally the jobs run one after another in this
-process (a job whose trainer runs several processes runs as ``kdlight-train``). On SLURM the
-teacher is one job, the students one job array that starts after the teacher finished
-(``--dependency=afterok``), and the report one job after the array; ``sbatch`` receives
-scripts rendered here with the resources of ``conf/hydra/launcher/slurm.yaml``.
+Each job is the ``kdlight-train`` run its overrides name, so its directory, identity and
+finished state are that run's (:mod:`kdlight.runs.identity`). Locally the jobs run one after
+another (:func:`run_here`, :func:`run_job`); on SLURM ``sbatch`` receives the scripts of
+:func:`slurm_jobs`, with the resources of ``conf/hydra/launcher/slurm.yaml``.
 """
 
 import argparse
@@ -30,7 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from kdlight import config_dir
-from kdlight.config.preflight import check_command_line
+from kdlight.config.preflight import check_command_line, check_slurm_resources
 from kdlight.errors import KDLightError, find_user_error, first_line
 from kdlight.runs.files import atomic_write
 from kdlight.runs.identity import identify
@@ -258,14 +252,9 @@ def launcher_settings(study: Study, cfg: DictConfig) -> dict:
                 f"{', '.join(k for k in launcher if k not in ('_target_', 'submitit_folder'))}>)"
             )
         launcher[key] = override.value()
+    check_slurm_resources(cfg)
     root = OmegaConf.create({"trainer": _trainer_size(cfg), "launcher": launcher})
     settings = OmegaConf.to_container(root, resolve=True)["launcher"]
-    for key in ("tasks_per_node", "gpus_per_node", "nodes"):
-        if not isinstance(settings.get(key), int):
-            raise KDLightError(
-                f"trainer.devices and trainer.num_nodes must be numbers on SLURM (got "
-                f"{key}={settings.get(key)}): set trainer.devices=N"
-            )
     if str(OmegaConf.select(cfg, "trainer.accelerator", default="")) == "cpu":
         settings["gpus_per_node"] = None  # a CPU job asks for no GPU
     return settings
