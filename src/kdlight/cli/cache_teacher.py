@@ -31,7 +31,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from kdlight import config_dir
-from kdlight.config.settings import validate_settings
+from kdlight.config.settings import validate_settings, value_of
 from kdlight.errors import KDLightError, first_line
 from kdlight.models.fast import FastForward
 from kdlight.runs.identity import is_distillation
@@ -90,10 +90,9 @@ def cache_teacher(cfg: DictConfig) -> dict:
     data.setup("fit")
     device = trainer.strategy.root_device
     module = cfg.module
-    architecture = module.get("teacher_model")
-    if isinstance(architecture, DictConfig):
-        architecture = OmegaConf.to_container(architecture, resolve=True)
-    model = load_teacher(teacher.checkpoint, architecture, module.num_classes)
+    model = load_teacher(
+        teacher.checkpoint, value_of(cfg, "module.teacher_model"), module.num_classes
+    )
     model = trainer.precision_plugin.convert_module(freeze(model)).to(device)
     cache = teacher_cache_for(
         model, teacher.checkpoint, data, str(trainer.precision), module.num_classes
