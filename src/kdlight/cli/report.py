@@ -2,17 +2,13 @@
 
     kdlight-report outputs/distill outputs/distill_grid [--out report/] [--reference dkd]
 
-:func:`collect_runs` (:mod:`kdlight.analysis.records`) reads one record per run directory below the
-given ones; a run that cannot be read is a failed run with the reason, the rest is reported.
-
-Finished runs whose settings differ only in the seed form a group (:mod:`kdlight.analysis.stats`).
-:func:`compare_runs` puts the distillation groups of one student model whose settings
-differ only in T and alpha into one comparison, with its teacher and the comparable student
-baseline: the same model, test images, epochs and data. Runs that differ in any of these are
-never averaged together nor put in one table. Debug runs (``run.debug``) are in
-``report.csv`` only. Each table has a reference row (:func:`kdlight.analysis.stats.set_reference`):
-KD at the settings the other methods ran with, else the baseline, or the method
-``--reference`` names; every row gets its Δ against the baseline and against the reference.
+:func:`collect_runs` (:mod:`kdlight.analysis.records`) reads one record per run directory below
+the given ones; a run that cannot be read is a failed run with the reason. Finished runs
+that differ only in the seed form a group; :func:`compare_runs` puts the distillation groups
+of one student model whose settings differ only in T and alpha into one comparison, with its
+teacher, the comparable baseline (same model, test images, epochs and data) and a reference
+row (:func:`~kdlight.analysis.stats.set_reference`; ``INTRO`` says it to the reader). Nothing
+else is averaged or put in one table. Debug runs (``run.debug``) are in ``report.csv`` only.
 
 :func:`build_report` writes, each file whole or not at all: ``report.csv`` (every run),
 ``groups.csv`` (every group: n, mean, std, 95% CI, difference from the baseline and from
