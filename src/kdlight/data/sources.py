@@ -1,9 +1,7 @@
 """Where the images come from: a data set's official release (read in torchvision's layout),
 an image-folder archive, or deterministic synthetic data. Each loader returns a
-:class:`Split` pair of uint8 arrays.
-
-Arrays are ``(N, 32, 32, 3)`` uint8 images (HWC, as torchvision stores CIFAR) and ``(N,)``
-int64 labels in the data set's own label order (:class:`DatasetSpec`).
+:class:`Split` per split: images HWC, as torchvision stores CIFAR, and labels in the data
+set's own label order (:class:`DatasetSpec`).
 """
 
 import io
