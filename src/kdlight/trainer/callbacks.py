@@ -94,9 +94,8 @@ class ResumeRandomState(Callback):
     random number; a module's own draws belong in ``__init__`` or ``setup``.
 
     From a checkpoint saved in the middle of an epoch (``every_n_train_steps``, a SIGTERM,
-    Ctrl-C) it is exact too with kdlight's data modules, whose training loader
-    (:class:`kdlight.data.resumable.ResumableLoader`) draws the epoch's order again and
-    starts at the next batch (Lightning alone would start the epoch's loader afresh).
+    Ctrl-C) it is exact too with kdlight's data modules (their training loader is a
+    :class:`kdlight.data.resumable.ResumableLoader`).
 
     Under DDP every process takes part in writing a checkpoint, so they exchange their
     states then and the first writes them all; on resuming each restores its own, by global
@@ -198,8 +197,7 @@ class StopOnNonFiniteLoss(Callback):
         weights (the module's parameters and buffers) or optimizer state is not finite, in
         this process or, under DDP, in any other."""
         module = trainer.lightning_module
-        weights = {name for name, _ in module.named_parameters()}
-        weights |= {name for name, _ in module.named_buffers()}
+        weights = {*dict(module.named_parameters()), *dict(module.named_buffers())}
         bad, total = non_finite_tensors(checkpoint, weights)
         if not _reduce(trainer, int(bool(bad)), "max"):
             return

@@ -9,6 +9,7 @@ Their packages are optional (``pip install 'kdlight[mlflow]'``, ``'kdlight[wandb
 
 import contextlib
 import fcntl
+import functools
 import inspect
 import os
 import sqlite3
@@ -50,24 +51,18 @@ class MLFlowLogger(_MLFlowLogger):
     __signature__ = inspect.signature(_MLFlowLogger)  # the settings checks read it
 
     def __init__(self, *args, **kwargs) -> None:
-        self._client = None
         # Lightning's __init__ ends with `MlflowClient(tracking_uri)`: made on first use here
         with mock.patch("mlflow.tracking.MlflowClient", lambda *_, **__: None):
             super().__init__(*args, **kwargs)
+        del self._mlflow_client  # that None, so that the cached property below makes it
         if rank_zero_only.rank == 0:  # the process that will open the store
             check_sqlite_store(self._tracking_uri)
 
-    @property
+    @functools.cached_property
     def _mlflow_client(self):
-        if self._client is None:
-            from mlflow.tracking import MlflowClient
+        from mlflow.tracking import MlflowClient
 
-            self._client = MlflowClient(self._tracking_uri)
-        return self._client
-
-    @_mlflow_client.setter
-    def _mlflow_client(self, client) -> None:
-        self._client = client
+        return MlflowClient(self._tracking_uri)
 
     @property
     @rank_zero_experiment
@@ -227,14 +222,10 @@ def log_run_settings(loggers: Iterable[Logger], identity: RunIdentity) -> None:
     ``distill.temperature``, ...) as hyperparameters, the way ``metrics.json`` records
     them. Lightning adds the module's and the data's own hyperparameters at fit.
 
-    And tags to find and group runs by (MLflow tags:
-    ``mlflow.search_runs(filter_string="tags.method = 'dkd'")``; ``tag.<name>`` settings for
-    W&B, whose tags are bare words): ``method``, ``model``, ``teacher`` (the teacher's
-    model, ``none`` without one), ``pair`` (the zoo pair ``<teacher>_<student>`` where
-    ``conf/pair/`` ships it, else ``none``), ``seed``, ``group``
-    (:func:`kdlight.runs.identity.group_key` of the settings: the same for runs that differ
-    only in their seed, the runs the report averages), ``run_id`` and ``accuracy_unit``
-    (:data:`ACCURACY_UNIT`)."""
+    And the tags to find and group runs by that README's "Tracking runs with MLflow" lists
+    (``group``: :func:`kdlight.runs.identity.group_key`; ``accuracy_unit``:
+    :data:`ACCURACY_UNIT`), as MLflow tags, and for W&B, whose tags are bare words, as
+    ``tag.<name>`` settings."""
     settings = identity.settings
     method, model = _method(settings), str(settings.get("model.name", NONE))
     teacher = settings.get("distill.teacher_model")
