@@ -26,6 +26,7 @@ import tempfile
 import time
 from collections.abc import Iterable
 from functools import partial
+from itertools import chain, islice, repeat
 from pathlib import Path
 
 import lightning as L
@@ -85,16 +86,11 @@ def plain_loop(
         teacher.to(device).eval()
     optimizer = torch.optim.SGD(student.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
     seen, start = 0, None
-    batches = iter(loader)
-    for step in range(warmup + steps):
+    batches = islice(chain.from_iterable(repeat(loader)), warmup + steps)
+    for step, (images, labels) in enumerate(batches):
         if step == warmup:
             _sync(device)
             start, seen = time.perf_counter(), 0
-        try:
-            images, labels = next(batches)
-        except StopIteration:
-            batches = iter(loader)
-            images, labels = next(batches)
         images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
         if teacher is None:
             loss = F.cross_entropy(student(images), labels)
@@ -254,17 +250,13 @@ def cache_steps(args, teacher, student, speed) -> list[dict]:
 def lazy_fill_hit_rates(
     num_images: int, epochs: Iterable[int], seed: int = 0, chunk: int = 8192
 ) -> list[dict]:
-    """The hit rate of a teacher cache that training fills as it goes, simulated from the
-    augmentation's own draws.
-
-    Each epoch looks each of ``num_images`` training images up once, at the variant
-    :func:`kdlight.data.augment.random_crop_flip` draws for it (the real function, from a
-    generator seeded with ``seed``, on images without pixels, ``(n, 0, 1, 1)``: what it
-    draws depends on the number of images and the padding alone, and cropping nothing
-    costs nothing), and fills the misses, as ``DistillationModule`` does with
-    ``teacher_cache=True``. The images are drawn ``chunk`` at a time, as training draws
-    them a batch at a time (the draws are independent either way; small arrays are quicker
-    to make). 50,000 images x 200 epochs take about a second on a 2-core CPU.
+    """The hit rate of a teacher cache that training fills as it goes (``DistillationModule``
+    with ``teacher_cache=True``), simulated from the augmentation's own draws: each epoch
+    looks each of ``num_images`` training images up once, at the variant
+    :func:`kdlight.data.augment.random_crop_flip` draws for it from a generator seeded with
+    ``seed``, and fills the misses. It draws for ``chunk`` images at a time, as training
+    draws a batch at a time, on images without pixels, ``(n, 0, 1, 1)``: the draws depend
+    on the number of images and the padding alone, and cropping nothing costs nothing.
 
     Returns one dict per epoch E of ``epochs`` (sorted; the largest is how many epochs are
     simulated): ``epoch``; ``epoch_hit_rate``, the fraction of epoch E's lookups that were
@@ -276,7 +268,7 @@ def lazy_fill_hit_rates(
     report = sorted(set(epochs))
     generator = torch.Generator().manual_seed(seed)
     filled = np.zeros((num_images, VARIANTS), dtype=bool)
-    lookups = hits = 0
+    hits = 0
     rows = []
     for epoch in range(1, report[-1] + 1):
         epoch_hits = 0
@@ -287,16 +279,16 @@ def lazy_fill_hit_rates(
             variants = variant_of(params).numpy()
             epoch_hits += int(filled[index, variants].sum())
             filled[index, variants] = True
-        lookups += num_images
         hits += epoch_hits
         if epoch in report:
+            cumulative = hits / (epoch * num_images)  # of all lookups so far
             rows.append(
                 {
                     "epoch": epoch,
                     "epoch_hit_rate": epoch_hits / num_images,
-                    "cumulative_hit_rate": hits / lookups,
+                    "cumulative_hit_rate": cumulative,
                     "filled": int(filled.sum()) / filled.size,
-                    "teacher_forwards": 1 - hits / lookups,
+                    "teacher_forwards": 1 - cumulative,
                 }
             )
     return rows
