@@ -1,15 +1,8 @@
-"""Run records for ``kdlight-report``: finding run directories, reading each run's
-``metrics.json`` and config into one checked record, and the identity (group and sweep) that
-tells which runs may be averaged or compared.
-
-:func:`collect_runs` finds every run directory below the given ones (:func:`run_dirs`) and
-reads one record per run (:func:`load_run`). A run whose files cannot be read, or whose
-``metrics.json`` holds a field of the wrong type or an impossible number
-(:func:`read_metrics`), is a failed run with the reason; a file that is not a regular one
-(:func:`read_run_file`) or a ``config.yaml`` that could expand without bound
-(:func:`parse_config`) is not read. The text forms of a record's values shared by the
-report and the plots (:func:`fmt`, :func:`cell_name`, :func:`mean_std`) live here too.
-"""
+"""Run records for ``kdlight-report``: the run directories below a folder (:func:`run_dirs`),
+each run's ``metrics.json`` and config read into one checked record (:func:`load_run`; a run
+that cannot be read is a failed run with the reason), the identity (group and sweep) that
+tells which runs may be averaged or compared, and the text forms of a record's values that
+the report and the plots share (:func:`fmt`, :func:`cell_name`, :func:`mean_std`)."""
 
 import hashlib
 import io

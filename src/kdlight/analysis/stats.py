@@ -1,14 +1,8 @@
-"""Statistics over seeds for ``kdlight-report``: groups of runs, means with confidence
-intervals, differences from a baseline, comparisons and which cell of a sweep is best.
-
-Runs whose settings differ only in their seed are repeats of one experiment, a
-:class:`Group`, summarised by :func:`summarize`; a distilled group is compared with the
-student baseline, or with a comparison's reference row, by :func:`difference`. One run per
-setting gives a number but no interval: the seed-to-seed noise can only be measured from
-two seeds or more. A :class:`Comparison` is one table of a student model's distillation
-groups (:func:`compare_runs`). The runs are the records of
-:func:`kdlight.analysis.records.load_run`.
-"""
+"""Statistics over seeds for ``kdlight-report``: groups of runs (:class:`Group`), means with
+confidence intervals (:func:`summarize`), differences from a baseline or a reference row
+(:func:`difference`), comparisons (:func:`compare_runs`) and which cell of a sweep is best.
+One run per setting gives a number but no interval: the seed-to-seed noise can only be
+measured from two seeds or more."""
 
 import json
 import math
