@@ -102,18 +102,14 @@ def method_cell(settings: dict) -> str | None:
         cell = cell_name(value["temperature"], value["alpha"])
     else:  # the method's own settings only (distill.temperature is KD's)
         shown = {key: settings.get(f"distiller.{name}") for key, name in OTHER_CELL_KEYS.items()}
-        numbers = [
-            f"{k}{float(v):g}"
-            for k, v in shown.items()
-            if isinstance(v, int | float) and not isinstance(v, bool)
-        ]
+        numbers = [f"{k}{float(v):g}" for k, v in shown.items() if type(v) in (int, float)]
         cell = "_".join([method, *numbers])
     return cell + ("_ls" if settings.get("distiller.standardize") else "")
 
 
 def _canonical(value):
     """One spelling per number: integral floats become ints (``4.0`` is ``4``)."""
-    if isinstance(value, bool) or value is None or isinstance(value, str | int):
+    if value is None or isinstance(value, str | int):  # bools too
         return value
     if isinstance(value, float):
         return int(value) if value.is_integer() else value
