@@ -337,26 +337,26 @@ class Planned:
         return folder, finished([folder / "metrics.json"], identity)
 
 
-def plan(study: Study) -> tuple[Planned | None, list[Planned]]:
-    """The teacher job (None when ``distill.teacher_checkpoint`` names a teacher file) and
+def plan(study: Study) -> list[Planned]:
+    """The teacher job (none when ``distill.teacher_checkpoint`` names a teacher file), then
     the students' jobs, each command line checked and composed once, before any work."""
     jobs = study.student_jobs()
     check_jobs(jobs)
     students = [Planned(job, compose_job(job)) for job in jobs]
     if any(_key(o) == "distill.teacher_checkpoint" for o in study.student_overrides):
-        return None, students
+        return students
     # the pair's teacher, after the students' overrides (distill.teacher_model=)
     distill = next(p for p in students if p.job.role == "distill")
     job = study.teacher_job(str(distill.cfg.distill.teacher_model))
     check_jobs([job])
-    return Planned(job, compose_job(job)), students
+    return [Planned(job, compose_job(job)), *students]
 
 
-def report(runs: list[Planned | None], out: Path) -> int:
+def report(runs: list[Planned], out: Path) -> int:
     """``kdlight-report`` of the study's runs (those that exist) into ``out``."""
     from kdlight.cli.report import main as report_main
 
-    dirs = [folder for run in runs if run and (folder := run.state()[0]).is_dir()]
+    dirs = [folder for run in runs if (folder := run.state()[0]).is_dir()]
     if not dirs:
         raise KDLightError(f"no run of this study exists yet under {runs[-1].cfg.paths.root}")
     status = report_main([*map(str, dirs), "--out", str(out)])
@@ -372,10 +372,10 @@ def unfinished(run: Planned) -> Path | None:
     return None if done else folder
 
 
-def run_here(teacher: Planned | None, students: list[Planned], out: Path) -> int:
-    """The study in this process: teacher, students, report. 0 when every run finished."""
+def run_here(runs: list[Planned], out: Path) -> int:
+    """The study's :func:`plan` in this process, then its report. 0 when every run finished."""
     failed = []
-    for run in [teacher, *students] if teacher else students:
+    for run in runs:
         folder = unfinished(run)  # a student's after its teacher: the teacher is theirs
         if folder is None:
             continue
@@ -384,10 +384,10 @@ def run_here(teacher: Planned | None, students: list[Planned], out: Path) -> int
         if failure or not run.state()[1]:  # a run that did not train it all is not finished
             _say(f"error: {run.job.label}: {failure or 'not finished: it stopped before its last epoch'}")  # fmt: skip
             failed.append(run.job.label)
-            if run is teacher:
+            if run.job.role == "teacher":
                 _say("error: no student can start without its teacher; launch the same command again to continue it")  # fmt: skip
                 return 1
-    status = report([teacher, *students], out)
+    status = report(runs, out)
     if failed:
         _say(f"error: {len(failed)} run(s) did not finish ({', '.join(failed)}); launch the same command again to continue them")  # fmt: skip
         return 1
@@ -432,14 +432,12 @@ def slurm_jobs(study: Study, todo: list[Job], settings: dict, root: Path, out: P
     return jobs
 
 
-def run_on_slurm(
-    study: Study, teacher: Planned | None, students: list[Planned], out: Path, dry_run: bool
-) -> int:
+def run_on_slurm(study: Study, runs: list[Planned], out: Path, dry_run: bool) -> int:
     """Submit (or with ``dry_run`` print) the :func:`slurm_jobs` of the unfinished runs."""
-    runs = [teacher, *students] if teacher else students
     todo = [run.job for run in runs if unfinished(run)]
-    root = Path(str(students[0].cfg.paths.root)).resolve()
-    jobs = slurm_jobs(study, todo, launcher_settings(study, students[0].cfg), root, out)
+    student = next(run for run in runs if run.job.role == "student")
+    root = Path(str(student.cfg.paths.root)).resolve()
+    jobs = slurm_jobs(study, todo, launcher_settings(study, student.cfg), root, out)
     ids: dict[str, str] = {}
     for job in jobs:
         path = out / "slurm" / f"{job.name}.sbatch"
@@ -468,13 +466,13 @@ def _main(options: argparse.Namespace, overrides: list[str]) -> int:
     slurm = options.slurm or any("slurm" in o for o in study.launcher_overrides if o.startswith("hydra/launcher="))  # fmt: skip
     if options.dry_run and not slurm:
         raise KDLightError("--dry-run shows the SLURM jobs: add --slurm")
-    teacher, students = plan(study)
-    out = (options.out or Path(str(students[0].cfg.paths.root)) / "study" / study.pair).resolve()
+    runs = plan(study)
+    out = (options.out or Path(str(runs[-1].cfg.paths.root)) / "study" / study.pair).resolve()
     if options.report:
-        return report([teacher, *students], out)
+        return report(runs, out)
     if slurm:
-        return run_on_slurm(study, teacher, students, out, options.dry_run)
-    return run_here(teacher, students, out)
+        return run_on_slurm(study, runs, out, options.dry_run)
+    return run_here(runs, out)
 
 
 def main(argv: list[str] | None = None) -> None:
