@@ -1,9 +1,5 @@
-"""A dry run of ``hydra/launcher=slurm``: the sbatch script and the runs that
-
-    kdlight-train -m hydra/launcher=slurm ARGS
-
-would submit, printed by ``python -m kdlight.cli.slurm ARGS``, which submits nothing. The script
-is rendered by submitit's own template from the composed launcher settings, so it is what
+"""A dry run of ``hydra/launcher=slurm`` (its command line: :data:`USAGE`). The script is
+rendered by submitit's own template from the composed launcher settings, so it is what
 ``sbatch`` would receive. Needs hydra-submitit-launcher (``pip install 'kdlight[slurm]'``).
 """
 
