@@ -118,9 +118,9 @@ def load_published(path: str | Path, model_name: str, num_classes: int = 100) ->
     ]
     expected = set(names.values())
     unexpected = [key for key in state if key not in expected]
-    if missing or unexpected:
-        parts = [f"{len(missing)} missing (first: {missing[0]!r})"] if missing else []
-        parts += [f"{len(unexpected)} unexpected (first: {unexpected[0]!r})"] if unexpected else []
+    wrong = {"missing": missing, "unexpected": unexpected}
+    parts = [f"{len(keys)} {what} (first: {keys[0]!r})" for what, keys in wrong.items() if keys]
+    if parts:
         raise KDLightError(
             f"{path} does not hold the weights of '{model_name}': {'; '.join(parts)} keys "
             "(is the model name right?)"

@@ -117,7 +117,7 @@ def _dotted_names(targets: Iterable[str] | None) -> list[str]:
     if isinstance(targets, str | bytes) or not all(is_dotted_name(name) for name in names):
         shown = ", ".join(map(str, names))
         raise KDLightError(
-            f"trusted_targets=[{shown}] is not allowed: a list of dotted names such as "
+            f"trusted_targets=[{shown}] is not allowed: a list of dotted names, such as "
             "[torchvision.models.resnet18]"
         )
     return names
@@ -172,12 +172,10 @@ def _interpolation(tree) -> str | None:
     if isinstance(tree, str):
         return tree if "${" in tree else None
     if isinstance(tree, Mapping):
-        items = [*tree.keys(), *tree.values()]
-    elif isinstance(tree, list | tuple):
-        items = list(tree)
-    else:
+        tree = [*tree.keys(), *tree.values()]
+    if not isinstance(tree, list | tuple):
         return None
-    return next((found for item in items if (found := _interpolation(item))), None)
+    return next((found for item in tree if (found := _interpolation(item))), None)
 
 
 def build_recorded_model(

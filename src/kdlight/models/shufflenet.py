@@ -179,13 +179,12 @@ class ShuffleNetV2(nn.Module):
 
 @register_model
 def shufflev1(num_classes: int = 10) -> ShuffleNetV1:
-    """ShuffleNetV1 (3 groups, 240-480-960 channels): 949,258 params (100 classes), 862,768
-    (10)."""
+    """ShuffleNetV1, 3 groups, 240-480-960 channels (README.md lists its parameter counts)."""
     return ShuffleNetV1(num_classes=num_classes)
 
 
 @register_model
 def shufflev2(num_classes: int = 10) -> ShuffleNetV2:
-    """ShuffleNetV2 1x (116-232-464 channels, 1024 before the head): 1,355,528 params
-    (100 classes), 1,263,278 (10)."""
+    """ShuffleNetV2 1x, 116-232-464 channels, 1024 before the head (README.md lists its
+    parameter counts)."""
     return ShuffleNetV2(num_classes=num_classes)

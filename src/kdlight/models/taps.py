@@ -59,8 +59,7 @@ class FeatureTaps:
             logits = student(images)
         features["pool"]  # that forward's output of student.pool
 
-    A name that is not a submodule of ``model`` is a one-line :class:`KDLightError` that
-    lists the valid names.
+    A name that is not a submodule of ``model`` is refused (:func:`check_tap_names`).
     """
 
     def __init__(self, model: nn.Module, names: Sequence[str], role: str = "model") -> None:

@@ -8,11 +8,11 @@ from kdlight.errors import KDLightError
 
 
 class TooNarrow(KDLightError):
-    """``width`` leaves a layer of ``model`` without a channel; ``allowed`` says the widths
-    that do not, for :func:`kdlight.config.settings.validate_settings` to name the setting."""
+    """``width`` leaves a layer without a channel; ``allowed`` says the widths that do not,
+    for :func:`kdlight.config.settings.validate_settings` to name the setting."""
 
-    def __init__(self, model: str, width: float, allowed: str) -> None:
-        self.model, self.width, self.allowed = model, width, allowed
+    def __init__(self, width: float, allowed: str) -> None:
+        self.allowed = allowed
         super().__init__(f"width={width:g} is not allowed: {allowed}")
 
 
@@ -31,5 +31,5 @@ def scaled_channels(channels: Sequence[int], width: float, model: str) -> list[i
         f"narrowest have {narrowest} at width 1)"
     )
     if isinstance(width, bool) or not math.isfinite(width) or not width > limit:
-        raise TooNarrow(model, width, allowed)
+        raise TooNarrow(width, allowed)
     return [round(count * width) for count in channels]
