@@ -27,6 +27,7 @@ from hydra._internal.utils import _locate  # hydra.utils.get_object, without log
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import InterpolationResolutionError, MissingMandatoryValue
 
+from kdlight import config_dir
 from kdlight.errors import KDLightError, first_line
 
 
@@ -120,10 +121,6 @@ PLUGINS = Rule(  # each instantiated by Hydra, or named as Lightning names its o
     ),
 )
 A_GROUP = Rule("a group of settings, not a value", lambda v: False)
-METHODS = "kd, dkd, fitnet, at, sp, vid, pkt, rkd, crd"
-METHOD = Rule(
-    f"a method of conf/distiller/ (distiller={METHODS})", lambda v: isinstance(v, Mapping)
-)
 TAPS = Rule(
     "null (the models' default taps) or a list of module names",
     lambda v: v is None or (isinstance(v, list) and bool(v) and all(NAME.accepts(x) for x in v)),
@@ -155,6 +152,10 @@ def rules() -> dict[str, Rule]:
         "a list of dotted names, such as [torchvision.models.resnet18]",
         lambda v: isinstance(v, list) and all(is_dotted_name(x) for x in v),
     )
+    methods = ", ".join(sorted(file.stem for file in (config_dir() / "distiller").glob("*.yaml")))
+    method = Rule(
+        f"a method of conf/distiller/ (distiller={methods})", lambda v: isinstance(v, Mapping)
+    )
     precisions = [p for kind in typing.get_args(_PRECISION_INPUT) for p in typing.get_args(kind)]
     accelerators = ("auto", "gpu", *sorted(AcceleratorRegistry.available_accelerators()))
     # the distillation systems take these distill.* values as their own arguments (module.*)
@@ -170,6 +171,7 @@ def rules() -> dict[str, Rule]:
             "test_ckpt": one_of("best", "last"), "ckpt_path": NULL | PATH,
             "trusted_targets": targets, "scheduler": NULL, "callbacks": NULL, "logger": NULL,
             "callbacks.*": NULL, "logger.*": NULL,  # callbacks.progress_bar=null leaves it out
+            "methods.*": method,  # a method grid's cells, each as distiller=
         },
         "data": {
             "source": one_of(*typing.get_args(Source)), "archive_path": NULL | PATH,
@@ -186,7 +188,7 @@ def rules() -> dict[str, Rule]:
         "distill": {"teacher_model": models, **passed},
         "module": {
             "num_classes": integer(2), "teacher_model": NULL | models, **passed,
-            "distiller": NULL | METHOD, "methods": NULL, **switches("compile", "channels_last"),
+            "distiller": NULL | method, "methods": NULL, **switches("compile", "channels_last"),
         },
         "distiller": {
             "temperature": TEMPERATURE,
@@ -257,13 +259,14 @@ def rules() -> dict[str, Rule]:
 def rule_for(key: str) -> Rule | None:
     """The rule of the dotted ``key``, if kdlight has one."""
     parts = key.split(".")
-    if key not in rules() and parts[0] in ("callbacks", "logger") and len(parts) > 1:
-        key = ".".join([parts[0], "*", *parts[2:]])
-    if parts[:2] == ["module", "methods"]:  # ${methods}, passed to the grid
+    if parts[:2] == ["module", "methods"] and len(parts) > 2:  # ${methods}, passed to the grid
         parts = parts[1:]
-    if parts[0] == "methods" and len(parts) > 1:  # a method grid's cells: as distiller=
-        return METHOD if len(parts) == 2 else rules().get(".".join(["distiller", *parts[2:]]))
-    return rules().get(key)
+    any_entry = len(parts) > 1 and parts[0] in ("callbacks", "logger", "methods")
+    if parts[0] == "methods" and len(parts) > 2:  # a method grid's cell: as distiller=
+        parts = ["distiller", *parts[2:]]
+    elif any_entry and ".".join(parts) not in rules():
+        parts[1] = "*"
+    return rules().get(".".join(parts))
 
 
 # ------------------------------------------------------------------------------- checking
@@ -534,9 +537,8 @@ def check_path_length(
     """``path`` can be made: none of the names still to be made is longer than NAME_MAX, and
     the whole, with ``room`` bytes more for what goes below it, is shorter than PATH_MAX
     (``os.pathconf`` of its deepest part that exists, which is returned; 255 and 4096 bytes
-    on Linux). Otherwise the first folder made there
-    would end in ``OSError: File name too long``. The error names ``setting=value``
-    (``value`` defaults to ``path``)."""
+    on Linux). Otherwise the first folder made there would end in ``OSError: File name too
+    long``. The error names ``setting=value`` (``value`` defaults to ``path``)."""
     absolute = Path(path).expanduser().absolute()
     # os.path.exists, unlike Path.exists, is False (not an OSError) for a name too long
     existing = next(p for p in (absolute, *absolute.parents) if os.path.exists(p))
