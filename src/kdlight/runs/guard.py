@@ -40,8 +40,6 @@ from kdlight.trainer.callbacks import SaveLastCheckpoint, ends_epoch
 log = logging.getLogger("kdlight")
 
 # ------------------------------------------------------------------------------ SIGTERM
-#: The exit status of a run that SIGTERM stopped: 128 + the signal's number, as a shell
-#: reports a process that the signal ended.
 TERMINATED_STATUS = stop_status(signal.SIGTERM)
 RELAUNCH = "launch the same command again to resume"
 #: What :class:`SaveLastOnSigterm` notes when ``trainer.max_time`` runs out: below every
