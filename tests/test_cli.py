@@ -2,13 +2,15 @@
 
 import csv
 import json
+import subprocess
 from pathlib import Path
 
 import pytest
 from PIL import Image
 
 from kdlight.cli.report import collect_runs
-from tests.conftest import run_cli
+from kdlight.cli.report import main as report
+from tests.conftest import finish, run_cli, start_cli
 
 
 @pytest.mark.slow
@@ -59,25 +61,54 @@ def test_real_archive_reports_all_10000_test_images(
     assert "Accuracy of the network on the 10000 test images" in result.stdout
 
 
-@pytest.mark.parametrize(
-    ("args", "message"),
-    [
-        (
-            ["data.archive_path=/nonexistent/cifar.tar.gz"],
-            "CIFAR-10 archive not found: /nonexistent/cifar.tar.gz",
-        ),
-        (["data.batch_size=0"], "data.batch_size=0 is not allowed: an integer >= 1"),
-        (["model.name=resnet1000"], "model.name=resnet1000 is not allowed: one of mobilenetv2, "),
-    ],
-)
-def test_bad_input_is_one_clear_line(tmp_path: Path, args: list[str], message: str):
-    result = run_cli(["experiment=quick", *args], tmp_path)
+#: Commands of ``experiment=quick`` that stop before any work: the error line's text.
+BAD_INPUT = {
+    "no_archive": (
+        ["data.archive_path=/nonexistent/cifar.tar.gz"],
+        "CIFAR-10 archive not found: /nonexistent/cifar.tar.gz",
+    ),
+    "batch_size_0": (["data.batch_size=0"], "data.batch_size=0 is not allowed: an integer >= 1"),
+    "no_such_model": (
+        ["model.name=resnet1000"],
+        "model.name=resnet1000 is not allowed: one of mobilenetv2, ",
+    ),
+}
+#: The same for ``experiment=distill`` on synthetic data.
+BAD_DISTILLATION = {
+    "temperature_0": (
+        ["distill.temperature=0"],
+        "distill.temperature=0 is not allowed: a finite number > 0",
+    ),
+    "alpha_2": (["distill.alpha=2"], "distill.alpha=2 is not allowed: a number in [0, 1]"),
+    "no_teacher": ([], "no teacher of model resnet18_half under"),
+}
+
+
+@pytest.fixture(scope="module")
+def quick_launches(tmp_path_factory) -> dict[str, tuple[Path, subprocess.CompletedProcess]]:
+    """``--help`` and each command of :data:`BAD_INPUT` and :data:`BAD_DISTILLATION`, by
+    name: the folder it ran in and what it did. They are started together, each in its own
+    folder: each spends seconds of one core importing torch, and the cores run them side by
+    side."""
+    commands = {"help": ["--help"]}
+    commands |= {name: ["experiment=quick", *args] for name, (args, _) in BAD_INPUT.items()}
+    distill = ["experiment=distill", "data=synthetic", "trainer=cpu"]
+    commands |= {name: [*distill, *args] for name, (args, _) in BAD_DISTILLATION.items()}
+    folders = {name: tmp_path_factory.mktemp(name) for name in commands}
+    runs = {name: start_cli(args, folders[name]) for name, args in commands.items()}
+    return {name: (folders[name], finish(run)) for name, run in runs.items()}
+
+
+@pytest.mark.parametrize("name", BAD_INPUT)
+def test_bad_input_is_one_clear_line(quick_launches, name: str):
+    folder, result = quick_launches[name]
+    message = BAD_INPUT[name][1]
     assert result.returncode == 2
     assert "Traceback" not in result.stderr
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and message in errors[0], result.stderr[-2000:]
     # the failed run says so in its directory too, for kdlight-report
-    error_files = list((tmp_path / "outputs").rglob("error.txt"))
+    error_files = list((folder / "outputs").rglob("error.txt"))
     assert len(error_files) == 1
     for error_file in error_files:
         assert f"error: {error_file.read_text()}" == f"{errors[0]}\n"
@@ -85,8 +116,8 @@ def test_bad_input_is_one_clear_line(tmp_path: Path, args: list[str], message: s
         assert run["status"] == "failed" and message in run["error"]
 
 
-def test_help_lists_the_groups(tmp_path: Path):
-    result = run_cli(["--help"], tmp_path)
+def test_help_lists_the_groups(quick_launches):
+    _, result = quick_launches["help"]
     assert result.returncode == 0
     for group in ("experiment:", "model:", "optimizer:", "scheduler:", "debug:"):
         assert group in result.stdout
@@ -116,10 +147,8 @@ def test_teacher_then_sweep_then_report(tmp_path: Path):
     assert result.returncode == 0, result.stderr[-3000:]
 
     grid = tmp_path / "outputs/distill/small_cnn"
-    report = run_cli(
-        [str(grid), "--out", str(tmp_path / "report")], tmp_path, entry="kdlight.cli.report"
-    )
-    assert report.returncode == 0, report.stderr[-3000:]
+    # in this process: test_report runs kdlight-report's own process
+    assert report([str(grid), "--out", str(tmp_path / "report")]) == 0
     with open(tmp_path / "report" / "report.csv") as f:
         rows = list(csv.DictReader(f))
     assert sorted((float(r["temperature"]), float(r["alpha"])) for r in rows) == [
@@ -134,16 +163,10 @@ def test_teacher_then_sweep_then_report(tmp_path: Path):
             assert image.width > 300 and image.height > 200
 
 
-@pytest.mark.parametrize(
-    ("args", "message"),
-    [
-        (["distill.temperature=0"], "distill.temperature=0 is not allowed: a finite number > 0"),
-        (["distill.alpha=2"], "distill.alpha=2 is not allowed: a number in [0, 1]"),
-        ([], "no teacher of model resnet18_half under"),
-    ],
-)
-def test_bad_distillation_settings(tmp_path: Path, args: list[str], message: str):
-    result = run_cli(["experiment=distill", "data=synthetic", "trainer=cpu", *args], tmp_path)
+@pytest.mark.parametrize("name", BAD_DISTILLATION)
+def test_bad_distillation_settings(quick_launches, name: str):
+    _, result = quick_launches[name]
+    message = BAD_DISTILLATION[name][1]
     assert result.returncode == 2 and "Traceback" not in result.stderr
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and message in errors[0], result.stderr[-2000:]
@@ -188,10 +211,7 @@ def test_seeds_are_runs_a_changed_command_is_a_new_run_and_evaluation_touches_no
         r["run"]["id"] == p.parent.name.split("-")[1] for r, p in zip(records, runs, strict=True)
     )
 
-    report = run_cli(
-        [str(outputs), "--out", str(tmp_path / "report")], tmp_path, "kdlight.cli.report"
-    )
-    assert report.returncode == 0, report.stderr[-3000:]
+    assert report([str(outputs), "--out", str(tmp_path / "report")]) == 0
     mean = sum(r["accuracy"] for r in records) / 2
     std = (sum((r["accuracy"] - mean) ** 2 for r in records) / (2 - 1)) ** 0.5
     assert f"{mean:.2f} ± {std:.2f} (n=2)" in (tmp_path / "report" / "report.md").read_text()
