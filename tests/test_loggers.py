@@ -17,8 +17,8 @@ from kdlight.errors import KDLightError
 from kdlight.runs.identity import identify
 from kdlight.train import build_trainer
 from kdlight.trainer.loggers import MLFlowLogger, WandbLogger, log_run_settings
-from tests.conftest import TINY, compose_config, run_cli
-from tests.test_settings import error_lines, run_without
+from tests.conftest import TINY, compose_config, finish, run_cli
+from tests.test_settings import error_lines, start_without
 
 KINDS = {"csv": CSVLogger, "tensorboard": TensorBoardLogger}
 KINDS |= {"mlflow": MLFlowLogger, "wandb": WandbLogger}
@@ -77,12 +77,13 @@ def test_a_missing_package_names_the_extra(
 
 
 def test_the_command_line_says_it_in_one_line_before_any_work(tmp_path: Path):
-    result = run_without("mlflow", "kdlight.train", [*TINY, "logger=[wandb,mlflow]"], tmp_path)
+    args = [*TINY, "logger=[wandb,mlflow]"]
+    result = finish(start_without("mlflow", "kdlight.train", args, tmp_path / "run"))
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert error_lines(result) == [
         "error: logger=mlflow needs mlflow, which is not installed: pip install 'kdlight[mlflow]'"
     ]
-    assert not (tmp_path / "outputs").exists()
+    assert not (tmp_path / "run" / "outputs").exists()
 
 
 def test_runs_that_start_together_share_a_new_store(tmp_path: Path):
