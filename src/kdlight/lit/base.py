@@ -193,13 +193,11 @@ class ClassificationSystem(L.LightningModule):
         return logits[0] if self.evaluated[0].name is None else torch.stack(logits)
 
     def log_training(self, values: dict[str, Tensor], batch_size: int) -> None:
-        """Add this step's scalars (0-dim tensors) to the epoch's sums, at no cost per step:
-        no ``self.log`` call (a torchmetrics update of Lightning's result collection, about
-        a millisecond of CPU each) and no value read back from the device (as
-        ``prog_bar=True`` does after every batch, so the GPU must finish the step before the
-        next is queued). Every ``log_every_n_steps`` steps their values go straight to the
-        loggers as ``train/<name>_step`` (one read), and each epoch's batch-weighted means
-        are logged once, as ``train/<name>``, averaged over DDP processes."""
+        """Add this step's scalars (0-dim tensors) to the epoch's sums, with no ``self.log``
+        call and no read from the device per step (why: README, "No step waits for the GPU").
+        Every ``log_every_n_steps`` steps they go straight to the loggers as
+        ``train/<name>_step`` (one read); each epoch's batch-weighted means are logged once,
+        as ``train/<name>``, averaged over DDP processes."""
         stacked = torch.stack([value.detach().float() for value in values.values()])
         if self._training_sums is None:
             self._training_names = tuple(values)

@@ -163,11 +163,9 @@ class DistillationModule(DistillationSystem):
     :class:`kdlight.distillers.KD` (:func:`kdlight.losses.kd_loss`) at ``temperature`` and
     ``alpha`` unless another ``distiller`` is given.
 
-    The method works through a :class:`~kdlight.lit.methods.MethodSlot` (its features from
-    hooks, its connectors, each image's index). The teacher is frozen and kept out of the
-    student's checkpoints (see :class:`DistillationSystem`): ``load_from_checkpoint`` reads
-    it again from ``teacher_checkpoint``; ``kdlight.load_model(checkpoint)`` rebuilds the
-    student alone.
+    The method and the frozen teacher are held as :class:`DistillationSystem` says:
+    ``load_from_checkpoint`` reads the teacher again from ``teacher_checkpoint``;
+    ``kdlight.load_model(checkpoint)`` rebuilds the student alone.
 
     Args:
         model: the student.
