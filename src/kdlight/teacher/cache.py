@@ -8,10 +8,9 @@ says which one a batch drew). So the teacher's answer for ``(image, dy, dx, flip
 cached exactly: a hit is the same teacher, in eval mode, on the same pixels.
 
 The cache is two memory-mapped files under the data folder, named by a key of everything
-that changes the answer (the teacher checkpoint's content, the whole training split's
-images, the augmentation, the precision and the number of classes), so another teacher or
-data set never reads them. A row is an image's place in the whole training split, so
-every seed's train/validation split shares one cache:
+that changes the answer (:func:`kdlight.teacher.frozen.teacher_cache_for`), so another
+teacher or data set never reads them. A row is an image's place in the whole training
+split, so every seed's train/validation split shares one cache:
 
 - ``<key>.logits``: ``(images, 162, classes)`` in the precision the teacher computes in
   (:func:`storage_dtype`: bfloat16 under ``bf16-mixed``, float32 under ``32-true``), so
@@ -197,7 +196,7 @@ class TeacherCache:
         dtype: torch.dtype = torch.float32,
     ) -> None:
         self.path = Path(folder) / key
-        self.num_classes, self.dtype = num_classes, dtype
+        self.dtype = dtype
         shape = (num_images, VARIANTS)
         self.layout = {
             ".logits": (np.dtype(_ON_DISK[dtype]), (*shape, num_classes)),
@@ -228,18 +227,15 @@ class TeacherCache:
         except OSError as err:  # a regular file in its place, a read-only parent
             raise CacheUnavailable(f"cannot make the folder {folder}: {_reason(err)}") from None
         with _folder_lock(folder):
+            sizes = {suffix: self._size(suffix) for suffix in self.layout}
             found = {suffix: self._found(suffix) for suffix in self.layout}
-            if all(found[suffix] == self._size(suffix) for suffix in self.layout):
+            if found == sizes:
                 return self._map()
             wrong = "; ".join(
                 f"{self.path.name}{suffix} "
-                + (
-                    "is missing"
-                    if size is None
-                    else f"holds {size} bytes, not {self._size(suffix)}"
-                )
+                + ("is missing" if size is None else f"holds {size} bytes, not {sizes[suffix]}")
                 for suffix, size in found.items()
-                if size != self._size(suffix)
+                if size != sizes[suffix]
             )
             damaged = any(size is not None for size in found.values())
             try:
@@ -313,9 +309,6 @@ class TeacherCache:
             f"teacher cache {self.path} {why}: its hits are used, the misses computed live "
             "and not stored"
         )
-        return self._map_read_only()
-
-    def _map_read_only(self) -> tuple[np.memmap, np.memmap]:
         maps = []
         for suffix, (dtype, shape) in self.layout.items():
             try:

@@ -134,14 +134,12 @@ class FrozenTeacher:
     its test accuracy, which is measured alongside the students' unless its own run
     already measured it on the same images (:func:`recorded_teacher_accuracy`).
 
-    The cache (:meth:`open_cache`) is not used when a method reads the teacher's features,
-    or its files cannot be opened or made (one warning: the teacher runs live). A damaged
-    cache stops the run with one line naming its files: each epoch's first batch's hits
-    are checked against the live teacher, within the precision's tolerance
-    (:func:`~kdlight.teacher.cache.agreement_tolerance`), which also stops a cache filled
-    on a device whose answers differ by more; and a NaN or infinite cached logit (read as
-    a miss, so the student never sees it) stops the run at that check or at the epoch's
-    end. Under DDP every process stops together: each check is reduced over all of them.
+    A damaged cache (:meth:`open_cache`) stops the run with one line naming its files: each
+    epoch's first batch's hits are checked against the live teacher, within the precision's
+    tolerance (:func:`~kdlight.teacher.cache.agreement_tolerance`), which also stops a cache
+    filled on a device whose answers differ by more; and a NaN or infinite cached logit
+    (read as a miss, so the student never sees it) stops the run at that check or at the
+    epoch's end. Under DDP every process stops together: each check is reduced over all.
     """
 
     def __init__(
@@ -269,9 +267,7 @@ class FrozenTeacher:
         return Outputs(logits)
 
     def _check_hits(self, images: Tensor, cached: Tensor, hit: Tensor) -> None:
-        """Compare a batch's hits with the live teacher on the same images (every process
-        its own batch), and stop every process if any found them apart, or found a
-        non-finite cached logit so far."""
+        """The class docstring's check of a batch's hits (every process its own batch)."""
         tolerance = agreement_tolerance(self.cache.dtype, images.device)
         apart, farthest = 0, 0.0
         if hit.any():

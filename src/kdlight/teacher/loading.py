@@ -100,7 +100,7 @@ def load_teacher(
                 "_target_)"
             )
         model = model_name if isinstance(model_name, nn.Module) else build_model(wanted)
-        weights = fit_keys(foreign_weights(checkpoint, model), model)
+        weights = foreign_weights(checkpoint, model)
     try:
         model.load_state_dict(weights)
     except RuntimeError as err:
@@ -152,31 +152,27 @@ def foreign_weights(checkpoint: dict, model: nn.Module) -> dict[str, Tensor]:
     """The weights of a file that kdlight did not write: a Lightning checkpoint's
     ``state_dict``, a published teacher's ``model`` (its keys in kdlight's names where a
     registered model names them otherwise: :func:`kdlight.models.published.official_names`),
-    or the file itself, a state dict."""
+    or the file itself, a state dict. The prefix their keys carry (a LightningModule's
+    ``model.`` or ``net.``, DataParallel's ``module.``) is removed when that makes them the
+    model's keys; otherwise they are kept as they are (``load_state_dict`` then says what
+    differs)."""
     for key in ("state_dict", "model"):
         if isinstance(checkpoint.get(key), dict):
             checkpoint = checkpoint[key]
             break
     weights = {k: v for k, v in checkpoint.items() if isinstance(v, Tensor)}
+    own = model.state_dict()
     name = getattr(model, "spec", {}).get("name")
-    if name is None or set(weights) == set(model.state_dict()):
+    if set(weights) == set(own) or not own:
         return weights
-    kdlight_key = {official: key for key, official in official_names(name, model).items()}
-    return {kdlight_key.get(k, k): v for k, v in weights.items()}
-
-
-def fit_keys(weights: dict[str, Tensor], model: nn.Module) -> dict[str, Tensor]:
-    """``weights`` with the prefix their keys carry removed (a LightningModule's ``model.``
-    or ``net.``, DataParallel's ``module.``), when that makes them the model's keys; as they
-    are otherwise (``load_state_dict`` then says what differs)."""
-    expected = set(model.state_dict())
-    if set(weights) == expected or not expected:
-        return weights
-    anchor = next(iter(model.state_dict()))
+    if name is not None:
+        kdlight_key = {official: key for key, official in official_names(name, model).items()}
+        weights = {kdlight_key.get(k, k): v for k, v in weights.items()}
+    anchor = next(iter(own))
     prefixes = {k[: len(k) - len(anchor)] for k in weights if k.endswith(anchor)}
     for prefix in sorted(prefixes, key=len):
         fitted = {k.removeprefix(prefix): v for k, v in weights.items() if k.startswith(prefix)}
-        if set(fitted) == expected:
+        if set(fitted) == set(own):
             return fitted
     return weights
 
