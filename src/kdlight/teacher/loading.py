@@ -66,7 +66,12 @@ def load_teacher(
     """
     path = Path(path)
     checkpoint = read_checkpoint(path, what="teacher checkpoint", remedy=TEACHER_FILES)
-    spec = _recorded_spec(checkpoint, f"teacher checkpoint {path}")
+    record = checkpoint.get("kdlight")
+    spec = record.get("model_spec") if isinstance(record, dict) else None  # the model it records
+    if spec is not None and not isinstance(spec, dict):
+        raise KDLightError(
+            f"teacher checkpoint {path} records a model spec that is a {type(spec).__name__}"
+        )
     wanted = _as_spec(model_name, num_classes)
     predicts = (spec or wanted or {}).get("num_classes")
     if num_classes is not None and predicts is not None and predicts != num_classes:
@@ -126,15 +131,6 @@ def _classes_hint(weights: dict, model: nn.Module) -> str:
     # the data choice of each class count the shipped datasets have
     data = {10: "data=cifar10", 100: "data=cifar100"}.get(theirs, f"data of {theirs} classes")
     return f" (the file's teacher predicts {theirs} classes, this data {ours}: add {data})"
-
-
-def _recorded_spec(checkpoint: dict, source: str) -> dict | None:
-    """The model a checkpoint records (``kdlight.model_spec``), None where it records none."""
-    record = checkpoint.get("kdlight")
-    spec = record.get("model_spec") if isinstance(record, dict) else None
-    if spec is not None and not isinstance(spec, dict):
-        raise KDLightError(f"{source} records a model spec that is a {type(spec).__name__}")
-    return spec
 
 
 def _as_spec(model: str | Mapping | nn.Module | None, num_classes: int | None) -> dict | None:
