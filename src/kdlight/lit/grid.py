@@ -54,8 +54,10 @@ class DistillationGridModule(DistillationSystem):
         ``DistillationModule`` (the cached logits serve every cell, unless a cell's method
         reads the teacher's features).
 
-    A cell's ``<cell>`` is ``T<T>_alpha<alpha>`` for a KD grid, the method's name for
-    ``methods``. When every cell is KD the cells' losses are computed in one pass.
+    Each cell's results go to ``<run dir>/<cell>/metrics.json`` (``T<T>_alpha<alpha>`` for a
+    KD grid, the method's name for ``methods``), the layout of a multirun, so
+    ``kdlight-report`` reads both alike. When every cell is KD the cells' losses are
+    computed in one pass.
 
     Each cell keeps its own best: its best validation accuracy (``val/acc_best_<cell>``)
     and its student's weights at that epoch, both kept in the grid's checkpoints so that
