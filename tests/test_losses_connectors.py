@@ -8,6 +8,7 @@ import pytest
 import torch
 from torch import nn
 
+from kdlight.distillers import CRD, VID
 from kdlight.errors import KDLightError
 from kdlight.losses.contrastive import (
     ContrastMemory,
@@ -395,21 +396,16 @@ def test_sampler_refuses_a_single_class():
 @pytest.mark.parametrize(
     ("build", "message"),
     [
-        (
-            lambda: NegativeSampler(LABELS, 0),
-            "distiller.num_negatives=0 is not allowed: an integer >= 1",
-        ),
-        (
-            lambda: VIDRegressor(4, 6, init_pred_var=0.0),
-            "distiller.init_pred_var=0.0 is not allowed",
-        ),
+        (lambda: CRD(num_negatives=0), "distiller.num_negatives=0 is not allowed: an integer >= 1"),
+        (lambda: VID(init_pred_var=0.0), "distiller.init_pred_var=0.0 is not allowed"),
+        (lambda: NegativeSampler(LABELS, 0), "num_negatives must be at least 1, got 0"),
         (
             lambda: VIDRegressor(4, 6, init_pred_var=1e-6),
             r"init_pred_var \(1e-06\) must exceed eps",
         ),
     ],
 )
-def test_connectors_refuse_a_setting_out_of_its_declared_range_in_its_command_line_words(
+def test_a_method_refuses_a_setting_out_of_its_declared_range_in_its_command_line_words(
     build, message
 ):
     with pytest.raises(KDLightError, match=message):

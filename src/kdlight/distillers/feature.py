@@ -169,7 +169,8 @@ class VID(FeatureDistiller):
 
     As RepDistiller's CIFAR code (``distiller_zoo/VID.py``), which produced the published
     VID numbers (CRD's tables): every stage of both networks, paired in order (``pairing``
-    as for :class:`AT`), the variances trained with the student.
+    as for :class:`AT`), the variances trained with the student (mdistiller's stay at
+    ``init_pred_var``: :class:`~kdlight.losses.VIDRegressor`).
     """
 
     name = "vid"
@@ -186,7 +187,7 @@ class VID(FeatureDistiller):
         pairing: str = "deepest",
     ) -> None:
         super().__init__(weight, ce_weight, student_taps, teacher_taps)
-        check("distiller", pairing=pairing)
+        check("distiller", pairing=pairing, init_pred_var=init_pred_var)
         self.init_pred_var, self.pairing = init_pred_var, pairing
         self.regressors = nn.ModuleList()
 

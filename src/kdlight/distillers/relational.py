@@ -14,6 +14,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from kdlight.config.settings import check
 from kdlight.distillers.base import FeatureDistiller, own_random_stream
 from kdlight.errors import KDLightError
 from kdlight.losses import ContrastMemory, Embed, NegativeSampler, crd_loss, pkt_loss, rkd_loss
@@ -117,6 +118,7 @@ class CRD(FeatureDistiller):
         teacher_taps: Sequence[str] | None = None,
     ) -> None:
         super().__init__(weight, ce_weight, student_taps, teacher_taps)
+        check("distiller", num_negatives=num_negatives)
         self.dim, self.num_negatives = dim, num_negatives
         self.nce_temperature, self.momentum = nce_temperature, momentum
         self.replacement = replacement

@@ -23,7 +23,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from kdlight.config.settings import check
 from kdlight.errors import KDLightError
 
 
@@ -215,7 +214,8 @@ class NegativeSampler(nn.Module):
     def __init__(self, labels: Tensor, num_negatives: int, replacement: bool = False):
         super().__init__()
         labels = torch.as_tensor(labels).long().flatten()
-        check("distiller", num_negatives=num_negatives)
+        if num_negatives < 1:
+            raise KDLightError(f"num_negatives must be at least 1, got {num_negatives}")
         counts = torch.bincount(labels)
         if (counts > 0).sum() < 2:
             raise KDLightError("CRD's negatives need a training set of at least two classes")

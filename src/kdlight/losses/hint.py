@@ -13,7 +13,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from kdlight.config.settings import check
 from kdlight.errors import KDLightError
 
 
@@ -158,8 +157,7 @@ class VIDRegressor(nn.Module):
         eps: float = 1e-5,
     ):
         super().__init__()
-        check("distiller", init_pred_var=init_pred_var)
-        if init_pred_var <= eps:  # eps, the floor of the variance, is no setting
+        if init_pred_var <= eps:
             raise KDLightError(f"init_pred_var ({init_pred_var}) must exceed eps ({eps})")
         mid_channels = teacher_channels if mid_channels is None else mid_channels
         self.regressor = nn.Sequential(
