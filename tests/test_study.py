@@ -193,6 +193,10 @@ def test_finished_runs_are_not_submitted(
             ["pair=resnet32x4_resnet8x4", "--slurm", "--dry-run", "trainer=ddp"],
             "trainer.devices=auto is not allowed for hydra/launcher=slurm: set trainer.devices=N",
         ),  # fmt: skip
+        (
+            ["pair=resnet32x4_resnet8x4", "--slurm", "--dry-run", "hydra.launcher.nodes=two"],
+            "hydra.launcher.nodes=two is not allowed: an integer",
+        ),  # fmt: skip
     ],
 )
 def test_bad_input_is_one_line_before_any_work(args: list[str], says: str, tmp_path: Path):

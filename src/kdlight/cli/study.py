@@ -25,6 +25,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from kdlight import config_dir
 from kdlight.config.preflight import check_command_line, check_slurm_resources
+from kdlight.config.settings import choices, not_allowed
 from kdlight.errors import KDLightError, find_user_error, first_line
 from kdlight.runs.files import atomic_write
 from kdlight.runs.identity import identify
@@ -108,10 +109,6 @@ def _key(override: str) -> str:
     return override.lstrip("~+").split("=", 1)[0].split("@", 1)[0]
 
 
-def _choices(group: str) -> list[str]:
-    return sorted(path.stem for path in (config_dir() / group).glob("*.yaml"))
-
-
 def _values(parser: OverridesParser, line: str) -> list:
     """The values of ``key=a,b,c`` (one for ``key=a``), as Hydra parses them."""
     override = parser.parse_override(line)
@@ -141,17 +138,19 @@ def parse_study(args: list[str]) -> Study:
         else:
             rest.append(line)
     try:
-        known = ", ".join(_choices("pair"))
+        pairs_known = choices("pair")
+        known = ", ".join(pairs_known)
         if "pair" not in found:
             raise KDLightError(f"a study needs pair=PAIR, one of {known}")
         pairs = _values(parser, found["pair"])
-        if len(pairs) != 1 or pairs[0] not in _choices("pair"):
+        if len(pairs) != 1 or pairs[0] not in pairs_known:
             raise KDLightError(f"{found['pair']}: a study is one pair, one of {known}")
         methods = _values(parser, found.get("distiller", "distiller=kd"))
-        if unknown := [m for m in methods if m not in _choices("distiller")]:
+        known_methods = choices("distiller")
+        if unknown := [m for m in methods if m not in known_methods]:
             raise KDLightError(
                 f"distiller={unknown[0]} is not a method of conf/distiller/: "
-                f"one or more of {', '.join(_choices('distiller'))}, as distiller=kd,dkd"
+                f"one or more of {', '.join(known_methods)}, as distiller=kd,dkd"
             )
         seeds = _values(parser, found.get("seed", "seed=0"))
         if not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds):
@@ -255,6 +254,9 @@ def launcher_settings(study: Study, cfg: DictConfig) -> dict:
     check_slurm_resources(cfg)
     root = OmegaConf.create({"trainer": _trainer_size(cfg), "launcher": launcher})
     settings = OmegaConf.to_container(root, resolve=True)["launcher"]
+    for key in ("tasks_per_node", "gpus_per_node", "nodes"):  # as hydra.launcher.KEY=... set
+        if not isinstance(settings.get(key), int):
+            raise not_allowed(f"hydra.launcher.{key}", settings.get(key), "an integer")
     if str(OmegaConf.select(cfg, "trainer.accelerator", default="")) == "cpu":
         settings["gpus_per_node"] = None  # a CPU job asks for no GPU
     return settings

@@ -134,6 +134,11 @@ SECTIONS = ("data", "model", "distill", "distiller", "module", "optimizer", "tra
 SECTIONS += ("scheduler", "callbacks", "logger", "paths")
 
 
+def choices(group: str) -> list[str]:
+    """The choices of the config group ``group`` that have a file (``conf/<group>/*.yaml``)."""
+    return sorted(path.stem for path in (config_dir() / group).glob("*.yaml"))
+
+
 @cache
 def rules() -> dict[str, Rule]:
     """Every setting's rule by its dotted key, the one place a setting's type and range are
@@ -152,7 +157,7 @@ def rules() -> dict[str, Rule]:
         "a list of dotted names, such as [torchvision.models.resnet18]",
         lambda v: isinstance(v, list) and all(is_dotted_name(x) for x in v),
     )
-    methods = ", ".join(sorted(file.stem for file in (config_dir() / "distiller").glob("*.yaml")))
+    methods = ", ".join(choices("distiller"))
     method = Rule(
         f"a method of conf/distiller/ (distiller={methods})", lambda v: isinstance(v, Mapping)
     )
