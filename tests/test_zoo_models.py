@@ -279,6 +279,10 @@ def test_a_wrong_num_classes_names_the_key_and_both_shapes(resnet20_state, tmp_p
     message = _load_error(_save_published(tmp_path / "t.pth", resnet20_state), "resnet20", 10)
     assert "'fc.weight'" in message and "(100, 64)" in message and "(10, 64)" in message
     assert "num_classes=100" in message
+    # a wrong shape outside the classifier (a 0-dim tensor too): the key, no classes hint
+    state = {**resnet20_state, "bn1.weight": torch.tensor(1.0)}
+    message = _load_error(_save_published(tmp_path / "scalar.pth", state), "resnet20")
+    assert "'bn1.weight' has shape ()" in message and "num_classes=" not in message.split(":")[-1]
 
 
 def test_missing_and_unexpected_keys_are_named(resnet20_state, tmp_path: Path):

@@ -128,16 +128,17 @@ def load_published(path: str | Path, model_name: str, num_classes: int = 100) ->
     own = model.state_dict()
     # a num_batches_tracked buffer absent from an old file: the model's own is kept
     loaded = {key: state.get(official, own[key]) for key, official in names.items()}
-    classifier = [name for name, module in model.named_modules() if isinstance(module, nn.Linear)]
+    linears = [name for name, module in model.named_modules() if isinstance(module, nn.Linear)]
     for key, official in names.items():
         if loaded[key].shape != own[key].shape:
-            outputs = loaded[key].shape[0]
-            hint = f"; the file's classifier has {outputs} outputs: pass num_classes={outputs}"
+            hint = ""
+            if linears and key.rpartition(".")[0] == linears[-1]:  # the classifier's
+                outputs = loaded[key].shape[0]
+                hint = f"; the file's classifier has {outputs} outputs: pass num_classes={outputs}"
             raise KDLightError(
                 f"{path} does not fit '{model_name}' with num_classes={num_classes}: "
                 f"'{official}' has shape {tuple(loaded[key].shape)} in the file, the model "
-                f"expects {tuple(own[key].shape)}"
-                + (hint if key.rpartition(".")[0] == classifier[-1] else "")
+                f"expects {tuple(own[key].shape)}{hint}"
             )
     model.load_state_dict(loaded)
     return model
