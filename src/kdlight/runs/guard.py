@@ -3,9 +3,10 @@
 * SIGTERM (``kill``, a SLURM pre-emption, a container stop) ends a run with status 143
   (128 + 15, what a shell reports for it) and one ``error:`` line, never as a success (left
   to Lightning, it ends with status 0: its ``SIGTERMException`` is a ``SystemExit``);
-  Ctrl-C (SIGINT) likewise, with status 130: during training :class:`SaveLastOnSigterm`,
-  at other times :func:`stop_on_sigterm` (before it, while ``kdlight-train`` starts,
-  :mod:`kdlight.cli.startup`). Relaunching the same command resumes, exactly.
+  Ctrl-C (SIGINT) likewise, with status 130. During training :class:`SaveLastOnSigterm`
+  stops at the end of the current batch with ``last.ckpt`` saved there; at other times
+  :func:`stop_on_sigterm` stops the run at once (before it, while ``kdlight-train``
+  starts, :mod:`kdlight.cli.startup`). Relaunching the same command resumes, exactly.
 * :func:`hold_run_lock` keeps a second launch of the same run out of its directory while
   the first runs, with the kernel's lock (``flock``): it goes with the process that holds
   it, so a killed run never leaves a lock that blocks.

@@ -118,8 +118,10 @@ class ResumeRandomState(Callback):
             _set_random_state(processes[rank])
         else:
             log.warning(
-                f"the checkpoint holds the random state of {len(processes)} processes: "
-                f"process {rank} goes on with its seeded state"
+                "the checkpoint holds the random state of %d processes: process %d goes on "
+                "with its seeded state",
+                len(processes),
+                rank,
             )
 
 
