@@ -194,7 +194,9 @@ FROM_PYTHON = [
 ]
 
 
-@pytest.mark.parametrize(("overrides", "make"), FROM_PYTHON, ids=lambda x: str(x)[:60])
+@pytest.mark.parametrize(
+    ("overrides", "make"), FROM_PYTHON, ids=[" ".join(overrides) for overrides, _ in FROM_PYTHON]
+)
 def test_python_and_the_command_line_say_the_same(overrides, make, tmp_path: Path):
     base = ["trainer=cpu"] if overrides[0].startswith("data=") else TINY  # or TINY's data
     with pytest.raises(KDLightError) as from_cli:
