@@ -31,6 +31,7 @@ _EXPORTS = {
     "stratified_subset": "kdlight.data.arrays",
     "normalize": "kdlight.data.augment",
     "random_crop_flip": "kdlight.data.augment",
+    "strong_view": "kdlight.data.strong",
 }
 
 __all__ = ["default_data_dir", *_EXPORTS]

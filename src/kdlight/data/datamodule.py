@@ -45,6 +45,7 @@ from kdlight.data.sources import (
     load_torchvision,
     make_synthetic,
 )
+from kdlight.data.strong import rand_augment, strong_view
 from kdlight.errors import KDLightError
 
 #: Where a CIFAR data module's images come from (the rule of ``data.source``).
@@ -95,6 +96,13 @@ class ImageDataModule(L.LightningDataModule):
             with (see :func:`kdlight.data.augment.random_crop_flip`; ``(4, 4, 0)`` when
             ``augment`` is off): with its index, what the image the model saw was, exactly.
             Off by default and not a setting, as ``with_index``.
+        with_strong_view: training batches end with a second, strongly augmented view of
+            each image, a normalised float batch like the first (:mod:`kdlight.data.strong`:
+            a crop and flip of its own, then RandAugment and Cutout, as MLKD's official
+            CIFAR code makes it; without ``augment``, RandAugment and Cutout only), drawn
+            after the first view's crop and flip from the same stream. Off by default and
+            not a setting: a method that trains on both views asks for it (``needs_strong_view``,
+            see :func:`kdlight.lit.methods.attach_training_data`).
     """
 
     classes: tuple[str, ...]
@@ -133,6 +141,7 @@ class ImageDataModule(L.LightningDataModule):
         self._saved_generator_states: dict[str, Tensor] = {}  # from a checkpoint, until used
         self.with_index = False
         self.with_augmentation = False
+        self.with_strong_view = False
 
     # ------------------------------------------------------------------------ loading
     def _load(self) -> dict[str, Split]:
@@ -266,8 +275,9 @@ class ImageDataModule(L.LightningDataModule):
         self, batch: tuple[Tensor, ...] | IndexBatch, dataloader_idx: int
     ) -> tuple[Tensor, ...]:
         """Gather (on-device data), augment (training only) and normalise on the batch's
-        device; a training batch with ``with_index`` keeps its indices, and one with
-        ``with_augmentation`` also the augmentation's draws, last."""
+        device; a training batch with ``with_index`` keeps its indices, one with
+        ``with_augmentation`` also the augmentation's draws, and one with
+        ``with_strong_view`` ends with the strong view."""
         if isinstance(batch, IndexBatch):
             images, labels = self.split_on_device(batch.split, batch.indices.device)
             images, labels = images[batch.indices], labels[batch.indices]
@@ -275,12 +285,17 @@ class ImageDataModule(L.LightningDataModule):
         else:
             images, labels, *indices = batch
         training = self.trainer is not None and self.trainer.training
+        original = images
         if training and self.hparams.augment:
             generator = self._augment_generator(images.device)
             images, params = random_crop_flip(images, generator=generator, return_params=True)
         elif training:  # not augmented: every image as it is
             params = IDENTITY.to(images.device).expand(len(images), 3)
         drawn = [params] if training and self.with_augmentation else []
+        if training and self.with_strong_view:
+            augment = strong_view if self.hparams.augment else rand_augment
+            strong = augment(original, self._augment_generator(images.device))
+            drawn.append(self.normalize(strong))
         return self.normalize(images), labels, *indices, *drawn
 
     def _augment_generator(self, device: torch.device) -> torch.Generator | None:
