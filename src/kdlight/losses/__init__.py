@@ -19,6 +19,7 @@ from kdlight.losses.contrastive import (
 from kdlight.losses.dkd import dkd_loss
 from kdlight.losses.hint import ConvRegressor, VIDRegressor, hint_loss, vid_loss
 from kdlight.losses.kd import KDLoss, kd_loss, standardize_logits
+from kdlight.losses.multilevel import mlkd_loss
 from kdlight.losses.relational import pkt_loss, rkd_loss
 
 __all__ = [
@@ -35,6 +36,7 @@ __all__ = [
     "at_loss",
     "dkd_loss",
     "kd_loss",
+    "mlkd_loss",
     "pkt_loss",
     "rkd_loss",
     "sp_loss",
