@@ -1,12 +1,12 @@
-"""The stage methods (FitNet, AT, SP, VID) as a command-line user gets them equal the
-official CIFAR code, step for step.
+"""The stage methods (FitNet, AT, SP, VID, NST, KDSVD) as a command-line user gets them
+equal the official CIFAR code, step for step.
 
 Each step test composes the real config (``experiment=zoo_distill pair=<pair>
 distiller=<method>``), builds kdlight's ``DistillationModule`` from it as ``kdlight-train``
 does, and runs one training step on a fixed batch. The same step is then computed the
 official way, written here from RepDistiller (``train_student.py``, ``helper/loops.py``,
-``distiller_zoo/*.py``, ``models/util.py``; mdistiller's ``distillers/{FitNet,AT,SP,VID}.py``
-agree) on the official networks (``tests/official/models.py``) holding the same weights,
+``distiller_zoo/*.py``, ``models/util.py``; mdistiller's
+``distillers/{FitNet,AT,SP,VID,NST}.py`` agree, its ``KDSVD.py`` decomposes other matrices) on the official networks (``tests/official/models.py``) holding the same weights,
 with the official connectors given kdlight's initial connector weights. Each loss part, the
 total, and the gradient of every student and connector parameter must agree.
 
@@ -42,6 +42,12 @@ from tests.official.models import official_copy_of, randomise_
 #: (resnet56_resnet20's student gradients; the residual sums are grouped differently), and
 #: vgg13_vgg8 equal to the bit.
 RTOL = 1e-4
+#: A gradient that is zero but for rounding, such as that of a convolution's bias just before
+#: a train-mode BatchNorm (vgg's), is rounding noise on both sides, at most NOISE of the
+#: student's largest gradient entry; it is checked to stay noise rather than to be equal.
+#: Needed where kdlight sums in another order than the official code (NST's kernels as
+#: matrix products): vgg13_vgg8's pre-BN biases measured at most 5.5e-7 of it (CPU).
+NOISE = 1e-5
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -56,11 +62,19 @@ OFFICIAL = {
     "at": ("attention", 1000.0),
     "sp": ("similarity", 3000.0),
     "vid": ("vid", 1.0),
+    "nst": ("nst", 50.0),
+    # no KDSVD line in run_cifar_distill.sh (and -b has no default, train_student.py:75):
+    # mdistiller's weight, engine/cfg.py:97 (KDSVD.LOSS.FEAT_WEIGHT)
+    "kdsvd": ("kdsvd", 1.0),
 }
 GAMMA, ALPHA = 1.0, 0.0  # -r, -a of run_cifar_distill.sh
 KD_T = 4.0  # train_student.py:78, --kd_T: DistillKL's temperature (weighted by ALPHA = 0)
 HINT_LAYER = 2  # train_student.py:88, --hint_layer default
 INIT_PRED_VAR, EPS = 5.0, 1e-5  # distiller_zoo/VID.py:16-17, VIDLoss defaults
+KDSVD_K = 1  # distiller_zoo/KDSVD.py:13, KDSVD(k=1) as train_student.py:210 builds it
+#: NST's official kernels multiply out B x C x C x H*W products (vgg13_vgg8: 33M floats a
+#: kernel at 8 images, most of the test's time); its loss is a mean over samples, so 4 do
+BATCH_SIZE = {"nst": 4}
 
 
 class ConvReg(nn.Module):
@@ -113,6 +127,76 @@ def similarity(g_s: list[Tensor], g_t: list[Tensor]) -> list[Tensor]:
         g_diff = g_t_ - g_s_
         losses.append((g_diff * g_diff).view(-1, 1).sum(0) / (bsz * bsz))
     return losses
+
+
+def nst(g_s: list[Tensor], g_t: list[Tensor]) -> list[Tensor]:
+    """RepDistiller distiller_zoo/NST.py:13-42 (full_loss=True): one loss per zipped pair."""
+
+    def poly_kernel(a: Tensor, b: Tensor) -> Tensor:
+        return (a.unsqueeze(1) * b.unsqueeze(2)).sum(-1).pow(2)
+
+    losses = []
+    for f_s, f_t in zip(g_s, g_t, strict=False):  # the official zip: to the shorter
+        s_h, t_h = f_s.shape[2], f_t.shape[2]
+        if s_h > t_h:
+            f_s = F.adaptive_avg_pool2d(f_s, (t_h, t_h))
+        elif s_h < t_h:
+            f_t = F.adaptive_avg_pool2d(f_t, (s_h, s_h))
+        f_s = F.normalize(f_s.view(f_s.shape[0], f_s.shape[1], -1), dim=2)
+        f_t = F.normalize(f_t.view(f_t.shape[0], f_t.shape[1], -1), dim=2)
+        losses.append(
+            poly_kernel(f_t, f_t).mean().detach()
+            + poly_kernel(f_s, f_s).mean()
+            - 2 * poly_kernel(f_s, f_t).mean()
+        )
+    return losses
+
+
+def kdsvd(g_s: list[Tensor], g_t: list[Tensor], k: int = KDSVD_K) -> list[Tensor]:
+    """RepDistiller distiller_zoo/KDSVD.py:17-75: one loss per consecutive pair of stages."""
+
+    def removenan(x: Tensor) -> Tensor:
+        return torch.where(torch.isfinite(x), x, torch.zeros_like(x))
+
+    def svd(feat: Tensor, n: int) -> tuple[Tensor, Tensor, Tensor]:
+        size = feat.shape
+        x = feat.view(-1, size[1], size[2] * size[2]).transpose(-2, -1)
+        u, s, v = torch.svd(x)
+        u, s, v = removenan(u), removenan(s), removenan(v)
+        if n > 0:
+            u = F.normalize(u[:, :, :n], dim=1)
+            s = F.normalize(s[:, :n], dim=1)
+            v = F.normalize(v[:, :, :n], dim=1)
+        return u, s, v
+
+    def align_rsv(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
+        cosine = torch.matmul(a.transpose(-2, -1), b)
+        max_abs_cosine, _ = torch.max(torch.abs(cosine), 1, keepdim=True)
+        mask = torch.where(
+            torch.eq(max_abs_cosine, torch.abs(cosine)),
+            torch.sign(cosine),
+            torch.zeros_like(cosine),
+        )
+        return torch.matmul(a, mask), b
+
+    v_sb = v_tb = None
+    losses = []
+    for i, f_s, f_t in zip(range(len(g_s)), g_s, g_t, strict=False):
+        _, s_t, v_t = svd(f_t, k)
+        _, _, v_s = svd(f_s, k + 3)
+        v_s, v_t = align_rsv(v_s, v_t)
+        s_t = s_t.unsqueeze(1)
+        v_t = v_t * s_t
+        v_s = v_s * s_t
+        if i > 0:
+            s_rbf = torch.exp(-(v_s.unsqueeze(2) - v_sb.unsqueeze(1)).pow(2) / 8)
+            t_rbf = torch.exp(-(v_t.unsqueeze(2) - v_tb.unsqueeze(1)).pow(2) / 8)
+            l2loss = (s_rbf - t_rbf.detach()).pow(2)
+            l2loss = torch.where(torch.isfinite(l2loss), l2loss, torch.zeros_like(l2loss))
+            losses.append(l2loss.sum())
+        v_tb, v_sb = v_t, v_s
+    bsz = g_s[0].shape[0]
+    return [loss / bsz for loss in losses]
 
 
 class VIDLoss(nn.Module):
@@ -201,6 +285,10 @@ def official_step(
         loss_kd = sum(attention(feat_s[1:-1], feat_t[1:-1]))
     elif distill == "similarity":  # loops.py:144-148
         loss_kd = sum(similarity([feat_s[-2]], [feat_t[-2]]))
+    elif distill == "nst":  # loops.py:139-143
+        loss_kd = sum(nst(feat_s[1:-1], feat_t[1:-1]))
+    elif distill == "kdsvd":  # loops.py:157-161
+        loss_kd = sum(kdsvd(feat_s[1:-1], feat_t[1:-1]))
     else:  # vid, loops.py:166-170
         pairs = zip(feat_s[1:-1], feat_t[1:-1], connector, strict=False)
         loss_kd = sum(c(f_s, f_t) for f_s, f_t, c in pairs)
@@ -299,7 +387,7 @@ def compare_with_official(
                 assert_close(mine.log_scale, theirs.log_scale, f"log_scale {index} at start")
         copy_connector(ours, connector, f"{method.name}'s connector")
 
-    images, labels = fixed_batch()
+    images, labels = fixed_batch(size=BATCH_SIZE.get(method.name, 8))
     parts = kdlight_step(module, images, labels, teacher_in_train_mode)
     expected = official_step(distill, beta, model_s, model_t, connector, images, labels)
 
@@ -311,8 +399,14 @@ def compare_with_official(
     assert sorted(names[key] for key, _ in module.student.named_parameters()) == sorted(
         official_parameters
     )
+    largest = max(p.grad.abs().max().item() for p in official_parameters.values())
     for key, parameter in module.student.named_parameters():
-        assert_close(parameter.grad, official_parameters[names[key]].grad, f"student {key}")
+        theirs = official_parameters[names[key]].grad
+        if theirs.abs().max().item() <= NOISE * largest:  # zero but for rounding
+            noise = parameter.grad.abs().max().item()
+            assert noise <= NOISE * largest, f"student {key}: {noise:.3g}, not rounding noise"
+        else:
+            assert_close(parameter.grad, theirs, f"student {key}")
     if kdlight_connector is not None:
         theirs = dict(connector.named_parameters())
         for key, parameter in getattr(method, kdlight_connector).named_parameters():
@@ -334,6 +428,8 @@ def test_a_step_equals_the_official_step(pair: str, method: str, tmp_path: Path)
         for regressor in module.distiller.regressors:
             assert id(regressor.log_scale) in trained
             assert regressor.log_scale.grad.abs().sum() > 0
+    if method == "kdsvd":  # as many channels at every stage: no connector of kdlight's own
+        assert list(module.distiller.connectors.parameters()) == []
 
 
 #: Wrong wirings the step test must catch: (pair, method, overrides, what is wrong, the
@@ -351,6 +447,10 @@ BREAKS = [
     ("resnet56_resnet20", "sp", ["distiller.student_taps=[stages.5]",
                                  "distiller.teacher_taps=[layer2]"],
      "SP one stage short of the deepest", "part 'sp'"),
+    ("resnet56_resnet20", "nst", ["distiller.student_taps=[stages.1,stages.4,stages.7]"],
+     "NST on each stage's second-last block", "part 'nst'"),
+    ("resnet56_resnet20", "kdsvd", ["distiller.singular_vectors=2"],
+     "KDSVD with k 2, not the official 1", "part 'kdsvd'"),
 ]  # fmt: skip
 
 

@@ -204,6 +204,7 @@ def rules() -> dict[str, Rule]:
             "distance_weight": number(0), "angle_weight": number(0), "dim": integer(1),
             "num_negatives": integer(1), "nce_temperature": POSITIVE, "momentum": FRACTION,
             "student_taps": TAPS, "teacher_taps": TAPS,
+            "singular_vectors": integer(1),  # KDSVD's k, the teacher's vectors compared
             "pairing": one_of("deepest", "shallowest"), **switches("standardize", "replacement"),
         },
         "optimizer": {

@@ -3,7 +3,8 @@ minimises, given the student's and the frozen teacher's outputs.
 
 - logits: :class:`KD` (Hinton et al., 2015) and :class:`DKD` (Zhao et al., 2022), each with
   optional logit standardization (Sun et al., 2024);
-- stage outputs: :class:`FitNet`, :class:`AT`, :class:`SP`, :class:`VID`;
+- stage outputs: :class:`FitNet`, :class:`AT`, :class:`SP`, :class:`VID`, :class:`NST`,
+  :class:`KDSVD`;
 - pooled features: :class:`PKT`, :class:`RKD`, :class:`CRD`.
 
 The interface a method follows (a user's own needs no kdlight base class) is in
@@ -19,7 +20,7 @@ from kdlight.distillers.base import (
     method_settings,
     resolve_taps,
 )
-from kdlight.distillers.feature import AT, SP, VID, FitNet
+from kdlight.distillers.feature import AT, KDSVD, NST, SP, VID, FitNet
 from kdlight.distillers.logit import DKD, KD
 from kdlight.distillers.relational import CRD, PKT, RKD
 
@@ -28,6 +29,8 @@ __all__ = [
     "CRD",
     "DKD",
     "KD",
+    "KDSVD",
+    "NST",
     "PKT",
     "RKD",
     "SP",

@@ -1,13 +1,16 @@
 """Methods that read stage outputs: FitNet, attention transfer (AT), similarity-preserving
-KD (SP) and variational information distillation (VID).
+KD (SP), variational information distillation (VID), neuron selectivity transfer (NST) and
+KDSVD.
 
 Each adds its feature term to the cross-entropy (:class:`FeatureDistiller`), with the
-official CIFAR code's weights (RepDistiller; mdistiller agrees) as defaults, and reads the
+official CIFAR code's weights (RepDistiller; mdistiller agrees; KDSVD's, which RepDistiller's
+script does not set, mdistiller's) as defaults, and reads the
 models' ``stages`` taps (the official ``feat[1:-1]``, each stage's output after its ReLU).
 ``tests/test_fidelity_stages.py`` checks a training step of each, built from the command
 line's config, against the official code's step on the same weights.
 """
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -16,7 +19,15 @@ from torch import Tensor, nn
 from kdlight.config.settings import check
 from kdlight.distillers.base import FeatureDistiller
 from kdlight.errors import KDLightError
-from kdlight.losses import ConvRegressor, VIDRegressor, at_loss, hint_loss, sp_loss
+from kdlight.losses import (
+    ConvRegressor,
+    VIDRegressor,
+    at_loss,
+    hint_loss,
+    kdsvd_loss,
+    nst_loss,
+    sp_loss,
+)
 
 
 def _one_pair(student: list[str], teacher: list[str], stage: int, method: str):
@@ -201,3 +212,102 @@ class VID(FeatureDistiller):
     def feature_loss(self, student: list[Tensor], teacher: list[Tensor], **batch) -> Tensor:
         pairs = zip(self.regressors, student, teacher, strict=True)
         return torch.stack([regressor(s, t) for regressor, s, t in pairs]).sum()
+
+
+class NST(FeatureDistiller):
+    r"""Neuron selectivity transfer (Huang and Wang, 2017) at every paired stage:
+    :math:`\mathcal{L} = w_{ce} \, \mathrm{CE} + w \sum_l \mathrm{MMD}^2_l` with
+    :func:`kdlight.losses.nst_loss` (polynomial-kernel MMD between the channels' normalised
+    spatial patterns). Parts: ``loss``, ``ce``, ``nst``.
+
+    As the official CIFAR code, where RepDistiller (``distiller_zoo/NST.py``,
+    ``helper/loops.py:139-143``, ``feat[1:-1]``) and mdistiller (``distillers/NST.py``,
+    ``feats[1:]``) compute the same: every stage of both networks, paired in order
+    (``pairing`` as for :class:`AT`), weight 50 (RepDistiller
+    ``scripts/run_cifar_distill.sh:27`` ``-b 50``, mdistiller ``engine/cfg.py:111``).
+    """
+
+    name = "nst"
+    features = "stages"
+    setting_names = (*FeatureDistiller.setting_names, "pairing")
+
+    def __init__(
+        self,
+        weight: float = 50.0,
+        ce_weight: float = 1.0,
+        student_taps: Sequence[str] | None = None,
+        teacher_taps: Sequence[str] | None = None,
+        pairing: str = "deepest",
+    ) -> None:
+        super().__init__(weight, ce_weight, student_taps, teacher_taps)
+        check("distiller", pairing=pairing)
+        self.pairing = pairing
+
+    def feature_loss(self, student: list[Tensor], teacher: list[Tensor], **batch) -> Tensor:
+        return nst_loss(student, teacher)
+
+
+class KDSVD(FeatureDistiller):
+    r"""Self-supervised KD with singular value decomposition (Lee et al., ECCV 2018) over
+    every paired stage: :math:`\mathcal{L} = w_{ce} \, \mathrm{CE} + w \,
+    \mathrm{KDSVD}` with :func:`kdlight.losses.kdsvd_loss` (Gaussian kernels between the
+    leading singular vectors of consecutive stages). Parts: ``loss``, ``ce``, ``kdsvd``.
+
+    As RepDistiller's CIFAR code (``distiller_zoo/KDSVD.py``, ``helper/loops.py:157-161``,
+    ``feat[1:-1]``; mdistiller reads the same stages, ``feats[1:]``, but decomposes other
+    matrices: :func:`~kdlight.losses.kdsvd_loss`): every stage of both networks, paired in
+    order (``pairing`` as for :class:`AT`), ``singular_vectors`` k = 1 (RepDistiller
+    ``KDSVD.py:13``, mdistiller ``engine/cfg.py:94``), weight 1 (mdistiller
+    ``engine/cfg.py:97``; RepDistiller's script gives KDSVD no ``-b``).
+
+    The loss compares the student's and the teacher's singular vectors over the channels,
+    so the official code runs only where each paired stage has as many channels in both
+    (of the zoo pairs, ``conf/pair/``: those of one family but ``wrn_40_2_wrn_40_1``).
+    Where a stage's channels differ, kdlight's own addition, with no official counterpart:
+    a trainable 1x1 convolution (no bias) maps the student's stage onto the teacher's
+    channels first (``connectors``; an identity, with no parameters, where they agree).
+    """
+
+    name = "kdsvd"
+    features = "stages"
+    setting_names = (*FeatureDistiller.setting_names, "singular_vectors", "pairing")
+
+    def __init__(
+        self,
+        weight: float = 1.0,
+        ce_weight: float = 1.0,
+        singular_vectors: int = 1,
+        student_taps: Sequence[str] | None = None,
+        teacher_taps: Sequence[str] | None = None,
+        pairing: str = "deepest",
+    ) -> None:
+        super().__init__(weight, ce_weight, student_taps, teacher_taps)
+        check("distiller", pairing=pairing, singular_vectors=singular_vectors)
+        self.singular_vectors, self.pairing = singular_vectors, pairing
+        self.connectors = nn.ModuleList()
+
+    def build(self, student_shapes: dict, teacher_shapes: dict) -> None:
+        if len(student_shapes) < 2:
+            raise KDLightError(
+                f"distiller=kdsvd relates consecutive stages, so it reads at least 2 of each "
+                f"network, got {len(student_shapes)} ({', '.join(student_shapes)})"
+            )
+        for name, (channels, *size) in teacher_shapes.items():
+            most = min(channels, math.prod(size))  # the singular vectors of a (H*W, C) matrix
+            if self.singular_vectors > most:
+                raise KDLightError(
+                    f"distiller.singular_vectors={self.singular_vectors} is not allowed: the "
+                    f"teacher's {name} of shape {tuple([channels, *size])} has {most}, so it "
+                    f"must be in [1, {most}]"
+                )
+        pairs = zip(student_shapes.values(), teacher_shapes.values(), strict=True)
+        self.connectors = nn.ModuleList(
+            nn.Identity()
+            if student[0] == teacher[0]
+            else nn.Conv2d(student[0], teacher[0], kernel_size=1, bias=False)
+            for student, teacher in pairs
+        )
+
+    def feature_loss(self, student: list[Tensor], teacher: list[Tensor], **batch) -> Tensor:
+        mapped = [connector(s) for connector, s in zip(self.connectors, student, strict=True)]
+        return kdsvd_loss(mapped, teacher, self.singular_vectors)

@@ -1,7 +1,8 @@
 """Losses: one documented function per loss, one file per method family: ``kd`` and ``dkd``
 on logits; ``attention`` (AT, SP) and ``hint`` (FitNet, VID, with their trainable
 connectors) on stage outputs; ``relational`` (PKT, RKD) and ``contrastive`` (CRD, with its
-embedding heads, memory banks and sampler of negatives) on pooled embeddings.
+embedding heads, memory banks and sampler of negatives) on pooled embeddings. ``kernels`` (NST,
+KDSVD) compares kernels of stage outputs rather than the outputs.
 
 Each docstring gives the formula, the reduction and the weight its method applies (the loss
 itself applies none). Every loss is computed in float32, also under mixed precision, and the
@@ -19,6 +20,7 @@ from kdlight.losses.contrastive import (
 from kdlight.losses.dkd import dkd_loss
 from kdlight.losses.hint import ConvRegressor, VIDRegressor, hint_loss, vid_loss
 from kdlight.losses.kd import KDLoss, kd_loss, standardize_logits
+from kdlight.losses.kernels import kdsvd_loss, nst_loss
 from kdlight.losses.multilevel import mlkd_loss
 from kdlight.losses.relational import pkt_loss, rkd_loss
 
@@ -36,6 +38,8 @@ __all__ = [
     "at_loss",
     "dkd_loss",
     "kd_loss",
+    "kdsvd_loss",
+    "nst_loss",
     "mlkd_loss",
     "pkt_loss",
     "rkd_loss",
