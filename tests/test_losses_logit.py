@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from kdlight.losses import KDLoss, kd_loss
+from kdlight.distillers import DIST, Outputs
+from kdlight.losses import KDLoss, dist_loss, kd_loss
 from kdlight.losses.dkd import dkd_loss
 from kdlight.losses.kd import standardize_logits
 
@@ -273,3 +274,68 @@ def test_several_students_at_once_equal_one_at_a_time(standardize: bool):
         for together, alone in ((kd_all, kd_one), (dkd_all, dkd_one)):
             for part in alone:
                 torch.testing.assert_close(together[part][k], alone[part])
+
+
+# --- dist_loss (Huang et al., 2022) ----------------------------------------------------------
+
+
+def np_pearson(a: np.ndarray, b: np.ndarray) -> float:
+    """Pearson's correlation of two vectors, with the official code's 1e-8 in the
+    denominator (DIST_KD ``dist_kd.py``: ``cosine_similarity(..., eps=1e-8)``)."""
+    a, b = a - a.mean(), b - b.mean()
+    return float(a @ b / (np.sqrt(a @ a) * np.sqrt(b @ b) + 1e-8))
+
+
+def reference_dist(student, teacher, T, beta, gamma, standardize):
+    """DIST's two terms as the paper writes them: T^2 (1 - mean correlation) over the rows
+    of the (N, C) probabilities (inter-class, each sample) and over the columns
+    (intra-class, each class across the batch)."""
+    rows = [soft_inputs(s, t, standardize) for s, t in zip(student, teacher, strict=True)]
+    p_s = np.stack([np_softmax(s / T) for s, _ in rows])
+    p_t = np.stack([np_softmax(t / T) for _, t in rows])
+    n, c = p_s.shape
+    inter = T * T * (1 - sum(np_pearson(p_s[i], p_t[i]) for i in range(n)) / n)
+    intra = T * T * (1 - sum(np_pearson(p_s[:, j], p_t[:, j]) for j in range(c)) / c)
+    return {"loss": beta * inter + gamma * intra, "inter": inter, "intra": intra}
+
+
+@pytest.mark.parametrize(
+    ("temperature", "beta", "gamma", "standardize"),
+    [(1.0, 1.0, 1.0, False), (4.0, 1.0, 1.0, False), (2.0, 0.5, 3.0, True)],
+)
+def test_dist_matches_the_formula(temperature, beta, gamma, standardize):
+    student, teacher, _ = tensors()
+    parts = dist_loss(student, teacher, temperature, beta, gamma, standardize=standardize)
+    expected = reference_dist(STUDENT, TEACHER, temperature, beta, gamma, standardize)
+    assert_parts_close(parts, expected)
+
+
+def test_dist_is_zero_where_the_student_ranks_as_the_teacher_and_two_where_reversed():
+    """Probabilities equal to the teacher's correlate at 1 (both terms 0); with two classes
+    the student's probabilities that mirror the teacher's correlate at -1 in every sample
+    and every class (each term 2 T^2)."""
+    _, teacher, _ = tensors()
+    parts = dist_loss(teacher.clone(), teacher, temperature=4.0)
+    assert parts["inter"].item() == pytest.approx(0.0, abs=1e-4)
+    assert parts["intra"].item() == pytest.approx(0.0, abs=1e-4)
+    two = torch.tensor([[1.0, -1.0], [0.0, 2.0], [3.0, 0.5]])
+    parts = dist_loss(two.flip(1), two, temperature=1.0)
+    assert parts["inter"].item() == pytest.approx(2.0, rel=1e-5)
+    assert parts["intra"].item() == pytest.approx(2.0, rel=1e-5)
+
+
+def test_dist_method_adds_the_weighted_cross_entropy_and_its_defaults_are_the_official():
+    """DIST = ce_weight * CE + weight * dist_loss; the defaults of its official CIFAR code
+    (image_classification_sota configs/strategies/distill/dist_cifar.yaml: CE 1, DIST 2,
+    dist_t4; beta = gamma = 1)."""
+    student, teacher, targets = tensors()
+    assert DIST().settings() == {
+        "temperature": 4.0, "beta": 1.0, "gamma": 1.0, "weight": 2.0, "ce_weight": 1.0,
+        "standardize": False,
+    }  # fmt: skip
+    method = DIST(temperature=2.0, beta=0.5, gamma=3.0, weight=1.5, ce_weight=0.25)
+    parts = method(Outputs(student), Outputs(teacher), targets)
+    expected = reference_dist(STUDENT, TEACHER, 2.0, 0.5, 3.0, False)
+    ce = reference_kd(STUDENT, TEACHER, TARGETS, 1.0, 0.0, False)["ce"]
+    expected |= {"loss": 0.25 * ce + 1.5 * expected["loss"], "ce": ce}
+    assert_parts_close(parts, expected)

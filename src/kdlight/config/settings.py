@@ -199,6 +199,7 @@ def rules() -> dict[str, Rule]:
             "temperature": TEMPERATURE,
             "alpha": number(0) | list_of(number(0), "a list of numbers >= 0"),
             "beta": number(0), "ce_weight": number(0), "warmup_epochs": integer(0),
+            "gamma": number(0),  # DIST's intra-class weight
             "weight": number(0), "stage": NULL | Rule("an integer", _is_int),
             "hint_layer": integer(1), "p": POSITIVE, "init_pred_var": POSITIVE,
             "distance_weight": number(0), "angle_weight": number(0), "dim": integer(1),

@@ -1,8 +1,9 @@
 """Distillation methods as components: what a :class:`~kdlight.lit.DistillationModule`
 minimises, given the student's and the frozen teacher's outputs.
 
-- logits: :class:`KD` (Hinton et al., 2015) and :class:`DKD` (Zhao et al., 2022), each with
-  optional logit standardization (Sun et al., 2024);
+- logits: :class:`KD` (Hinton et al., 2015), :class:`DKD` (Zhao et al., 2022) and
+  :class:`DIST` (Huang et al., 2022), each with optional logit standardization (Sun et al.,
+  2024);
 - stage outputs: :class:`FitNet`, :class:`AT`, :class:`SP`, :class:`VID`, :class:`NST`,
   :class:`KDSVD`;
 - pooled features: :class:`PKT`, :class:`RKD`, :class:`CRD`.
@@ -21,12 +22,13 @@ from kdlight.distillers.base import (
     resolve_taps,
 )
 from kdlight.distillers.feature import AT, KDSVD, NST, SP, VID, FitNet
-from kdlight.distillers.logit import DKD, KD
+from kdlight.distillers.logit import DIST, DKD, KD
 from kdlight.distillers.relational import CRD, PKT, RKD
 
 __all__ = [
     "AT",
     "CRD",
+    "DIST",
     "DKD",
     "KD",
     "KDSVD",

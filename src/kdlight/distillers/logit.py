@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from kdlight.distillers.base import Distiller, Outputs
-from kdlight.losses import dkd_loss, kd_loss
+from kdlight.losses import dist_loss, dkd_loss, kd_loss
 
 
 class KD(Distiller):
@@ -76,3 +76,48 @@ class DKD(Distiller):
         warmup = min((epoch + 1) / self.warmup_epochs, 1.0) if self.warmup_epochs else 1.0
         loss = self.ce_weight * ce + warmup * parts["loss"]
         return {"loss": loss, "ce": ce, "tckd": parts["tckd"], "nckd": parts["nckd"]}
+
+
+class DIST(Distiller):
+    r"""DIST (Huang et al., NeurIPS 2022) with the cross-entropy and weights of its official
+    CIFAR code (hunto/image_classification_sota, the code of the DIST_KD README's CIFAR-100
+    numbers):
+
+    .. math::
+        \mathcal{L} = w_{ce} \, \mathrm{CE}(z_s, y) + w \, \big(\beta \,
+        \mathcal{L}_{inter} + \gamma \, \mathcal{L}_{intra}\big)
+
+    with :func:`kdlight.losses.dist_loss` for the two correlation terms, each times
+    :math:`T^2`. Defaults, of that code: ``configs/strategies/distill/dist_cifar.yaml:34-36``
+    (``ori_loss_weight: 1.`` the CE weight, ``kd_loss_weight: 2.`` the weight :math:`w`,
+    ``kd: dist_t4``: T 4) read by ``lib/models/losses/kd_loss.py:69-71``
+    (``DIST(beta=1, gamma=1, tau=4)``) and combined at ``kd_loss.py:167``. The paper's
+    ImageNet setting is T 1 (``kd: 'dist'``, ``configs/strategies/distill/resnet_dist.yaml``);
+    no CIFAR-100 pair has settings of its own. Parts: ``loss``, ``ce``, ``inter``,
+    ``intra`` (the last two times :math:`T^2`, before their weights).
+    """
+
+    name = "dist"
+    setting_names = ("temperature", "beta", "gamma", "weight", "ce_weight", "standardize")
+
+    def __init__(
+        self,
+        temperature: float = 4.0,
+        beta: float = 1.0,
+        gamma: float = 1.0,
+        weight: float = 2.0,
+        ce_weight: float = 1.0,
+        standardize: bool = False,
+    ) -> None:
+        super().__init__()
+        self.temperature, self.beta, self.gamma = temperature, beta, gamma
+        self.weight, self.ce_weight, self.standardize = weight, ce_weight, standardize
+
+    def forward(
+        self, student: Outputs, teacher: Outputs, targets: Tensor, epoch: int = 0
+    ) -> dict[str, Tensor]:
+        settings = self.temperature, self.beta, self.gamma, self.standardize
+        parts = dist_loss(student.logits, teacher.logits, *settings)
+        ce = F.cross_entropy(student.logits.float(), targets)
+        loss = self.ce_weight * ce + self.weight * parts["loss"]
+        return {"loss": loss, "ce": ce, "inter": parts["inter"], "intra": parts["intra"]}

@@ -1,5 +1,5 @@
-"""Losses: one documented function per loss, one file per method family: ``kd`` and ``dkd``
-on logits; ``attention`` (AT, SP) and ``hint`` (FitNet, VID, with their trainable
+"""Losses: one documented function per loss, one file per method family: ``kd``, ``dkd``
+and ``dist`` on logits; ``attention`` (AT, SP) and ``hint`` (FitNet, VID, with their trainable
 connectors) on stage outputs; ``relational`` (PKT, RKD) and ``contrastive`` (CRD, with its
 embedding heads, memory banks and sampler of negatives) on pooled embeddings. ``kernels`` (NST,
 KDSVD) compares kernels of stage outputs rather than the outputs.
@@ -17,6 +17,7 @@ from kdlight.losses.contrastive import (
     crd_loss,
     sample_contrast_indices,
 )
+from kdlight.losses.dist import dist_loss
 from kdlight.losses.dkd import dkd_loss
 from kdlight.losses.hint import ConvRegressor, VIDRegressor, hint_loss, vid_loss
 from kdlight.losses.kd import KDLoss, kd_loss, standardize_logits
@@ -36,6 +37,7 @@ __all__ = [
     "sample_contrast_indices",
     "vid_loss",
     "at_loss",
+    "dist_loss",
     "dkd_loss",
     "kd_loss",
     "kdsvd_loss",
