@@ -7,7 +7,9 @@ import pytest
 import torch
 
 from kdlight.distillers import DIST, Outputs
+from kdlight.distillers.logit import CTKD
 from kdlight.losses import KDLoss, dist_loss, kd_loss
+from kdlight.losses.ctkd import ctkd_loss
 from kdlight.losses.dkd import dkd_loss
 from kdlight.losses.kd import standardize_logits
 
@@ -339,3 +341,84 @@ def test_dist_method_adds_the_weighted_cross_entropy_and_its_defaults_are_the_of
     ce = reference_kd(STUDENT, TEACHER, TARGETS, 1.0, 0.0, False)["ce"]
     expected |= {"loss": 0.25 * ce + 1.5 * expected["loss"], "ce": ce}
     assert_parts_close(parts, expected)
+
+
+# --- ctkd_loss (Li et al., 2023): KD at a learned temperature ---------------------------------
+
+
+def ctkd_temperature(theta: float, low: float = 1.0, span: float = 20.0) -> float:
+    return low + span / (1.0 + np.exp(-theta))
+
+
+@pytest.mark.parametrize(
+    ("theta", "reversal", "standardize"),
+    [(1.0, 0.5, False), (-2.0, 1.0, False), (-2.5, 1.0, True)],  # tau 15.6, 3.4, 2.5
+)
+def test_ctkd_matches_the_formula_and_reverses_the_temperatures_gradient(
+    theta: float, reversal: float, standardize: bool
+):
+    """The KD term at tau = 1 + 20 sigmoid(theta) (the float64 KD formula above at that T),
+    the student's gradient that of KD at tau, and theta's the KD term's slope in theta
+    (a central difference of the formula), times -reversal."""
+    student, teacher, _ = tensors()
+    student.requires_grad_(True)
+    parameter = torch.tensor(theta, requires_grad=True)
+    parts = ctkd_loss(student, teacher, parameter, reversal, 1.0, 20.0, standardize)
+    tau = ctkd_temperature(theta)
+
+    def term(t: float) -> float:
+        return reference_kd(STUDENT, TEACHER, TARGETS, t, 1.0, standardize)["kd"]
+
+    assert parts.keys() == {"loss", "temperature"}
+    assert parts["temperature"].item() == pytest.approx(tau, rel=1e-6)
+    assert parts["loss"].item() == pytest.approx(term(tau), rel=1e-4)
+    parts["loss"].backward()
+    step = 1e-4
+    slope = (term(ctkd_temperature(theta + step)) - term(ctkd_temperature(theta - step))) / (
+        2 * step
+    )
+    assert parameter.grad.item() == pytest.approx(-reversal * slope, rel=1e-3)
+    if not standardize:
+        expected = reference_kd_gradient(STUDENT, TEACHER, TARGETS, tau, 1.0)
+        np.testing.assert_allclose(student.grad.numpy(), expected, rtol=1e-4, atol=1e-7)
+
+
+def test_ctkd_temperature_stays_within_its_range():
+    student, teacher, _ = tensors()
+    for theta, expected in ((-50.0, 2.0), (50.0, 7.0)):
+        parts = ctkd_loss(student, teacher, torch.tensor(theta), 1.0, 2.0, 5.0)
+        assert parts["temperature"].item() == pytest.approx(expected)
+
+
+def test_ctkd_method_adds_the_weighted_cross_entropy_and_ramps_the_reversal_by_a_cosine():
+    """CTKD = ce_weight * CE + alpha * the KD term; the reversed gradient's weight rises as
+    (1 - cos(pi * (e + 1) / 10)) / 2 over the first 10 epochs (counted from 0), then stays
+    at `reversal`; the defaults are the official CIFAR script's (CE 0.1, KD 0.9, tau in
+    (1, 21), the parameter at 1)."""
+    assert CTKD().settings() == {
+        "alpha": 0.9, "ce_weight": 0.1, "min_temperature": 1.0, "temperature_range": 20.0,
+        "reversal": 1.0, "ramp_epochs": 10, "standardize": False,
+    }  # fmt: skip
+    assert CTKD().raw_temperature.item() == 1.0
+    for epoch in (0, 4, 9, 30):
+        expected = (1 - np.cos(np.pi * min(epoch + 1, 10) / 10)) / 2
+        assert CTKD().reversal_at(epoch) == pytest.approx(expected)
+    assert CTKD(reversal=0.5, ramp_epochs=0).reversal_at(0) == 0.5
+    student, teacher, targets = tensors()
+    method = CTKD(alpha=2.0, ce_weight=0.25, min_temperature=2.0, temperature_range=4.0)
+    with torch.no_grad():
+        method.raw_temperature.fill_(-1.0)
+    parts = method(Outputs(student), Outputs(teacher), targets, epoch=4)
+    tau = ctkd_temperature(-1.0, 2.0, 4.0)
+    reference = reference_kd(STUDENT, TEACHER, TARGETS, tau, 1.0, False)
+    expected = {"loss": 0.25 * reference["ce"] + 2.0 * reference["kd"], "ce": reference["ce"]}
+    assert_parts_close(parts, expected | {"kd": reference["kd"], "temperature": tau})
+    parts["loss"].backward()
+    step = 1e-4  # theta's gradient at epoch 4: the slope of alpha times the term, times -1/2
+
+    def term(theta: float) -> float:
+        t = ctkd_temperature(theta, 2.0, 4.0)
+        return reference_kd(STUDENT, TEACHER, TARGETS, t, 1.0, False)["kd"]
+
+    slope = (term(-1.0 + step) - term(-1.0 - step)) / (2 * step)
+    assert method.raw_temperature.grad.item() == pytest.approx(-0.5 * 2.0 * slope, rel=1e-3)

@@ -4,6 +4,7 @@ minimises, given the student's and the frozen teacher's outputs.
 - logits: :class:`KD` (Hinton et al., 2015), :class:`DKD` (Zhao et al., 2022) and
   :class:`DIST` (Huang et al., 2022), each with optional logit standardization (Sun et al.,
   2024);
+- logits at a temperature learned against the student: :class:`CTKD` (Li et al., 2023);
 - stage outputs: :class:`FitNet`, :class:`AT`, :class:`SP`, :class:`VID`, :class:`NST`,
   :class:`KDSVD`;
 - pooled features: :class:`PKT`, :class:`RKD`, :class:`CRD`.
@@ -22,12 +23,13 @@ from kdlight.distillers.base import (
     resolve_taps,
 )
 from kdlight.distillers.feature import AT, KDSVD, NST, SP, VID, FitNet
-from kdlight.distillers.logit import DIST, DKD, KD
+from kdlight.distillers.logit import CTKD, DIST, DKD, KD
 from kdlight.distillers.relational import CRD, PKT, RKD
 
 __all__ = [
     "AT",
     "CRD",
+    "CTKD",
     "DIST",
     "DKD",
     "KD",

@@ -6,11 +6,15 @@ resnet56_resnet20 and vgg13_vgg8: each part, the total and the student's gradien
 step, and every step of a short run with the official loop's learning rate and momentum
 (tests/test_fidelity_logit.py)."""
 
-import torch.nn.functional as F
-from torch import Tensor
+import math
 
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from kdlight.config.settings import check
 from kdlight.distillers.base import Distiller, Outputs
-from kdlight.losses import dist_loss, dkd_loss, kd_loss
+from kdlight.losses import ctkd_loss, dist_loss, dkd_loss, kd_loss
 
 
 class KD(Distiller):
@@ -121,3 +125,84 @@ class DIST(Distiller):
         ce = F.cross_entropy(student.logits.float(), targets)
         loss = self.ce_weight * ce + self.weight * parts["loss"]
         return {"loss": loss, "ce": ce, "inter": parts["inter"], "intra": parts["intra"]}
+
+
+class CTKD(Distiller):
+    r"""Curriculum temperature KD (Li et al., AAAI 2023): KD at a temperature learned against
+    the student, with the cross-entropy and schedule of its official CIFAR code
+    (zhengli97/CTKD):
+
+    .. math::
+        \mathcal{L} = w_{ce} \, \mathrm{CE}(z_s, y) + \alpha \, \tau^2 \,
+        \mathrm{KL}\big(\mathrm{softmax}(z_t / \tau) \,\|\, \mathrm{softmax}(z_s / \tau)\big),
+        \qquad \tau = \tau_{min} + \tau_{range} \, \sigma(\theta)
+
+    with :func:`kdlight.losses.ctkd_loss` for the KD term and :math:`\tau`. The number
+    :math:`\theta` is a parameter of the method (``raw_temperature``, 1 at the start, so
+    :math:`\tau` starts at :math:`1 + 20\,\sigma(1) \approx 15.6`: ``models/temp_global.py:13``),
+    trained with the student by the same optimizer, learning rate and weight decay, as
+    the official code trains it (``train_student.py:309-311,379-382``), saved and resumed
+    with the student, not exported by :func:`kdlight.load_model`. Its gradient is reversed
+    and scaled by :math:`\lambda`, which a cosine raises from 0 to ``reversal`` over the
+    first ``ramp_epochs`` epochs (``train_student.py:186-202,401-419``, decay_max 0,
+    decay_min -1, decay_loops 10):
+
+    .. math::
+        \lambda(e) = \lambda_{max} \, \frac{1 - \cos\big(\pi \min(e + 1, E) / E\big)}{2}
+
+    with :math:`e` the epoch counted from 0 (the official loop counts from 1: the same
+    :math:`\lambda` in the same epoch) and :math:`E` = ``ramp_epochs`` (0: :math:`\lambda`
+    is ``reversal`` from the start).
+
+    Defaults: the official CIFAR-100 script, ``scripts/run_cifar_distill.sh:19-22``
+    (``-r 0.1 -a 0.9``: CE weight 0.1, KD weight :math:`\alpha` 0.9; ``--cosine_decay 1
+    --decay_max 0 --decay_min -1 --decay_loops 10``) and ``train_student.py:89-90``
+    (``t_start`` 1, ``t_end`` 20: :math:`\tau_{min}`, :math:`\tau_{range}`); no pair has
+    settings of its own. ``standardize=True`` z-scores both logits first, as the
+    logit-standardization code's CTKD does (its CIFAR script weights the KD term 9:
+    ``distiller.alpha=9``). Parts: ``loss``, ``ce``, ``kd`` (:math:`\tau^2` KL, before
+    :math:`\alpha`) and ``temperature`` (:math:`\tau`).
+    """
+
+    name = "ctkd"
+    setting_names = (
+        "alpha", "ce_weight", "min_temperature", "temperature_range", "reversal",
+        "ramp_epochs", "standardize",
+    )  # fmt: skip
+
+    def __init__(
+        self,
+        alpha: float = 0.9,
+        ce_weight: float = 0.1,
+        min_temperature: float = 1.0,
+        temperature_range: float = 20.0,
+        reversal: float = 1.0,
+        ramp_epochs: int = 10,
+        standardize: bool = False,
+    ) -> None:
+        super().__init__()
+        settings = {"min_temperature": min_temperature, "temperature_range": temperature_range}
+        check("distiller", **settings, reversal=reversal, ramp_epochs=ramp_epochs)
+        self.alpha, self.ce_weight, self.standardize = alpha, ce_weight, standardize
+        self.min_temperature, self.temperature_range = min_temperature, temperature_range
+        self.reversal, self.ramp_epochs = reversal, ramp_epochs
+        self.raw_temperature = nn.Parameter(torch.ones(()))
+
+    def reversal_at(self, epoch: int) -> float:
+        """:math:`\\lambda` in ``epoch`` (counted from 0): how much of the KD term's gradient
+        reaches the temperature, reversed."""
+        if not self.ramp_epochs:
+            return self.reversal
+        progress = min(epoch + 1, self.ramp_epochs) / self.ramp_epochs
+        return self.reversal * (1.0 - math.cos(math.pi * progress)) / 2.0
+
+    def forward(
+        self, student: Outputs, teacher: Outputs, targets: Tensor, epoch: int = 0
+    ) -> dict[str, Tensor]:
+        settings = self.min_temperature, self.temperature_range, self.standardize
+        term = ctkd_loss(
+            student.logits, teacher.logits, self.raw_temperature, self.reversal_at(epoch), *settings
+        )
+        ce = F.cross_entropy(student.logits.float(), targets)
+        loss = self.ce_weight * ce + self.alpha * term["loss"]
+        return {"loss": loss, "ce": ce, "kd": term["loss"], "temperature": term["temperature"]}

@@ -17,6 +17,7 @@ from kdlight.losses.contrastive import (
     crd_loss,
     sample_contrast_indices,
 )
+from kdlight.losses.ctkd import ctkd_loss, reverse_gradient
 from kdlight.losses.dist import dist_loss
 from kdlight.losses.dkd import dkd_loss
 from kdlight.losses.hint import ConvRegressor, VIDRegressor, hint_loss, vid_loss
@@ -33,6 +34,7 @@ __all__ = [
     "NegativeSampler",
     "VIDRegressor",
     "crd_loss",
+    "ctkd_loss",
     "hint_loss",
     "sample_contrast_indices",
     "vid_loss",
@@ -44,6 +46,7 @@ __all__ = [
     "nst_loss",
     "mlkd_loss",
     "pkt_loss",
+    "reverse_gradient",
     "rkd_loss",
     "sp_loss",
     "standardize_logits",

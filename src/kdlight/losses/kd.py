@@ -28,13 +28,14 @@ def _soft_logits(
 ) -> tuple[Tensor, Tensor, float | Tensor]:
     """The inputs of a soft term, both logits divided by T (z-scored first with
     ``standardize``), and its T^2 factor. A ``(K,)`` temperature, taken in float32, divides
-    the ``(N, C)`` logits once per student, giving ``(K, N, C)``, and a ``(K,)`` T^2."""
+    the ``(N, C)`` logits once per student, giving ``(K, N, C)``, and a ``(K,)`` T^2; a 0-dim
+    one (a learned temperature, CTKD's) divides them as a number would."""
     if standardize:
         student, teacher = standardize_logits(student), standardize_logits(teacher)
     divisor = temperature
     if isinstance(temperature, Tensor):
         temperature = temperature.float()
-        divisor = temperature.view(-1, 1, 1)
+        divisor = temperature.view(-1, 1, 1) if temperature.dim() else temperature
     return student / divisor, teacher / divisor, temperature**2
 
 
