@@ -4,7 +4,8 @@ logit standardization.
 Each equals the official code (mdistiller's ``distillers/KD.py`` and ``DKD.py``) on
 resnet56_resnet20 and vgg13_vgg8: each part, the total and the student's gradients of a
 step, and every step of a short run with the official loop's learning rate and momentum
-(tests/test_fidelity_logit.py)."""
+(tests/test_fidelity_logit.py). CTKD's step equals its official code's (zhengli97/CTKD), its
+learned temperature's gradient included (tests/test_fidelity_ctkd.py)."""
 
 import math
 

@@ -1,5 +1,5 @@
-"""Losses: one documented function per loss, one file per method family: ``kd``, ``dkd``
-and ``dist`` on logits; ``attention`` (AT, SP) and ``hint`` (FitNet, VID, with their trainable
+"""Losses: one documented function per loss, one file per method family: ``kd``, ``dkd``,
+``dist``, ``ctkd`` on logits; ``attention`` (AT, SP) and ``hint`` (FitNet, VID, with their trainable
 connectors) on stage outputs; ``relational`` (PKT, RKD) and ``contrastive`` (CRD, with its
 embedding heads, memory banks and sampler of negatives) on pooled embeddings. ``kernels`` (NST,
 KDSVD) compares kernels of stage outputs rather than the outputs.
