@@ -207,6 +207,7 @@ def rules() -> dict[str, Rule]:
             "student_taps": TAPS, "teacher_taps": TAPS,
             "singular_vectors": integer(1),  # KDSVD's k, the teacher's vectors compared
             "pairing": one_of("deepest", "shallowest"), **switches("standardize", "replacement"),
+            "exponent": POSITIVE,  # TTM's and WTTM's power of the teacher's probabilities
             # CTKD's learned temperature's range and the ramp of its reversed gradient
             "min_temperature": number(0), "temperature_range": POSITIVE, "reversal": number(0),
             "ramp_epochs": integer(0),

@@ -5,6 +5,8 @@ minimises, given the student's and the frozen teacher's outputs.
   :class:`DIST` (Huang et al., 2022), each with optional logit standardization (Sun et al.,
   2024);
 - logits at a temperature learned against the student: :class:`CTKD` (Li et al., 2023);
+- logits against a power transform of the teacher's probabilities: :class:`TTM` and
+  :class:`WTTM` (Zheng and Yang, 2024);
 - stage outputs: :class:`FitNet`, :class:`AT`, :class:`SP`, :class:`VID`, :class:`NST`,
   :class:`KDSVD`;
 - pooled features: :class:`PKT`, :class:`RKD`, :class:`CRD`.
@@ -23,7 +25,7 @@ from kdlight.distillers.base import (
     resolve_taps,
 )
 from kdlight.distillers.feature import AT, KDSVD, NST, SP, VID, FitNet
-from kdlight.distillers.logit import CTKD, DIST, DKD, KD
+from kdlight.distillers.logit import CTKD, DIST, DKD, KD, TTM, WTTM
 from kdlight.distillers.relational import CRD, PKT, RKD
 
 __all__ = [
@@ -38,7 +40,9 @@ __all__ = [
     "PKT",
     "RKD",
     "SP",
+    "TTM",
     "VID",
+    "WTTM",
     "Distiller",
     "FeatureDistiller",
     "FitNet",

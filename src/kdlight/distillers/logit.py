@@ -16,6 +16,7 @@ from torch import Tensor, nn
 from kdlight.config.settings import check
 from kdlight.distillers.base import Distiller, Outputs
 from kdlight.losses import ctkd_loss, dist_loss, dkd_loss, kd_loss
+from kdlight.losses.ttm import ttm_loss, wttm_loss
 
 
 class KD(Distiller):
@@ -207,3 +208,66 @@ class CTKD(Distiller):
         ce = F.cross_entropy(student.logits.float(), targets)
         loss = self.ce_weight * ce + self.alpha * term["loss"]
         return {"loss": loss, "ce": ce, "kd": term["loss"], "temperature": term["temperature"]}
+
+
+class TTM(Distiller):
+    r"""Transformed teacher matching (Zheng and Yang, ICLR 2024) with the cross-entropy of
+    its official CIFAR code (zkxufo/TTM):
+
+    .. math::
+        \mathcal{L} = w_{ce} \, \mathrm{CE}(z_s, y) + w \, \mathcal{L}_{TTM}
+
+    with :func:`kdlight.losses.ttm_loss` (the student's softmax matched to the teacher's
+    probabilities raised to ``exponent``, :math:`\gamma`). The official loop's sum,
+    ``opt.gamma * loss_cls + opt.alpha * loss_div + opt.beta * loss_kd``
+    (``helper/loops.py:83``): ``-r`` is :math:`w_{ce}`, ``-b`` is :math:`w`, and ``-a 0``
+    leaves out its extra KD term. Defaults: ``-r`` 1, the code's default
+    (``train_student.py:60``); :math:`\gamma` 0.1 and :math:`w` 45, the CIFAR-100 run the
+    README gives (``README.md:19-22``, vgg13 -> vgg8: ``--ttm_l 0.1 -r 1 -b 45 -a 0``; the
+    code's own ``--ttm_l`` default, 1, is KD at T 1, and ``-b`` has none). The code has no
+    per-pair settings; the paper lists its per-pair T and beta in its appendix A.4. Parts:
+    ``loss``, ``ce``, ``ttm`` (before its weight). No ``standardize``: see
+    :func:`~kdlight.losses.ttm_loss`.
+    """
+
+    name = "ttm"
+    setting_names = ("exponent", "weight", "ce_weight")
+
+    def __init__(self, exponent: float = 0.1, weight: float = 45.0, ce_weight: float = 1.0):
+        super().__init__()
+        self.exponent, self.weight, self.ce_weight = exponent, weight, ce_weight
+
+    def matching(self, student_logits: Tensor, teacher_logits: Tensor) -> Tensor:
+        """The distillation term, before its weight."""
+        return ttm_loss(student_logits, teacher_logits, self.exponent)
+
+    def forward(
+        self, student: Outputs, teacher: Outputs, targets: Tensor, epoch: int = 0
+    ) -> dict[str, Tensor]:
+        term = self.matching(student.logits, teacher.logits)
+        ce = F.cross_entropy(student.logits.float(), targets)
+        return {"loss": self.ce_weight * ce + self.weight * term, "ce": ce, self.name: term}
+
+
+class WTTM(TTM):
+    r"""Weighted TTM (Zheng and Yang, ICLR 2024): :class:`TTM` with
+    :func:`kdlight.losses.wttm_loss`, each sample's term weighted by the normaliser of its
+    transformed teacher (larger where the teacher is unsure):
+
+    .. math::
+        \mathcal{L} = w_{ce} \, \mathrm{CE}(z_s, y) + w \, \mathcal{L}_{WTTM}
+
+    Defaults: ``-r`` 1 (``train_student.py:60``); :math:`\gamma` 0.2 and :math:`w` 4, the one
+    WTTM setting the official README gives (``README.md:37-42``, vgg13 -> vgg8, WTTM as
+    ``--add wttm --ttm_l 0.2 -a 4`` beside CRD's ``-b 0.8``, the weight ``opt.alpha`` of
+    ``loss_div`` at ``helper/loops.py:83``). Parts: ``loss``, ``ce``, ``wttm`` (before its
+    weight).
+    """
+
+    name = "wttm"
+
+    def __init__(self, exponent: float = 0.2, weight: float = 4.0, ce_weight: float = 1.0):
+        super().__init__(exponent, weight, ce_weight)
+
+    def matching(self, student_logits: Tensor, teacher_logits: Tensor) -> Tensor:
+        return wttm_loss(student_logits, teacher_logits, self.exponent)

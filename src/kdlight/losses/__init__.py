@@ -25,6 +25,7 @@ from kdlight.losses.kd import KDLoss, kd_loss, standardize_logits
 from kdlight.losses.kernels import kdsvd_loss, nst_loss
 from kdlight.losses.multilevel import mlkd_loss
 from kdlight.losses.relational import pkt_loss, rkd_loss
+from kdlight.losses.ttm import ttm_loss, wttm_loss
 
 __all__ = [
     "ContrastMemory",
@@ -50,4 +51,6 @@ __all__ = [
     "rkd_loss",
     "sp_loss",
     "standardize_logits",
+    "ttm_loss",
+    "wttm_loss",
 ]
