@@ -205,6 +205,7 @@ def rules() -> dict[str, Rule]:
             "distance_weight": number(0), "angle_weight": number(0), "dim": integer(1),
             "num_negatives": integer(1), "nce_temperature": POSITIVE, "momentum": FRACTION,
             "student_taps": TAPS, "teacher_taps": TAPS,
+            "connector_kernel_size": integer(1),  # OFD's connector convolution
             "singular_vectors": integer(1),  # KDSVD's k, the teacher's vectors compared
             "pairing": one_of("deepest", "shallowest"), **switches("standardize", "replacement"),
             "exponent": POSITIVE,  # TTM's and WTTM's power of the teacher's probabilities

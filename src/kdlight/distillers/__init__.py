@@ -9,6 +9,8 @@ minimises, given the student's and the frozen teacher's outputs.
   :class:`WTTM` (Zheng and Yang, 2024);
 - stage outputs: :class:`FitNet`, :class:`AT`, :class:`SP`, :class:`VID`, :class:`NST`,
   :class:`KDSVD`;
+- stage outputs before their ReLU, against the teacher's above a margin: :class:`OFD`
+  (Heo et al., 2019);
 - pooled features: :class:`PKT`, :class:`RKD`, :class:`CRD`.
 
 The interface a method follows (a user's own needs no kdlight base class) is in
@@ -26,6 +28,7 @@ from kdlight.distillers.base import (
 )
 from kdlight.distillers.feature import AT, KDSVD, NST, SP, VID, FitNet
 from kdlight.distillers.logit import CTKD, DIST, DKD, KD, TTM, WTTM
+from kdlight.distillers.overhaul import OFD
 from kdlight.distillers.relational import CRD, PKT, RKD
 
 __all__ = [
@@ -35,6 +38,7 @@ __all__ = [
     "DIST",
     "DKD",
     "KD",
+    "OFD",
     "KDSVD",
     "NST",
     "PKT",

@@ -17,8 +17,11 @@ Optional attributes, all read once when the method is given to a ``DistillationM
   case); ``settings()``: a dict of its settings for ``metrics.json``;
 - ``student_taps``, ``teacher_taps``: the module names whose outputs it reads
   (:mod:`kdlight.models.taps`), in ``Outputs.features`` by name in that order; or ``features``,
-  the kind of default taps the models name (``"stages"`` or ``"embedding"``), which
-  ``pair_taps(student_names, teacher_names)`` may narrow;
+  the kind of default taps the models name (``"stages"``, ``"preact_stages"`` or
+  ``"embedding"``), which ``pair_taps(student_names, teacher_names)`` may narrow;
+- ``read_teacher(teacher, teacher_taps)``: called with the teacher network and the names
+  of its taps, before ``build``, for what a method derives from the frozen teacher's
+  weights (OFD's margins, from its BN layers);
 - ``build(student_shapes, teacher_shapes)``: called with each tap's output shape for one
   sample (``torch.Size`` without the batch dimension), to make connectors that depend on
   them before training;

@@ -20,9 +20,10 @@ class MethodSlot:
 
     On creation: the student's modules the method reads are hooked (:class:`FeatureTaps`),
     the teacher's are named in :attr:`teacher_names` (the system hooks the teacher once for
-    all its students), and the method's ``build`` makes its connectors from the tapped
-    shapes, with random numbers of its own (so a connector starts the same in a separate
-    run and in a grid cell, and the run's random stream is left as a KD run's).
+    all its students), the method's ``read_teacher`` reads what it needs of the teacher's
+    weights, and its ``build`` makes its connectors from the tapped shapes, with random
+    numbers of its own (so a connector starts the same in a separate run and in a grid
+    cell, and the run's random stream is left as a KD run's).
     """
 
     def __init__(
@@ -39,6 +40,9 @@ class MethodSlot:
         student_names, self.teacher_names = resolve_taps(method, student, teacher)
         self.student_taps = FeatureTaps(student, student_names, "student")
         teacher_taps = FeatureTaps(teacher, self.teacher_names, "teacher")  # checks the names
+        read_teacher = getattr(method, "read_teacher", None)
+        if callable(read_teacher):
+            read_teacher(teacher, list(self.teacher_names))
         build = getattr(method, "build", None)
         if callable(build):
             shapes = (

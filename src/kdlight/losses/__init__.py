@@ -2,7 +2,8 @@
 ``dist``, ``ctkd`` on logits; ``attention`` (AT, SP) and ``hint`` (FitNet, VID, with their trainable
 connectors) on stage outputs; ``relational`` (PKT, RKD) and ``contrastive`` (CRD, with its
 embedding heads, memory banks and sampler of negatives) on pooled embeddings. ``kernels`` (NST,
-KDSVD) compares kernels of stage outputs rather than the outputs.
+KDSVD) compares kernels of stage outputs rather than the outputs. ``overhaul`` (OFD, with its
+connectors) on stage outputs before their ReLU.
 
 Each docstring gives the formula, the reduction and the weight its method applies (the loss
 itself applies none). Every loss is computed in float32, also under mixed precision, and the
@@ -24,6 +25,7 @@ from kdlight.losses.hint import ConvRegressor, VIDRegressor, hint_loss, vid_loss
 from kdlight.losses.kd import KDLoss, kd_loss, standardize_logits
 from kdlight.losses.kernels import kdsvd_loss, nst_loss
 from kdlight.losses.multilevel import mlkd_loss
+from kdlight.losses.overhaul import OFDConnector, ofd_loss, ofd_margins, partial_l2
 from kdlight.losses.relational import pkt_loss, rkd_loss
 from kdlight.losses.ttm import ttm_loss, wttm_loss
 
@@ -33,6 +35,7 @@ __all__ = [
     "Embed",
     "KDLoss",
     "NegativeSampler",
+    "OFDConnector",
     "VIDRegressor",
     "crd_loss",
     "ctkd_loss",
@@ -43,6 +46,9 @@ __all__ = [
     "dist_loss",
     "dkd_loss",
     "kd_loss",
+    "ofd_loss",
+    "ofd_margins",
+    "partial_l2",
     "kdsvd_loss",
     "nst_loss",
     "mlkd_loss",

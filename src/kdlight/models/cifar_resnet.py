@@ -25,6 +25,8 @@ class ZooBasicBlock(nn.Module):
         self.relu = nn.ReLU(inplace=True)
         self.conv2 = nn.Conv2d(out_channels, out_channels, 3, 1, 1, bias=False)
         self.bn2 = nn.BatchNorm2d(out_channels)
+        # parameter-free: the sum before the last ReLU, for a pre-activation tap (OFD)
+        self.preact = nn.Identity()
         self.downsample: nn.Module | None = None
         if stride != 1 or in_channels != out_channels:
             self.downsample = nn.Sequential(
@@ -36,7 +38,7 @@ class ZooBasicBlock(nn.Module):
         out = self.relu(self.bn1(self.conv1(x)))
         out = self.bn2(self.conv2(out))
         shortcut = x if self.downsample is None else self.downsample(x)
-        return (out + shortcut).relu()
+        return self.preact(out + shortcut).relu()
 
 
 class CifarResNet(nn.Module):
@@ -44,7 +46,10 @@ class CifarResNet(nn.Module):
     ``blocks_per_stage`` blocks each (strides 1, 2, 2), global average pool, ``fc``.
 
     ``feature_taps``: the stages are ``layer1..3`` (the zoo's ``feat[1:4]``, after the
-    ReLU), the embedding is ``avgpool`` (its ``feat[-1]``, as ``(B, C, 1, 1)``).
+    ReLU), ``preact_stages`` the same sums before it (each stage's last block's ``preact``,
+    the zoo's ``preact`` feats), the embedding is ``avgpool`` (its ``feat[-1]``, as
+    ``(B, C, 1, 1)``). ``bn_before_relu``: for each pre-activation tap, the BN whose output
+    enters that sum (the zoo's ``get_bn_before_relu``: the last block's ``bn2``).
     """
 
     def __init__(
@@ -68,7 +73,14 @@ class CifarResNet(nn.Module):
         # the zoo pools with AvgPool2d(8): the same on 32x32 inputs, and any size works here
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(in_channels, num_classes)
-        self.feature_taps = {"stages": ["layer1", "layer2", "layer3"], "embedding": ["avgpool"]}
+        stages = ["layer1", "layer2", "layer3"]
+        last = [f"{stage}.{blocks_per_stage - 1}" for stage in stages]
+        self.feature_taps = {
+            "stages": stages,
+            "preact_stages": [f"{block}.preact" for block in last],
+            "embedding": ["avgpool"],
+        }
+        self.bn_before_relu = {f"{block}.preact": f"{block}.bn2" for block in last}
         init_zoo_weights_(self)
 
     def forward(self, x: Tensor) -> Tensor:

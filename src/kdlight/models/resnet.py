@@ -27,6 +27,8 @@ class BasicBlock(nn.Module):
         self.conv2 = nn.Conv2d(out_channels, out_channels, 3, 1, 1, bias=False)
         self.bn2 = nn.BatchNorm2d(out_channels)
         self.relu = nn.ReLU(inplace=True)
+        # parameter-free: the sum before the last ReLU, for a pre-activation tap (OFD)
+        self.preact = nn.Identity()
         self.shortcut = nn.Identity()
         if stride != 1 or in_channels != out_channels:
             self.shortcut = nn.Sequential(
@@ -37,14 +39,18 @@ class BasicBlock(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         out = self.relu(self.bn1(self.conv1(x)))
         out = self.bn2(self.conv2(out))
-        return self.relu(out + self.shortcut(x))
+        # not in place: a tap on ``preact`` keeps the sum itself
+        return self.preact(out + self.shortcut(x)).relu()
 
 
 class ResNet(nn.Module):
     """A CIFAR ResNet: 3x3 stem, stages of BasicBlocks, global average pool, linear head.
 
     ``feature_taps`` names the outputs the feature methods read by default: each stage's
-    (its last block's output, after the ReLU) and the pooled feature (``pool``).
+    (its last block's output, after the ReLU), the same before that ReLU
+    (``preact_stages``: the block's ``preact``, the zoo's ``preact`` feats) and the pooled
+    feature (``pool``). ``bn_before_relu`` names, for each pre-activation tap, the BN whose
+    output enters the sum there (the zoo's ``get_bn_before_relu``: the last block's ``bn2``).
     """
 
     def __init__(
@@ -60,7 +66,7 @@ class ResNet(nn.Module):
             nn.BatchNorm2d(stem_channels),
             nn.ReLU(inplace=True),
         )
-        stages, stage_ends, in_channels = [], [], stem_channels
+        stages, stage_ends, norms, in_channels = [], [], [], stem_channels
         for index, (blocks, channels) in enumerate(
             zip(blocks_per_stage, stage_channels, strict=True)
         ):
@@ -69,10 +75,16 @@ class ResNet(nn.Module):
                 stages.append(BasicBlock(in_channels, channels, stride if block == 0 else 1))
                 in_channels = channels
             stage_ends.append(f"stages.{len(stages) - 1}")
+            norms.append(f"stages.{len(stages) - 1}.bn2")
         self.stages = nn.Sequential(*stages)
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(in_channels, num_classes)
-        self.feature_taps = {"stages": stage_ends, "embedding": ["pool"]}
+        self.feature_taps = {
+            "stages": stage_ends,
+            "preact_stages": [f"{name}.preact" for name in stage_ends],
+            "embedding": ["pool"],
+        }
+        self.bn_before_relu = dict(zip(self.feature_taps["preact_stages"], norms, strict=True))
         init_zoo_weights_(self)  # Kaiming (fan-out) convolutions, as the zoo's
 
     def forward(self, x: Tensor) -> Tensor:

@@ -43,21 +43,28 @@ class ShuffleV1Unit(nn.Module):
         self.conv3 = nn.Conv2d(mid_channels, out_channels, 1, groups=groups, bias=False)
         self.bn3 = nn.BatchNorm2d(out_channels)
         self.shortcut = nn.AvgPool2d(3, 2, 1) if stride == 2 else nn.Identity()
+        # parameter-free: the unit's output before its ReLU, for a pre-activation tap (OFD)
+        self.preact = nn.Identity()
 
     def forward(self, x: Tensor) -> Tensor:
         out = self.shuffle1(F.relu(self.bn1(self.conv1(x))))
         out = F.relu(self.bn2(self.conv2(out)))
         out = self.bn3(self.conv3(out))
         shortcut = self.shortcut(x)
-        return F.relu(torch.cat([out, shortcut], 1) if self.stride == 2 else out + shortcut)
+        return F.relu(
+            self.preact(torch.cat([out, shortcut], 1) if self.stride == 2 else out + shortcut)
+        )
 
 
 class ShuffleNetV1(nn.Module):
     """``conv1``/``bn1`` (1x1, 24 channels), ``layer1..3`` (each halving the resolution in
     its first unit), a global average pool and ``linear``.
 
-    ``feature_taps``: the stages are ``layer1..3`` (the zoo's ``feat[1:4]``), the embedding
-    is ``avgpool`` (its ``feat[-1]``, here ``(B, C, 1, 1)``).
+    ``feature_taps``: the stages are ``layer1..3`` (the zoo's ``feat[1:4]``),
+    ``preact_stages`` their last units' outputs before the ReLU (``preact``, the zoo's
+    ``preact`` feats), the embedding is ``avgpool`` (its ``feat[-1]``, here
+    ``(B, C, 1, 1)``). No ``bn_before_relu``: the zoo's ``get_bn_before_relu`` refuses
+    ShuffleNets as an OFD teacher (the ReLU reads a sum, not one BN's output).
     """
 
     def __init__(
@@ -82,7 +89,14 @@ class ShuffleNetV1(nn.Module):
         # the zoo pools with F.avg_pool2d(4); a module here so that the embedding can be tapped
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.linear = nn.Linear(in_channels, num_classes)
-        self.feature_taps = {"stages": ["layer1", "layer2", "layer3"], "embedding": ["avgpool"]}
+        stages = ["layer1", "layer2", "layer3"]
+        self.feature_taps = {
+            "stages": stages,
+            "preact_stages": [
+                f"{stage}.{len(self.get_submodule(stage)) - 1}.preact" for stage in stages
+            ],
+            "embedding": ["avgpool"],
+        }
 
     def forward(self, x: Tensor) -> Tensor:
         x = F.relu(self.bn1(self.conv1(x)))
@@ -104,12 +118,16 @@ class ShuffleV2Unit(nn.Module):
         self.conv3 = nn.Conv2d(half, half, 1, bias=False)
         self.bn3 = nn.BatchNorm2d(half)
         self.shuffle = ChannelShuffle(2)
+        # parameter-free: the halves before the ReLU and the shuffle, for a pre-activation
+        # tap (OFD), as the zoo's ``preact``
+        self.preact = nn.Identity()
 
     def forward(self, x: Tensor) -> Tensor:
         kept, processed = x.chunk(2, dim=1)
         out = F.relu(self.bn1(self.conv1(processed)))
-        out = F.relu(self.bn3(self.conv3(self.bn2(self.conv2(out)))))
-        return self.shuffle(torch.cat([kept, out], 1))
+        out = self.bn3(self.conv3(self.bn2(self.conv2(out))))
+        self.preact(torch.cat([kept, out], 1))
+        return self.shuffle(torch.cat([kept, F.relu(out)], 1))
 
 
 class ShuffleV2DownUnit(nn.Module):
@@ -142,8 +160,11 @@ class ShuffleNetV2(nn.Module):
     """``conv1``/``bn1`` (1x1, 24 channels), ``layer1..3`` (a down unit then 3, 7, 3 units),
     ``conv2``/``bn2`` (1x1 to 1024 channels), a global average pool and ``linear``.
 
-    ``feature_taps``: the stages are ``layer1..3`` (the zoo's ``feat[1:4]``), the embedding
-    is ``avgpool`` (its ``feat[-1]``, here ``(B, 1024, 1, 1)``).
+    ``feature_taps``: the stages are ``layer1..3`` (the zoo's ``feat[1:4]``),
+    ``preact_stages`` their last units' halves before the ReLU and the shuffle (``preact``,
+    the zoo's ``preact`` feats), the embedding is ``avgpool`` (its ``feat[-1]``, here
+    ``(B, 1024, 1, 1)``). No ``bn_before_relu``: the zoo's ``get_bn_before_relu`` refuses
+    ShuffleNets as an OFD teacher.
     """
 
     def __init__(
@@ -168,7 +189,14 @@ class ShuffleNetV2(nn.Module):
         # the zoo pools with F.avg_pool2d(4); a module here so that the embedding can be tapped
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.linear = nn.Linear(stage_channels[3], num_classes)
-        self.feature_taps = {"stages": ["layer1", "layer2", "layer3"], "embedding": ["avgpool"]}
+        stages = ["layer1", "layer2", "layer3"]
+        self.feature_taps = {
+            "stages": stages,
+            "preact_stages": [
+                f"{stage}.{len(self.get_submodule(stage)) - 1}.preact" for stage in stages
+            ],
+            "embedding": ["avgpool"],
+        }
 
     def forward(self, x: Tensor) -> Tensor:
         x = F.relu(self.bn1(self.conv1(x)))

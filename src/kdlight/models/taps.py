@@ -6,9 +6,12 @@ output in the forward pass. kdlight's models name their default taps in
 ``model.feature_taps``::
 
     {"stages": ["stages.1", "stages.3", ...],  # each stage's output, shallow to deep
+     "preact_stages": ["stages.1.preact", ...],  # the same before its last ReLU
      "embedding": ["pool"]}                    # the pooled feature the classifier reads
 
-which the feature methods of :mod:`kdlight.distillers` use unless told other names.
+which the feature methods of :mod:`kdlight.distillers` use unless told other names. A
+model with ``preact_stages`` taps may also name, in ``model.bn_before_relu``, the BN whose
+output each of them sums or is (OFD's margins come from a teacher's).
 """
 
 from collections.abc import Iterator, Sequence
@@ -26,8 +29,9 @@ def module_names(model: nn.Module) -> list[str]:
 
 
 def default_taps(model: nn.Module, kind: str, role: str = "model") -> list[str]:
-    """The taps of ``kind`` (``"stages"`` or ``"embedding"``) that ``model`` names in
-    ``model.feature_taps``; a one-line error when it names none, saying how to name them."""
+    """The taps of ``kind`` (``"stages"``, ``"preact_stages"``, ``"embedding"``) that
+    ``model`` names in ``model.feature_taps``; a one-line error when it names none, saying
+    how to name them."""
     named = getattr(model, "feature_taps", None) or {}
     if named.get(kind):
         return list(named[kind])

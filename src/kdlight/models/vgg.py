@@ -38,8 +38,11 @@ class VGG(nn.Module):
     them, ``pool4`` (global average) and ``classifier``. ``pool3`` runs only on 64x64 inputs
     (Tiny-ImageNet), as in the zoo; on 32x32 inputs block3 and block4 both see 4x4 maps.
 
-    ``feature_taps``: the stages are ``relu1..4`` (the zoo's ``feat[1:5]``), the embedding
-    is ``pool4`` (its ``feat[-1]``, here ``(B, 512, 1, 1)``).
+    ``feature_taps``: the stages are ``relu1..4`` (the zoo's ``feat[1:5]``),
+    ``preact_stages`` the same before the ReLU (``block1..4``, ending in their BN: the zoo's
+    ``preact`` feats), the embedding is ``pool4`` (its ``feat[-1]``, here
+    ``(B, 512, 1, 1)``). ``bn_before_relu``: for each pre-activation tap, its block's last
+    BN (the zoo's ``get_bn_before_relu``).
     """
 
     def __init__(self, config: list[list[int]], num_classes: int = 10) -> None:
@@ -54,7 +57,15 @@ class VGG(nn.Module):
             self.add_module(f"pool{index}", nn.MaxPool2d(2, 2))
         self.pool4 = nn.AdaptiveAvgPool2d(1)
         self.classifier = nn.Linear(in_channels, num_classes)
-        self.feature_taps = {"stages": ["relu1", "relu2", "relu3", "relu4"], "embedding": ["pool4"]}
+        blocks = ["block1", "block2", "block3", "block4"]
+        self.feature_taps = {
+            "stages": ["relu1", "relu2", "relu3", "relu4"],
+            "preact_stages": blocks,
+            "embedding": ["pool4"],
+        }
+        self.bn_before_relu = {
+            name: f"{name}.{len(self.get_submodule(name)) - 1}" for name in blocks
+        }
         init_zoo_weights_(self, linear_std=0.01)
 
     def forward(self, x: Tensor) -> Tensor:

@@ -18,7 +18,8 @@ class WideBasicBlock(nn.Module):
     def __init__(self, in_channels: int, out_channels: int, stride: int) -> None:
         super().__init__()
         self.bn1 = nn.BatchNorm2d(in_channels)
-        self.relu1 = nn.ReLU(inplace=True)
+        # not in place: bn1's output is a pre-activation tap (the first block of a stage)
+        self.relu1 = nn.ReLU()
         self.conv1 = nn.Conv2d(in_channels, out_channels, 3, stride, 1, bias=False)
         self.bn2 = nn.BatchNorm2d(out_channels)
         self.relu2 = nn.ReLU(inplace=True)
@@ -48,8 +49,11 @@ class WideResNet(nn.Module):
     ``widen_factor`` channels, then ``bn1``/``relu``, a global average pool and ``fc``.
 
     ``feature_taps``: the stages are ``block1..3``, whose outputs are the zoo's ``feat[1:4]``
-    (pre-activation networks: the block sums, before any BN-ReLU); the embedding is
-    ``avgpool`` (the zoo's ``feat[-1]``, here ``(B, C, 1, 1)``).
+    (pre-activation networks: the block sums, before any BN-ReLU); ``preact_stages`` are
+    the BNs that next read each stage's output, before their ReLU (``block2.layer.0.bn1``,
+    ``block3.layer.0.bn1``, ``bn1``: the zoo's ``preact`` feats, which run these BNs on the
+    stage outputs), each its own ``bn_before_relu``; the embedding is ``avgpool`` (the
+    zoo's ``feat[-1]``, here ``(B, C, 1, 1)``).
     """
 
     def __init__(self, depth: int, widen_factor: int, num_classes: int = 10) -> None:
@@ -63,11 +67,17 @@ class WideResNet(nn.Module):
         self.block2 = _network_block(blocks, channels[1], channels[2], 2)
         self.block3 = _network_block(blocks, channels[2], channels[3], 2)
         self.bn1 = nn.BatchNorm2d(channels[3])
-        self.relu = nn.ReLU(inplace=True)
+        self.relu = nn.ReLU()  # not in place: bn1's output is a pre-activation tap
         # the zoo pools with F.avg_pool2d(8); a module here so that the embedding can be tapped
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(channels[3], num_classes)
-        self.feature_taps = {"stages": ["block1", "block2", "block3"], "embedding": ["avgpool"]}
+        preact = ["block2.layer.0.bn1", "block3.layer.0.bn1", "bn1"]
+        self.feature_taps = {
+            "stages": ["block1", "block2", "block3"],
+            "preact_stages": preact,
+            "embedding": ["avgpool"],
+        }
+        self.bn_before_relu = {name: name for name in preact}
         init_zoo_weights_(self, zero_linear_bias=True)
 
     def forward(self, x: Tensor) -> Tensor:
