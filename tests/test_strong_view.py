@@ -14,6 +14,8 @@ from PIL import Image, ImageDraw, ImageEnhance, ImageOps
 from kdlight.data import CIFAR10DataModule, normalize, random_crop_flip
 from kdlight.data.strong import OPERATIONS, apply, cutout, rand_augment, strong_view
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 
 def official(name: str, img: Image.Image, v: float) -> Image.Image:
     """The official operation ``name`` (cifar100.py:144-239)."""

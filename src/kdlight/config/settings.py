@@ -212,6 +212,9 @@ def rules() -> dict[str, Rule]:
             # CTKD's learned temperature's range and the ramp of its reversed gradient
             "min_temperature": number(0), "temperature_range": POSITIVE, "reversal": number(0),
             "ramp_epochs": integer(0),
+            # MLKD's temperatures, and those at which its strong-view KD reads the strong view
+            "temperatures": list_of(POSITIVE, "a list of numbers > 0"),
+            "strong_temperatures": list_of(POSITIVE, "a list of numbers > 0"),
         },
         "optimizer": {
             "lr": POSITIVE, "momentum": number(0, 1, below=True),

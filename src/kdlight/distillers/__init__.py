@@ -5,6 +5,8 @@ minimises, given the student's and the frozen teacher's outputs.
   :class:`DIST` (Huang et al., 2022), each with optional logit standardization (Sun et al.,
   2024);
 - logits at a temperature learned against the student: :class:`CTKD` (Li et al., 2023);
+- logits at several temperatures, per sample, batch and class, on a weak and a strong view
+  of each image: :class:`MLKD` (Jin et al., 2023);
 - logits against a power transform of the teacher's probabilities: :class:`TTM` and
   :class:`WTTM` (Zheng and Yang, 2024);
 - stage outputs: :class:`FitNet`, :class:`AT`, :class:`SP`, :class:`VID`, :class:`NST`,
@@ -27,7 +29,7 @@ from kdlight.distillers.base import (
     resolve_taps,
 )
 from kdlight.distillers.feature import AT, KDSVD, NST, SP, VID, FitNet
-from kdlight.distillers.logit import CTKD, DIST, DKD, KD, TTM, WTTM
+from kdlight.distillers.logit import CTKD, DIST, DKD, KD, MLKD, TTM, WTTM
 from kdlight.distillers.overhaul import OFD
 from kdlight.distillers.relational import CRD, PKT, RKD
 
@@ -38,6 +40,7 @@ __all__ = [
     "DIST",
     "DKD",
     "KD",
+    "MLKD",
     "OFD",
     "KDSVD",
     "NST",

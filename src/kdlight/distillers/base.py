@@ -27,6 +27,9 @@ Optional attributes, all read once when the method is given to a ``DistillationM
   them before training;
 - ``needs_index = True``: it is also called with ``index=``, each training image's position
   in the training set, and ``attach_data(train_labels)`` is called at the start of fitting.
+- ``needs_strong_view = True``: it is also called with ``student_strong=`` and
+  ``teacher_strong=``, the :class:`Outputs` of a second, strongly augmented view of the batch
+  (:mod:`kdlight.data.strong`; the student runs on it after the batch).
 
 A method that is an ``nn.Module`` with parameters of its own (a connector) has them trained
 with the student and saved in its checkpoints; they are not part of the student that

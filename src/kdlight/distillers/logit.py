@@ -8,14 +8,17 @@ step, and every step of a short run with the official loop's learning rate and m
 learned temperature's gradient included (tests/test_fidelity_ctkd.py)."""
 
 import math
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from kdlight.config.settings import check
+from kdlight.config.settings import check, not_allowed
 from kdlight.distillers.base import Distiller, Outputs
+from kdlight.errors import KDLightError
 from kdlight.losses import ctkd_loss, dist_loss, dkd_loss, kd_loss
+from kdlight.losses.multilevel import STRONG_TEMPERATURES, TEMPERATURES, mlkd_loss
 from kdlight.losses.ttm import ttm_loss, wttm_loss
 
 
@@ -271,3 +274,78 @@ class WTTM(TTM):
 
     def matching(self, student_logits: Tensor, teacher_logits: Tensor) -> Tensor:
         return wttm_loss(student_logits, teacher_logits, self.exponent)
+
+
+class MLKD(Distiller):
+    r"""Multi-level logit distillation (Jin et al., CVPR 2023) with the cross-entropy and
+    weights of its official CIFAR code, on a weak and a strong view of each image:
+
+    .. math::
+        \mathcal{L} = w_{ce} \big(\mathrm{CE}(z^w_s, y) + \mathrm{CE}(z^s_s, y)\big)
+        + w \, (\mathcal{L}_{kd} + \mathcal{L}_{cc} + \mathcal{L}_{bc})
+
+    with :func:`kdlight.losses.mlkd_loss` for the three terms (instance KD, class and
+    batch correlation at ``temperatures``) and the official code's quirks it keeps. The
+    data module gives the strong view (:mod:`kdlight.data.strong`, ``needs_strong_view``):
+    the student runs on the weak view, then on the strong one, and its accuracy is counted
+    on the weak one, as the official ``forward_train`` does; the teacher cache serves the
+    weak view only. Defaults: the official code's (MLKD ``mdistiller/distillers/KD_ours.py``
+    with ``mdistiller/engine/cfg.py:60-64``): T 4 (``KD.TEMPERATURE``) with 3, 5, 2 and 6,
+    KD weight 0.9 (``KD.LOSS.KD_WEIGHT``, of all three terms) and CE weight 0.1
+    (``KD.LOSS.CE_WEIGHT``, of each view's). Its own recipe is ``recipe=mlkd``. Parts:
+    ``loss``, ``ce`` (both views' summed), ``kd``, ``cc``, ``bc`` (before ``weight``).
+    """
+
+    name = "mlkd"
+    needs_strong_view = True
+    setting_names = ("temperatures", "strong_temperatures", "weight", "ce_weight")
+
+    def __init__(
+        self,
+        temperatures: Sequence[float] = TEMPERATURES,
+        strong_temperatures: Sequence[float] = STRONG_TEMPERATURES,
+        weight: float = 0.9,
+        ce_weight: float = 0.1,
+    ) -> None:
+        super().__init__()
+        temperatures, strong_temperatures = _listed(temperatures), _listed(strong_temperatures)
+        check("distiller", temperatures=temperatures, strong_temperatures=strong_temperatures)
+        if not set(strong_temperatures) <= set(temperatures):
+            raise not_allowed(
+                "distiller.strong_temperatures",
+                strong_temperatures,
+                f"some of distiller.temperatures={temperatures}",
+            )
+        # plain floats: metrics.json and the checkpoint's hyperparameters hold them as such
+        self.temperatures = [float(t) for t in temperatures]
+        self.strong_temperatures = [float(t) for t in strong_temperatures]
+        self.weight, self.ce_weight = weight, ce_weight
+
+    def forward(
+        self,
+        student: Outputs,
+        teacher: Outputs,
+        targets: Tensor,
+        epoch: int = 0,
+        student_strong: Outputs | None = None,
+        teacher_strong: Outputs | None = None,
+    ) -> dict[str, Tensor]:
+        if student_strong is None or teacher_strong is None:
+            raise KDLightError(
+                "distiller=mlkd trains on a strong view too: call it with student_strong= "
+                "and teacher_strong= (a DistillationModule gives them)"
+            )
+        term = mlkd_loss(
+            student.logits, teacher.logits, student_strong.logits, teacher_strong.logits,
+            tuple(self.temperatures), tuple(self.strong_temperatures),
+        )  # fmt: skip
+        ce = F.cross_entropy(student.logits.float(), targets) + F.cross_entropy(
+            student_strong.logits.float(), targets
+        )
+        loss = self.ce_weight * ce + self.weight * term.pop("loss")
+        return {"loss": loss, "ce": ce, **term}
+
+
+def _listed(value):
+    """A list or a config's list as a plain list (anything else as it is, for the check)."""
+    return list(value) if isinstance(value, Sequence) and not isinstance(value, str) else value

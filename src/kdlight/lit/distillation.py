@@ -8,7 +8,7 @@ from collections.abc import Callable, Mapping, Sequence
 
 from torch import Tensor, nn
 
-from kdlight.distillers import KD, method_name
+from kdlight.distillers import KD, Outputs, method_name
 from kdlight.errors import KDLightError
 from kdlight.lit.base import (
     ClassificationSystem,
@@ -83,6 +83,10 @@ class DistillationSystem(ClassificationSystem):
             teacher, teacher_checkpoint, num_classes, taps, compile, channels_last
         )
         self.teacher_cache = teacher_cache
+        #: the methods that train on a strong view too, by name (the batches then end with it)
+        self.strong_view_methods = [
+            method_name(slot.method) for slot in self.slots if slot.needs_strong_view
+        ]
 
     def train(self, mode: bool = True):
         """Switch the students' mode; the teacher always stays in eval mode."""
@@ -96,7 +100,10 @@ class DistillationSystem(ClassificationSystem):
             attach_training_data(self.trainer, self.slots)
             if self.teacher_cache:
                 live = [method_name(slot.method) for slot in self.slots if slot.teacher_names]
-                self.frozen.open_cache(self.trainer, live[0] if live else None)
+                strong = self.strong_view_methods
+                self.frozen.open_cache(
+                    self.trainer, live[0] if live else None, strong[0] if strong else None
+                )
 
     # ------------------------------------------------------------------ training
     def on_fit_start(self) -> None:
@@ -116,6 +123,15 @@ class DistillationSystem(ClassificationSystem):
         hit_rate = self.frozen.end_epoch()
         if hit_rate is not None:
             self.log("train/teacher_cache_hit_rate", hit_rate, rank_zero_only=True)
+
+    def take_strong_view(self, extra: list[Tensor]) -> tuple[Tensor, Outputs] | None:
+        """The strong view at the end of a training batch's ``extra`` entries, taken off
+        them, with the teacher's outputs of it, run live (the cache serves the weak view
+        only); None where no method trains on it."""
+        if not self.strong_view_methods:
+            return None
+        images = extra.pop()
+        return images, self.frozen.live(images)
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         """The students' parameters, then their methods' own (connectors'), never the teacher's."""
@@ -237,10 +253,11 @@ class DistillationModule(DistillationSystem):
 
     def training_step(self, batch: tuple[Tensor, ...], batch_idx: int) -> dict[str, Tensor]:
         images, labels, *extra = batch
+        strong = self.take_strong_view(extra)
         index = extra[0] if extra else None  # (indices, augmentation) when asked for
         teacher = self.frozen.outputs(images, extra)
         logits, parts = self.slot.step(
-            self.fast_model, images, labels, teacher, self.current_epoch, index
+            self.fast_model, images, labels, teacher, self.current_epoch, index, strong
         )
         self.train_acc.update(logits, labels)
         self.log_training(parts, len(labels))

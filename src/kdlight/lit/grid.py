@@ -139,6 +139,7 @@ class DistillationGridModule(DistillationSystem):
 
     def training_step(self, batch: tuple[Tensor, ...], batch_idx: int) -> dict[str, Tensor]:
         images, labels, *extra = batch
+        strong = self.take_strong_view(extra)
         index = extra[0] if extra else None  # (indices, augmentation) when asked for
         teacher = self.frozen.outputs(images, extra)
         students = [evaluated.fast for evaluated in self.evaluated]
@@ -151,7 +152,7 @@ class DistillationGridModule(DistillationSystem):
             epoch = self.current_epoch
             losses = torch.stack(
                 [
-                    slot.step(student, images, labels, teacher, epoch, index)[1]["loss"]
+                    slot.step(student, images, labels, teacher, epoch, index, strong)[1]["loss"]
                     for slot, student in zip(self.slots, students, strict=True)
                 ]
             )

@@ -37,6 +37,7 @@ class MethodSlot:
             check("distill", temperature=method.temperature, alpha=method.alpha)
         self.method = method
         self.needs_index = bool(getattr(method, "needs_index", False))
+        self.needs_strong_view = bool(getattr(method, "needs_strong_view", False))
         student_names, self.teacher_names = resolve_taps(method, student, teacher)
         self.student_taps = FeatureTaps(student, student_names, "student")
         teacher_taps = FeatureTaps(teacher, self.teacher_names, "teacher")  # checks the names
@@ -61,17 +62,32 @@ class MethodSlot:
         teacher: Outputs,
         epoch: int,
         index: Tensor | None = None,
+        strong: tuple[Tensor, Outputs] | None = None,
     ) -> tuple[Tensor, dict[str, Tensor]]:
         """The student's logits on ``images`` and the method's parts, given the teacher's
-        outputs (its features of every slot, by name: this method sees its own)."""
+        outputs (its features of every slot, by name: this method sees its own). A method
+        that ``needs_strong_view`` is also given the student's and the teacher's outputs of
+        the strong view, ``strong`` (its images and the teacher's outputs): the student
+        runs on it after the weak view, as MLKD's official code runs it."""
         with self.student_taps.capture() as features:
             logits = student(images)
-        seen = Outputs(
+        extra = {"index": index} if self.needs_index else {}
+        if self.needs_strong_view:
+            strong_images, strong_teacher = strong
+            with self.student_taps.capture() as strong_features:
+                strong_logits = student(strong_images)
+            extra["student_strong"] = Outputs(strong_logits, strong_features)
+            extra["teacher_strong"] = self._seen(strong_teacher)
+        parts = self.method(
+            Outputs(logits, features), self._seen(teacher), labels, epoch=epoch, **extra
+        )
+        return logits, parts
+
+    def _seen(self, teacher: Outputs) -> Outputs:
+        """The teacher's outputs this method reads: the logits and its own taps."""
+        return Outputs(
             teacher.logits, {name: teacher.features[name] for name in self.teacher_names}
         )
-        extra = {"index": index} if self.needs_index else {}
-        parts = self.method(Outputs(logits, features), seen, labels, epoch=epoch, **extra)
-        return logits, parts
 
     def parameters(self) -> list[nn.Parameter]:
         """The method's own parameters (its connectors'), trained with the student."""
@@ -96,8 +112,20 @@ def attach_training_data(trainer: L.Trainer, slots: Sequence[MethodSlot]) -> Non
     """For the methods that need each image's index (``needs_index``): ask the data module
     for indices (its training batches become ``(images, labels, indices)``) and give each
     method the training set's labels. Such a method trains on one process unless it says
-    ``supports_ddp``. Called from the systems' ``setup("fit")``."""
+    ``supports_ddp``. For the methods that train on a second, strongly augmented view
+    (``needs_strong_view``): ask the data module for it (its training batches end with
+    it); a data module that another system asked before is told again to leave it out
+    where no method needs it. Called from the systems' ``setup("fit")``."""
     datamodule = trainer.datamodule
+    strong = [slot for slot in slots if slot.needs_strong_view]
+    if strong and not hasattr(datamodule, "with_strong_view"):
+        raise KDLightError(
+            f"distiller={method_name(strong[0].method)} trains on a strongly augmented second "
+            "view of each image: use a data module with with_strong_view, such as kdlight's "
+            "CIFAR100DataModule"
+        )
+    if hasattr(datamodule, "with_strong_view"):
+        datamodule.with_strong_view = bool(strong)
     for slot in [slot for slot in slots if slot.needs_index]:
         check_one_process(slot.method, trainer.num_devices, trainer.num_nodes)
         labels = getattr(datamodule, "train_labels", None)

@@ -160,6 +160,8 @@ class FrozenTeacher:
         self.cache: TeacherCache | None = None
         #: whether a fit asked for the cache (an evaluation alone records nothing about it)
         self.cache_asked = False
+        #: the method whose strong view the cache does not serve (the teacher runs live on it)
+        self.strong_view_method: str | None = None
         #: hits and lookups of every process so far in this fit (summed at each epoch's end)
         self.cache_totals: tuple[int, int] = (0, 0)
         #: whether the next training batch's hits are to be checked against the live teacher
@@ -203,11 +205,16 @@ class FrozenTeacher:
         self._quiet.close()
 
     # ------------------------------------------------------------------ training
-    def open_cache(self, trainer: L.Trainer, feature_method: str | None) -> None:
+    def open_cache(
+        self, trainer: L.Trainer, feature_method: str | None, strong_view_method: str | None = None
+    ) -> None:
         """Open the cache for a fit, and have the training batches carry each image's
         index and augmentation; a method that reads the teacher's features
         (``feature_method``, its name), or a cache whose files cannot be opened or made in
-        any process, keeps the teacher live, said in one line."""
+        any process, keeps the teacher live, said in one line. The cache serves the weak
+        (usual) view only: where a method trains on a strong view too
+        (``strong_view_method``), the teacher runs live on that view, said in one line and
+        in :meth:`cache_record`."""
         self.cache_asked = True
         if feature_method is not None:
             rank_zero_only(log.info)(
@@ -239,6 +246,13 @@ class FrozenTeacher:
         datamodule.with_augmentation = True
         self.cache_totals = (0, 0)
         rank_zero_only(log.info)("teacher cache: %s", cache.path)
+        self.strong_view_method = strong_view_method
+        if strong_view_method is not None:
+            rank_zero_only(log.info)(
+                "distill.teacher_cache: serves the weak view only: distiller=%s's strong view "
+                "runs the teacher live",
+                strong_view_method,
+            )
 
     def outputs(self, images: Tensor, extra: list[Tensor]) -> Outputs:
         """The teacher's outputs of a training batch: with the cache, its logits looked up
@@ -246,8 +260,7 @@ class FrozenTeacher:
         run on the misses only and its answers stored (on a writable cache); without, the
         live teacher's logits and the tapped features."""
         if self.cache is None:
-            with torch.no_grad(), self.taps.capture() as features:
-                return Outputs(self.fast(images), features)
+            return self.live(images)
         index, params = extra[0], extra[-1]
         cached, hit = self.cache.lookup(index, params)
         if self.check_hits_now:
@@ -265,6 +278,11 @@ class FrozenTeacher:
                 stored = self.cache.round(live)
             logits[on_device] = stored.to(images.device)  # as a later hit will read it
         return Outputs(logits)
+
+    def live(self, images: Tensor) -> Outputs:
+        """The live teacher's logits of ``images`` and the tapped features, without gradient."""
+        with torch.no_grad(), self.taps.capture() as features:
+            return Outputs(self.fast(images), features)
 
     def _check_hits(self, images: Tensor, cached: Tensor, hit: Tensor) -> None:
         """The class docstring's check of a batch's hits (every process its own batch)."""
@@ -323,18 +341,20 @@ class FrozenTeacher:
     def cache_record(self) -> dict:
         """``{"teacher_cache": {used, hit_rate, path}}`` when a fit asked for the cache: the
         hit rate over every process's lookups in this fit (None before the first epoch
-        ended); ``{}`` otherwise."""
+        ended); ``{}`` otherwise. A used cache where a method trains on a strong view too
+        adds ``"strong_view": "live"``: it served the weak view only."""
         if not self.cache_asked:
             return {}
         used = self.cache is not None
         hits, lookups = self.cache_totals
-        return {
-            "teacher_cache": {
-                "used": used,
-                "hit_rate": hits / lookups if used and lookups else None,
-                "path": str(self.cache.path) if used else None,
-            }
+        record = {
+            "used": used,
+            "hit_rate": hits / lookups if used and lookups else None,
+            "path": str(self.cache.path) if used else None,
         }
+        if used and self.strong_view_method is not None:
+            record["strong_view"] = "live"
+        return {"teacher_cache": record}
 
     # ------------------------------------------------------------------ testing
     def start_test(self, trainer: L.Trainer) -> None:
