@@ -11,15 +11,16 @@ import torch
 from torch import Tensor, nn
 
 from kdlight import load_model
-from kdlight.distillers import AT, CRD, KD, PKT, RKD, SP, VID, FitNet, Outputs
+from kdlight.distillers import AT, CC, CRD, KD, PKT, RKD, SP, VID, FitNet, Outputs
 from kdlight.errors import KDLightError
 from kdlight.lit import DistillationGridModule, DistillationModule
-from kdlight.losses import at_loss, hint_loss, pkt_loss, rkd_loss, sp_loss
+from kdlight.losses import at_loss, cc_loss, hint_loss, pkt_loss, rkd_loss, sp_loss
 from kdlight.models import create_model
 from kdlight.models.taps import FeatureTaps, probe_shapes
 from tests.conftest import cpu_trainer, synthetic_datamodule
 
 METHODS = {"fitnet": FitNet, "at": AT, "sp": SP, "vid": VID, "pkt": PKT, "rkd": RKD, "crd": CRD}
+METHODS["cc"] = CC
 
 
 def student() -> nn.Module:
@@ -88,7 +89,7 @@ def test_default_taps_pair_the_deepest_stages():
         ["features.20"],
         ["stages.7"],
     )
-    for name in ("pkt", "rkd", "crd"):
+    for name in ("pkt", "rkd", "cc", "crd"):
         assert (taps[name].slot.student_taps.names, taps[name].slot.teacher_names) == (
             ["head.1"],
             ["pool"],
@@ -112,6 +113,11 @@ def outputs(module: DistillationModule, x: Tensor) -> tuple[Outputs, Outputs]:
         (SP(), 3000.0, lambda m, s, t: sp_loss(s, t)),
         (PKT(), 30000.0, lambda m, s, t: pkt_loss(s[0], t[0].flatten(1))),
         (RKD(), 1.0, lambda m, s, t: rkd_loss(s[0], t[0].flatten(1), 25.0, 50.0)["loss"]),
+        (
+            CC(),
+            0.02,
+            lambda m, s, t: cc_loss(m.embed_student(s[0]), m.embed_teacher(t[0].flatten(1))),
+        ),
         (
             VID(),
             1.0,
@@ -152,7 +158,7 @@ def test_gradients_reach_the_student_and_the_method_never_the_teacher(name: str)
     trainer.fit(module, datamodule=data)
     assert all(seen[k] for k in seen if k.startswith("model."))
     own = [k for k in seen if k.startswith("distiller.")]
-    assert bool(own) == (name in ("fitnet", "vid", "crd"))
+    assert bool(own) == (name in ("fitnet", "vid", "crd", "cc"))
     assert all(seen[k] for k in own), [k for k in own if not seen[k]]
     assert not any(seen[k] for k in seen if k.startswith("teacher."))
     optimized = {id(p) for group in trainer.optimizers[0].param_groups for p in group["params"]}

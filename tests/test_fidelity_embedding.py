@@ -1,11 +1,11 @@
-"""The embedding methods (PKT, RKD, CRD) equal the official CIFAR code, step for step, and
-CRD's negatives are drawn as the official code draws them.
+"""The embedding methods (PKT, RKD, CC, CRD) equal the official CIFAR code, step for step,
+and CRD's negatives are drawn as the official code draws them.
 
 Each step test composes the command line's config (``experiment=zoo_distill pair=...
 distiller=...``), builds kdlight's ``DistillationModule`` from it as ``kdlight-train`` does,
 and computes one training step's loss parts and the student's gradients on a fixed batch.
 The same step is then computed the official way, written here from RepDistiller
-(``helper/loops.py``, ``distiller_zoo/{PKT,RKD}.py``, ``crd/{criterion,memory}.py``,
+(``helper/loops.py``, ``distiller_zoo/{PKT,RKD,CC}.py``, ``crd/{criterion,memory}.py``,
 ``scripts/run_cifar_distill.sh``; mdistiller's ``distillers/{PKT,RKD,CRD}.py`` agree), on
 the official architectures (:mod:`tests.official.models`) holding the same weights. Nothing
 of kdlight's losses is used on the official side.
@@ -21,6 +21,7 @@ from omegaconf import OmegaConf
 from torch import Tensor, nn
 
 from kdlight.config.settings import validate_settings
+from kdlight.distillers import CC
 from kdlight.errors import KDLightError
 from kdlight.losses import NegativeSampler, sample_contrast_indices
 from kdlight.models import create_model
@@ -38,10 +39,10 @@ NUM_DATA = 50000
 RELATIVE = 1e-4
 
 # The official loss weights (RepDistiller scripts/run_cifar_distill.sh:
-# "-a 0 -b 30000" for PKT, "-a 0 -b 1" for RKD, "-a 0 -b 0.8" for CRD, and the default
-# "-r 1" of train_student.py:73 for the cross-entropy; mdistiller engine/cfg.py:78-79,
-# 116-117, 142-143 agree).
-OFFICIAL_BETA = {"pkt": 30000.0, "rkd": 1.0, "crd": 0.8}
+# "-a 0 -b 30000" for PKT, "-a 0 -b 1" for RKD, "-a 0 -b 0.8" for CRD, "-a 0 -b 0.02" for
+# CC (line 13), and the default "-r 1" of train_student.py:73 for the cross-entropy;
+# mdistiller engine/cfg.py:78-79, 116-117, 142-143 agree, and has no CC).
+OFFICIAL_BETA = {"pkt": 30000.0, "rkd": 1.0, "crd": 0.8, "cc": 0.02}
 OFFICIAL_GAMMA = 1.0  # -r: the cross-entropy's weight
 OFFICIAL_ALPHA = 0.0  # -a: the KD term's weight (no KD term in these methods)
 OFFICIAL_KD_T = 4  # train_student.py's --kd_T default, for the (zero-weighted) KD term
@@ -440,6 +441,96 @@ def test_crd_step_equals_the_official_code(pair: str, tmp_path):
     assert_close_to(crd.memory.normalizer_teacher, contrast.params[3], "Z of the teacher")
     assert_close_to(crd.memory.memory_student, contrast.memory_v1, "student bank")
     assert_close_to(crd.memory.memory_teacher, contrast.memory_v2, "teacher bank")
+
+
+# ------------------------------------------------------------------------------- CC
+class OfficialLinearEmbed(nn.Module):
+    """RepDistiller models/util.py:185-194 (``LinearEmbed``: no normalisation)."""
+
+    def __init__(self, dim_in: int = 1024, dim_out: int = 128):
+        super().__init__()
+        self.linear = nn.Linear(dim_in, dim_out)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = x.view(x.shape[0], -1)
+        x = self.linear(x)
+        return x
+
+
+def official_correlation(f_s: Tensor, f_t: Tensor) -> Tensor:
+    """RepDistiller distiller_zoo/CC.py:14-17 (``Correlation.forward``)."""
+    delta = torch.abs(f_s - f_t)
+    loss = torch.mean((delta[:-1] * delta[1:]).sum(1))
+    return loss
+
+
+def copy_linear(kdlight: nn.Module, official: OfficialLinearEmbed, what: str) -> None:
+    """kdlight's connector into the official one, after checking it is the same layer."""
+    shapes = {key: tuple(value.shape) for key, value in kdlight.state_dict().items()}
+    theirs = {key: tuple(value.shape) for key, value in official.linear.state_dict().items()}
+    assert type(kdlight) is nn.Linear and shapes == theirs, (
+        f"{what}: kdlight's {type(kdlight).__name__} {shapes} is not the official {theirs}"
+    )
+    official.linear.load_state_dict(kdlight.state_dict())
+
+
+def compare_cc_with_official(pair: str, tmp_path, overrides: tuple[str, ...] = ()) -> None:
+    """One CC step of kdlight and of the official wiring, on copies of the same weights (the
+    connectors kdlight's): each part, the total, every student gradient and both connectors'
+    gradients agree."""
+    cfg, module = kdlight_system(pair, "cc", tmp_path, overrides)
+    cc = module.distiller
+    official_student, official_teacher = official_networks(cfg, module)
+    images, labels, index, _ = fixed_batch()
+
+    feat_s, logit_s, feat_t, logit_t = official_forward(official_student, official_teacher, images)
+    # train_student.py:211-218: a LinearEmbed of each network's feat[-1] to --feat_dim 128
+    # (train_student.py:81), both in trainable_list
+    embed_s = OfficialLinearEmbed(feat_s[-1].shape[1], 128)
+    embed_t = OfficialLinearEmbed(feat_t[-1].shape[1], 128)
+    copy_linear(cc.embed_student, embed_s, "student connector")
+    copy_linear(cc.embed_teacher, embed_t, "teacher connector")
+    # helper/loops.py:162-165: module_list[1] and [2], the two embeddings
+    loss_kd = official_correlation(embed_s(feat_s[-1]), embed_t(feat_t[-1]))
+    loss, loss_cls, _ = official_total(logit_s, logit_t, labels, OFFICIAL_BETA["cc"], loss_kd)
+    loss.backward()
+    parts = kdlight_step(module, images, labels, index)
+
+    assert set(parts) == {"loss", "ce", "cc"}
+    assert_close_to(parts["ce"], loss_cls, "ce")
+    assert_close_to(parts["cc"], loss_kd, "cc")
+    assert_close_to(parts["loss"], loss, "total")
+    assert_student_gradients_equal(module, official_student, cfg.model.name)
+    for ours, theirs, side in ((cc.embed_student, embed_s, "student"),
+                               (cc.embed_teacher, embed_t, "teacher")):  # fmt: skip
+        for key, parameter in ours.named_parameters():
+            official = theirs.linear.get_parameter(key).grad
+            assert parameter.grad is not None, f"{side} connector gradient {key}: none"
+            assert_close_to(parameter.grad, official, f"{side} connector gradient {key}")
+
+
+@pytest.mark.parametrize("pair", PAIRS)
+def test_cc_step_equals_the_official_code(pair: str, tmp_path):
+    compare_cc_with_official(pair, tmp_path)
+
+
+#: Wrong wirings the CC step test must catch: (pair, overrides, the comparison that fails).
+CC_BREAKS = [
+    ("resnet56_resnet20", ("distiller.weight=0.2",), "total"),  # not the official 0.02
+    ("vgg13_vgg8", ("distiller.teacher_taps=[classifier]",), "teacher connector"),  # logits
+]
+
+
+@pytest.mark.parametrize("pair, overrides, caught_by", CC_BREAKS, ids=["weight", "tap"])
+def test_the_cc_step_test_catches_a_wrong_wiring(pair, overrides, caught_by, tmp_path):
+    with pytest.raises(AssertionError, match=f"^{caught_by}"):
+        compare_cc_with_official(pair, tmp_path, overrides)
+
+
+def test_a_cc_embedding_size_below_1_is_one_line_at_construction():
+    """nn.Linear would take 0 outputs, and CC would be 0 without a word."""
+    with pytest.raises(KDLightError, match=r"^distiller.dim=0 is not allowed: an integer >= 1"):
+        CC(dim=0)
 
 
 # ---------------------------------------------------------------- CRD's negatives

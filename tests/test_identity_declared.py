@@ -106,7 +106,7 @@ FOLDERS = {
     "experiment=distill": "small_cnn/T4_alpha0.9/seed0-9cbd0afe",
     "experiment=distill distiller=dkd": "small_cnn/dkd_T4_alpha1_beta8/seed0-1560e725",
     "experiment=distill_grid": "small_cnn/seed0-9a1816ab",
-    "experiment=method_grid": "small_cnn/seed0-7051a63c",  # DIST, CTKD, TTM, WTTM, MLKD, NST, KDSVD
+    "experiment=method_grid": "small_cnn/seed0-ca808328",  # DIST, CTKD, TTM, WTTM, MLKD, NST, KDSVD, CC
     "experiment=zoo_teacher pair=resnet32x4_resnet8x4": "resnet32x4/seed0-45d96b3f",
     "experiment=zoo_student pair=resnet32x4_resnet8x4": "resnet8x4/seed0-03ddeae5",
     "experiment=zoo_distill pair=vgg13_mobilenetv2 distiller=dkd": (

@@ -1,4 +1,4 @@
-"""Feature and relational losses (AT, SP, PKT, RKD) against their formulas written out with
+"""Feature and relational losses (AT, SP, PKT, RKD, CC) against their formulas written out with
 plain Python floats (float64), and the properties their docstrings promise."""
 
 import math
@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from kdlight.losses.attention import at_loss, sp_loss
-from kdlight.losses.relational import pkt_loss, rkd_loss
+from kdlight.losses.relational import cc_loss, pkt_loss, rkd_loss
 
 
 def fixed(*shape: int, seed: int) -> torch.Tensor:
@@ -128,6 +128,14 @@ def reference_rkd(student: torch.Tensor, teacher: torch.Tensor) -> tuple[float, 
     return distance, angle
 
 
+def reference_cc(student: torch.Tensor, teacher: torch.Tensor) -> float:
+    """Mean over consecutive samples (i, i + 1) of sum_k |s_ik - t_ik| |s_i+1,k - t_i+1,k|."""
+    delta = [[abs(a - b) for a, b in zip(s, t, strict=True)]
+             for s, t in zip(student.tolist(), teacher.tolist(), strict=True)]  # fmt: skip
+    pairs = [dot(delta[i], delta[i + 1]) for i in range(len(delta) - 1)]
+    return sum(pairs) / len(pairs)
+
+
 # --- against the formulas ------------------------------------------------------------------
 
 
@@ -177,6 +185,41 @@ def test_rkd_matches_formula():
     assert parts["loss"].item() == pytest.approx(25 * distance + 50 * angle, rel=1e-5)
     weighted = rkd_loss(student, teacher, distance_weight=2.0, angle_weight=0.5)["loss"]
     assert weighted.item() == pytest.approx(2 * distance + 0.5 * angle, rel=1e-5)
+
+
+def test_cc_matches_formula():
+    student, teacher = fixed(5, 4, seed=55), fixed(5, 4, seed=56) * 2
+    loss = cc_loss(student, teacher)
+    assert loss.dtype == torch.float32 and loss.dim() == 0
+    assert loss.item() == pytest.approx(reference_cc(student, teacher), rel=1e-5)
+    # consecutive samples in batch order: another order is another loss
+    order = torch.tensor([0, 2, 1, 4, 3])
+    assert cc_loss(student[order], teacher[order]).item() == pytest.approx(
+        reference_cc(student[order], teacher[order]), rel=1e-5
+    )
+    assert abs(cc_loss(student[order], teacher[order]).item() - loss.item()) > 1e-3
+
+
+def test_cc_trains_both_embeddings_and_a_single_sample_has_no_pair():
+    """The teacher's embedding is a connector's output, which the loss trains (as the official
+    code does); one sample has no consecutive pair: 0, not the official mean of nothing."""
+    student = fixed(3, 4, seed=57).float().requires_grad_()
+    teacher = fixed(3, 4, seed=58).float().requires_grad_()
+    cc_loss(student, teacher).backward()
+    assert student.grad.abs().sum() > 0 and teacher.grad.abs().sum() > 0
+    assert cc_loss(student[:1], teacher[:1]).item() == 0.0
+    with pytest.raises(ValueError, match="embedding shapes differ"):
+        cc_loss(fixed(4, 3, seed=1), fixed(4, 5, seed=2))
+
+
+def test_cc_is_zero_on_equal_embeddings_and_float32_under_mixed_precision():
+    embeddings = fixed(6, 5, seed=59)
+    assert cc_loss(embeddings, embeddings.clone()).item() == 0.0
+    student, teacher = fixed(4, 8, seed=60).bfloat16(), fixed(4, 8, seed=61).bfloat16()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed = cc_loss(student, teacher)
+    assert mixed.dtype == torch.float32
+    torch.testing.assert_close(mixed, cc_loss(student.float(), teacher.float()))
 
 
 # --- properties ----------------------------------------------------------------------------

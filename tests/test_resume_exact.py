@@ -298,7 +298,9 @@ def test_stopped_runs_resumed_end_exactly_as_one_never_stopped(
     """
     recipe = [*RECIPE, "experiment=method_grid", "distill.teacher_model=resnet8"]
     recipe += [f"distill.teacher_checkpoint={teacher_checkpoint}"]
-    recipe += [f"~methods.{m}" for m in ("dkd", "at", "sp", "vid", "nst", "kdsvd", "pkt", "rkd")]
+    recipe += [
+        f"~methods.{m}" for m in ("dkd", "at", "sp", "vid", "nst", "kdsvd", "pkt", "rkd", "cc")
+    ]
     signalled_recipe = [*recipe, "callbacks.last_checkpoint.every_n_train_steps=3"]
     whole, killed, signalled = tmp_path / "whole", tmp_path / "killed", tmp_path / "signalled"
     for folder in (whole, killed, signalled):

@@ -13,7 +13,7 @@ minimises, given the student's and the frozen teacher's outputs.
   :class:`KDSVD`;
 - stage outputs before their ReLU, against the teacher's above a margin: :class:`OFD`
   (Heo et al., 2019);
-- pooled features: :class:`PKT`, :class:`RKD`, :class:`CRD`.
+- pooled features: :class:`PKT`, :class:`RKD`, :class:`CC`, :class:`CRD`.
 
 The interface a method follows (a user's own needs no kdlight base class) is in
 :mod:`kdlight.distillers.base`. Hydra: ``conf/distiller/<method>.yaml``, e.g.
@@ -31,10 +31,11 @@ from kdlight.distillers.base import (
 from kdlight.distillers.feature import AT, KDSVD, NST, SP, VID, FitNet
 from kdlight.distillers.logit import CTKD, DIST, DKD, KD, MLKD, TTM, WTTM
 from kdlight.distillers.overhaul import OFD
-from kdlight.distillers.relational import CRD, PKT, RKD
+from kdlight.distillers.relational import CC, CRD, PKT, RKD
 
 __all__ = [
     "AT",
+    "CC",
     "CRD",
     "CTKD",
     "DIST",

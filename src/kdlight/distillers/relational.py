@@ -1,23 +1,32 @@
 """Methods that read the pooled feature (the embedding the classifier sees): probabilistic
-knowledge transfer (PKT), relational KD (RKD) and contrastive representation distillation
-(CRD).
+knowledge transfer (PKT), relational KD (RKD), correlation congruence (CC) and contrastive
+representation distillation (CRD).
 
 Each adds its feature term to the cross-entropy (:class:`FeatureDistiller`), with the
-official CIFAR code's settings (RepDistiller; mdistiller agrees) as defaults, and reads each
-network's pooled feature (the official ``feat[-1]``). A training step of each equals the
-official code's (its loss parts, the total and the student's gradients) on the shipped pairs
-resnet56_resnet20 and vgg13_vgg8 (tests/test_fidelity_embedding.py)."""
+official CIFAR code's settings (RepDistiller; mdistiller agrees where it has the method)
+as defaults, and reads each network's pooled feature (the official ``feat[-1]``). A
+training step of each equals the official code's (its loss parts, the total and the
+student's gradients) on the shipped pairs resnet56_resnet20 and vgg13_vgg8
+(tests/test_fidelity_embedding.py)."""
 
 import math
 from collections.abc import Sequence
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from kdlight.config.settings import check
 from kdlight.distillers.base import FeatureDistiller, own_random_stream
 from kdlight.errors import KDLightError
-from kdlight.losses import ContrastMemory, Embed, NegativeSampler, crd_loss, pkt_loss, rkd_loss
+from kdlight.losses import (
+    ContrastMemory,
+    Embed,
+    NegativeSampler,
+    cc_loss,
+    crd_loss,
+    pkt_loss,
+    rkd_loss,
+)
 
 
 class PKT(FeatureDistiller):
@@ -67,6 +76,53 @@ class RKD(FeatureDistiller):
 
     def feature_loss(self, student: list[Tensor], teacher: list[Tensor], **batch) -> dict:
         return rkd_loss(student[0], teacher[0], self.distance_weight, self.angle_weight)
+
+
+class CC(FeatureDistiller):
+    r"""Correlation congruence (Peng et al., ICCV 2019) as RepDistiller runs it:
+
+    .. math::
+        \mathcal{L} = w_{ce} \, \mathrm{CE} + w \, \mathrm{CC}(W_s f_s + b_s, \;
+        W_t f_t + b_t)
+
+    with :func:`kdlight.losses.cc_loss` (the official code's form, not the paper's kernel)
+    of two trainable linear maps of the pooled features :math:`f_s, f_t` to ``dim``
+    dimensions, without normalisation (RepDistiller ``models/util.py:185-194``
+    ``LinearEmbed``, built in ``train_student.py:211-218`` and applied in
+    ``helper/loops.py:162-165``). Both maps are trained by the loss, the teacher's
+    too, as in the official code; they are saved with the student and not exported.
+
+    Defaults, the official CIFAR settings: ``weight`` 0.02 and ``ce_weight`` 1
+    (``scripts/run_cifar_distill.sh:13``, ``-a 0 -b 0.02`` and ``train_student.py:73``'s
+    ``-r 1``), ``dim`` 128 (``train_student.py:81``, ``--feat_dim``). Parts: ``loss``,
+    ``ce``, ``cc``.
+    """
+
+    name = "cc"
+    features = "embedding"
+    setting_names = (*FeatureDistiller.setting_names, "dim")
+
+    def __init__(
+        self,
+        weight: float = 0.02,
+        ce_weight: float = 1.0,
+        dim: int = 128,
+        student_taps: Sequence[str] | None = None,
+        teacher_taps: Sequence[str] | None = None,
+    ) -> None:
+        super().__init__(weight, ce_weight, student_taps, teacher_taps)
+        check("distiller", dim=dim)  # nn.Linear takes 0 outputs: a loss of 0, said nowhere
+        self.dim = dim
+
+    def build(self, student_shapes: dict, teacher_shapes: dict) -> None:
+        (student,), (teacher,) = student_shapes.values(), teacher_shapes.values()
+        self.embed_student = nn.Linear(math.prod(student), self.dim)
+        self.embed_teacher = nn.Linear(math.prod(teacher), self.dim)
+
+    def feature_loss(self, student: list[Tensor], teacher: list[Tensor], **batch) -> Tensor:
+        return cc_loss(
+            self.embed_student(student[0].flatten(1)), self.embed_teacher(teacher[0].flatten(1))
+        )
 
 
 class CRD(FeatureDistiller):

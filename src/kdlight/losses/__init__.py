@@ -1,13 +1,13 @@
 """Losses: one documented function per loss, one file per method family: ``kd``, ``dkd``,
 ``dist``, ``ctkd`` on logits; ``attention`` (AT, SP) and ``hint`` (FitNet, VID, with their trainable
-connectors) on stage outputs; ``relational`` (PKT, RKD) and ``contrastive`` (CRD, with its
+connectors) on stage outputs; ``relational`` (PKT, RKD, CC) and ``contrastive`` (CRD, with its
 embedding heads, memory banks and sampler of negatives) on pooled embeddings. ``kernels`` (NST,
 KDSVD) compares kernels of stage outputs rather than the outputs. ``overhaul`` (OFD, with its
 connectors) on stage outputs before their ReLU.
 
 Each docstring gives the formula, the reduction and the weight its method applies (the loss
 itself applies none). Every loss is computed in float32, also under mixed precision, and the
-teacher's inputs carry no gradient.
+teacher's inputs carry no gradient (but CC's, the output of a connector that it trains).
 """
 
 from kdlight.losses.attention import at_loss, sp_loss
@@ -26,7 +26,7 @@ from kdlight.losses.kd import KDLoss, kd_loss, standardize_logits
 from kdlight.losses.kernels import kdsvd_loss, nst_loss
 from kdlight.losses.multilevel import mlkd_loss
 from kdlight.losses.overhaul import OFDConnector, ofd_loss, ofd_margins, partial_l2
-from kdlight.losses.relational import pkt_loss, rkd_loss
+from kdlight.losses.relational import cc_loss, pkt_loss, rkd_loss
 from kdlight.losses.ttm import ttm_loss, wttm_loss
 
 __all__ = [
@@ -37,6 +37,7 @@ __all__ = [
     "NegativeSampler",
     "OFDConnector",
     "VIDRegressor",
+    "cc_loss",
     "crd_loss",
     "ctkd_loss",
     "hint_loss",

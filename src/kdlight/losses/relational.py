@@ -1,8 +1,10 @@
 """Relational distillation losses on pooled embeddings ``(B, D)``: probabilistic knowledge
-transfer (Passalis and Tefas, 2018) and relational KD (Park et al., 2019).
+transfer (Passalis and Tefas, 2018), relational KD (Park et al., 2019) and correlation
+congruence (Peng et al., 2019).
 
-Both compare how the samples of a batch relate to one another, so student and teacher may
-have different embedding sizes; only the batch sizes must match.
+PKT and RKD compare how the samples of a batch relate to one another, so student and
+teacher may have different embedding sizes; only the batch sizes must match. CC compares
+embeddings of one size, which its trainable linear connectors make of the pooled features.
 """
 
 import torch
@@ -127,3 +129,44 @@ def rkd_loss(
             "distance": distance,
             "angle": angle,
         }
+
+
+def cc_loss(student_embeddings: Tensor, teacher_embeddings: Tensor) -> Tensor:
+    r"""Correlation-congruence loss (Peng et al., ICCV 2019) as the official CIFAR code
+    computes it (RepDistiller ``distiller_zoo/CC.py``, code its authors gave RepDistiller).
+
+    .. math::
+        \delta_{ik} = |s_{ik} - t_{ik}|, \qquad
+        \mathcal{L} = \frac{1}{B - 1} \sum_{i=1}^{B-1} \sum_{k=1}^{D}
+        \delta_{ik} \, \delta_{i+1,k}
+
+    :math:`s_i, t_i` are the student's and the teacher's embeddings of the batch's sample
+    :math:`i` (of the same size :math:`D`, made by the method's linear connectors): the
+    absolute differences of each sample are multiplied with those of the next sample in
+    batch order, summed over the :math:`D` dimensions, and averaged over the :math:`B - 1`
+    consecutive pairs (the official ``mean``). A batch of one sample has no pair: the loss is
+    0 there (the official ``mean`` of nothing is NaN).
+
+    This is not the paper's formula, which matches the :math:`B \times B` matrices of a
+    Gaussian kernel between the samples (approximated by a Taylor series of order
+    :math:`P`); there is no kernel width :math:`\gamma` nor order :math:`P` here. kdlight
+    follows the official code, with which the published CIFAR-100 numbers were run. No
+    weight is applied: the method scales ``loss`` by its weight (official CIFAR: 0.02).
+
+    Unlike kdlight's other losses, the teacher's embeddings are not detached: they are the
+    output of the teacher-side connector, which this loss trains (as the official code does;
+    the teacher network's own features come from its frozen forward pass).
+
+    Args:
+        student_embeddings: ``(B, D)`` (other shapes are flattened).
+        teacher_embeddings: ``(B, D)``, same shape.
+    """
+    if student_embeddings.shape != teacher_embeddings.shape:
+        raise ValueError(
+            f"embedding shapes differ ({tuple(student_embeddings.shape)} student, "
+            f"{tuple(teacher_embeddings.shape)} teacher)"
+        )
+    with torch.autocast(device_type=student_embeddings.device.type, enabled=False):
+        delta = (student_embeddings.float() - teacher_embeddings.float()).flatten(1).abs()
+        pairs = (delta[:-1] * delta[1:]).sum(dim=1)
+        return pairs.sum() / max(len(pairs), 1)
