@@ -14,7 +14,26 @@ TINY = [
     "data.synthetic_test_size=100", "data.val_size=50", "data.batch_size=50",
     "trainer.max_epochs=1", "trainer.enable_progress_bar=false", "~callbacks.progress_bar",
 ]  # fmt: skip
-METHODS = ["kd", "dkd", "fitnet", "at", "sp", "vid", "nst", "kdsvd", "pkt", "rkd", "cc", "crd", "dist", "ctkd", "ttm", "wttm", "ofd", "mlkd"]
+METHODS = [
+    "kd",
+    "dkd",
+    "fitnet",
+    "at",
+    "sp",
+    "vid",
+    "nst",
+    "kdsvd",
+    "pkt",
+    "rkd",
+    "cc",
+    "crd",
+    "dist",
+    "ctkd",
+    "ttm",
+    "wttm",
+    "ofd",
+    "mlkd",
+]
 
 
 @pytest.fixture(scope="module")

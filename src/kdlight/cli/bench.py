@@ -354,7 +354,26 @@ def run(args: argparse.Namespace) -> dict:
 #: The methods ``make bench`` times, each with its defaults (the official CIFAR settings).
 METHODS = {
     name.lower(): getattr(distillers, name)
-    for name in ("KD", "DKD", "FitNet", "AT", "SP", "VID", "NST", "KDSVD", "PKT", "RKD", "CC", "CRD", "DIST", "CTKD", "TTM", "WTTM", "OFD", "MLKD")
+    for name in (
+        "KD",
+        "DKD",
+        "FitNet",
+        "AT",
+        "SP",
+        "VID",
+        "NST",
+        "KDSVD",
+        "PKT",
+        "RKD",
+        "CC",
+        "CRD",
+        "DIST",
+        "CTKD",
+        "TTM",
+        "WTTM",
+        "OFD",
+        "MLKD",
+    )
 }
 
 

@@ -1,11 +1,14 @@
-"""Methods that read only the logits: Hinton's KD and decoupled KD, each optionally with
-logit standardization.
+"""Methods that read only the logits: KD, DKD and DIST (each optionally with logit
+standardization), CTKD (a learned temperature), TTM and WTTM (a transformed teacher) and
+MLKD (several temperatures on two views of each image).
 
-Each equals the official code (mdistiller's ``distillers/KD.py`` and ``DKD.py``) on
-resnet56_resnet20 and vgg13_vgg8: each part, the total and the student's gradients of a
-step, and every step of a short run with the official loop's learning rate and momentum
-(tests/test_fidelity_logit.py). CTKD's step equals its official code's (zhengli97/CTKD), its
-learned temperature's gradient included (tests/test_fidelity_ctkd.py)."""
+Each equals its official code on resnet56_resnet20 and vgg13_vgg8, each part, the total and
+the student's gradients of a step: KD and DKD mdistiller's (tests/test_fidelity_logit.py,
+which also follows a short run step by step with the official loop's learning rate and
+momentum), DIST its authors' CIFAR code (tests/test_fidelity_recent_logit.py), CTKD
+zhengli97/CTKD's, its learned temperature's gradient included (tests/test_fidelity_ctkd.py),
+TTM and WTTM zkxufo/TTM's (tests/test_fidelity_ttm.py), MLKD its ``KD_ours.py``
+(tests/test_fidelity_mlkd.py)."""
 
 import math
 from collections.abc import Sequence

@@ -1,10 +1,10 @@
-"""Losses: one documented function per loss, one file per method family: ``kd``, ``dkd``,
-``dist``, ``ctkd`` on logits; ``attention`` (AT, SP) and ``hint`` (FitNet, VID, with their trainable
-connectors) on stage outputs; ``relational`` (PKT, RKD, CC) and ``contrastive`` (CRD, with its
-embedding heads, memory banks and sampler of negatives) on pooled embeddings. ``kernels`` (NST,
-KDSVD) compares kernels of stage outputs rather than the outputs. ``overhaul`` (OFD, with its
-connectors) on stage outputs before their ReLU.
-
+"""Losses: one documented function per loss, one file per method family. On logits:
+``kd`` (and logit standardization), ``dkd``, ``dist``, ``ctkd`` (with its gradient
+reversal), ``ttm`` (TTM, WTTM) and ``multilevel`` (MLKD). On stage outputs: ``hint``
+(FitNet, VID, with their trainable connectors), ``attention`` (AT, SP), ``kernels`` (NST,
+KDSVD: kernels of the outputs rather than the outputs) and ``overhaul`` (OFD, before the
+ReLU, with its connectors). On pooled embeddings: ``relational`` (PKT, RKD, CC) and
+``contrastive`` (CRD, with its embedding heads, memory banks and sampler of negatives).
 Each docstring gives the formula, the reduction and the weight its method applies (the loss
 itself applies none). Every loss is computed in float32, also under mixed precision, and the
 teacher's inputs carry no gradient (but CC's, the output of a connector that it trains).
