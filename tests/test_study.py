@@ -179,7 +179,7 @@ def test_finished_runs_are_not_submitted(
     [
         (["distiller=kd", "seed=0"], "a study needs pair=PAIR, one of "),
         (["pair=resnet32x4_nosuch"], "a study is one pair, one of "),
-        (["pair=resnet32x4_resnet8x4", "distiller=kd,dist"], "distiller=dist is not a method"),
+        (["pair=resnet32x4_resnet8x4", "distiller=kd,distil"], "distiller=distil is not a method"),
         (["pair=resnet32x4_resnet8x4", "seed=0,a"], "seeds are whole numbers"),
         (["pair=resnet32x4_resnet8x4", "seed=1.5"], "seeds are whole numbers"),
         (["pair=resnet32x4_resnet8x4", "optimizer.lr=0.1,0.05"], "sweeps distiller= and seed="),
