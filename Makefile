@@ -54,8 +54,12 @@ notebook: venv ## Run the walkthrough headless on synthetic data (executed copy 
 	mkdir -p notebooks/outputs
 	cd notebooks && KDLIGHT_NOTEBOOK_SOURCE=synthetic ../$(VENV)/bin/jupyter execute walkthrough.ipynb --output=outputs/walkthrough
 
-test: venv ## Run the whole test suite (and list its 25 slowest tests: the suite's budget is 20 minutes on 2 cores)
-	$(PY) -m pytest --durations=25 $(PYTEST_ARGS)
+# Two pytest processes (pytest-xdist), each test file in one of them (its module fixtures
+# made once): most tests run torch on one thread or wait on the processes they launch.
+TEST_WORKERS ?= 2
+
+test: venv ## Run the whole test suite in TEST_WORKERS processes (and list its 25 slowest tests: the suite's budget is 20 minutes on 2 cores)
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile --durations=25 $(PYTEST_ARGS)
 
 lint: venv ## Check style with ruff
 	$(VENV)/bin/ruff check src tests
