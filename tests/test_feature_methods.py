@@ -11,7 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from kdlight import load_model
-from kdlight.distillers import AT, CC, CRD, KD, PKT, RKD, SP, VID, FitNet, Outputs
+from kdlight.distillers import AT, CC, CRD, KD, MLKD, PKT, RKD, SP, VID, FitNet, Outputs
 from kdlight.errors import KDLightError
 from kdlight.lit import DistillationGridModule, DistillationModule
 from kdlight.losses import at_loss, cc_loss, hint_loss, pkt_loss, rkd_loss, sp_loss
@@ -208,14 +208,16 @@ def fit(module: L.LightningModule, root: Path) -> L.LightningModule:
 
 
 def test_a_grid_of_methods_trains_each_cell_as_its_separate_run(tmp_path: Path):
-    """KD, FitNet (a connector) and CRD (a connector, memory banks, indices and random
-    negatives) in one process, one teacher forward: each cell's student and connectors end
-    equal to its separate DistillationModule run with the same seed."""
+    """KD, FitNet (a connector), CRD (a connector, memory banks, indices and random
+    negatives) and MLKD (a strong view of each image, with random draws of its own) in one
+    process, one teacher forward: each cell's student and connectors end equal to its
+    separate DistillationModule run with the same seed."""
     frozen = teacher()
     methods = {
         "kd": lambda: KD(4.0, 0.9),
         "fitnet": FitNet,
         "crd": lambda: CRD(num_negatives=64),
+        "mlkd": MLKD,
     }
     L.seed_everything(0)
     grid = DistillationGridModule(
@@ -231,5 +233,5 @@ def test_a_grid_of_methods_trains_each_cell_as_its_separate_run(tmp_path: Path):
             torch.testing.assert_close(grid.students[index].state_dict()[key], value, msg=key)
         for key, value in alone.distiller.state_dict().items():
             torch.testing.assert_close(grid.methods[index].state_dict()[key], value, msg=key)
-    assert grid.names == ["kd", "fitnet", "crd"] and not grid.fused_kd
+    assert grid.names == ["kd", "fitnet", "crd", "mlkd"] and not grid.fused_kd
     assert grid.frozen.taps.names == ["stages.3", "pool"]  # each read once, for all cells

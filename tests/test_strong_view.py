@@ -11,7 +11,8 @@ import pytest
 import torch
 from PIL import Image, ImageDraw, ImageEnhance, ImageOps
 
-from kdlight.data import CIFAR10DataModule, normalize, random_crop_flip
+from kdlight.data import CIFAR10DataModule, normalize
+from kdlight.data.augment import STRONG, process_generator
 from kdlight.data.strong import OPERATIONS, apply, cutout, rand_augment, strong_view
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -117,9 +118,10 @@ def test_rand_augment_is_two_official_operations_then_a_cutout():
 
 
 def test_training_batches_end_with_the_strong_view_on_request():
-    """Off: the batch is what it always was. On: the first view is unchanged (drawn first,
-    from the same stream), and the strong view, last, is a crop and flip of its own then
-    RandAugment, normalised; evaluation batches never carry it."""
+    """Off: the batch is what it always was. On: the first view is unchanged, the strong
+    view, last, is a crop and flip of its own then RandAugment, normalised, drawn from a
+    stream of its own (the global stream moves as it does without it, so every later batch
+    is a run's without the strong view); evaluation batches never carry it."""
     data = CIFAR10DataModule(
         source="synthetic", synthetic_train_size=100, synthetic_test_size=20, val_size=0
     )
@@ -128,14 +130,15 @@ def test_training_batches_end_with_the_strong_view_on_request():
     data.trainer = SimpleNamespace(training=True, global_rank=0)
     torch.manual_seed(0)
     plain = data.on_after_batch_transfer(raw, 0)
+    after_plain = torch.rand(4)
     assert len(plain) == 2
     data.with_strong_view = True
     torch.manual_seed(0)
     weak, labels, strong = data.on_after_batch_transfer(raw, 0)
+    assert torch.equal(torch.rand(4), after_plain)
     assert torch.equal(weak, plain[0]) and torch.equal(labels, plain[1])
-    torch.manual_seed(0)
-    random_crop_flip(raw[0])
-    expected = strong_view(raw[0])
+    own = process_generator(data.hparams.seed, 0, torch.device("cpu"), STRONG)
+    expected = strong_view(raw[0], own)
     assert torch.equal(strong, normalize(expected)) and strong.dtype == torch.float32
     assert not torch.equal(strong, weak)
     data.trainer = SimpleNamespace(training=False, global_rank=0)

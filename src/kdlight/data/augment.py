@@ -76,17 +76,26 @@ def crop_flip(images: Tensor, params: Tensor, padding: int = 4) -> Tensor:
     return padded[batch_index, channel_index, rows.view(n, 1, h, 1), cols.view(n, 1, 1, w)]
 
 
-def process_generator(seed: int, rank: int, device: torch.device) -> torch.Generator | None:
-    """The augmentation stream of DDP process ``rank`` (its global rank) on ``device``.
+#: The augmentation's random streams: the crop and flip of every training batch, and the
+#: strong view that a method may ask for (:mod:`kdlight.data.strong`).
+CROP, STRONG = "crop", "strong"
 
-    Process 0 gets None, that is the global RNG that ``seed_everything(seed)`` seeds, so a
-    single-process run draws exactly what it always drew. Process ``rank > 0`` gets a
-    generator of its own, seeded from ``(seed, rank)`` through numpy's ``SeedSequence``,
-    which gives unrelated streams for neighbouring seeds and ranks.
+
+def process_generator(
+    seed: int, rank: int, device: torch.device, stream: str = CROP
+) -> torch.Generator | None:
+    """The augmentation ``stream`` of DDP process ``rank`` (its global rank) on ``device``.
+
+    The crop and flip of process 0 is None, that is the global RNG that
+    ``seed_everything(seed)`` seeds, so a single-process run draws exactly what it always
+    drew. Every other stream gets a generator of its own, seeded from ``(seed, rank)`` (and
+    the stream, but for the crop and flip) through numpy's ``SeedSequence``, which gives
+    unrelated streams for neighbouring seeds and ranks.
     """
-    if rank == 0:
+    if stream == CROP and rank == 0:
         return None
-    state = np.random.SeedSequence([seed, rank]).generate_state(1, np.uint64)[0]
+    entropy = [seed, rank] if stream == CROP else [seed, rank, 1 + [STRONG].index(stream)]
+    state = np.random.SeedSequence(entropy).generate_state(1, np.uint64)[0]
     return torch.Generator(device).manual_seed(int(state))
 
 

@@ -30,7 +30,9 @@ from kdlight.data.augment import (
     CIFAR10_STD,
     CIFAR100_MEAN,
     CIFAR100_STD,
+    CROP,
     IDENTITY,
+    STRONG,
     normalize,
     process_generator,
     random_crop_flip,
@@ -137,7 +139,7 @@ class ImageDataModule(L.LightningDataModule):
         self._prepared: dict[str, Split] | None = None
         self._test_set_id: str | None = None
         self._on_device: dict[tuple[str, torch.device], tuple[Tensor, Tensor]] = {}
-        self._generators: dict[tuple[int, torch.device], torch.Generator | None] = {}
+        self._generators: dict[tuple[int, torch.device, str], torch.Generator | None] = {}
         self._saved_generator_states: dict[str, Tensor] = {}  # from a checkpoint, until used
         self.with_index = False
         self.with_augmentation = False
@@ -294,14 +296,19 @@ class ImageDataModule(L.LightningDataModule):
         drawn = [params] if training and self.with_augmentation else []
         if training and self.with_strong_view:
             augment = strong_view if self.hparams.augment else rand_augment
-            strong = augment(original, self._augment_generator(images.device))
+            strong = augment(original, self._augment_generator(images.device, STRONG))
             drawn.append(self.normalize(strong))
         return self.normalize(images), labels, *indices, *drawn
 
-    def _augment_generator(self, device: torch.device) -> torch.Generator | None:
-        """This process's crop-and-flip stream on ``device``: the global RNG on process 0,
-        a generator of its own, made once, on every other DDP process."""
-        key = (getattr(self.trainer, "global_rank", 0), device)
+    def _augment_generator(
+        self, device: torch.device, stream: str = CROP
+    ) -> torch.Generator | None:
+        """This process's ``stream`` on ``device``. The crop and flip: the global RNG on
+        process 0, a generator of its own, made once, on every other DDP process. The strong
+        view: a generator of its own on every process, so that asking for it leaves the crop
+        and flip, and every batch after, as they are without it (a grid cell of another
+        method beside MLKD's draws what its own run draws)."""
+        key = (getattr(self.trainer, "global_rank", 0), device, stream)
         if key not in self._generators:
             generator = process_generator(self.hparams.seed, *key)
             saved = self._saved_generator_states.pop(_generator_name(*key), None)
@@ -312,15 +319,15 @@ class ImageDataModule(L.LightningDataModule):
 
     # ------------------------------------------------------------------- checkpoints
     def state_dict(self) -> dict:
-        """The crop-and-flip generators of the DDP processes other than the first, by
-        ``"<rank>/<device>"``, so that a resumed run draws what the run never stopped would
+        """The augmentation's generators (the crop and flip of the DDP processes other than
+        the first, by ``"<rank>/<device>"``; the strong view's of every process), so that a resumed run draws what the run never stopped would
         have (the first process draws from the global generator, which
         :class:`kdlight.trainer.callbacks.ResumeRandomState` keeps). Every process takes part in
         writing a checkpoint (Lightning's rule), so they exchange their states here, and the
         first writes them all."""
         states = {
-            _generator_name(rank, device): generator.get_state()
-            for (rank, device), generator in self._generators.items()
+            _generator_name(*key): generator.get_state()
+            for key, generator in self._generators.items()
             if generator is not None
         }
         if torch.distributed.is_available() and torch.distributed.is_initialized():
@@ -440,6 +447,6 @@ class CIFAR100DataModule(CIFARDataModule):
     mean, std = CIFAR100_MEAN, CIFAR100_STD
 
 
-def _generator_name(rank: int, device: torch.device) -> str:
-    """How a checkpoint names process ``rank``'s crop-and-flip generator on ``device``."""
-    return f"{rank}/{device}"
+def _generator_name(rank: int, device: torch.device, stream: str = CROP) -> str:
+    """How a checkpoint names process ``rank``'s generator of ``stream`` on ``device``."""
+    return f"{rank}/{device}" if stream == CROP else f"{stream}/{rank}/{device}"
